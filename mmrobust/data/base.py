@@ -1,0 +1,223 @@
+"""The batch protocol: modality specs, dataset metadata, splits and batching.
+
+A batch is a ``dict[str, Tensor]`` (one entry per modality, first axis = samples) plus an integer
+label tensor. Nothing here assumes two modalities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from mmrobust.errors import DataError
+
+Batch = dict[str, torch.Tensor]
+
+#: Modality kinds the model zoo knows how to encode.
+KINDS = ("vector", "sequence", "image", "spectrogram", "video")
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """One modality of a dataset.
+
+    Attributes:
+        name: key of the modality in every batch dict.
+        kind: one of :data:`KINDS`; picks the default encoder.
+        shape: per-sample shape. ``vector``: ``(D,)``; ``sequence``: ``(channels, length)``;
+            ``image``/``spectrogram``: ``(C, H, W)``; ``video``: ``(T, C, H, W)``.
+        valid_range: ``(low, high)`` bounds of valid inputs **in the model's input space** (after
+            normalisation), or ``None`` when any value is valid. Attacks clamp to it.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    valid_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise DataError(f"modality '{self.name}': unknown kind '{self.kind}'; choose from: {', '.join(KINDS)}")
+        expected = {"vector": 1, "sequence": 2, "image": 3, "spectrogram": 3, "video": 4}[self.kind]
+        if len(self.shape) != expected:
+            raise DataError(
+                f"modality '{self.name}' of kind '{self.kind}' needs {expected}-d samples, got shape {tuple(self.shape)}"
+            )
+        if self.valid_range is not None and not self.valid_range[0] < self.valid_range[1]:
+            raise DataError(f"modality '{self.name}': valid_range {self.valid_range} is empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["valid_range"] = list(self.valid_range) if self.valid_range is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModalitySpec:
+        vr = d.get("valid_range")
+        return cls(d["name"], d["kind"], tuple(int(s) for s in d["shape"]), tuple(vr) if vr is not None else None)
+
+
+@dataclass
+class DatasetMeta:
+    """What a model and an attack need to know about a dataset."""
+
+    name: str
+    modalities: list[ModalitySpec]
+    class_names: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.modalities) < 2:
+            raise DataError(f"dataset '{self.name}' has {len(self.modalities)} modality; mmrobust needs at least 2")
+        names = [m.name for m in self.modalities]
+        if len(set(names)) != len(names):
+            raise DataError(f"dataset '{self.name}': duplicate modality names {names}")
+        if len(self.class_names) < 2:
+            raise DataError(f"dataset '{self.name}' has {len(self.class_names)} class; need at least 2")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def modality_names(self) -> list[str]:
+        return [m.name for m in self.modalities]
+
+    def spec(self, name: str) -> ModalitySpec:
+        for m in self.modalities:
+            if m.name == name:
+                return m
+        raise DataError(f"unknown modality '{name}'; this dataset has: {', '.join(self.modality_names)}")
+
+    def check_modalities(self, names: list[str] | tuple[str, ...]) -> list[str]:
+        """Validate a user-supplied list of modality names; returns it as a list."""
+        for n in names:
+            self.spec(n)
+        return list(names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "modalities": [m.to_dict() for m in self.modalities],
+            "class_names": list(self.class_names),
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DatasetMeta:
+        return cls(
+            d["name"], [ModalitySpec.from_dict(m) for m in d["modalities"]], list(d["class_names"]), dict(d.get("info", {}))
+        )
+
+
+@dataclass
+class Split:
+    """One split held in memory: a dict of modality tensors and the labels."""
+
+    inputs: Batch
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, index: torch.Tensor | slice) -> tuple[Batch, torch.Tensor]:
+        return {k: v[index] for k, v in self.inputs.items()}, self.labels[index]
+
+    def subset(self, index: torch.Tensor | slice) -> Split:
+        inputs, labels = self.take(index)
+        return Split(inputs, labels)
+
+
+@dataclass
+class DataBundle:
+    """Train/val/test splits plus metadata. ``source`` records how to rebuild it exactly."""
+
+    meta: DatasetMeta
+    train: Split
+    val: Split
+    test: Split
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise DataError(f"unknown split '{name}'; choose from: train, val, test")
+        return getattr(self, name)
+
+
+def validate_split(meta: DatasetMeta, split: Split, where: str) -> None:
+    """Check a split against the metadata; every message names the offending array."""
+    n = len(split)
+    if split.labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise DataError(f"{where}: 'label' must be an integer array, got {split.labels.dtype}")
+    if split.labels.ndim != 1:
+        raise DataError(f"{where}: 'label' must be 1-d, got shape {tuple(split.labels.shape)}")
+    if n == 0:
+        raise DataError(f"{where}: no samples")
+    lo, hi = int(split.labels.min()), int(split.labels.max())
+    if lo < 0 or hi >= meta.num_classes:
+        raise DataError(f"{where}: 'label' values must be in 0..{meta.num_classes - 1}, found {lo}..{hi}")
+    extra = set(split.inputs) - set(meta.modality_names)
+    if extra:
+        raise DataError(f"{where}: unknown modality array(s) {sorted(extra)}; expected {meta.modality_names}")
+    for spec in meta.modalities:
+        if spec.name not in split.inputs:
+            raise DataError(f"{where}: modality '{spec.name}' is missing")
+        x = split.inputs[spec.name]
+        if x.shape[0] != n:
+            raise DataError(f"{where}: '{spec.name}' has {x.shape[0]} samples but 'label' has {n}")
+        if tuple(x.shape[1:]) != spec.shape:
+            raise DataError(f"{where}: '{spec.name}' samples have shape {tuple(x.shape[1:])}, expected {spec.shape}")
+        if not torch.is_floating_point(x):
+            raise DataError(f"{where}: '{spec.name}' must be a float array, got {x.dtype}")
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+            raise DataError(f"{where}: '{spec.name}' contains NaN or inf values in {bad} sample(s)")
+
+
+def validate_batch(meta: DatasetMeta, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor | None = None) -> None:
+    """Validate a user-supplied batch at the API boundary (shapes, names, finiteness, labels)."""
+    if not isinstance(inputs, Mapping):
+        raise DataError(f"inputs must be a dict {{modality_name: tensor}}, got {type(inputs).__name__}")
+    n = next(iter(inputs.values())).shape[0] if inputs else 0
+    lab = labels if labels is not None else torch.zeros(n, dtype=torch.long)
+    validate_split(meta, Split(dict(inputs), lab), "batch")
+
+
+def iterate_batches(
+    split: Split,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """Yield ``(inputs, labels)`` batches, gathering whole batches by index (fast on CPU).
+
+    With ``world_size > 1`` each rank gets its own shard exactly as ``DistributedSampler`` does
+    (same padding, same per-epoch shuffle), so single- and multi-process runs see the same data.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be >= 1, got {batch_size}")
+    n = len(split)
+    if world_size > 1:
+        sampler = torch.utils.data.DistributedSampler(
+            range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long)
+    elif shuffle:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        yield split.take(idx)

@@ -1,0 +1,42 @@
+"""Dataset registry and the single entry point :func:`load_data`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmrobust.data.base import DataBundle, validate_split
+from mmrobust.errors import DataError
+from mmrobust.registry import Registry
+
+#: name -> ``loader(seed, **options) -> DataBundle``
+DATASETS: Registry[Callable[..., DataBundle]] = Registry("dataset")
+
+
+@dataclass
+class DataConfig:
+    """Which data to load. ``name`` is a registered dataset or a folder path (bring your own)."""
+
+    name: str = "avdigits"
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def load_data(cfg: DataConfig) -> DataBundle:
+    """Load (and validate) a dataset by registered name or folder path."""
+    if cfg.name in DATASETS:
+        bundle = DATASETS.get(cfg.name)(seed=cfg.seed, **cfg.options)
+    elif Path(cfg.name).exists() or "/" in cfg.name or cfg.name.startswith("."):
+        from mmrobust.data.folder import load_folder
+
+        bundle = load_folder(cfg.name, seed=cfg.seed, **cfg.options)
+    else:
+        raise DataError(
+            f"unknown dataset '{cfg.name}': not a registered name ({', '.join(DATASETS.names())}) nor an existing folder"
+        )
+    for split in ("train", "val", "test"):
+        validate_split(bundle.meta, bundle.split(split), f"{bundle.meta.name}/{split}")
+    bundle.source = {"name": cfg.name, "seed": cfg.seed, "options": dict(cfg.options), **bundle.source}
+    return bundle

@@ -1,0 +1,50 @@
+"""Predictions and the metrics every table uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mmrobust.data.base import Batch, Split, iterate_batches
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    split: Split,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    transform: Callable[[Batch, torch.Tensor], Batch] | None = None,
+) -> torch.Tensor:
+    """Predicted labels for a split in eval mode; ``transform`` may alter each batch first."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    try:
+        for inputs, labels in iterate_batches(split, batch_size):
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            if transform is not None:
+                inputs = transform(inputs, labels.to(device))
+            preds.append(model(inputs).argmax(1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(preds)
+
+
+def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((preds == labels).float().mean())
+
+
+def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in labels or predictions."""
+    f1s = []
+    for k in range(num_classes):
+        tp = int(((preds == k) & (labels == k)).sum())
+        fp = int(((preds == k) & (labels != k)).sum())
+        fn = int(((preds != k) & (labels == k)).sum())
+        if tp + fp + fn == 0:
+            continue
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return float(sum(f1s) / len(f1s)) if f1s else 0.0

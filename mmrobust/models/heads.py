@@ -1,0 +1,91 @@
+"""Fusion heads over per-modality features.
+
+Both heads are additive over modalities, ``logits = sum_m scores[m] + bias``, and expose the
+per-modality ``scores`` because CRMT, certification and several baselines need them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from mmrobust.errors import ConfigError
+from mmrobust.registry import Registry
+
+HEADS: Registry[type[nn.Module]] = Registry("fusion head")
+
+
+class FusionHead(nn.Module):
+    """Interface: ``scores(feats)`` -> per-modality contributions; ``forward`` sums them + bias."""
+
+    bias: nn.Parameter
+
+    def scores(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def modality_weight(self, name: str) -> torch.Tensor:
+        """The effective ``(K, d_m)`` matrix ``W^(m)`` with ``scores[m] = phi_m @ W^(m).T``."""
+        raise NotImplementedError
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(self.scores(feats).values())).sum(0) + self.bias
+
+
+@HEADS.register("concat")
+class ConcatHead(FusionHead):
+    """Concatenation + linear layer (JT). Stored per modality: ``W = [W^(1) | ... | W^(M)]``."""
+
+    def __init__(self, feature_dims: dict[str, int], num_classes: int) -> None:
+        super().__init__()
+        self.linears = nn.ModuleDict({m: nn.Linear(d, num_classes, bias=False) for m, d in feature_dims.items()})
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        # match nn.Linear's init over the *concatenated* input, as a single concat-linear would
+        bound = 1.0 / sum(feature_dims.values()) ** 0.5
+        for lin in self.linears.values():
+            nn.init.uniform_(lin.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def scores(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: lin(feats[m]) for m, lin in self.linears.items()}
+
+    def modality_weight(self, name: str) -> torch.Tensor:
+        return self.linears[name].weight
+
+
+@HEADS.register("orthogonal")
+class OrthogonalHead(FusionHead):
+    """CRMT's orthogonal head: ``h_k = sum_m a_k^(m) W~_k^(m) phi^(m) + b_k``.
+
+    ``W~^(m)`` (K x d_m) has orthonormal rows by construction (an orthogonal parametrisation, not
+    the row normalisation of the reference code), ``a^(m)`` are per-class modality weights.
+    """
+
+    def __init__(self, feature_dims: dict[str, int], num_classes: int, a_init: float = 0.1) -> None:
+        super().__init__()
+        for m, d in feature_dims.items():
+            if d < num_classes:
+                raise ConfigError(
+                    f"orthogonal head: modality '{m}' has feature dimension {d} < {num_classes} classes; "
+                    f"orthonormal rows need d >= K (raise --feature-dim)"
+                )
+        self.bases = nn.ModuleDict()
+        for m, d in feature_dims.items():
+            lin = nn.Linear(d, num_classes, bias=False)
+            self.bases[m] = parametrizations.orthogonal(lin, orthogonal_map="householder")
+        self.a = nn.ParameterDict({m: nn.Parameter(torch.full((num_classes,), float(a_init))) for m in feature_dims})
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def basis(self, name: str) -> torch.Tensor:
+        """``W~^(m)``: a ``(K, d_m)`` matrix with orthonormal rows."""
+        return self.bases[name].weight
+
+    def raw_scores(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Uni-modal scores ``s^(m) = W~^(m) phi^(m)``, before the modality weights."""
+        return {m: lin(feats[m]) for m, lin in self.bases.items()}
+
+    def scores(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.a[m] * s for m, s in self.raw_scores(feats).items()}
+
+    def modality_weight(self, name: str) -> torch.Tensor:
+        return self.a[name][:, None] * self.basis(name)

@@ -1,0 +1,56 @@
+"""torch.distributed helpers: a run under ``torchrun`` is detected from its environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: torch.device) -> DistInfo:
+    """Initialise the process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def teardown_distributed(info: DistInfo) -> None:
+    if info.active and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA if present, else CPU; under torchrun on CUDA, one GPU per local rank."""
+    from mmrobust.errors import ConfigError
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' requested but no CUDA GPU is available")
+        if name == "cuda" and "LOCAL_RANK" in os.environ:
+            name = f"cuda:{os.environ['LOCAL_RANK']}"
+    elif name != "cpu":
+        raise ConfigError(f"unknown device '{name}'; choose from: cpu, cuda, auto")
+    return torch.device(name)
