@@ -1,0 +1,1 @@
+"""Certification: Lipschitz estimates, certified radii, vulnerability indicators."""
