@@ -46,7 +46,9 @@ def run_demo(out: Path, epochs: int = 8, seed: int = 0, progress: bool = True) -
     plot_training_curves({m: metrics[m]["history"] for m in DEMO_METHODS}, out / "training_curves.png")
     groups = ["clean"] + [f"{m} missing" for m in modalities]
     series = {m: [evals[m]["clean_accuracy"]] + [r["accuracy"] for r in evals[m]["results"]] for m in DEMO_METHODS}
-    plot_grouped_bars(groups, series, out / "missing_modality.png", "test accuracy", "Clean and missing-modality accuracy")
+    plot_grouped_bars(
+        groups, series, out / "missing_modality.png", "test accuracy", "Clean and missing-modality accuracy"
+    )
 
     sections = [
         "# mmrobust demo report",

@@ -21,7 +21,9 @@ from mmrobust.models.fusion import LateFusionModel, build_model
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.json", "metrics.json"
 
 
-def save_run(out: str | Path, model: LateFusionModel, cfg: RunConfig, bundle: DataBundle, metrics: dict[str, Any]) -> Path:
+def save_run(
+    out: str | Path, model: LateFusionModel, cfg: RunConfig, bundle: DataBundle, metrics: dict[str, Any]
+) -> Path:
     """Write a complete run folder; ``metrics.json`` goes last, so its presence marks completeness."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

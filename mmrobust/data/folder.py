@@ -62,6 +62,8 @@ def _to_split(arrays: dict[str, np.ndarray], where: str) -> Split:
             raise DataError(f"{where}: '{name}' must be numeric, got {arr.dtype}")
         if arr.ndim < 2:
             raise DataError(f"{where}: '{name}' must have a sample axis and a feature axis, got shape {arr.shape}")
+        if arr.shape[0] != label.shape[0]:
+            raise DataError(f"{where}: '{name}' has {arr.shape[0]} samples but 'label' has {label.shape[0]}")
         inputs[name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     return Split(inputs, torch.from_numpy(label.astype(np.int64)))
 

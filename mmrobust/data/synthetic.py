@@ -30,7 +30,7 @@ def load_synthetic(
     seed: int = 0,
     names: str | list[str] = "strong,weak",
     signal: str | list[float] = "3.0,1.0",
-    noise: str | list[float] = "1.0,1.0",
+    noise: str | list[float] = "1.0",
     dim: int | str = 32,
     classes: int | str = 10,
     n_train: int | str = 2000,

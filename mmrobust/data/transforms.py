@@ -35,7 +35,9 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return (x - mean) / std
 
 
-def normalized_range(spec_range: tuple[float, float] | None, mean: torch.Tensor, std: torch.Tensor) -> tuple[float, float] | None:
+def normalized_range(
+    spec_range: tuple[float, float] | None, mean: torch.Tensor, std: torch.Tensor
+) -> tuple[float, float] | None:
     """Map a raw-space valid range through a scalar normaliser (``None`` stays ``None``)."""
     if spec_range is None:
         return None

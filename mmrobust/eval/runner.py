@@ -42,7 +42,11 @@ def evaluate_run(path: str | Path, suite: str = "basic", split: str = "test", **
     rows: list[list[Any]] = [["clean", "–", "–", result["clean_accuracy"]]]
     for r in result["results"]:
         rows.append([r["attack"], ",".join(r["modalities"]), r.get("loss", "–"), r["accuracy"]])
-    print_table(f"{run.path} — {suite} suite on {split} ({len(data)} samples)", ["attack", "modalities", "loss", "accuracy"], rows)
+    print_table(
+        f"{run.path} — {suite} suite on {split} ({len(data)} samples)",
+        ["attack", "modalities", "loss", "accuracy"],
+        rows,
+    )
     if expected is not None and abs(expected - result["clean_accuracy"]) > 1e-9:
         result["warnings"].append(
             f"clean {split} accuracy {result['clean_accuracy']:.6f} differs from the training run's {expected:.6f}"

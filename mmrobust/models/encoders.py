@@ -25,9 +25,7 @@ class MLPEncoder(nn.Sequential):
         d = 1
         for s in spec.shape:
             d *= s
-        super().__init__(
-            nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, feature_dim), nn.ReLU()
-        )
+        super().__init__(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, feature_dim), nn.ReLU())
         self.out_dim = feature_dim
 
 
@@ -96,7 +94,9 @@ class ResNet18(nn.Module):
     def __init__(self, spec: ModalitySpec, feature_dim: int = 512) -> None:
         super().__init__()
         if spec.kind not in ("image", "spectrogram", "video"):
-            raise ConfigError(f"encoder 'resnet18' needs an image/spectrogram/video modality, '{spec.name}' is {spec.kind}")
+            raise ConfigError(
+                f"encoder 'resnet18' needs an image/spectrogram/video modality, '{spec.name}' is {spec.kind}"
+            )
         self.video = spec.kind == "video"
         c = spec.shape[1] if self.video else spec.shape[0]
         self.stem = nn.Sequential(

@@ -53,7 +53,9 @@ class Strategy:
         """Parameters the optimiser updates (default: all)."""
         return model.parameters()
 
-    def loss(self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(loss, logits)``; logits feed the running train accuracy."""
         raise NotImplementedError
 

@@ -34,7 +34,9 @@ def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
     raise ConfigError(f"unknown optimiser '{cfg.name}'; choose from: adam, sgd")
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     if cfg.schedule == "none":
         return None
     if cfg.schedule == "cosine":
@@ -91,7 +93,9 @@ class Trainer:
         preds = predict(model or self.model, split, device=self.device)
         return accuracy(preds, split.labels)
 
-    def _train_epoch(self, epoch: int, opt: torch.optim.Optimizer, bar: Any, task: Any, gen: torch.Generator) -> dict[str, float]:
+    def _train_epoch(
+        self, epoch: int, opt: torch.optim.Optimizer, bar: Any, task: Any, gen: torch.Generator
+    ) -> dict[str, float]:
         t = self.cfg.train
         self._wrapped.train()
         total_loss, correct, seen = 0.0, 0, 0
@@ -112,6 +116,10 @@ class Trainer:
             correct += int((logits.detach().argmax(1) == labels).sum())
             seen += len(labels)
             bar.advance(task)
+        totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
+        if self.dist.active:  # report the global epoch statistics, not rank 0's shard
+            torch.distributed.all_reduce(totals)
+        total_loss, correct, seen = totals.tolist()
         return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
     def fit(self, out: str | Path | None = None) -> FitResult:
@@ -134,7 +142,13 @@ class Trainer:
                 if sched is not None:
                     sched.step()
                 val_acc = self.evaluate_split("val")
-                row = {"epoch": epoch + 1, **stats, "val_accuracy": val_acc, "lr": lr, "time_s": time.perf_counter() - e0}
+                row = {
+                    "epoch": epoch + 1,
+                    **stats,
+                    "val_accuracy": val_acc,
+                    "lr": lr,
+                    "time_s": time.perf_counter() - e0,
+                }
                 self.history.append(row)
                 if val_acc > best_acc:
                     best_acc, best_epoch = val_acc, epoch + 1

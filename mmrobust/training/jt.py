@@ -17,6 +17,8 @@ class JointTraining(Strategy):
     name = "jt"
     head = "concat"
 
-    def loss(self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(inputs)
         return F.cross_entropy(logits, labels), logits

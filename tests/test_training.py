@@ -1,0 +1,96 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmrobust.eval.runner import evaluate_run
+from mmrobust.io import write_json
+from mmrobust.runs import load_run
+from mmrobust.training import train
+from tests.conftest import tiny_config
+
+
+def test_jt_learns_and_selects_on_validation(tiny_run):
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    hist = metrics["history"]
+    assert len(hist) == 3
+    best = max(range(3), key=lambda i: (hist[i]["val_accuracy"], -i))
+    assert metrics["best_epoch"] == best + 1
+    assert metrics["val_accuracy"] == pytest.approx(hist[best]["val_accuracy"])
+    assert metrics["test_accuracy"] > 0.6  # chance is 0.25
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+
+
+def test_evaluate_reproduces_test_accuracy_exactly(tiny_run, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run, run_dir)
+    result = evaluate_run(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert result["clean_accuracy"] == metrics["test_accuracy"]
+    assert not result["warnings"]
+    written = json.loads((run_dir / "eval.json").read_text())
+    assert [r["modalities"] for r in written["results"]] == [["strong"], ["weak"]]
+    # removing the informative modality hurts more than removing the weak one
+    acc = {r["modalities"][0]: r["accuracy"] for r in written["results"]}
+    assert acc["strong"] < acc["weak"]
+
+
+def test_training_is_deterministic_by_seed():
+    a = train(tiny_config(epochs=1))
+    b = train(tiny_config(epochs=1))
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+
+
+def test_load_run_rejects_corrupt_weights(tiny_run, tmp_path):
+    from mmrobust.errors import RunError
+
+    run_dir = tmp_path / "bad"
+    shutil.copytree(tiny_run, run_dir)
+    data = (run_dir / "model.safetensors").read_bytes()
+    (run_dir / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(RunError, match="corrupt or truncated safetensors"):
+        load_run(run_dir)
+    (run_dir / "config.json").write_text("{not json")
+    with pytest.raises(RunError, match="config.json: not valid JSON"):
+        load_run(run_dir)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    import os
+
+    target = tmp_path / "m.json"
+    write_json(target, {"a": 1})
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_torchrun_two_processes_equals_one(tmp_path):
+    """DDP over 2 processes (batch 32 = 2 x 16) takes the same steps as 1 process with batch 32."""
+    args = ["--data", "synthetic", "--epochs", "2", "--batch-size", "32", "--feature-dim", "16", "--no-progress"]
+    for k, v in {"n_train": "240", "n_val": "80", "n_test": "120", "dim": "12", "classes": "4"}.items():
+        args += ["--data-opt", f"{k}={v}"]
+    env_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
+    proc = subprocess.run(
+        [*env_cmd, "-m", "mmrobust.cli", "train", *args, "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from mmrobust.cli import main
+
+    assert main(["train", *args, "--out", str(tmp_path / "single")]) == 0
+    ddp, single = load_run(tmp_path / "ddp"), load_run(tmp_path / "single")
+    assert ddp.metrics["world_size"] == 2 and single.metrics["world_size"] == 1
+    for (k, a), b in zip(ddp.model.state_dict().items(), single.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4), k
+    assert ddp.metrics["test_accuracy"] == pytest.approx(single.metrics["test_accuracy"], abs=1 / 120)
