@@ -61,7 +61,9 @@ class OrthogonalHead(FusionHead):
     the row normalisation of the reference code), ``a^(m)`` are per-class modality weights.
     """
 
-    def __init__(self, feature_dims: dict[str, int], num_classes: int, a_init: float = 0.1) -> None:
+    def __init__(self, feature_dims: dict[str, int], num_classes: int, a_init: float = 1.0) -> None:
+        # a_init 1.0, not the reference's 0.1: with 0.1 the product a * W~ phi starts near a saddle and
+        # small models on short schedules barely leave it (OJT 0.34 vs 0.63 val acc after 5 epochs)
         super().__init__()
         for m, d in feature_dims.items():
             if d < num_classes:
@@ -72,7 +74,9 @@ class OrthogonalHead(FusionHead):
         self.bases = nn.ModuleDict()
         for m, d in feature_dims.items():
             lin = nn.Linear(d, num_classes, bias=False)
-            self.bases[m] = parametrizations.orthogonal(lin, orthogonal_map="householder")
+            # matrix_exp, not householder: trained with AdamW, the householder map stalled at chance
+            # accuracy on synthetic data (measured), matrix_exp trains as fast as a frozen basis
+            self.bases[m] = parametrizations.orthogonal(lin, orthogonal_map="matrix_exp")
         self.a = nn.ParameterDict({m: nn.Parameter(torch.full((num_classes,), float(a_init))) for m in feature_dims})
         self.bias = nn.Parameter(torch.zeros(num_classes))
 

@@ -1,0 +1,434 @@
+"""CRMT (Yang et al., ICLR 2024) for any number of modalities, its variants and ablations.
+
+Step 1 trains encoders, the orthonormal bases ``W~^(m)``, the modality weights ``a^(m)`` and the bias
+with ``CE(h~(x), y) + rho * L1``; ``L1`` is the LogSumExp uni-modal margin regulariser
+``mean_i log sum_m sum_{k != y} exp(s_k^(m) - s_y^(m))``. Step 2 freezes everything but ``a^(m)``
+(model in eval mode, so BatchNorm statistics cannot drift) and maximises the mean Theorem 3.5 lower
+bound, with the Lipschitz constants ``tau~`` estimated once after step 1. Step 2 is kept only if it
+improves the validation criterion (see :func:`CRMTBase.after_training`); both results are recorded.
+
+Methods: ``crmt-jt`` (step 1 + 2), ``crmt-at`` (step 1 on joint-l2 PGD examples), ``crmt-mix``
+(step 1 on mixup batches), and the ablations ``ojt`` (orthogonal head + CE), ``crmt-step1`` (no
+step 2) and ``crmt-step2`` (OJT + step 2). ``margin="normalized"`` is an option of ours, not the
+paper's: it divides each uni-modal score by the feature norm, so the regulariser can no longer be
+lowered by inflating features (the gradient-masking route described in docs/crmt.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmrobust.certify.bounds import fused_logits, orthogonal_bound
+from mmrobust.certify.lipschitz import empirical_lipschitz
+from mmrobust.data.base import Batch, Split, iterate_batches
+from mmrobust.errors import ConfigError
+from mmrobust.training.base import METHODS, StepContext, Strategy
+
+if TYPE_CHECKING:
+    from mmrobust.training.engine import Trainer
+
+MARGINS = ("faithful", "normalized")
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+
+def margin_regulariser(
+    raw_scores: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    labels_b: torch.Tensor | None = None,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """CRMT's ``L1``: ``mean_i log sum_m sum_k exp(s_k^(m) - t^(m))`` computed with ``logsumexp``.
+
+    ``t^(m) = s_y^(m)`` and the sum runs over ``k != y``. For mixup (``labels_b`` given) the target is
+    the mixed score ``t^(m) = lam * s_{y_a}^(m) + (1 - lam) * s_{y_b}^(m)`` inside the exponentials
+    and the sum runs over ``k not in {y_a, y_b}``; samples with no such class (2 classes, ``y_a !=
+    y_b``) have no margin term and are left out of the mean.
+    """
+    s = torch.stack(list(raw_scores.values()), 1)  # (N, M, K)
+    idx_a = labels[:, None, None].expand(-1, s.shape[1], 1)
+    target = s.gather(2, idx_a)
+    excluded = F.one_hot(labels, s.shape[2]).bool()
+    if labels_b is not None:
+        idx_b = labels_b[:, None, None].expand(-1, s.shape[1], 1)
+        target = lam * target + (1.0 - lam) * s.gather(2, idx_b)
+        excluded = excluded | F.one_hot(labels_b, s.shape[2]).bool()
+    diff = (s - target).masked_fill(excluded[:, None, :], float("-inf"))
+    per_sample = torch.logsumexp(diff.flatten(1), dim=1)
+    keep = torch.isfinite(per_sample)
+    if not bool(keep.any()):
+        return s.sum() * 0.0
+    return per_sample[keep].mean()
+
+
+def normalized_scores(
+    raw_scores: dict[str, torch.Tensor], feats: dict[str, torch.Tensor], temperature: float
+) -> dict[str, torch.Tensor]:
+    """Ours: ``temperature * s_k^(m) / ||phi^(m)||`` — a cosine, since ``W~^(m)`` rows are orthonormal."""
+    return {m: temperature * s / feats[m].norm(dim=1, keepdim=True).clamp_min(1e-6) for m, s in raw_scores.items()}
+
+
+def mixup_batch(
+    inputs: Batch, labels: torch.Tensor, alpha: float, generator: torch.Generator
+) -> tuple[Batch, torch.Tensor, float]:
+    """One ``lambda ~ Beta(alpha, alpha)`` and one permutation shared by every modality."""
+    perm = torch.randperm(len(labels), generator=generator).to(labels.device)
+    if alpha == 1.0:  # Beta(1, 1) is uniform: draw it from the step's generator
+        lam = float(torch.rand((), generator=generator))
+    else:  # torch's Beta sampler has no generator argument; the global RNG is seeded by the trainer
+        lam = float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
+    mixed = {m: lam * x + (1.0 - lam) * x[perm] for m, x in inputs.items()}
+    return mixed, labels[perm], lam
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+
+
+@dataclass
+class Step2Options:
+    """Step 2: only ``a^(m)`` moves; kept if it improves the validation criterion."""
+
+    step2_epochs: int = 20
+    step2_lr: float = 1e-3
+    step2_optimizer: str = "adam"  # adam | sgd (the reference: sgd, lr 3e-5, wd 1e-2)
+    step2_weight_decay: float = 0.0
+    step2_max_acc_drop: float = 0.01  # largest validation-accuracy loss step 2 may cost
+    lipschitz_samples: int = 512  # training samples for the empirical tau (0 = all)
+
+
+@dataclass
+class Step1Options:
+    """Step 1 regulariser: ``CE + rho * L1``."""
+
+    rho: float = 2.0
+    margin: str = "faithful"  # faithful (paper) | normalized (ours: scores / ||phi||, see docs/crmt.md)
+    margin_temperature: float = 10.0  # only for margin=normalized
+
+
+@dataclass
+class Step1OnlyOptions(Step1Options):
+    """CRMT step 1 alone (``lipschitz_samples`` only sizes the bound recorded after training)."""
+
+    lipschitz_samples: int = 512
+
+
+@dataclass
+class CRMTOptions(Step2Options, Step1Options):
+    """CRMT-JT."""
+
+
+@dataclass
+class CRMTATOptions(CRMTOptions):
+    """CRMT-AT: step 1 on joint-l2 PGD examples (model in eval mode while attacking)."""
+
+    at_eps: float = 0.5
+    at_steps: int = 5
+    at_step_size: float = 0.0  # 0 = 2.5 * eps / steps
+
+
+@dataclass
+class CRMTMixOptions(CRMTOptions):
+    """CRMT-Mix: step 1 on mixup batches."""
+
+    mix_alpha: float = 1.0
+
+
+@dataclass
+class OJTOptions:
+    """OJT has no hyper-parameters of its own (``lipschitz_samples`` only sizes the recorded bound)."""
+
+    lipschitz_samples: int = 512
+
+
+# ---------------------------------------------------------------------------------------------
+# strategies
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+class CRMTBase(Strategy):
+    """Shared by every orthogonal-head method; subclasses set ``use_margin`` / ``use_step2``."""
+
+    head = "orthogonal"
+    use_margin = True
+    use_step2 = True
+
+    def __init__(self, options: Any, meta: Any) -> None:
+        super().__init__(options, meta)
+        o = options
+        if getattr(o, "margin", "faithful") not in MARGINS:
+            raise ConfigError(f"option margin='{o.margin}' is unknown; choose from: {', '.join(MARGINS)}")
+        if getattr(o, "rho", 0.0) < 0:
+            raise ConfigError(f"option rho must be >= 0, got {o.rho}")
+        if getattr(o, "step2_optimizer", "adam") not in ("adam", "sgd"):
+            raise ConfigError(f"option step2_optimizer='{o.step2_optimizer}' is unknown; choose from: adam, sgd")
+        if getattr(o, "step2_epochs", 0) < 0 or getattr(o, "step2_lr", 1.0) <= 0:
+            raise ConfigError("options step2_epochs must be >= 0 and step2_lr > 0")
+        if o.lipschitz_samples < 0:
+            raise ConfigError(f"option lipschitz_samples must be >= 0, got {o.lipschitz_samples}")
+
+    # --- step 1 ---------------------------------------------------------------------------
+
+    def prepare(
+        self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
+    ) -> tuple[Batch, torch.Tensor | None, float]:
+        """Training inputs for this step; returns ``(inputs, labels_b, lam)`` (mixup sets the last two)."""
+        return inputs, None, 1.0
+
+    def loss(
+        self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, labels_b, lam = self.prepare(model, inputs, labels, ctx)
+        out = model(inputs, return_all=True)
+        logits = out["logits"]
+        ce = F.cross_entropy(logits, labels)
+        if labels_b is not None:
+            ce = lam * ce + (1.0 - lam) * F.cross_entropy(logits, labels_b)
+        if not self.use_margin or self.options.rho == 0:
+            return ce, logits
+        raw = _unwrap(model).head.raw_scores(out["features"])
+        if self.options.margin == "normalized":
+            raw = normalized_scores(raw, out["features"], self.options.margin_temperature)
+        return ce + self.options.rho * margin_regulariser(raw, labels, labels_b, lam), logits
+
+    # --- step 2 ---------------------------------------------------------------------------
+
+    def after_training(self, trainer: Trainer) -> dict[str, Any]:
+        """Estimate tau, then (if this method has a step 2) optimise ``a^(m)`` alone.
+
+        Selection criterion (validation split only): the mean certified radius, i.e. the mean over
+        validation samples of ``max(bound, 0)`` (0 when misclassified), among the states whose
+        validation accuracy is at least step 1's minus ``step2_max_acc_drop``. Step 1's state is a
+        candidate, so step 2 never lowers the criterion; both are recorded in ``metrics.json``.
+        """
+        model, o = trainer.model, self.options
+        head = model.head
+        model.eval()
+        n_tau = o.lipschitz_samples or None
+        bundle = trainer.bundle
+        tau = empirical_lipschitz(
+            model, bundle.train, {m: head.basis(m).detach() for m in model.modalities},
+            batch_size=64, max_samples=n_tau, device=trainer.device,
+        )  # fmt: skip
+        tau = {m: t.to(trainer.device) for m, t in tau.items()}
+        val_scores, val_labels = raw_scores_of(model, bundle.val, trainer.device)
+        a0 = {m: p.detach().clone() for m, p in head.a.items()}
+        step1 = _summary(val_scores, a0, head.bias.detach(), val_labels, tau)
+        record: dict[str, Any] = {
+            "tau_estimator": f"empirical (max local gradient norm over {n_tau or len(bundle.train)} training samples)",
+            "tau": {m: t.tolist() for m, t in tau.items()},
+            "step1": step1,
+            "modality_weights_step1": {m: v.tolist() for m, v in a0.items()},
+        }
+        if not self.use_step2:
+            return {"crmt": record}
+        record["step2"], record["kept"], record["reason"] = self._step2(trainer, tau, val_scores, val_labels, step1)
+        record["modality_weights"] = {m: p.detach().tolist() for m, p in head.a.items()}
+        return {"crmt": record}
+
+    def _step2(
+        self,
+        trainer: Trainer,
+        tau: dict[str, torch.Tensor],
+        val_scores: dict[str, torch.Tensor],
+        val_labels: torch.Tensor,
+        step1: dict[str, float],
+    ) -> tuple[dict[str, Any], str, str]:
+        model, o = trainer.model, self.options
+        head = model.head
+        # encoders and W~ are frozen and the model is in eval mode: the raw scores are constants, so
+        # step 2 optimises over them directly (exactly the head's forward, far cheaper)
+        train_scores, train_labels = raw_scores_of(model, trainer.bundle.train, trainer.device)
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = list(head.a.values())
+        for p in params:
+            p.requires_grad_(True)
+        if o.step2_optimizer == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=o.step2_lr, weight_decay=o.step2_weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=o.step2_lr, momentum=0.9, weight_decay=o.step2_weight_decay)
+        gen = torch.Generator().manual_seed(trainer.cfg.train.seed + 7919)
+        bias = head.bias.detach()
+        floor = step1["val_accuracy"] - o.step2_max_acc_drop
+        best_crit, best_epoch, best_a = step1["val_mean_radius"], 0, {m: p.detach().clone() for m, p in head.a.items()}
+        history = []
+        n, bs = len(train_labels), trainer.cfg.train.batch_size
+        try:
+            for epoch in range(o.step2_epochs):
+                order = torch.randperm(n, generator=gen).to(train_labels.device)
+                total = 0.0
+                for i in range(0, n, bs):
+                    idx = order[i : i + bs]
+                    a = {m: p for m, p in head.a.items()}
+                    bound = orthogonal_bound(
+                        {m: s[idx] for m, s in train_scores.items()}, a, bias, train_labels[idx], tau
+                    )
+                    loss = -bound.mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * len(idx)
+                a_now = {m: p.detach().clone() for m, p in head.a.items()}
+                row = {
+                    "epoch": epoch + 1,
+                    "train_mean_bound": -total / n,
+                    **_summary(val_scores, a_now, bias, val_labels, tau),
+                }
+                history.append(row)
+                if row["val_accuracy"] >= floor and row["val_mean_radius"] > best_crit:
+                    best_crit, best_epoch, best_a = row["val_mean_radius"], epoch + 1, a_now
+        finally:
+            for n_, p in model.named_parameters():
+                p.requires_grad_(flags[n_])
+        with torch.no_grad():
+            for m, p in head.a.items():
+                p.copy_(best_a[m])
+        if best_epoch == 0:
+            kept = "step1"
+            reason = (
+                f"no step-2 epoch raised the validation mean certified radius ({step1['val_mean_radius']:.4f}) "
+                f"with validation accuracy >= {floor:.4f}"
+            )
+        else:
+            kept = "step2"
+            reason = (
+                f"step-2 epoch {best_epoch} raised the validation mean certified radius from "
+                f"{step1['val_mean_radius']:.4f} to {best_crit:.4f} with validation accuracy >= {floor:.4f}"
+            )
+        best = history[best_epoch - 1] if best_epoch else None
+        return {"best_epoch": best_epoch, "selected": best, "history": history}, kept, reason
+
+
+@torch.no_grad()
+def raw_scores_of(
+    model: nn.Module, split: Split, device: str | torch.device = "cpu", batch_size: int = 256
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Raw uni-modal scores ``s^(m) = W~^(m) phi^(m)`` of a whole split (model in eval mode)."""
+    was = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}
+    labels = []
+    try:
+        for inputs, y in iterate_batches(split, batch_size):
+            feats = model.encode({k: v.to(device) for k, v in inputs.items()})
+            for m, s in model.head.raw_scores(feats).items():
+                parts[m].append(s)
+            labels.append(y.to(device))
+    finally:
+        model.train(was)
+    return {m: torch.cat(v) for m, v in parts.items()}, torch.cat(labels)
+
+
+@torch.no_grad()
+def _summary(
+    scores: dict[str, torch.Tensor],
+    a: dict[str, torch.Tensor],
+    bias: torch.Tensor,
+    labels: torch.Tensor,
+    tau: dict[str, torch.Tensor],
+) -> dict[str, float]:
+    bound = orthogonal_bound(scores, a, bias, labels, tau)
+    correct = fused_logits(scores, a, bias).argmax(1) == labels
+    radius = torch.where(correct, bound.clamp_min(0), torch.zeros_like(bound))
+    return {
+        "val_accuracy": float(correct.float().mean()),
+        "val_mean_radius": float(radius.mean()),
+        "val_mean_bound": float(bound.mean()),
+    }
+
+
+@METHODS.register("crmt-jt")
+class CRMTJT(CRMTBase):
+    """CRMT-JT: orthogonal head, CE + rho*L1 (step 1), then certified-bound step 2 on a^(m)."""
+
+    name = "crmt-jt"
+    Options = CRMTOptions
+
+
+@METHODS.register("crmt-step1")
+class CRMTStep1(CRMTBase):
+    """Ablation: CRMT step 1 only (CE + rho*L1 on the orthogonal head), no step 2."""
+
+    name = "crmt-step1"
+    Options = Step1OnlyOptions
+    use_step2 = False
+
+
+@METHODS.register("crmt-step2")
+class CRMTStep2(CRMTBase):
+    """Ablation: OJT (orthogonal head, CE only) followed by CRMT step 2."""
+
+    name = "crmt-step2"
+    Options = Step2Options
+    use_margin = False
+
+
+@METHODS.register("ojt")
+class OJT(CRMTBase):
+    """Ablation: orthogonal head trained with CE only; no margin term, no step 2."""
+
+    name = "ojt"
+    Options = OJTOptions
+    use_margin = False
+    use_step2 = False
+
+
+@METHODS.register("crmt-at")
+class CRMTAT(CRMTBase):
+    """CRMT-AT: CRMT step 1 on joint-l2 PGD adversarial examples, then step 2."""
+
+    name = "crmt-at"
+    Options = CRMTATOptions
+
+    def __init__(self, options: Any, meta: Any) -> None:
+        super().__init__(options, meta)
+        if options.at_eps <= 0 or options.at_steps < 1:
+            raise ConfigError(f"crmt-at needs at_eps > 0 and at_steps >= 1, got {options.at_eps}, {options.at_steps}")
+
+    def prepare(
+        self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
+    ) -> tuple[Batch, torch.Tensor | None, float]:
+        from mmrobust.attacks import PGD
+
+        o = self.options
+        inner = _unwrap(model)
+        inner.eval()  # craft on the model as it is evaluated; BN statistics untouched by the attack
+        try:
+            step = o.at_step_size or 2.5 * o.at_eps / o.at_steps
+            attack = PGD(
+                inner, o.at_eps, norm="l2", steps=o.at_steps, step_size=step, loss="ce", budget="joint", meta=self.meta
+            )
+            adv = {k: v.detach() for k, v in attack(inputs, labels).items()}
+        finally:
+            inner.train()
+        return adv, None, 1.0
+
+
+@METHODS.register("crmt-mix")
+class CRMTMix(CRMTBase):
+    """CRMT-Mix: CRMT step 1 on mixup batches (shared lambda and permutation), then step 2."""
+
+    name = "crmt-mix"
+    Options = CRMTMixOptions
+
+    def __init__(self, options: Any, meta: Any) -> None:
+        super().__init__(options, meta)
+        if options.mix_alpha <= 0:
+            raise ConfigError(f"mix_alpha must be > 0, got {options.mix_alpha}")
+
+    def prepare(
+        self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
+    ) -> tuple[Batch, torch.Tensor | None, float]:
+        return mixup_batch(inputs, labels, self.options.mix_alpha, ctx.generator)
