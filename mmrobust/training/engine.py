@@ -93,6 +93,16 @@ class Trainer:
         preds = predict(model or self.model, split, device=self.device)
         return accuracy(preds, split.labels)
 
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean cross-entropy on the validation split (eval mode): the tie-breaker for selection."""
+        self.model.eval()
+        total = 0.0
+        for inputs, labels in iterate_batches(self.bundle.val, 256):
+            logits = self.model({k: v.to(self.device) for k, v in inputs.items()})
+            total += float(torch.nn.functional.cross_entropy(logits, labels.to(self.device), reduction="sum"))
+        return total / len(self.bundle.val)
+
     def _train_epoch(
         self, epoch: int, opt: torch.optim.Optimizer, bar: Any, task: Any, gen: torch.Generator
     ) -> dict[str, float]:
@@ -128,7 +138,7 @@ class Trainer:
         opt = build_optimizer(self.strategy.parameters(self.model), t.optim)
         sched = build_scheduler(opt, t.optim, t.epochs)
         gen = torch.Generator().manual_seed(t.seed * 1000 + self.dist.rank)
-        best_acc, best_epoch, best_state = -1.0, -1, None
+        best_key, best_epoch, best_state = (-1.0, 0.0), -1, None
         per_rank = t.batch_size // self.dist.world_size
         steps = math.ceil(math.ceil(len(self.bundle.train) / self.dist.world_size) / per_rank)
         start = time.perf_counter()
@@ -141,17 +151,19 @@ class Trainer:
                 lr = opt.param_groups[0]["lr"]
                 if sched is not None:
                     sched.step()
-                val_acc = self.evaluate_split("val")
+                val_acc, val_loss = self.evaluate_split("val"), self.validation_loss()
                 row = {
                     "epoch": epoch + 1,
                     **stats,
                     "val_accuracy": val_acc,
+                    "val_loss": val_loss,
                     "lr": lr,
                     "time_s": time.perf_counter() - e0,
                 }
                 self.history.append(row)
-                if val_acc > best_acc:
-                    best_acc, best_epoch = val_acc, epoch + 1
+                # highest validation accuracy; among equal accuracies (a saturated val split) the lowest loss
+                if (val_acc, -val_loss) > best_key:
+                    best_key, best_epoch = (val_acc, -val_loss), epoch + 1
                     best_state = copy.deepcopy(self.model.state_dict())
                 if self.dist.is_main:
                     console.print(
