@@ -97,7 +97,7 @@ class Step2Options:
     """Step 2: only ``a^(m)`` moves; kept if it improves the validation criterion."""
 
     step2_epochs: int = 20
-    step2_lr: float = 1e-3
+    step2_lr: float = 1e-2
     step2_optimizer: str = "adam"  # adam | sgd (the reference: sgd, lr 3e-5, wd 1e-2)
     step2_weight_decay: float = 0.0
     step2_max_acc_drop: float = 0.01  # largest validation-accuracy loss step 2 may cost
@@ -400,19 +400,15 @@ class CRMTAT(CRMTBase):
     def prepare(
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
     ) -> tuple[Batch, torch.Tensor | None, float]:
-        from mmrobust.attacks import PGD
+        from mmrobust.attacks import PGDL2
 
         o = self.options
-        inner = _unwrap(model)
-        inner.eval()  # craft on the model as it is evaluated; BN statistics untouched by the attack
-        try:
-            step = o.at_step_size or 2.5 * o.at_eps / o.at_steps
-            attack = PGD(
-                inner, o.at_eps, norm="l2", steps=o.at_steps, step_size=step, loss="ce", budget="joint", meta=self.meta
-            )
-            adv = {k: v.detach() for k, v in attack(inputs, labels).items()}
-        finally:
-            inner.train()
+        # the attack runs the model in eval mode (BN statistics untouched) and restores train mode
+        attack = PGDL2(
+            _unwrap(model), o.at_eps, steps=o.at_steps, rel_step_size=(o.at_step_size / o.at_eps) or None,
+            loss="ce", budget="joint", meta=self.meta, seed=ctx.epoch * 100_003 + ctx.step,
+        )  # fmt: skip
+        adv = {k: v.detach() for k, v in attack(inputs, labels).items()}
         return adv, None, 1.0
 
 
