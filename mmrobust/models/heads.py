@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrize
 
 from mmrobust.errors import ConfigError
 from mmrobust.registry import Registry
@@ -53,6 +53,22 @@ class ConcatHead(FusionHead):
         return self.linears[name].weight
 
 
+class OrthonormalRows(nn.Module):
+    """Maps a free ``(K, d)`` matrix ``V`` (K <= d) to one with orthonormal rows: ``Q^T`` from the QR
+    decomposition of ``V^T``, with column signs fixed so that ``diag(R) > 0`` (continuous in ``V``).
+
+    Chosen over ``torch.nn.utils.parametrizations.orthogonal``: trained with AdamW its householder
+    map stalled at chance accuracy on synthetic data, and its matrix_exp map builds a ``d x d``
+    exponential (47 ms per call at d=128, making a CRMT step ~14x a JT step); QR costs O(d K^2).
+    """
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        q, r = torch.linalg.qr(v.T)
+        sign = torch.sign(torch.diagonal(r))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        return (q * sign).T
+
+
 @HEADS.register("orthogonal")
 class OrthogonalHead(FusionHead):
     """CRMT's orthogonal head: ``h_k = sum_m a_k^(m) W~_k^(m) phi^(m) + b_k``.
@@ -74,9 +90,8 @@ class OrthogonalHead(FusionHead):
         self.bases = nn.ModuleDict()
         for m, d in feature_dims.items():
             lin = nn.Linear(d, num_classes, bias=False)
-            # matrix_exp, not householder: trained with AdamW, the householder map stalled at chance
-            # accuracy on synthetic data (measured), matrix_exp trains as fast as a frozen basis
-            self.bases[m] = parametrizations.orthogonal(lin, orthogonal_map="matrix_exp")
+            parametrize.register_parametrization(lin, "weight", OrthonormalRows())
+            self.bases[m] = lin
         self.a = nn.ParameterDict({m: nn.Parameter(torch.full((num_classes,), float(a_init))) for m in feature_dims})
         self.bias = nn.Parameter(torch.zeros(num_classes))
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from mmrobust.certify.bounds import fused_logits, orthogonal_bound
 from mmrobust.certify.lipschitz import empirical_lipschitz
@@ -189,6 +190,12 @@ class CRMTBase(Strategy):
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels_b, lam = self.prepare(model, inputs, labels, ctx)
+        with parametrize.cached():  # each W~^(m) is computed once per step, not once per use
+            return self._loss(model, inputs, labels, labels_b, lam)
+
+    def _loss(
+        self, model: nn.Module, inputs: Batch, labels: torch.Tensor, labels_b: torch.Tensor | None, lam: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(inputs, return_all=True)
         logits = out["logits"]
         ce = F.cross_entropy(logits, labels)
