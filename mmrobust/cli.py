@@ -93,6 +93,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certify(args: argparse.Namespace) -> int:
+    from mmrobust.certify.runner import certify_run, parse_radii
+
+    radii = parse_radii(args.radii) if args.radii else None
+    certify_run(
+        args.run, lipschitz=args.lipschitz, split=args.split, radii=radii, lipschitz_split=args.lipschitz_split,
+        max_samples=args.lipschitz_samples, batch_size=args.batch_size, soundness_samples=args.check_soundness,
+        attack_steps=args.attack_steps,
+    )  # fmt: skip
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmrobust.demo import run_demo
 
@@ -121,6 +133,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill", default="zero", choices=["zero", "mean", "noise"], help="missing-modality fill")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("certify", help="certified radii and vulnerability indicators; writes RUN/certify.json")
+    p.add_argument("run", help="run folder written by `mmrobust train`")
+    p.add_argument(
+        "--lipschitz",
+        default="empirical",
+        choices=["empirical", "sound"],
+        help="empirical: max gradient norm over data (an estimate, not a guarantee); sound: a true upper bound",
+    )
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--radii", help="comma-separated l2 radii for certified accuracy (default: 0 .. 5)")
+    p.add_argument(
+        "--lipschitz-split",
+        default="train",
+        choices=["train", "val", "test"],
+        help="data the empirical estimator maximises over",
+    )
+    p.add_argument("--lipschitz-samples", type=int, default=512, help="samples for the empirical estimator")
+    p.add_argument(
+        "--check-soundness",
+        type=int,
+        default=0,
+        metavar="N",
+        help="attack the certified balls of the first N samples and report violations",
+    )
+    p.add_argument("--attack-steps", type=int, default=50, help="PGD steps of the soundness check")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("demo", help="train, evaluate and write a report on avdigits")
     p.add_argument("--out", default="demo_out", help="folder for runs and report.md")
