@@ -118,12 +118,16 @@ def certify_run(
     lipschitz_split: str = "train",
     max_samples: int | None = 512,
     batch_size: int = 256,
+    soundness_samples: int = 0,
+    attack_steps: int = 50,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Certify a run folder's ``split`` with the ``lipschitz`` estimator; writes ``RUN/certify.json``.
 
     The empirical estimator maximises over the first ``max_samples`` samples of ``lipschitz_split``
-    (the training split by default, so the test split is never used to fit anything).
+    (the training split by default, so the test split is never used to fit anything). With
+    ``soundness_samples > 0`` the radii of that many samples are attacked
+    (:func:`~mmrobust.certify.soundness.soundness_check`) and the violation rates stored.
     Returns this estimator's entry of ``certify.json``.
     """
     from mmrobust.certify.estimators import ESTIMATORS
@@ -137,6 +141,12 @@ def certify_run(
         run.model, run.meta, data, lipschitz, bundle.split(lipschitz_split), radii, batch_size, max_samples
     )
     result["split"] = split
+    if soundness_samples > 0:
+        from mmrobust.certify.soundness import soundness_check
+
+        result["soundness"] = soundness_check(
+            run.model, run.meta, data, result["radii"], max_samples=soundness_samples, steps=attack_steps
+        )
     result["lipschitz"]["info"]["data_split"] = lipschitz_split if lipschitz == "empirical" else None
     target = Path(path) / CERTIFY_FILE
     doc: dict[str, Any] = {}
@@ -166,8 +176,28 @@ def certify_run(
         vul = result["vulnerability"]
         etas = ", ".join(f"{m} {v:.4g}" for m, v in vul["mean"].items() if v is not None)
         ratios = ", ".join(f"{k} {v:.3g}" for k, v in vul["ratio_of_means"].items() if v is not None)
-        out.print(f"vulnerability eta (mean over correct samples): {etas}; ratio {ratios}; wrote {target}")
+        out.print(f"vulnerability eta (mean over correct samples): {etas}; ratio {ratios}")
+        if "soundness" in result:
+            snd = result["soundness"]
+            viol = ", ".join(
+                f"{t} {snd[t]['violations']}/{snd[t]['checked']}" for t in ["joint", *run.model.modalities]
+            )
+            out.print(
+                f"soundness check on {snd['samples']} samples (attacks inside the certified ball): violations {viol}"
+            )
+        out.print(f"wrote {target}")
     return result
+
+
+def parse_radii(text: str) -> list[float]:
+    """Parse ``"0,0.1,0.5"`` into radii; a bad entry raises a one-line :class:`ConfigError`."""
+    try:
+        radii = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--radii: expected comma-separated numbers, got '{text}'") from None
+    if not radii or any(not r >= 0 or r == float("inf") for r in radii):
+        raise ConfigError(f"--radii: expected finite numbers >= 0, got '{text}'")
+    return radii
 
 
 def load_certify(path: str | Path) -> dict[str, Any]:
