@@ -89,7 +89,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrobust.eval.runner import evaluate_run
 
-    evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill, batch_size=args.batch_size)
+    # only flags the user gave are passed on, so each suite keeps its own defaults (e.g. steps)
+    options = {
+        k: getattr(args, k)
+        for k in ("eps", "unimodal_eps", "steps", "step_size", "restarts", "norm", "losses", "queries", "targets",
+                  "attacks", "seed", "max_samples")
+        if getattr(args, k) is not None
+    }  # fmt: skip
+    if args.no_random_start:
+        options["random_start"] = False
+    evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill, batch_size=args.batch_size,
+                 progress=not args.no_progress, **options)  # fmt: skip
     return 0
 
 
@@ -128,10 +138,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a run folder; writes RUN/eval.json")
     p.add_argument("run", help="run folder written by `mmrobust train`")
-    p.add_argument("--suite", default="basic", help="basic: clean + each modality missing")
+    p.add_argument(
+        "--suite", default="basic",
+        help="basic: clean + each modality missing; paper: the CRMT protocol (FGM/PGD joint and per modality, "
+        "missing), CE and CW losses and their worst case; curves: accuracy vs eps per modality (+ plot); "
+        "autoattack: APGD-CE, APGD-T, FAB-T, Square (see docs/attacks.md)",
+    )  # fmt: skip
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--fill", default="zero", choices=["zero", "mean", "noise"], help="missing-modality fill")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--eps", help="eps list, e.g. 0.5,2,4 or 2/255,8/255 (paper: joint eps, default 0.5; curves: "
+                   "the sweep; autoattack: default 2/255,4/255,8/255 for linf)")  # fmt: skip
+    p.add_argument("--unimodal-eps", help="paper suite: eps list for single-modality attacks (default 1.0)")
+    p.add_argument("--steps", type=int, help="attack iterations (paper/curves PGD default 10; autoattack 100)")
+    p.add_argument("--step-size", type=float, help="PGD step size as a multiple of eps (default 2.5/steps)")
+    p.add_argument("--restarts", type=int, help="random restarts (default 1); worst case over them is kept")
+    p.add_argument("--no-random-start", action="store_true", help="first PGD restart starts at the clean input")
+    p.add_argument("--norm", choices=["l2", "linf"], help="curves/autoattack threat model (default l2/linf)")
+    p.add_argument("--losses", help="comma list of attack losses (default ce,cw); the worst case is reported beside")
+    p.add_argument("--attacks", help="autoattack: components (default apgd-ce,apgd-t,fab-t,square)")
+    p.add_argument("--queries", type=int, help="autoattack: Square query budget (default 5000)")
+    p.add_argument("--targets", type=int, help="autoattack: target classes of APGD-T/FAB-T (default 9)")
+    p.add_argument("--max-samples", type=int, help="evaluate only the first N samples of the split")
+    p.add_argument("--seed", type=int, help="seed of the attacks' random starts (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("certify", help="certified radii and vulnerability indicators; writes RUN/certify.json")

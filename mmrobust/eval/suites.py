@@ -1,0 +1,296 @@
+"""The robustness suites: ``paper`` (the CRMT protocol), ``curves`` (accuracy vs eps per modality)
+and ``autoattack`` (APGD-CE, APGD-T, FAB-T, Square).
+
+Every gradient attack runs once per loss (``ce`` and ``cw`` by default) and a third row with
+``"loss": "worst"`` holds the per-sample worst case over them (a sample is broken if either loss
+broke it): that is the number to trust; the gap between the two is also a gradient-masking signal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Any
+
+from mmrobust.attacks.autoattack import check_applicable
+from mmrobust.attacks.base import build_attack
+from mmrobust.attacks.losses import LOSSES
+from mmrobust.attacks.missing import FILLS
+from mmrobust.data.base import Split
+from mmrobust.errors import ConfigError
+from mmrobust.eval.metrics import accuracy, macro_f1, predict
+from mmrobust.eval.robust import (
+    attack_predictions,
+    ce_gradient_underflow,
+    masking_report,
+    missing_predictions,
+    result_row,
+    worst_predictions,
+)
+from mmrobust.eval.runner import SUITES, worst_case
+from mmrobust.report.console import progress as progress_bar
+from mmrobust.runs import Run
+
+PAPER_EPS, PAPER_UNIMODAL_EPS = (0.5,), (1.0,)
+CURVE_EPS = {"l2": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "linf": (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)}
+AUTOATTACK_EPS = {"linf": (2 / 255, 4 / 255, 8 / 255), "l2": (0.5,)}
+AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def parse_eps(value: str | float | Sequence[float] | None, what: str = "--eps") -> list[float] | None:
+    """``"2/255,4/255,0.5"`` -> ``[0.00784..., 0.01568..., 0.5]``; None stays None."""
+    if value is None:
+        return None
+    items: Sequence[Any] = (
+        value.split(",") if isinstance(value, str) else (value if isinstance(value, Sequence) else [value])
+    )
+    out = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        try:
+            v = float(Fraction(text)) if "/" in text else float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"{what}: '{text}' is not a number or a fraction like 8/255") from None
+        if not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{what}: eps must be finite and >= 0, got {text}")
+        out.append(v)
+    if not out:
+        raise ConfigError(f"{what}: no eps value given")
+    return out
+
+
+def _check_losses(losses: Sequence[str] | str) -> list[str]:
+    names = [s.strip() for s in losses.split(",")] if isinstance(losses, str) else list(losses)
+    for n in names:
+        if n not in LOSSES:
+            raise ConfigError(f"unknown attack loss '{n}'; choose from: {', '.join(LOSSES)}")
+    if not names:
+        raise ConfigError("--losses: give at least one of: " + ", ".join(LOSSES))
+    return names
+
+
+class _Evaluator:
+    """Runs settings on one split and turns predictions into rows (with the worst over losses)."""
+
+    def __init__(self, run: Run, split: Split, batch_size: int, seed: int) -> None:
+        self.run, self.split, self.batch_size, self.seed = run, split, batch_size, seed
+        self.model, self.meta = run.model, run.meta
+        self.labels = split.labels
+        self.k = run.meta.num_classes
+        self.clean_preds = predict(self.model, split, batch_size)
+
+    def attack(self, name: str, losses: Sequence[str], **kw: Any) -> list[dict[str, Any]]:
+        """One row per loss plus a ``worst`` row (when there is more than one loss)."""
+        rows, preds = [], []
+        for loss in losses:
+            attack = build_attack(name, self.model, self.meta, loss=loss, seed=self.seed, **kw)
+            p = (
+                attack_predictions(attack, self.split, self.batch_size)
+                if _eps_positive(attack.eps)
+                else self.clean_preds
+            )
+            preds.append(p)
+            rows.append(result_row(attack.describe(), p, self.labels, self.k))
+        if len(preds) > 1:
+            rows.append(
+                result_row({**rows[0], "loss": "worst"}, worst_predictions(preds, self.labels), self.labels, self.k)
+            )
+        return rows
+
+    def missing(self, modalities: list[str], fill: str) -> dict[str, Any]:
+        p = missing_predictions(self.model, self.split, modalities, fill, self.batch_size)
+        setting = {"attack": "missing", "loss": None, "norm": None, "modalities": modalities, "budget": None,
+                   "eps": None, "steps": None, "fill": fill}  # fmt: skip
+        return result_row(setting, p, self.labels, self.k)
+
+    def finish(
+        self, results: list[dict[str, Any]], protocol: dict[str, Any], check_masking: bool = True
+    ) -> dict[str, Any]:
+        underflow = ce_gradient_underflow(self.model, self.split, self.batch_size) if check_masking else None
+        masking, warnings = masking_report(results, underflow)
+        return {
+            "clean_accuracy": accuracy(self.clean_preds, self.labels),
+            "clean_macro_f1": macro_f1(self.clean_preds, self.labels, self.k),
+            "results": results,
+            "worst_case": worst_case(results),
+            "warnings": warnings,
+            "gradient_masking": masking,
+            "protocol": {**protocol, "samples": len(self.split)},
+        }
+
+
+def _eps_positive(eps: dict[str, float]) -> bool:
+    return any(v > 0 for v in eps.values())
+
+
+@SUITES.register("paper")
+def paper_suite(
+    run: Run,
+    split: Split,
+    *,
+    eps: str | Sequence[float] | None = None,
+    unimodal_eps: str | Sequence[float] | None = None,
+    steps: int = 10,
+    step_size: float | None = None,
+    restarts: int = 1,
+    losses: Sequence[str] | str = ("ce", "cw"),
+    fill: str = "zero",
+    random_start: bool = True,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+    **_: Any,
+) -> dict[str, Any]:
+    """The CRMT protocol: clean; FGM and l2-PGD on all modalities jointly (eps 0.5) and on each
+    modality alone (eps 1.0); each modality missing. Every attack with each loss + the worst case."""
+    joint = parse_eps(eps, "--eps") or list(PAPER_EPS)
+    uni = parse_eps(unimodal_eps, "--unimodal-eps") or list(PAPER_UNIMODAL_EPS)
+    loss_names = _check_losses(losses)
+    if fill not in FILLS:
+        raise ConfigError(f"unknown fill '{fill}'; choose from: {', '.join(FILLS)}")
+    ev = _Evaluator(run, split, batch_size, seed)
+    mods = run.meta.modality_names
+    pgd = {"steps": steps, "rel_step_size": step_size, "restarts": restarts, "random_start": random_start}
+    jobs: list[tuple[str, dict[str, Any]]] = []
+    for e in joint:
+        jobs += [("fgm", {"eps": e, "modalities": mods}), ("pgd-l2", {"eps": e, "modalities": mods, **pgd})]
+    for e in uni:
+        for m in mods:
+            jobs += [("fgm", {"eps": e, "modalities": [m]}), ("pgd-l2", {"eps": e, "modalities": [m], **pgd})]
+    results: list[dict[str, Any]] = []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("paper suite", total=len(jobs) + len(mods))
+        for name, kw in jobs:
+            results += ev.attack(name, loss_names, **kw)
+            bar.advance(task)
+        for m in mods:
+            results.append(ev.missing([m], fill))
+            bar.advance(task)
+    protocol = {"eps": joint, "unimodal_eps": uni, "steps": steps, "rel_step_size": step_size or 2.5 / steps,
+                "restarts": restarts, "random_start": random_start, "losses": loss_names, "fill": fill, "seed": seed}  # fmt: skip
+    return ev.finish(results, protocol)
+
+
+@SUITES.register("curves")
+def curves_suite(
+    run: Run,
+    split: Split,
+    *,
+    eps: str | Sequence[float] | None = None,
+    norm: str = "l2",
+    steps: int = 10,
+    step_size: float | None = None,
+    restarts: int = 1,
+    losses: Sequence[str] | str = ("ce", "cw"),
+    random_start: bool = True,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+    **_: Any,
+) -> dict[str, Any]:
+    """Accuracy vs eps (PGD, each loss and the worst case) for each modality alone and all jointly;
+    plots ``RUN/robustness_curves.png`` (paper Fig. 1/4)."""
+    from mmrobust.report.robustness import plot_robustness_curves
+
+    if norm not in CURVE_EPS:
+        raise ConfigError(f"unknown norm '{norm}'; choose from: {', '.join(CURVE_EPS)}")
+    grid = sorted(set(parse_eps(eps, "--eps") or list(CURVE_EPS[norm])))
+    loss_names = _check_losses(losses)
+    ev = _Evaluator(run, split, batch_size, seed)
+    mods = run.meta.modality_names
+    targets = [[m] for m in mods] + [list(mods)]
+    attack = "pgd-l2" if norm == "l2" else "pgd-linf"
+    pgd = {"steps": steps, "rel_step_size": step_size, "restarts": restarts, "random_start": random_start}
+    clean = accuracy(ev.clean_preds, ev.labels)
+    curves: dict[str, dict[str, list[float]]] = {}
+    results: list[dict[str, Any]] = []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("robustness curves", total=len(targets) * len(grid))
+        for target in targets:
+            label = "+".join(target)
+            series: dict[str, list[float]] = {}
+            for e in grid:
+                rows = ev.attack(attack, loss_names, eps=e, modalities=target, **pgd) if e > 0 else []
+                for r in rows:
+                    series.setdefault(r["loss"], []).append(r["accuracy"])
+                if e == 0:
+                    for loss in [*loss_names, *(["worst"] if len(loss_names) > 1 else [])]:
+                        series.setdefault(loss, []).append(clean)
+                results += rows
+                bar.advance(task)
+            curves[label] = series
+    out = ev.finish(results, {"norm": norm, "attack": attack, "eps": grid, "steps": steps, "restarts": restarts,
+                              "rel_step_size": step_size or 2.5 / steps, "losses": loss_names, "seed": seed})  # fmt: skip
+    out["curves"] = {"attack": attack, "norm": norm, "eps": grid, "clean_accuracy": clean, "targets": curves}
+    plot = plot_robustness_curves({run.path.name or "model": out}, run.path / "robustness_curves.png")
+    out["plots"] = [plot.name]
+    return out
+
+
+@SUITES.register("autoattack")
+def autoattack_suite(
+    run: Run,
+    split: Split,
+    *,
+    eps: str | Sequence[float] | None = None,
+    norm: str = "linf",
+    steps: int = 100,
+    queries: int = 5000,
+    restarts: int = 1,
+    targets: int = 9,
+    attacks: Sequence[str] | str = AUTOATTACK_ATTACKS,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+    **_: Any,
+) -> dict[str, Any]:
+    """APGD-CE, APGD-T (targeted DLR), FAB-T and Square on all modalities jointly, each alone and
+    their per-sample worst case (``"attack": "autoattack"``). Components that do not apply to the
+    model (DLR with < 3 classes, too few classes for the targets) are skipped with a warning."""
+    if norm not in AUTOATTACK_EPS:
+        raise ConfigError(f"unknown norm '{norm}'; choose from: {', '.join(AUTOATTACK_EPS)}")
+    grid = parse_eps(eps, "--eps") or list(AUTOATTACK_EPS[norm])
+    names = [s.strip() for s in attacks.split(",")] if isinstance(attacks, str) else list(attacks)
+    for n in names:
+        if n not in AUTOATTACK_ATTACKS:
+            raise ConfigError(f"unknown AutoAttack component '{n}'; choose from: {', '.join(AUTOATTACK_ATTACKS)}")
+    ev = _Evaluator(run, split, batch_size, seed)
+    mods = run.meta.modality_names
+    skipped: list[str] = []
+    runnable = []
+    for n in names:
+        try:
+            check_applicable(n, ev.k, targets)
+            runnable.append(n)
+        except ConfigError as exc:
+            skipped.append(f"{n} skipped: {exc}")
+    results: list[dict[str, Any]] = []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("autoattack", total=len(grid) * len(runnable))
+        for e in grid:
+            preds = []
+            for n in runnable:
+                kw: dict[str, Any] = {"eps": e, "norm": norm, "modalities": mods, "restarts": restarts}
+                kw["steps"] = queries if n == "square" else steps
+                if n in ("apgd-t", "fab-t"):
+                    kw["targets"] = targets
+                attack = build_attack(n, ev.model, ev.meta, seed=seed, **kw)
+                p = attack_predictions(attack, ev.split, batch_size) if e > 0 else ev.clean_preds
+                preds.append(p)
+                desc = attack.describe()
+                if n == "fab-t":
+                    desc["loss"] = None
+                results.append(result_row(desc, p, ev.labels, ev.k))
+                bar.advance(task)
+            if preds:
+                setting = {"attack": "autoattack", "loss": "worst", "norm": norm, "modalities": mods, "budget": "joint",
+                           "eps": e, "steps": steps, "components": runnable}  # fmt: skip
+                results.append(result_row(setting, worst_predictions(preds, ev.labels), ev.labels, ev.k))
+    protocol = {"norm": norm, "eps": grid, "steps": steps, "queries": queries, "restarts": restarts, "targets": targets,
+                "attacks": runnable, "seed": seed}  # fmt: skip
+    out = ev.finish(results, protocol, check_masking=True)
+    out["warnings"] = skipped + out["warnings"]
+    return out
