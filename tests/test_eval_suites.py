@@ -28,6 +28,7 @@ def test_paper_suite_eval_json_shape(paper_eval):
     assert isinstance(ev["clean_accuracy"], float)
     assert set(ev["worst_case"]) >= {"accuracy", "by_attack"} and isinstance(ev["warnings"], list)
     assert json.loads((run_dir / "eval_paper.json").read_text()) == ev
+    assert (run_dir / "paper_suite.png").stat().st_size > 1000
     for r in ev["results"]:
         assert ROW_KEYS <= set(r), r
         assert isinstance(r["modalities"], list) and r["modalities"]

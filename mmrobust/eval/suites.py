@@ -171,7 +171,11 @@ def paper_suite(
             bar.advance(task)
     protocol = {"eps": joint, "unimodal_eps": uni, "steps": steps, "rel_step_size": step_size or 2.5 / steps,
                 "restarts": restarts, "random_start": random_start, "losses": loss_names, "fill": fill, "seed": seed}  # fmt: skip
-    return ev.finish(results, protocol)
+    out = ev.finish(results, protocol)
+    from mmrobust.report.robustness import plot_setting_bars
+
+    out["plots"] = [plot_setting_bars({"suite": "paper", **out}, run.path / "paper_suite.png").name]
+    return out
 
 
 @SUITES.register("curves")

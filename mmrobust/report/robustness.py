@@ -144,3 +144,24 @@ def plot_robustness_curves(evals: Mapping[str, Mapping[str, Any]], path: str | P
         ax.legend(fontsize=7)
     fig.suptitle(title or f"Robustness curves ({first['attack']}, worst case over losses = solid)")
     return save_figure(fig, path)
+
+
+def plot_setting_bars(result: Mapping[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """Accuracy per threat setting of one evaluation: CE, CW and worst-case bars side by side."""
+    entries = pivot(result)
+    labels = ["clean", *[e["label"] for e in entries]]
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(labels)), 4.0))
+    width = 0.27
+    for i, loss in enumerate(("ce", "cw", "worst")):
+        vals = [result["clean_accuracy"]] + [e["acc"].get(loss, float("nan")) for e in entries]
+        ax.bar(
+            [x + (i - 1) * width for x in range(len(labels))],
+            vals,
+            width,
+            label=loss.upper() if loss != "worst" else loss,
+        )
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
+    ax.set(ylabel="accuracy", ylim=(0, 1.05), title=title or f"{result.get('suite', '')} suite: accuracy per setting")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)
