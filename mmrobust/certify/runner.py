@@ -32,6 +32,17 @@ def _logits(model: LateFusionModel, split: Split, batch_size: int) -> torch.Tens
     return torch.cat([model(inputs) for inputs, _ in iterate_batches(split, batch_size)])
 
 
+def _plain(obj: Any) -> Any:
+    """Tensors -> nested lists (so ``write_json`` can turn NaN/inf into null), recursively."""
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
 def _median(x: torch.Tensor) -> float | None:
     return float(x.double().median()) if x.numel() else None
 
@@ -67,32 +78,34 @@ def certify_model(
     t3 = time.perf_counter()
     correct = res["correct"]
     names = model.modalities
-    return {
-        "estimator": lipschitz,
-        "guarantee": hl.guarantee,
-        "theorem": hl.theorem,
-        "note": hl.info["note"],
-        "n": len(split),
-        "clean_accuracy": float(correct.double().mean()),
-        "summary": {
-            "median_joint_radius_correct": _median(res["joint"][correct]),
-            "median_unimodal_radius_correct": {m: _median(res["unimodal"][m][correct]) for m in names},
-        },
-        "certified_accuracy": {
-            "radii": grid,
-            "joint": certified_accuracy(res["joint"], grid),
-            "unimodal": {m: certified_accuracy(res["unimodal"][m], grid) for m in names},
-        },
-        "vulnerability": vul,
-        "lipschitz": {"tau": hl.tau, "info": {k: v for k, v in hl.info.items() if k != "note"}},
-        "radii": {"joint": res["joint"], "unimodal": res["unimodal"]},
-        "eta": res["eta"],
-        "labels": split.labels,
-        "runner_up": res["runner_up"],
-        "margin": res["margin"],
-        "correct": correct,
-        "timing": {"forward_s": t1 - t0, "lipschitz_s": t2 - t1, "radii_s": t3 - t2, "total_s": t3 - t0},
-    }
+    return _plain(
+        {
+            "estimator": lipschitz,
+            "guarantee": hl.guarantee,
+            "theorem": hl.theorem,
+            "note": hl.info["note"],
+            "n": len(split),
+            "clean_accuracy": float(correct.double().mean()),
+            "summary": {
+                "median_joint_radius_correct": _median(res["joint"][correct]),
+                "median_unimodal_radius_correct": {m: _median(res["unimodal"][m][correct]) for m in names},
+            },
+            "certified_accuracy": {
+                "radii": grid,
+                "joint": certified_accuracy(res["joint"], grid),
+                "unimodal": {m: certified_accuracy(res["unimodal"][m], grid) for m in names},
+            },
+            "vulnerability": vul,
+            "lipschitz": {"tau": hl.tau, "info": {k: v for k, v in hl.info.items() if k != "note"}},
+            "radii": {"joint": res["joint"], "unimodal": res["unimodal"]},
+            "eta": res["eta"],
+            "labels": split.labels,
+            "runner_up": res["runner_up"],
+            "margin": res["margin"],
+            "correct": correct,
+            "timing": {"forward_s": t1 - t0, "lipschitz_s": t2 - t1, "radii_s": t3 - t2, "total_s": t3 - t0},
+        }
+    )
 
 
 def print_certify_table(title: str, result: dict[str, Any], modalities: Sequence[str], max_cols: int = 7) -> None:
