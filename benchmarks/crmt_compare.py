@@ -39,11 +39,12 @@ DEFAULT_METHODS = [*METHODS[:5], "crmt-jt-norm", *METHODS[5:]]
 # prototype numbers (JT ~0.97 at 0.5, ~0.75 at 4). The AT training budget is fixed beforehand.
 DATASETS: dict[str, dict[str, Any]] = {
     "avdigits": {
-        "data": {}, "feature_dim": 128, "epochs": 6, "n_eval": 200, "eps": (0.5, 4.0), "uni_eps": 1.0, "at_eps": 2.0,
+        "data": {}, "feature_dim": 128, "epochs": 6, "n_eval": 150, "eps": (0.5, 2.0, 4.0), "uni_eps": (1.0, 2.0),
+        "at_eps": 2.0,
     },
     "synthetic": {
         "data": {"signal": "3.0,0.7", "n_train": 2000, "n_val": 500, "n_test": 1000, "dim": 16},
-        "feature_dim": 32, "epochs": 20, "n_eval": 500, "eps": (0.5, 1.0), "uni_eps": 1.0, "at_eps": 0.5,
+        "feature_dim": 32, "epochs": 20, "n_eval": 500, "eps": (0.5, 1.0), "uni_eps": (1.0,), "at_eps": 0.5,
     },
 }  # fmt: skip
 
@@ -87,7 +88,7 @@ def run_cell(dataset: str, method: str, seed: int, args: argparse.Namespace) -> 
     )
     cfg.train.method = method.removesuffix("-norm")
     t0 = time.perf_counter()
-    fit = train(cfg)
+    fit = train(cfg, out=Path(args.runs) / dataset / method / str(seed) if args.runs else None)
     train_s = time.perf_counter() - t0
     model, meta = fit.model.eval(), fit.bundle.meta
     x, y = fit.bundle.test.take(slice(0, args.n_eval or ds["n_eval"]))
@@ -102,7 +103,8 @@ def run_cell(dataset: str, method: str, seed: int, args: argparse.Namespace) -> 
     for eps in ds["eps"]:
         row[f"joint@{eps}"] = robust(model, meta, x, y, eps, args.steps, None)
     for m in meta.modality_names:
-        row[f"uni:{m}@{ds['uni_eps']}"] = robust(model, meta, x, y, ds["uni_eps"], args.steps, [m])
+        for eps in ds["uni_eps"]:
+            row[f"uni:{m}@{eps}"] = robust(model, meta, x, y, eps, args.steps, [m])
     crmt = fit.metrics.get("crmt")
     if crmt:
         chosen = crmt["step2"]["selected"] if crmt.get("kept") == "step2" else crmt["step1"]
@@ -137,22 +139,19 @@ def print_summary(summary: list[dict[str, Any]]) -> None:
     for dataset in dict.fromkeys(s["dataset"] for s in summary):
         group = [s for s in summary if s["dataset"] == dataset]
         attack_keys = [k for k, v in group[0].items() if isinstance(v, dict)]
-        cols = ["method", "n", "clean"] + [f"{k} worst (ce/cw)" for k in attack_keys] + ["gap", "|logit|", "val radius"]
+        uni_eps = sorted({k.split("@")[1] for k in attack_keys if k.startswith("uni:")}, key=float)
+        cols = ["method", "n", "clean"] + [f"{k} worst (ce/cw)" for k in attack_keys]
+        cols += [f"gap@{e}" for e in uni_eps] + ["|logit|", "val radius"]
         rows = []
         for s in group:
-            uni = [s[k]["worst"] for k in attack_keys if k.startswith("uni:")]
+            gaps = []
+            for e in uni_eps:
+                uni = [s[k]["worst"] for k in attack_keys if k.startswith("uni:") and k.endswith(f"@{e}")]
+                gaps.append(f"{max(uni) - min(uni):.3f}")
             cells = [f"{s[k]['worst']:.3f} ({s[k]['ce']:.3f}/{s[k]['cw']:.3f})" for k in attack_keys]
             radius = f"{s['val_mean_radius']:.3f}" if "val_mean_radius" in s else "-"
             rows.append(
-                [
-                    s["method"],
-                    str(s["seeds"]),
-                    f"{s['clean']:.3f}",
-                    *cells,
-                    f"{max(uni) - min(uni):.3f}",
-                    f"{s['mean_abs_logit']:.1f}",
-                    radius,
-                ]
+                [s["method"], str(s["seeds"]), f"{s['clean']:.3f}", *cells, *gaps, f"{s['mean_abs_logit']:.1f}", radius]
             )
         print_table(f"CRMT comparison on {dataset} (mean over seeds)", cols, rows)
         print(f"\n{dataset}\n\n" + md_table(cols, rows) + "\n", flush=True)
@@ -172,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="PGD steps (step 2.5 eps / steps, random start)")
     p.add_argument("--out", default="benchmarks/results/crmt_compare.json")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--runs", default="", help="if given, save every run folder under it (for later evaluation)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
