@@ -221,18 +221,20 @@ class CRMTBase(Strategy):
         model, o = trainer.model, self.options
         head = model.head
         model.eval()
-        n_tau = o.lipschitz_samples or None
         bundle = trainer.bundle
+        n_tau = min(o.lipschitz_samples or len(bundle.train), len(bundle.train))
+        # a seeded random subset, not the first samples: a user's folder dataset may be sorted by class
+        pick = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(trainer.cfg.train.seed))
         tau = empirical_lipschitz(
-            model, bundle.train, {m: head.basis(m).detach() for m in model.modalities},
-            batch_size=64, max_samples=n_tau, device=trainer.device,
+            model, bundle.train.subset(pick[:n_tau]), {m: head.basis(m).detach() for m in model.modalities},
+            batch_size=64, device=trainer.device,
         )  # fmt: skip
         tau = {m: t.to(trainer.device) for m, t in tau.items()}
         val_scores, val_labels = raw_scores_of(model, bundle.val, trainer.device)
         a0 = {m: p.detach().clone() for m, p in head.a.items()}
         step1 = _summary(val_scores, a0, head.bias.detach(), val_labels, tau)
         record: dict[str, Any] = {
-            "tau_estimator": f"empirical (max local gradient norm over {n_tau or len(bundle.train)} training samples)",
+            "tau_estimator": f"empirical (max local gradient norm over {n_tau} random training samples)",
             "tau": {m: t.tolist() for m, t in tau.items()},
             "step1": step1,
             "modality_weights_step1": {m: v.tolist() for m, v in a0.items()},
