@@ -19,6 +19,7 @@ class FGM(Attack):
     gradient of the loss; the l-inf version (``fgsm``) steps along its sign."""
 
     name = "fgm"
+    rescore = False
 
     def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, grad, _ = self.loss_and_grad(packed, packed.x0, labels)
@@ -47,6 +48,8 @@ class PGD(Attack):
     steps or restarts never report a higher accuracy. The first restart starts at the clean input
     unless ``random_start``; later restarts always start at a random point.
     """
+
+    rescore = False
 
     def __init__(
         self,
