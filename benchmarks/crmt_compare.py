@@ -90,28 +90,66 @@ def run_cell(dataset: str, method: str, seed: int, args: argparse.Namespace) -> 
     t0 = time.perf_counter()
     fit = train(cfg, out=Path(args.runs) / dataset / method / str(seed) if args.runs else None)
     train_s = time.perf_counter() - t0
-    model, meta = fit.model.eval(), fit.bundle.meta
-    x, y = fit.bundle.test.take(slice(0, args.n_eval or ds["n_eval"]))
+    row = {
+        "dataset": dataset,
+        "method": method + args.tag,
+        "seed": seed,
+        "epochs": cfg.train.epochs,
+        "train_s": train_s,
+    }
+    row["options"] = cfg.train.method_options
+    return {**row, **evaluate(fit.model, fit.bundle, fit.metrics, ds, args)}
+
+
+def evaluate(
+    model: torch.nn.Module, bundle: Any, metrics: dict[str, Any], ds: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Clean, joint and per-modality worst-case PGD accuracy, mean |logit|, on the first test samples."""
+    t0 = time.perf_counter()
+    model, meta = model.eval(), bundle.meta
+    x, y = bundle.test.take(slice(0, args.n_eval or ds["n_eval"]))
     with torch.no_grad():
         logits = model(x)
     row: dict[str, Any] = {
-        "dataset": dataset, "method": method, "seed": seed, "epochs": cfg.train.epochs, "train_s": train_s,
         "n_eval": len(y), "clean": float((logits.argmax(1) == y).float().mean()),
-        "mean_abs_logit": float(logits.abs().mean()), "val_accuracy": fit.metrics["val_accuracy"],
-        "options": cfg.train.method_options,
+        "mean_abs_logit": float(logits.abs().mean()), "val_accuracy": metrics["val_accuracy"],
     }  # fmt: skip
     for eps in ds["eps"]:
         row[f"joint@{eps}"] = robust(model, meta, x, y, eps, args.steps, None)
     for m in meta.modality_names:
         for eps in ds["uni_eps"]:
             row[f"uni:{m}@{eps}"] = robust(model, meta, x, y, eps, args.steps, [m])
-    crmt = fit.metrics.get("crmt")
+    crmt = metrics.get("crmt")
     if crmt:
         chosen = crmt["step2"]["selected"] if crmt.get("kept") == "step2" else crmt["step1"]
         row["val_mean_radius"] = chosen["val_mean_radius"]
         row["step2_kept"] = crmt.get("kept")
-    row["eval_s"] = time.perf_counter() - t0 - train_s
+    row["eval_s"] = time.perf_counter() - t0
     return row
+
+
+def redo_step2(dataset: str, method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Re-run step 2 (current code) on a saved run from its recorded step-1 weights, then evaluate."""
+    from types import SimpleNamespace
+
+    from mmrobust.runs import load_run
+    from mmrobust.training.engine import make_strategy
+
+    run = load_run(Path(args.runs) / dataset / method / str(seed))
+    bundle = run.data()
+    with torch.no_grad():
+        for m, p in run.model.head.a.items():
+            p.copy_(torch.tensor(run.metrics["crmt"]["modality_weights_step1"][m]))
+    strategy = make_strategy(run.config, bundle)
+    t0 = time.perf_counter()
+    extra = strategy.after_training(SimpleNamespace(model=run.model, bundle=bundle, device="cpu", cfg=run.config))
+    metrics = {**run.metrics, **extra}
+    metrics["val_accuracy"] = float((run.model.eval()(bundle.val.inputs).argmax(1) == bundle.val.labels).float().mean())
+    row = {"dataset": dataset, "method": method + args.tag, "seed": seed, "epochs": run.config.train.epochs}
+    row.update(
+        train_s=time.perf_counter() - t0, options=run.config.train.method_options, reason=extra["crmt"]["reason"]
+    )
+    return {**row, **evaluate(run.model, bundle, metrics, DATASETS[dataset], args)}
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,9 +168,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _order(method: str) -> int:
-    base = method.removesuffix("-norm")
-    return METHODS.index(base) * 2 + method.endswith("-norm") if base in METHODS else 99
+def _order(method: str) -> tuple[int, str]:
+    tag = method.split("+", 1)[1] if "+" in method else ""
+    base = method.split("+", 1)[0]
+    core = base.removesuffix("-norm")
+    return (METHODS.index(core) * 2 + base.endswith("-norm") if core in METHODS else 99, tag)
 
 
 def print_summary(summary: list[dict[str, Any]]) -> None:
@@ -171,19 +211,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="PGD steps (step 2.5 eps / steps, random start)")
     p.add_argument("--out", default="benchmarks/results/crmt_compare.json")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--tag", default="", help="suffix for the method names in the rows (e.g. '+check')")
+    p.add_argument("--redo-step2", action="store_true", help="re-run step 2 on the saved runs under --runs")
+    p.add_argument("--show", nargs="*", help="only print the summary of these result files (merged)")
     p.add_argument("--runs", default="", help="if given, save every run folder under it (for later evaluation)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.show:
+        print_summary(summarise([r for f in args.show for r in read_json(f)["runs"]]))
+        return 0
     out = Path(args.out)
     rows: list[dict[str, Any]] = read_json(out)["runs"] if args.resume and out.is_file() else []
     done = {(r["dataset"], r["method"], r["seed"]) for r in rows}
     for dataset in args.datasets.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             for method in args.methods.split(","):
-                if (dataset, method, seed) in done:
+                if (dataset, method + args.tag, seed) in done:
                     continue
-                row = run_cell(dataset, method, seed, args)
+                row = (redo_step2 if args.redo_step2 else run_cell)(dataset, method, seed, args)
                 rows.append(row)
                 print(
                     f"{dataset} {method} seed {seed}: clean {row['clean']:.3f}  train {row['train_s']:.0f}s eval {row['eval_s']:.0f}s",

@@ -103,6 +103,8 @@ class Step2Options:
     step2_weight_decay: float = 0.0
     step2_max_acc_drop: float = 0.01  # largest validation-accuracy loss step 2 may cost
     lipschitz_samples: int = 512  # training samples for the empirical tau (0 = all)
+    step2_attack_check: bool = True  # ours: also require validation CW-PGD accuracy not to drop
+    step2_check_steps: int = 10
 
 
 @dataclass
@@ -271,7 +273,8 @@ class CRMTBase(Strategy):
         gen = torch.Generator().manual_seed(trainer.cfg.train.seed + 7919)
         bias = head.bias.detach()
         floor = step1["val_accuracy"] - o.step2_max_acc_drop
-        best_crit, best_epoch, best_a = step1["val_mean_radius"], 0, {m: p.detach().clone() for m, p in head.a.items()}
+        history_a0 = {m: p.detach().clone() for m, p in head.a.items()}
+        best_crit, best_epoch, best_a = step1["val_mean_radius"], 0, history_a0
         history = []
         n, bs = len(train_labels), trainer.cfg.train.batch_size
         try:
@@ -301,14 +304,23 @@ class CRMTBase(Strategy):
         finally:
             for n_, p in model.named_parameters():
                 p.requires_grad_(flags[n_])
-        with torch.no_grad():
-            for m, p in head.a.items():
-                p.copy_(best_a[m])
+        a_step1 = {m: v.clone() for m, v in history_a0.items()}
+        check = None
+        if best_epoch and o.step2_attack_check:
+            check = self._attack_check(trainer, tau, val_scores, val_labels, a_step1, best_a)
         if best_epoch == 0:
             kept = "step1"
             reason = (
                 f"no step-2 epoch raised the validation mean certified radius ({step1['val_mean_radius']:.4f}) "
                 f"with validation accuracy >= {floor:.4f}"
+            )
+        elif check is not None and check["step2"] < check["step1"]:
+            kept = "step1"
+            reason = (
+                f"step-2 epoch {best_epoch} raised the validation mean certified radius from "
+                f"{step1['val_mean_radius']:.4f} to {best_crit:.4f}, but lowered validation CW-PGD accuracy at "
+                f"eps {check['eps']:.3f} from {check['step1']:.4f} to {check['step2']:.4f}: the empirical tau "
+                f"overstates the gain"
             )
         else:
             kept = "step2"
@@ -316,8 +328,52 @@ class CRMTBase(Strategy):
                 f"step-2 epoch {best_epoch} raised the validation mean certified radius from "
                 f"{step1['val_mean_radius']:.4f} to {best_crit:.4f} with validation accuracy >= {floor:.4f}"
             )
-        best = history[best_epoch - 1] if best_epoch else None
-        return {"best_epoch": best_epoch, "selected": best, "history": history}, kept, reason
+            if check is not None:
+                reason += f" and CW-PGD accuracy at eps {check['eps']:.3f} {check['step1']:.4f} -> {check['step2']:.4f}"
+        final = best_a if kept == "step2" else a_step1
+        with torch.no_grad():
+            for m, p in head.a.items():
+                p.copy_(final[m])
+        best = history[best_epoch - 1] if best_epoch and kept == "step2" else None
+        out = {"best_epoch": best_epoch if kept == "step2" else 0, "candidate_epoch": best_epoch, "selected": best}
+        return {**out, "attack_check": check, "history": history}, kept, reason
+
+    def _attack_check(
+        self,
+        trainer: Trainer,
+        tau: dict[str, torch.Tensor],
+        val_scores: dict[str, torch.Tensor],
+        val_labels: torch.Tensor,
+        a_step1: dict[str, torch.Tensor],
+        a_step2: dict[str, torch.Tensor],
+    ) -> dict[str, float] | None:
+        """Validation CW-PGD accuracy of both states at eps = step 1's median certified radius.
+
+        The bound uses an *empirical* tau (a max over data points, not an upper bound), so step 2
+        can raise the estimated radius while making the model easier to attack; this check catches
+        it with a real attack at the scale the certificate talks about.
+        """
+        from mmrobust.attacks import PGDL2
+
+        model, head = trainer.model, trainer.model.head
+        bound = orthogonal_bound(val_scores, a_step1, head.bias.detach(), val_labels, tau)
+        pos = bound[bound > 0]
+        if not len(pos):
+            return None
+        eps = float(pos.median())
+        accs = {}
+        for name, a in (("step1", a_step1), ("step2", a_step2)):
+            with torch.no_grad():
+                for m, p in head.a.items():
+                    p.copy_(a[m])
+            attack = PGDL2(model, eps, steps=self.options.step2_check_steps, loss="cw", meta=self.meta, seed=0)
+            correct = 0
+            for inputs, y in iterate_batches(trainer.bundle.val, 256):
+                inputs, y = {k: v.to(trainer.device) for k, v in inputs.items()}, y.to(trainer.device)
+                with torch.no_grad():
+                    correct += int((model(attack(inputs, y)).argmax(1) == y).sum())
+            accs[name] = correct / len(trainer.bundle.val)
+        return {"eps": eps, **accs}
 
 
 @torch.no_grad()
