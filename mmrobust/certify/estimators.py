@@ -55,7 +55,12 @@ def _head_rows(model: LateFusionModel) -> dict[str, tuple[torch.Tensor, torch.Te
 
 @ESTIMATORS.register("empirical")
 def empirical_tau(
-    model: LateFusionModel, meta: DatasetMeta, data: Split, max_samples: int | None = 512, batch_size: int = 64, **_: Any
+    model: LateFusionModel,
+    meta: DatasetMeta,
+    data: Split,
+    max_samples: int | None = 512,
+    batch_size: int = 64,
+    **_: Any,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Max over ``data`` (first ``max_samples``) of per-sample gradient norms of each uni-modal margin."""
     if max_samples is not None:
