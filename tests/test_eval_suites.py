@@ -124,3 +124,5 @@ def test_cli_rejects_bad_options(tiny_run, capsys):
     assert "not a number" in capsys.readouterr().err
     assert main(["evaluate", str(tiny_run), "--suite", "nope"]) == 2
     assert main(["evaluate", str(tiny_run), "--suite", "paper", "--losses", "ce,foo", "--no-progress"]) == 2
+    assert main(["evaluate", str(tiny_run), "--suite", "basic", "--eps", "1"]) == 2
+    assert "--eps does not apply to the 'basic' suite" in capsys.readouterr().err

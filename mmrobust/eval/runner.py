@@ -58,6 +58,7 @@ def evaluate_run(
     from mmrobust.report.robustness import print_eval_table
 
     fn = SUITES.get(suite)
+    _check_options(suite, fn, options)
     run = load_run(path)
     data = run.data().split(split)
     if max_samples is not None:
@@ -76,6 +77,18 @@ def evaluate_run(
     write_json(Path(path) / f"eval_{suite}.json", result)
     write_json(Path(path) / "eval.json", result)
     return result
+
+
+def _check_options(suite: str, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Refuse options the suite would silently ignore (e.g. ``--eps`` with the basic suite)."""
+    import inspect
+
+    accepted = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    common = {"progress", "fill", "batch_size"}  # passed by the CLI to every suite
+    bad = sorted(k for k in options if k not in accepted and k not in common)
+    if bad:
+        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
+        raise ConfigError(f"option {flags} does not apply to the '{suite}' suite")
 
 
 def print_warning(message: str) -> None:
