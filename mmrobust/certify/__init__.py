@@ -1,1 +1,38 @@
-"""Certification: Lipschitz estimates, certified radii, vulnerability indicators."""
+"""Certification: Lipschitz estimates, certified radii, vulnerability indicators.
+
+Public API (loaded lazily so that importing one submodule stays cheap)::
+
+    from mmrobust.certify import certify_run, certify_model, sound_lipschitz, soundness_check
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_API = {
+    "certify_run": "mmrobust.certify.runner",
+    "certify_model": "mmrobust.certify.runner",
+    "load_certify": "mmrobust.certify.runner",
+    "certified_radii": "mmrobust.certify.radius",
+    "certified_accuracy": "mmrobust.certify.radius",
+    "head_lipschitz": "mmrobust.certify.estimators",
+    "ESTIMATORS": "mmrobust.certify.estimators",
+    "sound_lipschitz": "mmrobust.certify.sound",
+    "sound_row_lipschitz": "mmrobust.certify.sound",
+    "conv_operator_bound": "mmrobust.certify.sound",
+    "soundness_check": "mmrobust.certify.soundness",
+    "min_adversarial_norm": "mmrobust.certify.soundness",
+    "empirical_lipschitz": "mmrobust.certify.lipschitz",
+    "score_gradient_norms": "mmrobust.certify.lipschitz",
+    "orthogonal_bound": "mmrobust.certify.bounds",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'mmrobust.certify' has no attribute '{name}'")
+
+
+__all__ = list(_API)
