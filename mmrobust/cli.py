@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmrobust.errors import MMRobustError
+from mmrobust.errors import ConfigError, MMRobustError
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -116,9 +116,18 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mmrobust.demo import run_demo
+    from mmrobust.demo import DemoConfig, run_demo
 
-    run_demo(Path(args.out), epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    cfg = DemoConfig(epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    if args.methods:
+        from mmrobust.training import METHODS
+
+        cfg.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        for m in cfg.methods:
+            METHODS.get(m)  # unknown name -> one-line error before any work
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    run_demo(Path(args.out), cfg=cfg)
     return 0
 
 
@@ -196,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="folder for runs and report.md")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", help="comma-separated methods (default: jt,crmt-jt,crmt-at)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
