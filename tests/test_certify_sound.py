@@ -194,7 +194,7 @@ def test_conv_then_bn_is_fused_into_one_tighter_unit():
     units = chain_units(seq, (2, 8))
     assert len(units) == 1 and units[0].name.endswith("+bn")
     separate = chain_units(nn.Sequential(seq[0]), (2, 8))[0].lip * float(
-        (seq[1].weight / torch.sqrt(seq[1].running_var + seq[1].eps)).abs().max()
+        (seq[1].weight.detach() / torch.sqrt(seq[1].running_var + seq[1].eps)).abs().max()
     )
     assert units[0].lip <= separate * (1 + 1e-6)
 
