@@ -16,6 +16,7 @@ from mmrobust.certify.runner import certify_model
 from mmrobust.certify.soundness import min_adversarial_norm, soundness_check
 from mmrobust.data import DataConfig, load_data
 from mmrobust.data.base import DatasetMeta, ModalitySpec, Split
+from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import LateFusionModel, ModelConfig, build_model
 from mmrobust.models.heads import ConcatHead
 
@@ -256,3 +257,17 @@ def test_cli_certify_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("mmrobust: error:") for line in err)
     with pytest.raises(SystemExit):
         main(["certify", str(tmp_path), "--lipschitz", "guess"])
+
+
+def test_concat_form_on_an_orthogonal_head_is_never_looser_than_theorem_3_5(tiny_bundle):
+    torch.manual_seed(1)
+    model = build_model(tiny_bundle.meta, ModelConfig(head="orthogonal", feature_dim=16))
+    _fit(model, tiny_bundle.train, epochs=20)
+    r35 = certify_model(model, tiny_bundle.meta, tiny_bundle.test, "sound", theorem="3.5")
+    r33 = certify_model(model, tiny_bundle.meta, tiny_bundle.test, "sound", theorem="3.3")
+    assert r35["theorem"].startswith("3.5") and r33["theorem"].startswith("3.3")
+    a, b = torch.tensor(r35["radii"]["joint"]), torch.tensor(r33["radii"]["joint"])
+    assert (b >= a * (1 - 1e-5)).all() and (b > a * 1.01).any()
+    with pytest.raises(ConfigError, match="orthogonal head"):
+        certify_model(build_model(tiny_bundle.meta, ModelConfig(feature_dim=16)), tiny_bundle.meta, tiny_bundle.test,
+                      "sound", theorem="3.5")  # fmt: skip

@@ -18,6 +18,7 @@ from mmrobust.certify.lipschitz import empirical_lipschitz, score_jacobian
 from mmrobust.certify.radius import concat_pair_lipschitz, orthogonal_pair_lipschitz, pair_matrix, pair_rows
 from mmrobust.certify.sound import sound_lipschitz, sound_row_lipschitz
 from mmrobust.data.base import DatasetMeta, Split, iterate_batches
+from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import LateFusionModel
 from mmrobust.models.heads import OrthogonalHead
 from mmrobust.registry import Registry
@@ -41,11 +42,31 @@ class HeadLipschitz:
 ESTIMATORS: Registry[Callable[..., tuple[dict[str, torch.Tensor], dict[str, Any]]]] = Registry("Lipschitz estimator")
 
 
-def _head_rows(model: LateFusionModel) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+THEOREMS = ("auto", "3.3", "3.5")
+
+
+def resolve_theorem(model: LateFusionModel, theorem: str = "auto") -> bool:
+    """Whether to use the orthogonal-head form (Theorem 3.5) for ``model``.
+
+    ``auto``: 3.5 for an orthogonal head, 3.3 otherwise. ``3.3`` works for every additive head (on an
+    orthogonal head it uses ``W = a * W~`` row by row and is never looser than 3.5, since
+    ``||a_y W~_y - a_k W~_k|| = sqrt(a_y^2 + a_k^2) <= |a_y| + |a_k|`` for orthonormal rows).
+    """
+    if theorem not in THEOREMS:
+        raise ConfigError(f"unknown theorem '{theorem}'; choose from: {', '.join(THEOREMS)}")
+    orth = isinstance(model.head, OrthogonalHead)
+    if theorem == "3.5" and not orth:
+        raise ConfigError("Theorem 3.5 needs an orthogonal head (train with a CRMT method or --method ojt); use 3.3")
+    return orth and theorem != "3.3"
+
+
+def _head_rows(
+    model: LateFusionModel, orth: bool
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
     """Per modality: rows whose score Lipschitz constants we need (+ c and pair index for concat)."""
     out = {}
     for m in model.modalities:
-        if isinstance(model.head, OrthogonalHead):
+        if orth:
             out[m] = (model.head.basis(m).detach(), None, None)
         else:
             rows, c, pairs = pair_rows(model.head.modality_weight(m))
@@ -60,13 +81,14 @@ def empirical_tau(
     data: Split,
     max_samples: int | None = 512,
     batch_size: int = 64,
+    orth: bool = False,
     **_: Any,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Max over ``data`` (first ``max_samples``) of per-sample gradient norms of each uni-modal margin."""
     if max_samples is not None:
         data = data.subset(slice(0, max_samples))
     k = meta.num_classes
-    if isinstance(model.head, OrthogonalHead):
+    if orth:
         rows = {m: model.head.basis(m).detach() for m in model.modalities}
         tau = {m: t.double() for m, t in empirical_lipschitz(model, data, rows, batch_size=batch_size).items()}
     else:
@@ -92,10 +114,10 @@ def empirical_tau(
 
 
 @ESTIMATORS.register("sound")
-def sound_tau(model: LateFusionModel, meta: DatasetMeta, data: Split | None = None, **_: Any):
+def sound_tau(model: LateFusionModel, meta: DatasetMeta, data: Split | None = None, orth: bool = False, **_: Any):
     """Guaranteed upper bounds: spectral norms composed through each encoder (row-aware at the end)."""
     tau, enc_lip = {}, {}
-    for m, (rows, _, pairs) in _head_rows(model).items():
+    for m, (rows, _, pairs) in _head_rows(model, orth).items():
         enc = model.encoders[m]
         shape = meta.spec(m).shape
         enc_lip[m] = sound_lipschitz(enc, shape)
@@ -109,18 +131,32 @@ def sound_tau(model: LateFusionModel, meta: DatasetMeta, data: Split | None = No
 
 
 def head_lipschitz(
-    model: LateFusionModel, meta: DatasetMeta, estimator: str, data: Split | None = None, **options: Any
+    model: LateFusionModel,
+    meta: DatasetMeta,
+    estimator: str,
+    data: Split | None = None,
+    theorem: str = "auto",
+    **options: Any,
 ) -> HeadLipschitz:
-    """Run ``estimator`` on ``model`` and turn its ``tau`` into the pair matrices ``L^m[y, k]``."""
+    """Run ``estimator`` on ``model`` and turn its ``tau`` into the pair matrices ``L^m[y, k]``.
+
+    ``theorem``: see :func:`resolve_theorem`.
+    """
     fn = ESTIMATORS.get(estimator)
+    orth = resolve_theorem(model, theorem)
     model.eval()
-    tau, info = fn(model, meta, data, **options)
+    tau, info = fn(model, meta, data, orth=orth, **options)
     pair_lip = {}
     for m in model.modalities:
-        if isinstance(model.head, OrthogonalHead):
+        if orth:
             pair_lip[m] = orthogonal_pair_lipschitz(model.head.a[m], tau[m])
         else:
             _, c, _ = pair_rows(model.head.modality_weight(m))
             pair_lip[m] = concat_pair_lipschitz(c, tau[m])
-    theorem = "3.5 (orthogonal head)" if isinstance(model.head, OrthogonalHead) else "3.3 (concat head)"
-    return HeadLipschitz(estimator, estimator == "sound", theorem, pair_lip, tau, info)
+    if orth:
+        name = "3.5 (orthogonal head)"
+    else:
+        name = "3.3 (concat form" + (
+            ", orthogonal head with W = a * W~)" if isinstance(model.head, OrthogonalHead) else ")"
+        )
+    return HeadLipschitz(estimator, estimator == "sound", name, pair_lip, tau, info)

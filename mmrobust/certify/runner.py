@@ -56,6 +56,7 @@ def certify_model(
     radii: Sequence[float] | None = None,
     batch_size: int = 256,
     max_samples: int | None = 512,
+    theorem: str = "auto",
 ) -> dict[str, Any]:
     """Certify every sample of ``split``; returns the ``certify.json`` entry for this estimator.
 
@@ -70,7 +71,12 @@ def certify_model(
     logits = _logits(model, split, batch_size)
     t1 = time.perf_counter()
     hl = head_lipschitz(
-        model, meta, lipschitz, lipschitz_data if lipschitz_data is not None else split, max_samples=max_samples
+        model,
+        meta,
+        lipschitz,
+        lipschitz_data if lipschitz_data is not None else split,
+        theorem=theorem,
+        max_samples=max_samples,
     )
     t2 = time.perf_counter()
     res = certified_radii(logits, split.labels, hl.pair_lip)
@@ -133,6 +139,7 @@ def certify_run(
     batch_size: int = 256,
     soundness_samples: int = 0,
     attack_steps: int = 50,
+    theorem: str = "auto",
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Certify a run folder's ``split`` with the ``lipschitz`` estimator; writes ``RUN/certify.json``.
@@ -141,17 +148,21 @@ def certify_run(
     (the training split by default, so the test split is never used to fit anything). With
     ``soundness_samples > 0`` the radii of that many samples are attacked
     (:func:`~mmrobust.certify.soundness.soundness_check`) and the violation rates stored.
-    Returns this estimator's entry of ``certify.json``.
+    ``theorem`` (``auto``/``3.3``/``3.5``) picks the bound (see
+    :func:`~mmrobust.certify.estimators.resolve_theorem`); a non-default choice is stored under
+    ``estimators["<lipschitz>@<theorem>"]``. Returns this estimator's entry of ``certify.json``.
     """
-    from mmrobust.certify.estimators import ESTIMATORS
+    from mmrobust.certify.estimators import ESTIMATORS, THEOREMS
     from mmrobust.runs import load_run
 
-    ESTIMATORS.get(lipschitz)  # unknown name -> ConfigError before any work
+    ESTIMATORS.get(lipschitz)  # unknown names -> ConfigError before any work
+    if theorem not in THEOREMS:
+        raise ConfigError(f"unknown theorem '{theorem}'; choose from: {', '.join(THEOREMS)}")
     run = load_run(path)
     bundle = run.data()
     data = bundle.split(split)
     result = certify_model(
-        run.model, run.meta, data, lipschitz, bundle.split(lipschitz_split), radii, batch_size, max_samples
+        run.model, run.meta, data, lipschitz, bundle.split(lipschitz_split), radii, batch_size, max_samples, theorem
     )
     result["split"] = split
     if soundness_samples > 0:
@@ -162,6 +173,7 @@ def certify_run(
         )
     result["lipschitz"]["info"]["data_split"] = lipschitz_split if lipschitz == "empirical" else None
     target = Path(path) / CERTIFY_FILE
+    key = lipschitz if theorem == "auto" else f"{lipschitz}@{theorem}"  # one entry per estimator/theorem
     doc: dict[str, Any] = {}
     if target.is_file():
         try:
@@ -173,7 +185,7 @@ def certify_run(
         "head": run.config.model.head,
         "modalities": run.model.modalities,
         "class_names": run.meta.class_names,
-        "estimators": {**doc.get("estimators", {}), lipschitz: result},
+        "estimators": {**doc.get("estimators", {}), key: result},
     }
     write_json(target, doc)
     if not quiet:
