@@ -111,6 +111,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         args.run, lipschitz=args.lipschitz, split=args.split, radii=radii, lipschitz_split=args.lipschitz_split,
         max_samples=args.lipschitz_samples, batch_size=args.batch_size, soundness_samples=args.check_soundness,
         attack_steps=args.attack_steps,
+        theorem=args.theorem,
     )  # fmt: skip
     return 0
 
@@ -198,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="attack the certified balls of the first N samples and report violations",
     )
     p.add_argument("--attack-steps", type=int, default=50, help="PGD steps of the soundness check")
+    p.add_argument(
+        "--theorem",
+        default="auto",
+        choices=["auto", "3.3", "3.5"],
+        help="auto: 3.5 for an orthogonal head, else 3.3; 3.3 also works (tighter) on orthogonal heads",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_certify)
 
