@@ -387,7 +387,9 @@ def _vjp(fn: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple[int, ...], 
     return g
 
 
-def sound_row_lipschitz(module: nn.Module, input_shape: tuple[int, ...], rows: torch.Tensor) -> torch.Tensor:
+def sound_row_lipschitz(
+    module: nn.Module, input_shape: tuple[int, ...], rows: torch.Tensor, units: list[Unit] | None = None
+) -> torch.Tensor:
     """Guaranteed upper bound on the Lipschitz constant of ``x -> rows_r . module(x)`` per row, ``(R,)``.
 
     Always ``<= ||rows_r|| * sound_lipschitz(module)`` (that is the first candidate). Tighter: walk
@@ -397,11 +399,12 @@ def sound_row_lipschitz(module: nn.Module, input_shape: tuple[int, ...], rows: t
     ``|D u| <= |u|``, and ``|A^T u| <= |A|^T |u|``). At any point the gradient is
     ``J_prefix^T u``, so ``||grad|| <= Lip(prefix) * ||v||``; we take the smallest candidate.
     The walk stops at a max-pool, residual block or unknown unit (the spectral product covers it).
+    ``units`` (from :func:`chain_units`, eval mode) saves recomputing the per-layer bounds.
     """
     was_training = module.training
     module.eval()
     try:
-        units = chain_units(module, input_shape)
+        units = units if units is not None else chain_units(module, input_shape)
         prefix = [1.0]
         for u in units:
             prefix.append(prefix[-1] * u.lip)
