@@ -21,7 +21,7 @@ def plot_certified_accuracy(
     """Certified accuracy vs l2 radius, one panel per threat (joint, each modality alone).
 
     ``results`` maps a legend label (e.g. ``"JT (sound)"``) to a ``certify.json`` estimator entry.
-    Entries from the empirical estimator are drawn dashed and labelled as estimates.
+    Entries that are not guarantees (empirical estimator) are drawn dashed; the legend says so.
     """
     if not results:
         raise ConfigError("plot_certified_accuracy: nothing to plot")
@@ -41,15 +41,16 @@ def plot_certified_accuracy(
             if ys is None:
                 continue
             sound = bool(entry.get("guarantee"))
-            name = label if sound else f"{label} (estimate)"
-            ax.plot(ca["radii"], ys, marker="o", ms=3, ls="-" if sound else "--", label=name)
+            ax.plot(ca["radii"], ys, marker="o", ms=3, ls="-" if sound else "--", label=label)
         ax.set_xscale("symlog", linthresh=linthresh)
         ax.set(xlabel="l2 radius", title="joint perturbation" if panel == "joint" else f"{panel} only", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("certified accuracy")
-    axes[-1].legend(fontsize=8)
+    axes[-1].legend(
+        fontsize=8, title="solid: sound bound (guarantee)\ndashed: estimate, not a guarantee", title_fontsize=7
+    )
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.03)
     return save_figure(fig, path)
 
 
