@@ -169,11 +169,12 @@ def soundness_check(
                 ok, norms = _attack_at(model, sub, labels[idx], eps, mods, steps, restarts, seed=li, loss=loss)
                 hit |= ok & (norms < r[idx])
             viol[sl.start + idx] = hit
+        checked = int((torch.isfinite(rad) & (rad > 0)).sum())
         entry: dict[str, Any] = {
             "modalities": mods,
-            "checked": int((torch.isfinite(rad) & (rad > 0)).sum()),
+            "checked": checked,  # correctly classified samples with a finite radius
             "violations": int(viol.sum()),
-            "violation_rate": float(viol.double().mean()),
+            "violation_rate": int(viol.sum()) / checked if checked else 0.0,
         }
         if min_norm_samples > 0:
             k = min(min_norm_samples, n)
