@@ -18,7 +18,8 @@ ROW_KEYS = {"attack", "loss", "modalities", "budget", "eps", "steps", "accuracy"
 def paper_eval(tiny_run, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("paper") / "jt"
     shutil.copytree(tiny_run, run_dir)
-    rc = main(["evaluate", str(run_dir), "--suite", "paper", "--steps", "4", "--eps", "0.5,2", "--no-progress"])
+    rc = main(["evaluate", str(run_dir), "--suite", "paper", "--steps", "4", "--eps", "0.5,2", "--max-samples", "80",
+               "--no-progress"])  # fmt: skip
     assert rc == 0
     return json.loads((run_dir / "eval.json").read_text()), run_dir
 
@@ -73,7 +74,7 @@ def test_masked_model_is_flagged(tiny_run, tmp_path, capsys):
             state[k] = state[k] * 1000.0
     save_tensors(run_dir / "model.safetensors", state)
     rc = main(["evaluate", str(run_dir), "--suite", "paper", "--steps", "4", "--eps", "2", "--unimodal-eps", "2",
-               "--no-progress"])  # fmt: skip
+               "--max-samples", "80", "--no-progress"])  # fmt: skip
     assert rc == 0
     ev = json.loads((run_dir / "eval.json").read_text())
     masking = [w for w in ev["warnings"] if "gradient masking" in w]
@@ -89,7 +90,22 @@ def test_curves_suite_and_plot(tiny_run, tmp_path):
     run_dir = tmp_path / "curves"
     shutil.copytree(tiny_run, run_dir)
     assert (
-        main(["evaluate", str(run_dir), "--suite", "curves", "--eps", "0.5,1.5", "--steps", "3", "--no-progress"]) == 0
+        main(
+            [
+                "evaluate",
+                str(run_dir),
+                "--suite",
+                "curves",
+                "--eps",
+                "0.5,1.5",
+                "--steps",
+                "3",
+                "--max-samples",
+                "80",
+                "--no-progress",
+            ]
+        )
+        == 0
     )
     ev = json.loads((run_dir / "eval.json").read_text())
     cur = ev["curves"]

@@ -31,7 +31,7 @@ def _to_image(split: Split, lo: torch.Tensor, hi: torch.Tensor) -> Split:
 def setup():
     from mmrobust.training import train
 
-    raw = load_data(DataConfig("synthetic", 1, {"n_train": "400", "n_val": "100", "n_test": "400", "dim": "16",
+    raw = load_data(DataConfig("synthetic", 1, {"n_train": "400", "n_val": "100", "n_test": "300", "dim": "16",
                                                 "classes": "4", "signal": "3.0,0.5"}))  # fmt: skip
     lo, hi = raw.train.inputs["strong"].min(0).values, raw.train.inputs["strong"].max(0).values
     meta = DatasetMeta(
