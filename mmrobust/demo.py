@@ -25,7 +25,7 @@ from mmrobust.report.robustness import paper_suite_markdown, plot_robustness_cur
 from mmrobust.runs import load_run
 from mmrobust.training import train
 
-CERTIFY_RADII = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+CERTIFY_RADII = (0.0, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 2.0)
 
 
 @dataclass
