@@ -9,7 +9,7 @@ def test_demo_writes_a_complete_report(tmp_path):
     cfg = DemoConfig(
         epochs=1, data=DataConfig("synthetic", 0, dict(TINY)), methods=("jt", "crmt-jt"),
         joint_eps=(0.5,), unimodal_eps=(1.0,), attack_steps=2, curve_eps=(0.0, 1.0),
-        certify_samples=40, eval_samples=40, progress=False,
+        lipschitz_samples=40, eval_samples=40, progress=False,
     )  # fmt: skip
     report = run_demo(tmp_path, cfg=cfg)
     text = report.read_text()
