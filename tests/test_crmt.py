@@ -120,7 +120,8 @@ def test_normalized_margin_is_invariant_to_feature_scale(tiny_bundle):
     torch.manual_seed(0)
     model = build_model(tiny_bundle.meta, ModelConfig("orthogonal", 16))
     x, y = tiny_bundle.train.take(slice(0, 16))
-    feats = model.encode(x)
+    with torch.no_grad():
+        feats = model.encode(x)
     vals = []
     for c in (1.0, 50.0):
         scaled = {m: c * f for m, f in feats.items()}
