@@ -23,14 +23,6 @@ from mmrobust.models.heads import ConcatHead
 from .conftest import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _linear_model(seed: int = 0) -> tuple[LateFusionModel, DatasetMeta]:
     torch.manual_seed(seed)
     meta = DatasetMeta("lin", [ModalitySpec("a", "vector", (5,)), ModalitySpec("b", "vector", (3,))], ["0", "1", "2"])

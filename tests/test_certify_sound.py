@@ -18,15 +18,6 @@ from mmrobust.errors import ConfigError
 from mmrobust.models.encoders import BasicBlock, MLPEncoder, ResNet18, SmallCNN, TemporalCNN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small batched LAPACK calls are ~100x slower with 2 threads on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _dense(module: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     """The exact matrix of an affine module's linear part (tiny shapes only)."""
     d = int(torch.tensor(shape).prod())
