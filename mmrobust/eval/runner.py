@@ -6,12 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmrobust.data.base import Split
 from mmrobust.errors import ConfigError
-from mmrobust.eval.basic import evaluate_basic
 from mmrobust.io import write_json
 from mmrobust.registry import Registry
-from mmrobust.runs import Run, load_run
+from mmrobust.runs import load_run
 
 #: name -> ``suite(run, split, **options) -> eval dict`` (the eval.json content)
 SUITES: Registry[Callable[..., dict[str, Any]]] = Registry("evaluation suite")
@@ -38,13 +36,6 @@ def worst_case(results: list[dict[str, Any]]) -> dict[str, Any]:
         "by_attack": by_attack,
         "by_setting": list(settings.values()),
     }
-
-
-@SUITES.register("basic")
-def basic_suite(run: Run, split: Split, fill: str = "zero", batch_size: int = 256, **_: Any) -> dict[str, Any]:
-    """Clean accuracy and accuracy with each modality missing."""
-    res = evaluate_basic(run.model, split, run.meta.num_classes, fill=fill, batch_size=batch_size)
-    return {**res, "worst_case": worst_case(res["results"]), "warnings": []}
 
 
 def evaluate_run(
@@ -97,5 +88,5 @@ def print_warning(message: str) -> None:
     console.print(f"warning: {message}", style="yellow", markup=False)
 
 
-# the robustness suites register themselves in SUITES on import
+# the suites (basic, paper, curves, autoattack) register themselves in SUITES on import
 from mmrobust.eval import suites as _suites  # noqa: E402, F401

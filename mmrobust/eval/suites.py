@@ -126,6 +126,14 @@ def _eps_positive(eps: dict[str, float]) -> bool:
     return any(v > 0 for v in eps.values())
 
 
+@SUITES.register("basic")
+def basic_suite(run: Run, split: Split, *, fill: str = "zero", batch_size: int = 256, **_: Any) -> dict[str, Any]:
+    """Clean accuracy and accuracy with each modality missing."""
+    ev = _Evaluator(run, split, batch_size, seed=0)
+    results = [ev.missing([m], fill) for m in run.meta.modality_names]
+    return ev.finish(results, {"fill": fill}, check_masking=False)
+
+
 @SUITES.register("paper")
 def paper_suite(
     run: Run,
