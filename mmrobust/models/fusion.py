@@ -55,8 +55,7 @@ class LateFusionModel(nn.Module):
         if not return_all:
             return self.head(feats)
         scores = self.head.scores(feats)
-        logits = torch.stack(list(scores.values())).sum(0) + self.head.bias
-        return {"logits": logits, "features": feats, "scores": scores}
+        return {"logits": self.head.combine(scores), "features": feats, "scores": scores}
 
 
 def build_model(meta: DatasetMeta, cfg: ModelConfig | None = None) -> LateFusionModel:

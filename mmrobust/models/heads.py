@@ -28,8 +28,12 @@ class FusionHead(nn.Module):
         """The effective ``(K, d_m)`` matrix ``W^(m)`` with ``scores[m] = phi_m @ W^(m).T``."""
         raise NotImplementedError
 
+    def combine(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fused logits from per-modality scores: ``sum_m scores[m] + bias``."""
+        return torch.stack(list(scores.values())).sum(0) + self.bias
+
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack(list(self.scores(feats).values())).sum(0) + self.bias
+        return self.combine(self.scores(feats))
 
 
 @HEADS.register("concat")
