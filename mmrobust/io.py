@@ -49,7 +49,10 @@ def _json_default(obj: Any) -> Any:
 
 
 def _clean_floats(obj: Any) -> Any:
-    # JSON has no NaN/inf; write null so other tools can parse our files.
+    # JSON has no NaN/inf; write null so other tools can parse our files. Tensors are unpacked
+    # first so that non-finite values inside them are caught too.
+    if isinstance(obj, torch.Tensor):
+        obj = obj.tolist()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):

@@ -94,3 +94,8 @@ def test_torchrun_two_processes_equals_one(tmp_path):
     for (k, a), b in zip(ddp.model.state_dict().items(), single.model.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-4), k
     assert ddp.metrics["test_accuracy"] == pytest.approx(single.metrics["test_accuracy"], abs=1 / 120)
+
+
+def test_write_json_turns_non_finite_values_into_null_inside_tensors_too(tmp_path):
+    write_json(tmp_path / "x.json", {"t": torch.tensor([1.0, float("nan")]), "f": float("inf")})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"t": [1.0, None], "f": None}

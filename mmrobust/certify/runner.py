@@ -33,7 +33,7 @@ def _logits(model: LateFusionModel, split: Split, batch_size: int) -> torch.Tens
 
 
 def _plain(obj: Any) -> Any:
-    """Tensors -> nested lists (so ``write_json`` can turn NaN/inf into null), recursively."""
+    """Tensors -> nested lists, recursively: callers (reports, tables) get plain Python values."""
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if isinstance(obj, dict):
