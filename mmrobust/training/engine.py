@@ -88,20 +88,21 @@ class Trainer:
         self.model = build_model(self.bundle.meta, cfg.model).to(self.device)
         self.history: list[dict[str, Any]] = []
 
-    def evaluate_split(self, split_name: str, model: nn.Module | None = None) -> float:
+    def evaluate_split(self, split_name: str) -> float:
         split = self.bundle.split(split_name)
-        preds = predict(model or self.model, split, device=self.device)
-        return accuracy(preds, split.labels)
+        return accuracy(predict(self.model, split, device=self.device), split.labels)
 
     @torch.no_grad()
-    def validation_loss(self) -> float:
-        """Mean cross-entropy on the validation split (eval mode): the tie-breaker for selection."""
+    def validate(self) -> tuple[float, float]:
+        """Validation accuracy and mean cross-entropy in one eval-mode pass (the loss breaks ties)."""
         self.model.eval()
-        total = 0.0
+        correct, total = 0, 0.0
         for inputs, labels in iterate_batches(self.bundle.val, 256):
+            labels = labels.to(self.device)
             logits = self.model({k: v.to(self.device) for k, v in inputs.items()})
-            total += float(torch.nn.functional.cross_entropy(logits, labels.to(self.device), reduction="sum"))
-        return total / len(self.bundle.val)
+            correct += int((logits.argmax(1) == labels).sum())
+            total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        return correct / len(self.bundle.val), total / len(self.bundle.val)
 
     def _train_epoch(
         self, epoch: int, opt: torch.optim.Optimizer, bar: Any, task: Any, gen: torch.Generator
@@ -151,7 +152,7 @@ class Trainer:
                 lr = opt.param_groups[0]["lr"]
                 if sched is not None:
                     sched.step()
-                val_acc, val_loss = self.evaluate_split("val"), self.validation_loss()
+                val_acc, val_loss = self.validate()
                 row = {
                     "epoch": epoch + 1,
                     **stats,
