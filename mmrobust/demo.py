@@ -61,9 +61,9 @@ def _train_all(cfg: DemoConfig, out: Path, bundle: Any) -> dict[str, dict[str, A
     return metrics
 
 
-def run_demo(out: Path, epochs: int = 8, seed: int = 0, progress: bool = True, cfg: DemoConfig | None = None) -> Path:
-    """Run the whole demo into ``out`` and return the path of ``report.md``."""
-    cfg = cfg or DemoConfig(epochs=epochs, seed=seed, progress=progress)
+def run_demo(out: Path, cfg: DemoConfig | None = None) -> Path:
+    """Run the whole demo (``DemoConfig()`` by default) into ``out``; returns the path of ``report.md``."""
+    cfg = cfg or DemoConfig()
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     bundle = load_data(DataConfig(cfg.data.name, cfg.seed, dict(cfg.data.options)))
