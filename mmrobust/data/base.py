@@ -93,12 +93,6 @@ class DatasetMeta:
                 return m
         raise DataError(f"unknown modality '{name}'; this dataset has: {', '.join(self.modality_names)}")
 
-    def check_modalities(self, names: list[str] | tuple[str, ...]) -> list[str]:
-        """Validate a user-supplied list of modality names; returns it as a list."""
-        for n in names:
-            self.spec(n)
-        return list(names)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,

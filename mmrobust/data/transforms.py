@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from mmrobust.data.base import ModalitySpec
-
 _EPS = 1e-6
 
 
@@ -43,7 +41,3 @@ def normalized_range(
         return None
     m, s = float(mean.flatten()[0]), float(std.flatten()[0])
     return ((spec_range[0] - m) / s, (spec_range[1] - m) / s)
-
-
-def with_range(spec: ModalitySpec, valid_range: tuple[float, float] | None) -> ModalitySpec:
-    return ModalitySpec(spec.name, spec.kind, spec.shape, valid_range)

@@ -1,7 +1,7 @@
 """Model zoo: encoders, fusion heads and the late-fusion model."""
 
 from mmrobust.models.encoders import ENCODERS, build_encoder, default_encoder
-from mmrobust.models.fusion import LateFusionModel, ModelConfig, build_model, describe_model
+from mmrobust.models.fusion import LateFusionModel, ModelConfig, build_model
 from mmrobust.models.heads import HEADS, ConcatHead, FusionHead, OrthogonalHead
 
 __all__ = [
@@ -15,5 +15,4 @@ __all__ = [
     "build_encoder",
     "build_model",
     "default_encoder",
-    "describe_model",
 ]

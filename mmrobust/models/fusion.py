@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -10,7 +10,7 @@ from torch import nn
 
 from mmrobust.data.base import Batch, DatasetMeta
 from mmrobust.errors import ConfigError, DataError
-from mmrobust.models.encoders import build_encoder, default_encoder
+from mmrobust.models.encoders import build_encoder
 from mmrobust.models.heads import HEADS, FusionHead
 
 
@@ -21,9 +21,6 @@ class ModelConfig:
     head: str = "concat"
     feature_dim: int = 128
     encoders: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class LateFusionModel(nn.Module):
@@ -70,8 +67,3 @@ def build_model(meta: DatasetMeta, cfg: ModelConfig | None = None) -> LateFusion
     dims = {m: int(e.out_dim) for m, e in encoders.items()}
     head = HEADS.get(cfg.head)(dims, meta.num_classes)
     return LateFusionModel(encoders, head, meta.num_classes)
-
-
-def describe_model(meta: DatasetMeta, cfg: ModelConfig) -> dict[str, str]:
-    """Encoder name per modality, as built (for logs and reports)."""
-    return {s.name: cfg.encoders.get(s.name) or default_encoder(s) for s in meta.modalities}
