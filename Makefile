@@ -22,6 +22,7 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check mmrobust tests benchmarks
 	$(BIN)/ruff format --check mmrobust tests benchmarks
+	$(BIN)/mypy
 
 bench: $(BIN)/.installed
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
