@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mmrobust.attacks.base import ATTACKS, TINY, Attack, BestTracker, Packed
-from mmrobust.attacks.losses import ce_loss, dlr_targeted_loss, margin
+from mmrobust.attacks.losses import ce_loss, dlr_loss, dlr_targeted_loss, margin
 from mmrobust.attacks.projection import project_onto_hyperplane_in_box
 from mmrobust.data.base import DatasetMeta
 from mmrobust.errors import ConfigError
@@ -31,7 +31,10 @@ class _AutoAttack(Attack):
 
     budgets = ("joint",)
     fixed_loss = "ce"
-    min_classes = 2
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.losses = (cls.fixed_loss,)
 
     def __init__(
         self,
@@ -56,7 +59,6 @@ class _AutoAttack(Attack):
             )
         if loss is not None and loss != self.fixed_loss:
             raise ConfigError(f"{self.name}: uses the {self.fixed_loss} loss; loss='{loss}' does not apply")
-        self.losses = (self.fixed_loss,)
         super().__init__(model, eps, norm=norm, loss=self.fixed_loss, modalities=modalities, budget=budget, meta=meta,
                          valid_range=valid_range, seed=seed)  # fmt: skip
         if steps < 1 or restarts < 1:
@@ -153,6 +155,27 @@ class APGDCE(APGD):
         return best.x, best.logits
 
 
+@ATTACKS.register("apgd-dlr")
+class APGDDLR(APGD):
+    """APGD on the untargeted DLR loss (AutoAttack "plus"); needs >= 3 classes."""
+
+    name = "apgd-dlr"
+    default_norm = "linf"
+    fixed_loss = "dlr"
+
+    def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            clean_logits = self.forward(packed, packed.x0)
+        check_applicable(self.name, clean_logits.shape[1], self.targets)
+        best = BestTracker(packed.x0, clean_logits, labels)
+        for _ in range(self.restarts):
+            idx = (~best.broken).nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            self._apgd(packed.take(idx), labels[idx], dlr_loss, best, idx)
+        return best.x, best.logits
+
+
 @ATTACKS.register("apgd-t")
 class APGDT(APGD):
     """APGD on the targeted DLR loss, over the ``targets`` highest-scoring wrong classes."""
@@ -211,7 +234,27 @@ class FABT(_AutoAttack):
                 best.update(found, self.forward(sub, found), idx)
         return best.x, best.logits
 
-    def _fab(self, packed: Packed, labels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _closest_boundary(
+        self, packed: Packed, x: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Untargeted FAB: ``z_k - z_y`` and its gradient for the wrong class ``k`` whose linearised
+        boundary is closest, ``|z_k - z_y| / ||grad||_dual`` (one backward pass per class)."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.forward(packed, x)
+            grads = torch.stack([torch.autograd.grad(logits[:, k].sum(), x, retain_graph=True)[0]
+                                 for k in range(logits.shape[1])], 1)  # fmt: skip
+        logits = logits.detach()
+        f = logits - logits.gather(1, labels[:, None])
+        w = grads - grads[torch.arange(len(labels)), labels][:, None]
+        dual = w.abs().sum(2) if self.norm == "linf" else w.norm(dim=2)
+        dist = f.abs() / (dual + 1e-12)
+        dist[torch.arange(len(labels)), labels] = math.inf
+        k = dist.argmin(1)
+        rows = torch.arange(len(labels))
+        return f[rows, k], w[rows, k]
+
+    def _fab(self, packed: Packed, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         x0 = packed.x0
         lo = packed.lo if packed.lo is not None else torch.full_like(x0, -math.inf)
         hi = packed.hi if packed.hi is not None else torch.full_like(x0, math.inf)
@@ -220,10 +263,12 @@ class FABT(_AutoAttack):
         best_norm = torch.full((x0.shape[0],), math.inf, dtype=x0.dtype, device=x0.device)
 
         def gap(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # > 0 when the target wins
+            assert target is not None
             return logits.gather(1, target[:, None]).squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)
 
         for _ in range(self.steps):
-            f, w, _ = self.loss_and_grad(packed, x, labels, gap)
+            f, w = self._closest_boundary(packed, x, labels) if target is None else self.loss_and_grad(
+                packed, x, labels, gap)[:2]  # fmt: skip
             with torch.no_grad():
                 # the linearised boundary {z: f + w.(z - x) = 0}, reached inside the valid box
                 d_cur = project_onto_hyperplane_in_box(w, -f, lo - x, hi - x, self.norm)
@@ -242,6 +287,24 @@ class FABT(_AutoAttack):
                 x = torch.where(adv[:, None], x0 + (x - x0) * self.beta, x)
         within = best_norm <= packed.eps[0] * (1 + 1e-6)
         return torch.where(within[:, None], x_best, x0)
+
+
+@ATTACKS.register("fab")
+class FAB(FABT):
+    """Untargeted FAB (AutoAttack "plus"): each step heads for the closest linearised boundary."""
+
+    name = "fab"
+
+    def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            best = BestTracker(packed.x0, self.forward(packed, packed.x0), labels)
+        idx = (~best.broken).nonzero().squeeze(1)
+        if len(idx):
+            sub = packed.take(idx)
+            found = self._fab(sub, labels[idx], None)
+            with torch.no_grad():
+                best.update(found, self.forward(sub, found), idx)
+        return best.x, best.logits
 
 
 @ATTACKS.register("square")
