@@ -12,6 +12,7 @@ import yaml
 from mmrobust.data.registry import DataConfig
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import ModelConfig
+from mmrobust.options import build_options
 
 
 @dataclass
@@ -94,37 +95,8 @@ def _build(cls: type, values: Any, where: str) -> Any:
 
 
 def options_dataclass(cls: type, values: dict[str, Any], method: str) -> Any:
-    """Build a method's options dataclass, coercing CLI strings to the declared field types."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        valid = ", ".join(sorted(fields)) or "none"
-        raise ConfigError(f"method '{method}': unknown option(s) {sorted(unknown)}; valid: {valid}")
-    kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = coerce(value, fields[name].type, f"{method}.{name}")
-    return cls(**kwargs)
-
-
-def coerce(value: Any, type_name: Any, what: str) -> Any:
-    """Coerce a CLI string to ``type_name`` (``int``/``float``/``bool``/``str``)."""
-    t = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
-    if not isinstance(value, str):
-        return value
-    try:
-        if t == "int":
-            return int(value)
-        if t == "float":
-            return float(value)
-        if t == "bool":
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-    except ValueError:
-        raise ConfigError(f"option '{what}' expects {t}, got '{value}'") from None
-    return value
+    """Build a method's options dataclass from ``--method-opt`` / YAML values (strict, see :mod:`mmrobust.options`)."""
+    return build_options(cls, values, f"method '{method}'")
 
 
 def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:

@@ -1,0 +1,87 @@
+"""Typed options at the boundary: build an options dataclass from CLI strings, YAML or JSON values.
+
+One strict rule set for every ``KEY=VALUE`` flag and config section: unknown keys are refused
+(the message lists the valid ones), strings are parsed to the declared field type, values of the
+wrong type are refused rather than coerced (``true`` is not an int, ``1.5`` is not an int,
+``flase`` is not a bool), and floats must be finite. Ranges are checked by each dataclass's own
+``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any, TypeVar
+
+from mmrobust.errors import ConfigError
+
+T = TypeVar("T")
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _type_name(declared: Any) -> str:
+    if isinstance(declared, str):
+        return declared.replace(" ", "")
+    return getattr(declared, "__name__", str(declared)).replace(" ", "")
+
+
+def coerce(value: Any, declared: Any, what: str) -> Any:
+    """Return ``value`` as the declared type (``int``, ``float``, ``bool``, ``str``), or raise.
+
+    Strings are parsed; other values must already have the right type (an int is accepted for a
+    float). Types other than these four (e.g. ``str | list[str]``) pass through unchanged for the
+    dataclass to check.
+    """
+    t = _type_name(declared)
+    if t not in ("int", "float", "bool", "str"):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if t == "int":
+                return int(text)
+            if t == "float":
+                out = float(text)
+                if not math.isfinite(out):
+                    raise ConfigError(f"option '{what}' must be a finite number, got '{value}'")
+                return out
+            if t == "bool":
+                if text.lower() in _TRUE:
+                    return True
+                if text.lower() in _FALSE:
+                    return False
+                raise ValueError(text)
+        except ValueError:
+            raise ConfigError(f"option '{what}' expects {t}, got '{value}'") from None
+        return value
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": False,
+    }[t]
+    if not ok:
+        raise ConfigError(f"option '{what}' expects {t}, got {type(value).__name__} {value!r}")
+    if t == "float":
+        if not math.isfinite(value):
+            raise ConfigError(f"option '{what}' must be a finite number, got {value}")
+        return float(value)
+    return value
+
+
+def build_options(cls: type[T], values: dict[str, Any], what: str) -> T:
+    """Instantiate the options dataclass ``cls`` from ``values``, strictly (see module docstring)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what}: options must be a mapping of KEY: VALUE, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "none"
+        raise ConfigError(f"{what}: unknown option(s) {unknown}; valid: {valid}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        name: coerce(value, hints.get(name, fields[name].type), f"{what}.{name}") for name, value in values.items()
+    }
+    return cls(**kwargs)
