@@ -30,6 +30,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu | cuda | auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder (all of it)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
 
 
 def build_run_config(args: argparse.Namespace):  # -> RunConfig
@@ -77,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmrobust.training import train
 
     cfg = build_run_config(args)
-    result = train(cfg, out=args.out)
+    result = train(cfg, out=args.out, force=args.force, resume=args.resume)
     if result.out is not None:
         m = result.metrics
         out.print(
@@ -242,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmrobust: error: training diverged: {exc}; try a lower --lr", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("mmrobust: interrupted", file=sys.stderr)
+        hint = "; continue with the same command plus --resume" if getattr(args, "resume", None) is not None else ""
+        print(f"mmrobust: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -36,7 +36,9 @@ class OptimConfig:
     def validate(self, where: str = "train.optim") -> None:
         check_types(self, where)
         if self.name not in OPTIMIZERS:
-            raise ConfigError(f"option '{where}.name': unknown optimiser '{self.name}'; choose from: {', '.join(OPTIMIZERS)}")
+            raise ConfigError(
+                f"option '{where}.name': unknown optimiser '{self.name}'; choose from: {', '.join(OPTIMIZERS)}"
+            )
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"option '{where}.schedule': unknown schedule '{self.schedule}'; choose from: {', '.join(SCHEDULES)}"

@@ -59,6 +59,13 @@ class Strategy:
         """Return ``(loss, logits)``; logits feed the running train accuracy."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State the strategy carries across epochs (saved in checkpoints for ``--resume``)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
     def after_training(self, trainer: Trainer) -> dict[str, Any]:
         """Hook run once on the selected model after the epochs (e.g. CRMT step 2).
 
