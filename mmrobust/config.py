@@ -93,24 +93,31 @@ def _build(cls: type, values: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def options_dataclass(cls: type, values: dict[str, Any], method: str) -> Any:
-    """Build a method's options dataclass, coercing CLI strings to the declared field types."""
+def options_dataclass(cls: type, values: dict[str, Any], name: str, kind: str = "method") -> Any:
+    """Build the options dataclass of the ``kind`` (method, certifier, ...) called ``name``, coercing
+    CLI strings to the declared field types; an unknown key is refused with the valid ones listed."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(fields)
     if unknown:
         valid = ", ".join(sorted(fields)) or "none"
-        raise ConfigError(f"method '{method}': unknown option(s) {sorted(unknown)}; valid: {valid}")
+        raise ConfigError(f"{kind} '{name}': unknown option(s) {sorted(unknown)}; valid: {valid}")
     kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = coerce(value, fields[name].type, f"{method}.{name}")
+    for key, value in values.items():
+        kwargs[key] = coerce(value, fields[key].type, f"{name}.{key}")
     return cls(**kwargs)
 
 
 def coerce(value: Any, type_name: Any, what: str) -> Any:
-    """Coerce a CLI string to ``type_name`` (``int``/``float``/``bool``/``str``)."""
+    """Coerce a CLI string to ``type_name`` (``int``/``float``/``bool``/``str``, or ``T | None``:
+    the string ``none`` gives None)."""
     t = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
     if not isinstance(value, str):
         return value
+    parts = [p.strip() for p in t.split("|")]
+    if len(parts) == 2 and "None" in parts:
+        if value.lower() == "none":
+            return None
+        t = next(p for p in parts if p != "None")
     try:
         if t == "int":
             return int(value)
