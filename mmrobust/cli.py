@@ -55,6 +55,7 @@ def build_run_config(args: argparse.Namespace):  # -> RunConfig
         cfg.data.seed = args.seed
     if args.no_progress:
         cfg.train.progress = False
+    cfg.validate()
     return cfg
 
 
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="mmrobust", description="Adversarial robustness of multi-modal classifiers.")
     parser.add_argument("--version", action="version", version=f"mmrobust {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("datasets", help="list datasets, training methods and certifiers")
@@ -257,7 +259,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MMRobustError as exc:
+        if args.debug:
+            raise
         print(f"mmrobust: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as exc:
+        # the environment, not a bug: a full disk, a read-only folder, too little memory
+        if args.debug:
+            raise
+        what = "not enough memory" if isinstance(exc, MemoryError) else (exc.strerror or type(exc).__name__)
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"mmrobust: error: {what}{where} (run with --debug for the traceback)", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
         print(f"mmrobust: error: training diverged: {exc}; try a lower --lr", file=sys.stderr)

@@ -12,6 +12,10 @@ import yaml
 from mmrobust.data.registry import DataConfig
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import ModelConfig
+from mmrobust.options import build_options, check_range, check_types
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "step", "none")
 
 
 @dataclass
@@ -25,6 +29,25 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | step | none
     step_size: int = 30
     gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "train.optim") -> None:
+        check_types(self, where)
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(
+                f"option '{where}.name': unknown optimiser '{self.name}'; choose from: {', '.join(OPTIMIZERS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"option '{where}.schedule': unknown schedule '{self.schedule}'; choose from: {', '.join(SCHEDULES)}"
+            )
+        check_range(self.lr, 0, 10, f"{where}.lr", low_open=True)
+        check_range(self.momentum, 0, 1, f"{where}.momentum")
+        check_range(self.weight_decay, 0, 10, f"{where}.weight_decay")
+        check_range(self.step_size, 1, 10**6, f"{where}.step_size")
+        check_range(self.gamma, 0, 1, f"{where}.gamma", low_open=True)
 
 
 @dataclass
@@ -40,12 +63,32 @@ class TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "train") -> None:
+        check_types(self, where)
+        if not isinstance(self.optim, OptimConfig):
+            raise ConfigError(f"option '{where}.optim' must be an optimiser section")
+        self.optim.validate(f"{where}.optim")
+        check_range(self.epochs, 0, 100_000, f"{where}.epochs")
+        check_range(self.batch_size, 1, 2**20, f"{where}.batch_size")
+        check_range(self.seed, 0, 2**63 - 1, f"{where}.seed")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"option '{where}.device' must be cpu, cuda, cuda:N or auto, got '{self.device}'")
+
 
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Check every section again (flags may have changed fields after construction)."""
+        self.data.__post_init__()
+        self.model.__post_init__()
+        self.train.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,45 +136,9 @@ def _build(cls: type, values: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def options_dataclass(cls: type, values: dict[str, Any], name: str, kind: str = "method") -> Any:
-    """Build the options dataclass of the ``kind`` (method, certifier, ...) called ``name``, coercing
-    CLI strings to the declared field types; an unknown key is refused with the valid ones listed."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        valid = ", ".join(sorted(fields)) or "none"
-        raise ConfigError(f"{kind} '{name}': unknown option(s) {sorted(unknown)}; valid: {valid}")
-    kwargs = {}
-    for key, value in values.items():
-        kwargs[key] = coerce(value, fields[key].type, f"{name}.{key}")
-    return cls(**kwargs)
-
-
-def coerce(value: Any, type_name: Any, what: str) -> Any:
-    """Coerce a CLI string to ``type_name`` (``int``/``float``/``bool``/``str``, or ``T | None``:
-    the string ``none`` gives None)."""
-    t = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
-    if not isinstance(value, str):
-        return value
-    parts = [p.strip() for p in t.split("|")]
-    if len(parts) == 2 and "None" in parts:
-        if value.lower() == "none":
-            return None
-        t = next(p for p in parts if p != "None")
-    try:
-        if t == "int":
-            return int(value)
-        if t == "float":
-            return float(value)
-        if t == "bool":
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-    except ValueError:
-        raise ConfigError(f"option '{what}' expects {t}, got '{value}'") from None
-    return value
+def options_dataclass(cls: type, values: dict[str, Any], method: str) -> Any:
+    """Build a method's options dataclass from ``--method-opt`` / YAML values (strict, see :mod:`mmrobust.options`)."""
+    return build_options(cls, values, f"method '{method}'")
 
 
 def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:

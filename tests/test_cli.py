@@ -19,7 +19,10 @@ def _one_line_error(capsys, argv, needle):
     [
         (["train", "--method", "nosuch", "--data", "synthetic", "--out", "x"], "unknown training method 'nosuch'"),
         (["train", "--data", "nosuch", "--out", "x"], "unknown dataset 'nosuch'"),
-        (["train", "--data", "synthetic", "--epochs", "-1", "--out", "x"], "epochs must be >= 0"),
+        (
+            ["train", "--data", "synthetic", "--epochs", "-1", "--out", "x"],
+            "option 'train.epochs' must be in [0, 100000], got -1",
+        ),
         (
             ["train", "--data", "synthetic", "--data-opt", "signal", "--out", "x"],
             "--data-opt 'signal' must look like KEY=VALUE",

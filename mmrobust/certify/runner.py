@@ -18,10 +18,10 @@ import torch
 from mmrobust.certify import load_certifiers
 from mmrobust.certify.base import CERTIFIERS, Certifier, CertifyContext
 from mmrobust.certify.results import DEFAULT_RADII, CertifyResult
-from mmrobust.config import options_dataclass
 from mmrobust.data.base import DatasetMeta, Split
 from mmrobust.errors import ConfigError
 from mmrobust.io import read_json
+from mmrobust.options import build_options
 
 CERTIFY_FILE = "certify.json"
 
@@ -31,7 +31,7 @@ def build_certifier(name: str, options: Mapping[str, Any] | None = None) -> Cert
     coerced to the field types; an unknown key is a one-line error listing the known ones)."""
     load_certifiers()
     cls = CERTIFIERS.get(name)
-    return cls(options_dataclass(cls.Options, dict(options or {}), name, kind="certifier"))
+    return cls(build_options(cls.Options, dict(options or {}), f"certifier '{name}'"))
 
 
 def check_radii(radii: Sequence[float] | None) -> list[float]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mmrobust.data.base import DataBundle, validate_split
-from mmrobust.errors import DataError
+from mmrobust.errors import ConfigError, DataError
 from mmrobust.registry import Registry
 
 #: name -> ``loader(seed, **options) -> DataBundle``
@@ -22,6 +22,14 @@ class DataConfig:
     name: str = "avdigits"
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"data name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer in 0..2^63-1, got {self.seed!r}")
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"data options must be a mapping of KEY: VALUE, got {self.options!r}")
 
 
 def load_data(cfg: DataConfig) -> DataBundle:

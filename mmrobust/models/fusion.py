@@ -12,6 +12,7 @@ from mmrobust.data.base import Batch, DatasetMeta
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.models.encoders import build_encoder
 from mmrobust.models.heads import HEADS, FusionHead
+from mmrobust.options import check_range, check_types
 
 
 @dataclass
@@ -21,6 +22,13 @@ class ModelConfig:
     head: str = "concat"
     feature_dim: int = 128
     encoders: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_types(self, "model")
+        check_range(self.feature_dim, 1, 65_536, "model.feature_dim")
+        for name, enc in self.encoders.items():
+            if not isinstance(enc, str):
+                raise ConfigError(f"option 'model.encoders.{name}' must be an encoder name, got {enc!r}")
 
 
 class LateFusionModel(nn.Module):

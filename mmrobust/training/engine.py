@@ -69,11 +69,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, bundle: DataBundle | None = None) -> None:
+        cfg.validate()  # fields may have been set after construction (CLI flags, Python API)
         t = cfg.train
-        if t.epochs < 0:
-            raise ConfigError(f"epochs must be >= 0, got {t.epochs}")
-        if t.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {t.batch_size}")
         self.cfg = cfg
         self.device = resolve_device(t.device)
         self.dist: DistInfo = setup_distributed(self.device)
