@@ -62,6 +62,8 @@ def build_run_config(args: argparse.Namespace):  # -> RunConfig
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
+    from mmrobust.certify import load_certifiers
+    from mmrobust.certify.base import CERTIFIERS
     from mmrobust.data import DATASETS
     from mmrobust.report.tables import print_table
     from mmrobust.training import METHODS
@@ -71,6 +73,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     print_table("Datasets", ["name", "description"], rows)
     mrows = [(name, (METHODS.get(name).__doc__ or "").strip().splitlines()[0]) for name in METHODS.names()]
     print_table("Training methods", ["method", "description"], mrows)
+    load_certifiers()
+    crows = [(name, CERTIFIERS.get(name).guarantee.value, (CERTIFIERS.get(name).__doc__ or "").strip().splitlines()[0])
+             for name in CERTIFIERS.names()]  # fmt: skip
+    print_table("Certifiers (mmrobust certify --lipschitz NAME)", ["certifier", "guarantee", "description"], crows)
     return 0
 
 
@@ -91,6 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrobust.eval.runner import evaluate_run
+    from mmrobust.report.console import progress_callback
+    from mmrobust.report.robustness import print_eval_table, print_warnings, save_eval
 
     # only flags the user gave are passed on, so each suite keeps its own defaults (e.g. steps)
     options = {
@@ -101,21 +109,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.no_random_start:
         options["random_start"] = False
-    evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill, batch_size=args.batch_size,
-                 progress=not args.no_progress, **options)  # fmt: skip
+    with progress_callback(not args.no_progress) as progress:
+        result = evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill,
+                              batch_size=args.batch_size, progress=progress, **options)  # fmt: skip
+    print_eval_table(result, f"{args.run} — {result.suite} suite on {result.split} ({result.samples} samples)")
+    print_warnings(result.warnings)
+    save_eval(args.run, result)
     return 0
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from mmrobust.certify.runner import certify_run, parse_radii
+    from mmrobust.config import parse_kv
+    from mmrobust.report.certify import save_certify, show_certify
+    from mmrobust.report.console import out
+    from mmrobust.runs import load_run
 
+    options: dict[str, object] = dict(parse_kv(args.cert_opt, "--cert-opt"))
+    # the older flags are shorthands for options of the Lipschitz certifiers
+    for flag, key in (("lipschitz_samples", "max_samples"), ("theorem", "theorem")):
+        value = getattr(args, flag)
+        if value is not None:
+            if key in options:
+                raise ConfigError(f"--{flag.replace('_', '-')} and --cert-opt {key}=... both given; keep one")
+            options[key] = value
     radii = parse_radii(args.radii) if args.radii else None
-    certify_run(
-        args.run, lipschitz=args.lipschitz, split=args.split, radii=radii, lipschitz_split=args.lipschitz_split,
-        max_samples=args.lipschitz_samples, batch_size=args.batch_size, soundness_samples=args.check_soundness,
+    result = certify_run(
+        args.run, certifier=args.lipschitz, options=options, split=args.split, radii=radii,
+        fit_split=args.lipschitz_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
         attack_steps=args.attack_steps,
-        theorem=args.theorem,
     )  # fmt: skip
+    run = load_run(args.run)
+    show_certify(run, result)
+    out.print(f"wrote {save_certify(run, result)}")
     return 0
 
 
@@ -143,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("datasets", help="list datasets and training methods")
+    p = sub.add_parser("datasets", help="list datasets, training methods and certifiers")
     p.set_defaults(func=cmd_datasets)
 
     p = sub.add_parser("train", help="train a multi-modal model")
@@ -183,18 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lipschitz",
         default="empirical",
-        choices=["empirical", "sound"],
-        help="empirical: max gradient norm over data (an estimate, not a guarantee); sound: a true upper bound",
+        metavar="CERTIFIER",
+        help="certifier name (see `mmrobust datasets`); empirical: max gradient norm over data (an estimate, "
+        "not a guarantee); sound: a true upper bound",
     )
+    p.add_argument(
+        "--cert-opt", action="append", metavar="KEY=VALUE",
+        help="option of the chosen certifier (repeatable), e.g. max_samples=256 or theorem=3.3",
+    )  # fmt: skip
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--radii", help="comma-separated l2 radii for certified accuracy (default: 0 .. 5)")
     p.add_argument(
         "--lipschitz-split",
         default="train",
         choices=["train", "val", "test"],
-        help="data the empirical estimator maximises over",
+        help="data a certifier may fit on (the empirical estimator maximises over it)",
     )
-    p.add_argument("--lipschitz-samples", type=int, default=512, help="samples for the empirical estimator")
+    p.add_argument(
+        "--lipschitz-samples", type=int, help="empirical: samples to maximise over (default 512; = max_samples)"
+    )
     p.add_argument(
         "--check-soundness",
         type=int,
@@ -205,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-steps", type=int, default=50, help="PGD steps of the soundness check")
     p.add_argument(
         "--theorem",
-        default="auto",
         choices=["auto", "3.3", "3.5"],
-        help="auto: 3.5 for an orthogonal head, else 3.3; 3.3 also works (tighter) on orthogonal heads",
+        help="empirical/sound: auto (default): 3.5 for an orthogonal head, else 3.3; 3.3 also works (tighter) on "
+        "orthogonal heads",
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_certify)

@@ -28,13 +28,18 @@ def _type_name(declared: Any) -> str:
 
 
 def coerce(value: Any, declared: Any, what: str) -> Any:
-    """Return ``value`` as the declared type (``int``, ``float``, ``bool``, ``str``), or raise.
+    """Return ``value`` as the declared type (``int``, ``float``, ``bool``, ``str``, or one of them
+    ``| None``, where the string ``none`` gives None), or raise.
 
     Strings are parsed; other values must already have the right type (an int is accepted for a
     float). Types other than these four (e.g. ``str | list[str]``) pass through unchanged for the
     dataclass to check.
     """
     t = _type_name(declared)
+    if t.endswith("|None") and t[: -len("|None")] in ("int", "float", "bool", "str"):  # optional: "none" -> None
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            return None
+        t = t[: -len("|None")]
     if t not in ("int", "float", "bool", "str"):
         return value
     if isinstance(value, str):

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from mmrobust.cli import main
+from mmrobust.eval.results import EvalResult
 from mmrobust.io import load_tensors, save_tensors
 from mmrobust.report.robustness import paper_suite_markdown
 from mmrobust.runs import seal_run
@@ -62,7 +63,7 @@ def test_paper_suite_worst_case_over_losses(paper_eval):
     worst = {(k[1], k[2]): v["worst"] for k, v in groups.items() if k[0] == "pgd-l2"}
     assert worst[(("strong", "weak"), 2.0)] <= worst[(("strong", "weak"), 0.5)]
     assert not ev["gradient_masking"]["suspected"]
-    md = paper_suite_markdown({"jt": ev})
+    md = paper_suite_markdown({"jt": EvalResult.from_json(ev)})
     assert "jt CE" in md and "jt worst" in md and "pgd-l2 strong+weak eps 2" in md
 
 
