@@ -270,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         what = "not enough memory" if isinstance(exc, MemoryError) else (exc.strerror or type(exc).__name__)
-        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        filename = getattr(exc, "filename", None)
+        where = f": {filename}" if filename else ""
         print(f"mmrobust: error: {what}{where} (run with --debug for the traceback)", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
