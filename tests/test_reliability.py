@@ -165,6 +165,8 @@ def test_sigterm_keeps_a_checkpoint_and_resume_refuses_changed_settings(tmp_path
     assert "interrupted; continue with the same command plus --resume" in stopped.stderr
     assert "Traceback" not in stopped.stderr
     assert not (tmp_path / ".r.lock").exists()  # released on the way out
+    assert main(["train", *SLOW, "--epochs", "5", "--out", str(out)]) == 2
+    assert "an interrupted run of this folder has a checkpoint; use --resume" in _err_line(capsys)
     assert main(["train", *SLOW, "--epochs", "5", "--lr", "0.01", "--resume", "--out", str(out)]) == 2
     assert "setting 'train.optim.lr' differs from the interrupted run" in _err_line(capsys)
     assert main(["train", *SLOW, "--epochs", "5", "--resume", "--out", str(out)]) == 0
