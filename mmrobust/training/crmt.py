@@ -27,8 +27,10 @@ from torch.nn.utils import parametrize
 from mmrobust.certify.bounds import orthogonal_bound
 from mmrobust.certify.lipschitz import empirical_lipschitz
 from mmrobust.data.base import Batch, Split, iterate_batches
+from mmrobust.training.adversarial import joint_pgd_examples
 from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require
 from mmrobust.training.crmt_step2 import Step2Data, choose_step2, optimise_modality_weights, summarize
+from mmrobust.training.mixup import mixup_batch
 
 if TYPE_CHECKING:
     from mmrobust.training.engine import Trainer
@@ -74,19 +76,6 @@ def normalized_scores(
 ) -> dict[str, torch.Tensor]:
     """Ours: ``temperature * s_k^(m) / ||phi^(m)||`` — a cosine, since ``W~^(m)`` rows are orthonormal."""
     return {m: temperature * s / feats[m].norm(dim=1, keepdim=True).clamp_min(1e-6) for m, s in raw_scores.items()}
-
-
-def mixup_batch(
-    inputs: Batch, labels: torch.Tensor, alpha: float, generator: torch.Generator
-) -> tuple[Batch, torch.Tensor, float]:
-    """One ``lambda ~ Beta(alpha, alpha)`` and one permutation shared by every modality."""
-    perm = torch.randperm(len(labels), generator=generator).to(labels.device)
-    if alpha == 1.0:  # Beta(1, 1) is uniform: draw it from the step's generator
-        lam = float(torch.rand((), generator=generator))
-    else:  # torch's Beta sampler has no generator argument; the global RNG is seeded by the trainer
-        lam = float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
-    mixed = {m: lam * x + (1.0 - lam) * x[perm] for m, x in inputs.items()}
-    return mixed, labels[perm], lam
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,16 +387,12 @@ class CRMTAT(CRMTBase):
     def prepare(
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
     ) -> tuple[Batch, torch.Tensor | None, float]:
-        from mmrobust.attacks import PGDL2
-
         o = self.options
-        # the attack runs the model in eval mode (BN statistics untouched) and restores train mode
-        attack = PGDL2(
-            _unwrap(model), o.at_eps, steps=o.at_steps, rel_step_size=(o.at_step_size / o.at_eps) or None,
-            loss="ce", budget="joint", meta=self.meta, seed=ctx.epoch * 100_003 + ctx.step,
-        )  # fmt: skip
-        adv = {k: v.detach() for k, v in attack(inputs, labels).items()}
-        return adv, None, 1.0
+        return (
+            joint_pgd_examples(model, inputs, labels, o.at_eps, o.at_steps, o.at_step_size, self.meta, ctx),
+            None,
+            1.0,
+        )
 
 
 @METHODS.register("crmt-mix")
