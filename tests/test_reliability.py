@@ -208,3 +208,26 @@ def test_output_files_follow_the_umask(tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "r").iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize("method", ["gb", "ogm-ge", "pmr", "crmt-jt", "msefm", "mixup"])
+def test_resume_restores_strategy_state(tmp_path, monkeypatch, method):
+    """Interrupted after epoch 2 (in-process), resumed: same weights as an uninterrupted run."""
+    import mmrobust.training.checkpoint as checkpoint
+
+    args = ["train", *TINY, "--method", method, "--epochs", "4", "--seed", "1"]
+    if method == "msefm":
+        args += ["--method-opt", "memory_size=32"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    real = checkpoint.save_checkpoint
+
+    def save_then_stop(folder, state):
+        real(folder, state)
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
+    assert main([*args, "--out", str(tmp_path / "r")]) == 130
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+    assert main([*args, "--resume", "--out", str(tmp_path / "r")]) == 0
+    assert _sha(tmp_path / "r" / "model.safetensors") == _sha(tmp_path / "full" / "model.safetensors")
