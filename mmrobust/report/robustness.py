@@ -8,11 +8,11 @@ Rows of an evaluation are pivoted by threat setting, one column per loss and the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mmrobust.eval.results import EvalResult, EvalRow, fmt_eps
+from mmrobust.eval.results import EvalResult, Setting, fmt_eps
 from mmrobust.eval.robust import GAP_THRESHOLD, is_masking_gap
 from mmrobust.io import write_json
 from mmrobust.report.console import console
@@ -22,36 +22,8 @@ from mmrobust.report.plots import plt, save_figure
 _LOSS_ORDER = ("ce", "cw", "dlr")
 
 
-@dataclass
-class Setting:
-    """One threat setting of an evaluation: its first row, and the accuracy per loss (``worst`` included)."""
-
-    label: str
-    row: EvalRow
-    acc: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def gap(self) -> float | None:
-        return self.acc["ce"] - self.acc["cw"] if "ce" in self.acc and "cw" in self.acc else None
-
-    @property
-    def masked(self) -> bool:
-        return is_masking_gap(self.gap, self.row.steps)
-
-
-def pivot(result: EvalResult) -> list[Setting]:
-    """One entry per threat setting, in the order of the rows.
-
-    A row without a loss (missing modality, FAB) puts its accuracy under ``worst``: it is the only
-    number for that setting.
-    """
-    groups: dict[tuple, Setting] = {}
-    for r in result.rows:
-        groups.setdefault(r.key, Setting(r.label, r)).acc[r.loss or "worst"] = r.accuracy
-    for g in groups.values():
-        if "worst" not in g.acc and g.acc:
-            g.acc["worst"] = min(g.acc.values())
-    return list(groups.values())
+def _masked(e: Setting) -> bool:
+    return is_masking_gap(e.gap, e.row.steps)
 
 
 def _loss_columns(entries: list[Setting]) -> list[str]:
@@ -87,7 +59,7 @@ def print_eval_table(result: EvalResult, title: str) -> None:
 
     from mmrobust.report.console import out
 
-    entries = pivot(result)
+    entries = result.settings()
     losses = _loss_columns(entries)
     table = Table(title=title)
     table.add_column("setting")
@@ -104,11 +76,11 @@ def print_eval_table(result: EvalResult, title: str) -> None:
             setting = f"{mods} missing ({r.fill or 'zero'})"
         else:
             setting = f"{r.attack} {mods}" + (" per-modality" if r.budget == "per-modality" else "")
-        note = f"masking? gap {e.gap:.2f}" if e.masked and e.gap is not None else ""
+        note = f"masking? gap {e.gap:.2f}" if _masked(e) and e.gap is not None else ""
         eps = fmt_eps(r.eps) if r.eps is not None else "–"
         cells = [_num(e.acc.get(k), 3) for k in losses]
         table.add_row(setting, eps, str(r.steps or "–"), *cells, fmt(e.acc["worst"]), note,
-                      style="yellow" if e.masked else None)  # fmt: skip
+                      style="yellow" if _masked(e) else None)  # fmt: skip
     wc = result.worst_case.accuracy
     if wc is not None:
         table.add_row("worst case", "", "", *[""] * len(losses), fmt(wc), "", style="bold")
@@ -123,7 +95,7 @@ def paper_suite_markdown(evals: Mapping[str, EvalResult], digits: int = 3) -> st
     more than the masking threshold are marked with a dagger, and every warning is listed below.
     """
     order: dict[str, None] = {}
-    pivots = {name: {e.label: e for e in pivot(ev)} for name, ev in evals.items()}
+    pivots = {name: {e.label: e for e in ev.settings()} for name, ev in evals.items()}
     for p in pivots.values():
         for label in p:
             order.setdefault(label)
@@ -139,7 +111,7 @@ def paper_suite_markdown(evals: Mapping[str, EvalResult], digits: int = 3) -> st
             if e is None:
                 row += [None] * (len(losses) + 1)
                 continue
-            worst = fmt(e.acc["worst"], digits) + (" †" if e.masked else "")
+            worst = fmt(e.acc["worst"], digits) + (" †" if _masked(e) else "")
             row += [_num(e.acc.get(loss), digits) for loss in losses] + [worst]
         rows.append(row)
     text = md_table(headers, rows)
@@ -188,7 +160,7 @@ def plot_robustness_curves(evals: Mapping[str, EvalResult], path: str | Path, ti
 
 def plot_setting_bars(result: EvalResult, path: str | Path, title: str | None = None) -> Path:
     """Accuracy per threat setting of one evaluation: CE, CW and worst-case bars side by side."""
-    entries = pivot(result)
+    entries = result.settings()
     labels = ["clean", *[e.label for e in entries]]
     fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(labels)), 4.0))
     width = 0.27
