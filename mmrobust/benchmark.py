@@ -238,10 +238,13 @@ class BenchmarkResult:
 
     def _summary_table(self, dataset: str, cells: list[CellResult], notes: list[str]) -> ComparisonTable:
         """Training outcome per method (validation-selected model) and, with --certify, certified accuracy."""
-        cols = [Column("val accuracy", "value"), Column("test accuracy", "value"), Column("train time (s)", "value")]
+        cols = [Column("val accuracy", "value"), Column("test accuracy (full split)", "value"),
+                Column("train time (s)", "value")]  # fmt: skip
         cert = [c.certificate for c in cells if c.certificate is not None]
         radii = cert[0].radii if cert else []
         kind = f"{cert[0].certifier}: {cert[0].guarantee}" if cert else ""
+        if cert and cert[0].alpha is not None:  # a probabilistic certificate states its failure probability
+            kind += f", alpha={cert[0].alpha:g}"
         cols += [Column(f"certified r={r:g} ({kind})", "value") for r in radii]
         rows: dict[str, list[Stat | None]] = {}
         for m in self.config.methods:

@@ -338,8 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the environment, not a bug: a full disk, a read-only folder, too little memory
         if args.debug:
             raise
-        what = "not enough memory" if isinstance(exc, MemoryError) else (exc.strerror or type(exc).__name__)
-        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        if isinstance(exc, MemoryError):
+            what, where = "not enough memory", ""
+        else:
+            what, where = exc.strerror or type(exc).__name__, f": {exc.filename}" if exc.filename else ""
         print(f"mmrobust: error: {what}{where} (run with --debug for the traceback)", file=sys.stderr)
         return 2
     except FloatingPointError as exc:

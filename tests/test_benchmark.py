@@ -60,7 +60,9 @@ def test_tables_are_mean_and_sample_std_over_seeds():
                                                "pgd-l2 a eps 1 paper protocol (CE)"]  # fmt: skip
     assert uni.rows["jt"][2].mean == pytest.approx(0.3)
     md = table_markdown(multi)
-    assert "| jt | 0.800 ± 0.100 | 0.490 ± 0.100 |" in md and "_recipe: tuned_" in md
+    # CE above CW by 0.1 under 10-step PGD: the worst-case cell is flagged for gradient masking
+    assert multi.masked["jt"] == {1} and uni.masked["jt"] == set()
+    assert "| jt | 0.800 ± 0.100 | 0.490 ± 0.100 † | 0.600 ± 0.100 |" in md and "_recipe: tuned_" in md
     csv_lines = table_csv(multi).splitlines()
     assert csv_lines[0].startswith("method,clean mean,clean std,") and csv_lines[0].endswith(",n")
     assert csv_lines[1].startswith("jt,0.8") and csv_lines[1].endswith(",3")

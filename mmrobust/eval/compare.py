@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmrobust.eval.results import EvalResult, Setting
+from mmrobust.eval.robust import is_masking_gap
 
 _LOSS_COLUMNS = ("ce", "cw", "dlr")
 
@@ -68,7 +69,9 @@ class Column:
 
 @dataclass
 class ComparisonTable:
-    """``rows[method][i]`` is the :class:`Stat` of ``columns[i]`` (None where the method has no such number)."""
+    """``rows[method][i]`` is the :class:`Stat` of ``columns[i]`` (None where the method has no such number);
+    ``masked[method]`` holds the column indexes where some seed's CE accuracy exceeded its CW accuracy by
+    more than the gradient-masking threshold under an iterative attack."""
 
     name: str
     title: str
@@ -76,6 +79,7 @@ class ComparisonTable:
     columns: list[Column]
     rows: dict[str, list[Stat | None]]
     notes: list[str] = field(default_factory=list)
+    masked: dict[str, set[int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -85,6 +89,7 @@ class ComparisonTable:
             "columns": [c.header for c in self.columns],
             "rows": {m: [s.to_json() if s else None for s in stats] for m, stats in self.rows.items()},
             "notes": list(self.notes),
+            "masked": {m: sorted(cols) for m, cols in self.masked.items() if cols},
         }
 
 
@@ -117,6 +122,11 @@ def _cell(results: Sequence[EvalResult], col: Column) -> Stat | None:
         if found is not None and kind in found.acc:
             values.append(found.acc[kind])
     return stat(values)
+
+
+def _masked(results: Sequence[EvalResult], col: Column) -> bool:
+    """Whether any result flags gradient masking on the column's setting (CE above CW by > threshold)."""
+    return any(is_masking_gap(s.gap, s.row.steps) for r in results for s in r.settings() if s.row.key == col.key)
 
 
 def stat(values: Sequence[float | None]) -> Stat | None:
@@ -171,5 +181,6 @@ def comparison_tables(
                      for c in cols]
             for method in evals
         }  # fmt: skip
-        tables.append(ComparisonTable(name, title, dataset, cols, rows, list(notes)))
+        masked = {m: {i for i, c in enumerate(cols) if c.kind == "worst" and _masked(evals[m], c)} for m in evals}
+        tables.append(ComparisonTable(name, title, dataset, cols, rows, list(notes), masked))
     return tables

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mmrobust.benchmark import BenchmarkEvent, BenchmarkResult, ProgressHook
 from mmrobust.eval.compare import ComparisonTable, Stat
+from mmrobust.eval.robust import GAP_THRESHOLD
 from mmrobust.io import atomic_write_bytes, write_json
 from mmrobust.report.console import console, out, progress
 from mmrobust.report.markdown import md_table
@@ -20,7 +21,8 @@ LEGEND = (
     "Cells: mean ± sample standard deviation over seeds. _worst_ = per-sample worst case over the CE and CW "
     "attack losses (a sample counts as broken if either loss breaks it): the number to trust; CE and CW are "
     "each shown beside it. _paper protocol_ = the CRMT paper's CE-only l2-PGD (4 steps of eps/3, no random "
-    "start), shown for comparison only."
+    f"start), shown for comparison only. † = CE accuracy above CW by more than {GAP_THRESHOLD} under an "
+    "iterative attack for some seed (gradient masking suspected)."
 )
 
 
@@ -31,9 +33,19 @@ def cell_text(s: Stat | None, digits: int = 3) -> str:
     return f"{s.mean:.{digits}f}" + (f" ± {s.std:.{digits}f}" if s.std is not None else "")
 
 
-def table_markdown(table: ComparisonTable, digits: int = 3) -> str:
-    headers = ["method", *[c.header for c in table.columns]]
-    rows = [[m, *[cell_text(s, digits) for s in stats]] for m, stats in table.rows.items()]
+def table_markdown(table: ComparisonTable, digits: int = 3, transposed: bool = False) -> str:
+    """The table as markdown: one row per method (the paper's layout), or with ``transposed`` one
+    row per column and one column per method (narrower when there are many settings)."""
+
+    def text(method: str, i: int) -> str:
+        return cell_text(table.rows[method][i], digits) + (" †" if i in table.masked.get(method, ()) else "")
+
+    if transposed:
+        headers = ["", *table.rows]
+        rows = [[c.header, *[text(m, i) for m in table.rows]] for i, c in enumerate(table.columns)]
+    else:
+        headers = ["method", *[c.header for c in table.columns]]
+        rows = [[m, *[text(m, i) for i in range(len(table.columns))]] for m in table.rows]
     parts = [f"### {table.title} — {table.dataset}", md_table(headers, rows)]
     return "\n\n".join(parts + [f"_{n}_" for n in table.notes])
 
@@ -59,8 +71,9 @@ def plot_table(table: ComparisonTable, path: str | Path) -> Path:
     top = 1.0
     for j, (method, stats) in enumerate(table.rows.items()):
         xs = [g + j * width - 0.4 + width / 2 for g in range(len(idx))]
-        means = [stats[i].mean if stats[i] else float("nan") for i in idx]
-        errs = [(stats[i].std or 0.0) if stats[i] else 0.0 for i in idx]
+        cells = [stats[i] for i in idx]
+        means = [s.mean if s else float("nan") for s in cells]
+        errs = [(s.std or 0.0) if s else 0.0 for s in cells]
         top = max([top, *[m for m in means if m == m]])
         ax.bar(xs, means, width, yerr=errs, capsize=3, label=method)
     ax.set_xticks(range(len(idx)), [table.columns[i].header for i in idx], rotation=30, ha="right", fontsize=8)

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from mmrobust.eval.results import EvalResult, Setting, fmt_eps
-from mmrobust.eval.robust import GAP_THRESHOLD, is_masking_gap
+from mmrobust.eval.robust import is_masking_gap
 from mmrobust.io import write_json
 from mmrobust.report.console import console
-from mmrobust.report.markdown import fmt, md_table
+from mmrobust.report.markdown import fmt
 from mmrobust.report.plots import plt, save_figure
 
 _LOSS_ORDER = ("ce", "cw", "dlr")
@@ -85,43 +85,6 @@ def print_eval_table(result: EvalResult, title: str) -> None:
     if wc is not None:
         table.add_row("worst case", "", "", *[""] * len(losses), fmt(wc), "", style="bold")
     out.print(table)
-
-
-def paper_suite_markdown(evals: Mapping[str, EvalResult], digits: int = 3) -> str:
-    """A markdown table comparing several methods' evaluations (any suite; made for ``paper``).
-
-    ``evals`` maps a method name to its evaluation. One row per threat setting, for each
-    method the CE and CW accuracy and their per-sample worst case; settings where CE exceeds CW by
-    more than the masking threshold are marked with a dagger, and every warning is listed below.
-    """
-    order: dict[str, None] = {}
-    pivots = {name: {e.label: e for e in ev.settings()} for name, ev in evals.items()}
-    for p in pivots.values():
-        for label in p:
-            order.setdefault(label)
-    losses = ["ce", "cw"]
-    headers = ["setting"]
-    for name in evals:
-        headers += [f"{name} {loss.upper()}" for loss in losses] + [f"{name} worst"]
-    rows: list[list[Any]] = [["clean"] + sum(([None] * len(losses) + [ev.clean_accuracy] for ev in evals.values()), [])]
-    for label in order:
-        row: list[Any] = [label]
-        for name in evals:
-            e = pivots[name].get(label)
-            if e is None:
-                row += [None] * (len(losses) + 1)
-                continue
-            worst = fmt(e.acc["worst"], digits) + (" †" if _masked(e) else "")
-            row += [_num(e.acc.get(loss), digits) for loss in losses] + [worst]
-        rows.append(row)
-    text = md_table(headers, rows)
-    notes = [f"- **{name}**: {w}" for name, ev in evals.items() for w in ev.warnings]
-    legend = (
-        "_worst_ = per-sample worst case over the CE and CW losses (a sample counts as broken if either attack "
-        f"breaks it); † = CE accuracy exceeds CW by more than {GAP_THRESHOLD} under an iterative attack "
-        "(gradient masking suspected)."
-    )
-    return "\n\n".join([text, legend, *(["Warnings:\n" + "\n".join(notes)] if notes else [])])
 
 
 def _num(v: Any, digits: int) -> str:
