@@ -211,7 +211,7 @@ def test_mmat_mix_clean_blends_clean_and_adversarial_losses(tiny_bundle):
     adv = strategy.examples(model, x, y, _ctx())  # same seed -> same examples
     with torch.no_grad():
         expected = 0.25 * F.cross_entropy(model(x), y) + 0.75 * F.cross_entropy(model(adv), y)
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
 # --- MSEFM --------------------------------------------------------------------------------------
