@@ -394,3 +394,17 @@ def test_every_new_method_round_trips_through_a_run_folder(tmp_path):
         x, _ = run.data().test.take(slice(0, 50))
         with torch.no_grad():
             torch.testing.assert_close(run.model(x), fit.model.eval()(x), msg=method)
+
+
+def test_strategy_state_round_trips_and_unknown_state_is_refused(tiny_bundle):
+    from mmrobust.training.base import NoOptions
+    from mmrobust.training.gb import GBOptions, GradientBlending
+    from mmrobust.training.jt import JointTraining
+
+    a = GradientBlending(GBOptions(), tiny_bundle.meta)
+    a.weights = {"fused": 0.5, "strong": 0.3, "weak": 0.2}
+    b = GradientBlending(GBOptions(), tiny_bundle.meta)
+    b.load_state_dict(a.state_dict())
+    assert b.weights == pytest.approx(a.weights)
+    with pytest.raises(ConfigError, match="unknown strategy state"):
+        JointTraining(NoOptions(), tiny_bundle.meta).load_state_dict({"weights": torch.zeros(3)})
