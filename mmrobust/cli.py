@@ -30,6 +30,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu | cuda | auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder (all of it)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
 
 
 def build_run_config(args: argparse.Namespace):  # -> RunConfig
@@ -55,10 +57,13 @@ def build_run_config(args: argparse.Namespace):  # -> RunConfig
         cfg.data.seed = args.seed
     if args.no_progress:
         cfg.train.progress = False
+    cfg.validate()
     return cfg
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
+    from mmrobust.certify import load_certifiers
+    from mmrobust.certify.base import CERTIFIERS
     from mmrobust.data import DATASETS
     from mmrobust.report.tables import print_table
     from mmrobust.training import METHODS
@@ -68,6 +73,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     print_table("Datasets", ["name", "description"], rows)
     mrows = [(name, (METHODS.get(name).__doc__ or "").strip().splitlines()[0]) for name in METHODS.names()]
     print_table("Training methods", ["method", "description"], mrows)
+    load_certifiers()
+    crows = [(name, CERTIFIERS.get(name).guarantee.value, (CERTIFIERS.get(name).__doc__ or "").strip().splitlines()[0])
+             for name in CERTIFIERS.names()]  # fmt: skip
+    print_table("Certifiers (mmrobust certify --lipschitz NAME)", ["certifier", "guarantee", "description"], crows)
     return 0
 
 
@@ -76,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmrobust.training import train
 
     cfg = build_run_config(args)
-    result = train(cfg, out=args.out)
+    result = train(cfg, out=args.out, force=args.force, resume=args.resume)
     if result.out is not None:
         m = result.metrics
         out.print(
@@ -88,6 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrobust.eval.runner import evaluate_run
+    from mmrobust.report.console import progress_callback
+    from mmrobust.report.robustness import print_eval_table, print_warnings, save_eval
 
     # only flags the user gave are passed on, so each suite keeps its own defaults (e.g. steps)
     options = {
@@ -98,21 +109,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.no_random_start:
         options["random_start"] = False
-    evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill, batch_size=args.batch_size,
-                 progress=not args.no_progress, **options)  # fmt: skip
+    with progress_callback(not args.no_progress) as progress:
+        result = evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill,
+                              batch_size=args.batch_size, progress=progress, **options)  # fmt: skip
+    print_eval_table(result, f"{args.run} — {result.suite} suite on {result.split} ({result.samples} samples)")
+    print_warnings(result.warnings)
+    save_eval(args.run, result)
     return 0
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from mmrobust.certify.runner import certify_run, parse_radii
+    from mmrobust.config import parse_kv
+    from mmrobust.report.certify import save_certify, show_certify
+    from mmrobust.report.console import out
+    from mmrobust.runs import load_run
 
+    options: dict[str, object] = dict(parse_kv(args.cert_opt, "--cert-opt"))
+    # the older flags are shorthands for options of the Lipschitz certifiers
+    for flag, key in (("lipschitz_samples", "max_samples"), ("theorem", "theorem")):
+        value = getattr(args, flag)
+        if value is not None:
+            if key in options:
+                raise ConfigError(f"--{flag.replace('_', '-')} and --cert-opt {key}=... both given; keep one")
+            options[key] = value
     radii = parse_radii(args.radii) if args.radii else None
-    certify_run(
-        args.run, lipschitz=args.lipschitz, split=args.split, radii=radii, lipschitz_split=args.lipschitz_split,
-        max_samples=args.lipschitz_samples, batch_size=args.batch_size, soundness_samples=args.check_soundness,
+    result = certify_run(
+        args.run, certifier=args.lipschitz, options=options, split=args.split, radii=radii,
+        fit_split=args.lipschitz_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
         attack_steps=args.attack_steps,
-        theorem=args.theorem,
     )  # fmt: skip
+    run = load_run(args.run)
+    show_certify(run, result)
+    out.print(f"wrote {save_certify(run, result)}")
     return 0
 
 
@@ -137,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="mmrobust", description="Adversarial robustness of multi-modal classifiers.")
     parser.add_argument("--version", action="version", version=f"mmrobust {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("datasets", help="list datasets and training methods")
+    p = sub.add_parser("datasets", help="list datasets, training methods and certifiers")
     p.set_defaults(func=cmd_datasets)
 
     p = sub.add_parser("train", help="train a multi-modal model")
@@ -179,18 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lipschitz",
         default="empirical",
-        choices=["empirical", "sound"],
-        help="empirical: max gradient norm over data (an estimate, not a guarantee); sound: a true upper bound",
+        metavar="CERTIFIER",
+        help="certifier name (see `mmrobust datasets`); empirical: max gradient norm over data (an estimate, "
+        "not a guarantee); sound: a true upper bound",
     )
+    p.add_argument(
+        "--cert-opt", action="append", metavar="KEY=VALUE",
+        help="option of the chosen certifier (repeatable), e.g. max_samples=256 or theorem=3.3",
+    )  # fmt: skip
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--radii", help="comma-separated l2 radii for certified accuracy (default: 0 .. 5)")
     p.add_argument(
         "--lipschitz-split",
         default="train",
         choices=["train", "val", "test"],
-        help="data the empirical estimator maximises over",
+        help="data a certifier may fit on (the empirical estimator maximises over it)",
     )
-    p.add_argument("--lipschitz-samples", type=int, default=512, help="samples for the empirical estimator")
+    p.add_argument(
+        "--lipschitz-samples", type=int, help="empirical: samples to maximise over (default 512; = max_samples)"
+    )
     p.add_argument(
         "--check-soundness",
         type=int,
@@ -201,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-steps", type=int, default=50, help="PGD steps of the soundness check")
     p.add_argument(
         "--theorem",
-        default="auto",
         choices=["auto", "3.3", "3.5"],
-        help="auto: 3.5 for an orthogonal head, else 3.3; 3.3 also works (tighter) on orthogonal heads",
+        help="empirical/sound: auto (default): 3.5 for an orthogonal head, else 3.3; 3.3 also works (tighter) on "
+        "orthogonal heads",
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_certify)
@@ -224,13 +261,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MMRobustError as exc:
+        if args.debug:
+            raise
         print(f"mmrobust: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as exc:
+        # the environment, not a bug: a full disk, a read-only folder, too little memory
+        if args.debug:
+            raise
+        what = "not enough memory" if isinstance(exc, MemoryError) else (exc.strerror or type(exc).__name__)
+        filename = getattr(exc, "filename", None)
+        where = f": {filename}" if filename else ""
+        print(f"mmrobust: error: {what}{where} (run with --debug for the traceback)", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
         print(f"mmrobust: error: training diverged: {exc}; try a lower --lr", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("mmrobust: interrupted", file=sys.stderr)
+        hint = "; continue with the same command plus --resume" if getattr(args, "resume", None) is not None else ""
+        print(f"mmrobust: interrupted{hint}", file=sys.stderr)
         return 130
 
 

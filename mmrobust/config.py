@@ -12,7 +12,10 @@ import yaml
 from mmrobust.data.registry import DataConfig
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import ModelConfig
-from mmrobust.options import build_options
+from mmrobust.options import build_options, check_range, check_types
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "step", "none")
 
 
 @dataclass
@@ -26,6 +29,25 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | step | none
     step_size: int = 30
     gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "train.optim") -> None:
+        check_types(self, where)
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(
+                f"option '{where}.name': unknown optimiser '{self.name}'; choose from: {', '.join(OPTIMIZERS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"option '{where}.schedule': unknown schedule '{self.schedule}'; choose from: {', '.join(SCHEDULES)}"
+            )
+        check_range(self.lr, 0, 10, f"{where}.lr", low_open=True)
+        check_range(self.momentum, 0, 1, f"{where}.momentum")
+        check_range(self.weight_decay, 0, 10, f"{where}.weight_decay")
+        check_range(self.step_size, 1, 10**6, f"{where}.step_size")
+        check_range(self.gamma, 0, 1, f"{where}.gamma", low_open=True)
 
 
 @dataclass
@@ -41,12 +63,32 @@ class TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "train") -> None:
+        check_types(self, where)
+        if not isinstance(self.optim, OptimConfig):
+            raise ConfigError(f"option '{where}.optim' must be an optimiser section")
+        self.optim.validate(f"{where}.optim")
+        check_range(self.epochs, 0, 100_000, f"{where}.epochs")
+        check_range(self.batch_size, 1, 2**20, f"{where}.batch_size")
+        check_range(self.seed, 0, 2**63 - 1, f"{where}.seed")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"option '{where}.device' must be cpu, cuda, cuda:N or auto, got '{self.device}'")
+
 
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Check every section again (flags may have changed fields after construction)."""
+        self.data.__post_init__()
+        self.model.__post_init__()
+        self.train.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -28,13 +28,18 @@ def _type_name(declared: Any) -> str:
 
 
 def coerce(value: Any, declared: Any, what: str) -> Any:
-    """Return ``value`` as the declared type (``int``, ``float``, ``bool``, ``str``), or raise.
+    """Return ``value`` as the declared type (``int``, ``float``, ``bool``, ``str``, or one of them
+    ``| None``, where the string ``none`` gives None), or raise.
 
     Strings are parsed; other values must already have the right type (an int is accepted for a
     float). Types other than these four (e.g. ``str | list[str]``) pass through unchanged for the
     dataclass to check.
     """
     t = _type_name(declared)
+    if t.endswith("|None") and t[: -len("|None")] in ("int", "float", "bool", "str"):  # optional: "none" -> None
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            return None
+        t = t[: -len("|None")]
     if t not in ("int", "float", "bool", "str"):
         return value
     if isinstance(value, str):
@@ -85,3 +90,36 @@ def build_options(cls: type[T], values: dict[str, Any], what: str) -> T:
         name: coerce(value, hints.get(name, fields[name].type), f"{what}.{name}") for name, value in values.items()
     }
     return cls(**kwargs)
+
+
+def check_types(obj: Any, where: str) -> None:
+    """Check every field of the dataclass instance ``obj`` against its declared type, strictly.
+
+    For values that arrive already typed (YAML, JSON, Python): an int is not accepted for a bool
+    (nor a bool for an int), a string is never parsed here, floats must be finite. Fields of other
+    declared types (unions, nested dataclasses) are left to the dataclass's own checks, except
+    ``dict[...]`` fields, which must hold mappings.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        t = _type_name(hints.get(f.name, f.type))
+        what = f"{where}.{f.name}"
+        if t in ("int", "float", "bool"):
+            if isinstance(value, str):
+                raise ConfigError(f"option '{what}' expects {t}, got the string {value!r}")
+            coerce(value, t, what)
+        elif t == "str" and not isinstance(value, str):
+            raise ConfigError(f"option '{what}' expects a string, got {type(value).__name__} {value!r}")
+        elif t.startswith("dict[") and not isinstance(value, dict):
+            raise ConfigError(f"option '{what}' expects a mapping, got {type(value).__name__} {value!r}")
+
+
+def check_range(value: float, low: float | None, high: float | None, what: str, *, low_open: bool = False) -> None:
+    """Raise a one-line :class:`ConfigError` unless ``low <= value <= high`` (``low < value`` if ``low_open``)."""
+    ok = (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
+    if not ok:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"option '{what}' must be in {bracket}{lo}, {hi}], got {value}")

@@ -13,6 +13,7 @@ from mmrobust.errors import ConfigError, DataError
 from mmrobust.models.encoders import build_encoder
 from mmrobust.models.heads import HEADS, FusionHead
 from mmrobust.models.memory import SparseCodingMemory
+from mmrobust.options import check_range, check_types
 
 
 @dataclass
@@ -25,6 +26,13 @@ class ModelConfig:
     # set by training methods that deploy extra modules (saved with the weights, rebuilt by load_run)
     aux_heads: bool = False  # one linear classifier per modality on its features (Gradient Blending)
     feature_memory: int = 0  # clean features per modality in a sparse-coding memory (MSEFM); 0 = none
+
+    def __post_init__(self) -> None:
+        check_types(self, "model")
+        check_range(self.feature_dim, 1, 65_536, "model.feature_dim")
+        for name, enc in self.encoders.items():
+            if not isinstance(enc, str):
+                raise ConfigError(f"option 'model.encoders.{name}' must be an encoder name, got {enc!r}")
 
 
 class LateFusionModel(nn.Module):

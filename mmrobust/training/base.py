@@ -154,7 +154,8 @@ class Strategy:
         return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Strategy state outside the model (e.g. prototypes), as tensors: what a checkpoint would hold."""
+        """Strategy state outside the model (e.g. prototypes), as tensors: saved in every epoch checkpoint
+        so that ``--resume`` restores it."""
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
