@@ -42,7 +42,7 @@ METHODS = [
 # MMAT and VARMAT-input use the same budget and steps as CRMT-AT so the comparison isolates CRMT.
 DATASETS: dict[str, dict[str, Any]] = {
     "avdigits": {
-        "data": {}, "feature_dim": 128, "epochs": 2, "n_eval": 150, "eps": (0.5, 2.0, 4.0), "uni_eps": (2.0,),
+        "data": {}, "feature_dim": 128, "epochs": 2, "n_eval": 100, "eps": (0.5, 2.0, 4.0), "uni_eps": (2.0,),
         "at_eps": 2.0,
     },
     "synthetic": {
@@ -132,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="benchmarks/results/method_compare.json")
     p.add_argument("--markdown", default=None, help="also write the summary tables to this markdown file")
     p.add_argument("--resume", action="store_true", help="skip cells already in --json")
+    p.add_argument("--summarize", default=None, help="comma list of JSON files: only print/write their summary")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.summarize:
+        rows = [r for f in args.summarize.split(",") for r in read_json(Path(f))["rows"]]
+        return report(rows, args.markdown)
     rows: list[dict[str, Any]] = read_json(Path(args.json))["rows"] if args.resume and Path(args.json).is_file() else []
     done = {(r["dataset"], r["method"], r["seed"]) for r in rows}
     for dataset in args.datasets.split(","):
@@ -143,16 +147,20 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 row = run_cell(dataset, method, seed, args)
                 rows.append(row)
-                write_json(Path(args.json), {"settings": {k: dict(v) for k, v in DATASETS.items()}, "rows": rows})
+                settings = {k: dict(v) for k, v in DATASETS.items()}
+                write_json(Path(args.json), {"settings": settings, "eval_pgd_steps": args.steps, "rows": rows})
                 print(f"{dataset} {method} seed {seed}: clean {row['clean']:.3f}  train {row['train_s']:.0f}s  "
                       f"eval {row['eval_s']:.0f}s", flush=True)  # fmt: skip
-    tables = summary_tables(rows)
+    return report(rows, args.markdown)
+
+
+def report(rows: list[dict[str, Any]], markdown: str | None) -> int:
     text = []
-    for dataset, (cols, table) in tables.items():
+    for dataset, (cols, table) in summary_tables(rows).items():
         print_table(f"{dataset} (mean ± std over seeds)", cols, table)
         text.append(f"### {dataset}\n\n{md_table(cols, table)}\n")
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(text))
+    if markdown:
+        Path(markdown).write_text("\n".join(text))
     return 0
 
 

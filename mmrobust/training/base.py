@@ -32,7 +32,7 @@ from torch import nn
 
 from mmrobust.data.base import Batch, DatasetMeta, Split
 from mmrobust.errors import ConfigError
-from mmrobust.models.fusion import ModelConfig
+from mmrobust.models.fusion import LateFusionModel, ModelConfig
 from mmrobust.options import coerce
 from mmrobust.registry import Registry
 
@@ -40,6 +40,13 @@ if TYPE_CHECKING:
     from mmrobust.training.engine import Trainer
 
 METHODS: Registry[type[Strategy]] = Registry("training method")
+
+
+def unwrap(model: nn.Module) -> LateFusionModel:
+    """The :class:`LateFusionModel` inside a (possibly DDP-wrapped) model."""
+    inner = getattr(model, "module", model)
+    assert isinstance(inner, LateFusionModel)
+    return inner
 
 
 def require(ok: bool, message: str) -> None:

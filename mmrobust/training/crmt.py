@@ -28,7 +28,7 @@ from mmrobust.certify.bounds import orthogonal_bound
 from mmrobust.certify.lipschitz import empirical_lipschitz
 from mmrobust.data.base import Batch, Split, iterate_batches
 from mmrobust.training.adversarial import joint_pgd_examples
-from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require
+from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require, unwrap
 from mmrobust.training.crmt_step2 import Step2Data, choose_step2, optimise_modality_weights, summarize
 from mmrobust.training.mixup import mixup_batch
 
@@ -182,10 +182,6 @@ class OJTOptions(MethodOptions):
 # strategies
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 class CRMTBase(Strategy):
     """Shared by every orthogonal-head method; subclasses set ``use_margin`` / ``use_step2``."""
 
@@ -218,7 +214,7 @@ class CRMTBase(Strategy):
             ce = lam * ce + (1.0 - lam) * F.cross_entropy(logits, labels_b)
         if not self.use_margin or self.options.rho == 0:
             return ce, logits
-        raw = _unwrap(model).head.raw_scores(out["features"])
+        raw = unwrap(model).head.raw_scores(out["features"])
         if self.options.margin == "normalized":
             raw = normalized_scores(raw, out["features"], self.options.margin_temperature)
         return ce + self.options.rho * margin_regulariser(raw, labels, labels_b, lam), logits

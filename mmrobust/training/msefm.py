@@ -101,6 +101,7 @@ class MSEFM(Strategy):
                 assert isinstance(enc, SparseCodingMemory)
                 feats[m].append(enc.encoder(inputs[m].to(trainer.device)))
         for m, enc in model.encoders.items():
+            assert isinstance(enc, SparseCodingMemory)
             enc.fill(torch.cat(feats[m]), o.memory_lambda, o.memory_iters)
         return {
             "msefm": {

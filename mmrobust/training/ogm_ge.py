@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrobust.data.base import Batch
-from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require
+from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require, unwrap
 
 
 def modality_confidence(scores: dict[str, torch.Tensor], bias: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -71,13 +71,13 @@ class OGMGE(Strategy):
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(inputs, return_all=True)
-        conf = modality_confidence(out["scores"], model.head.bias, labels)
+        conf = modality_confidence(out["scores"], unwrap(model).head.bias, labels)
         self.coefficients = ogm_coefficients(conf, self.options.alpha)
         return F.cross_entropy(out["logits"], labels), out["logits"]
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
-        for m, enc in model.encoders.items():
+        for m, enc in unwrap(model).encoders.items():
             k = self.coefficients[m]
             for p in enc.parameters():
                 if p.grad is None:

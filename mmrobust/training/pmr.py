@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrobust.data.base import Batch, Split, iterate_batches
+from mmrobust.models.fusion import LateFusionModel
 from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def class_prototypes(
-    model: nn.Module, split: Split, num_classes: int, device: str | torch.device = "cpu"
+    model: LateFusionModel, split: Split, num_classes: int, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Per modality, the ``(K, d_m)`` matrix of class-mean features over ``split`` (model in eval mode).
 

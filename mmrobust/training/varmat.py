@@ -32,7 +32,7 @@ from torch import nn
 
 from mmrobust.data.base import Batch
 from mmrobust.training.adversarial import AdversarialOptions, joint_pgd_examples
-from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require
+from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require, unwrap
 
 _NO_DDP = "it differentiates through a gradient (create_graph), which DistributedDataParallel does not support"
 
@@ -101,11 +101,11 @@ class VARMAT(Strategy):
     def loss(
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        o = self.options
-        feats = model.encode(inputs)
-        penalty = vulnerability(F.cross_entropy(model.head(feats), labels), feats).sum(1).mean()
-        delta = latent_attack(model.head, feats, labels, o.eps, o.steps, ctx.generator)
-        adv_logits = model.head({m: z + delta[m] for m, z in feats.items()})
+        o, net = self.options, unwrap(model)
+        feats = net.encode(inputs)
+        penalty = vulnerability(F.cross_entropy(net.head(feats), labels), feats).sum(1).mean()
+        delta = latent_attack(net.head, feats, labels, o.eps, o.steps, ctx.generator)
+        adv_logits = net.head({m: z + delta[m] for m, z in feats.items()})
         return F.cross_entropy(adv_logits, labels) + o.alpha * penalty, adv_logits
 
 
