@@ -154,7 +154,13 @@ class AffineOp(Op):
             kw = fn.keywords
             grad = _CONV_INPUT_GRAD[fn.func]
             return grad(
-                (v.shape[0], *shape), kw["weight"], v, kw["stride"], kw["padding"], kw["dilation"], kw["groups"]
+                (v.shape[0], *shape),
+                kw["weight"],
+                v,
+                kw.get("stride", 1),
+                kw.get("padding", 0),
+                kw.get("dilation", 1),
+                kw.get("groups", 1),
             )
         with torch.enable_grad():
             return _vjp(fn, shape, v)
@@ -176,13 +182,46 @@ class ReLUOp(Op):
         return State(st.z.clamp_min(0), st.lo.clamp_min(0), st.hi.clamp_min(0), lip, st.g)
 
     def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = self.lo.unsqueeze(1), self.hi.unsqueeze(1)
-        unstable = (lo < 0) & (hi > 0)
-        upper = torch.where(unstable, hi / (hi - lo).clamp_min(1e-300), (lo >= 0).double())
-        lower = torch.where(unstable, (hi > -lo).double(), (lo >= 0).double())
-        a_pos, a_neg = a.clamp_min(0), a.clamp_max(0)
-        const = torch.where(unstable, -upper * lo, torch.zeros_like(lo))
-        return a_pos * lower + a_neg * upper, (a_neg * const).flatten(2).sum(2)
+        return relu_relax(a, self.lo, self.hi)
+
+
+def relu_relax(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A_in, c)`` with ``A . relu(z) >= A_in . z + c`` for ``lo <= z <= hi`` (``a``: ``(B, S, *shape)``)."""
+    lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)
+    unstable = (lo < 0) & (hi > 0)
+    upper = torch.where(unstable, hi / (hi - lo).clamp_min(1e-300), (lo >= 0).double())
+    lower = torch.where(unstable, (hi > -lo).double(), (lo >= 0).double())
+    a_pos, a_neg = a.clamp_min(0), a.clamp_max(0)
+    const = torch.where(unstable, -upper * lo, torch.zeros_like(lo))
+    return a_pos * lower + a_neg * upper, (a_neg * const).flatten(2).sum(2)
+
+
+class MaxMinOp(Op):
+    """MaxMin over channel halves: ``(max(a, b), min(a, b)) = (b + relu(t), a - relu(t))`` with
+    ``t = a - b``, so ``l1 . max + l2 . min = l1 . b + l2 . a + (l1 - l2) . relu(t)`` and only the
+    ReLU of ``t`` is relaxed (bounds on ``t``: interval difference and ``|dt| <= |da| + |db|``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lo = self.hi = torch.zeros(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+    def propagate(self, st: State, r: torch.Tensor) -> State:
+        (za, zb), (la, lb), (ua, ub), (pa, pb) = (t.chunk(2, dim=1) for t in (st.z, st.lo, st.hi, st.lip))
+        t, rr = za - zb, _bcast(r, za)
+        self.lo, self.hi = _pad(torch.maximum(la - ub, t - rr * (pa + pb)), torch.minimum(ua - lb, t + rr * (pa + pb)))
+        lo = torch.cat([torch.maximum(la, lb), torch.minimum(la, lb)], dim=1)
+        hi = torch.cat([torch.maximum(ua, ub), torch.minimum(ua, ub)], dim=1)
+        lip = torch.maximum(pa, pb).repeat(1, 2, *([1] * (pa.ndim - 2)))
+        return State(self.forward(st.z), lo, hi, lip, st.g)
+
+    def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a1, a2 = a.chunk(2, dim=2)
+        nu, const = relu_relax(a1 - a2, self.lo, self.hi)
+        return torch.cat([a2 + nu, a1 - nu], dim=2), const
 
 
 class MaxPoolOp(Op):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -12,15 +12,19 @@ from mmrobust.data.base import Batch, DatasetMeta
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.models.encoders import build_encoder
 from mmrobust.models.heads import HEADS, FusionHead
+from mmrobust.models.lipschitz import lipschitz_encoder
 
 
 @dataclass
 class ModelConfig:
-    """How to build a model for a dataset. ``encoders`` overrides the default per modality."""
+    """How to build a model for a dataset. ``encoders`` overrides the default per modality;
+    ``lipschitz_encoders`` picks the 1-Lipschitz encoder of each modality's kind as the default."""
 
     head: str = "concat"
     feature_dim: int = 128
     encoders: dict[str, str] = field(default_factory=dict)
+    #: 1-Lipschitz encoders by construction (mmrobust.models.lipschitz) for modalities without an override
+    lipschitz_encoders: bool = False
 
 
 class LateFusionModel(nn.Module):
@@ -63,7 +67,13 @@ def build_model(meta: DatasetMeta, cfg: ModelConfig | None = None) -> LateFusion
         raise ConfigError(f"encoder override for unknown modality {sorted(unknown)}; dataset has {meta.modality_names}")
     if cfg.feature_dim < 1:
         raise ConfigError(f"feature_dim must be >= 1, got {cfg.feature_dim}")
-    encoders = {s.name: build_encoder(s, cfg.encoders.get(s.name), cfg.feature_dim) for s in meta.modalities}
-    dims = {m: int(e.out_dim) for m, e in encoders.items()}
-    head = HEADS.get(cfg.head)(dims, meta.num_classes)
+    if not isinstance(cfg.lipschitz_encoders, bool):
+        raise ConfigError(f"lipschitz_encoders must be true or false, got {cfg.lipschitz_encoders!r}")
+    names = {
+        s.name: cfg.encoders.get(s.name) or (lipschitz_encoder(s) if cfg.lipschitz_encoders else None)
+        for s in meta.modalities
+    }
+    encoders = {s.name: build_encoder(s, names[s.name], cfg.feature_dim) for s in meta.modalities}
+    dims = {m: int(cast(int, e.out_dim)) for m, e in encoders.items()}
+    head = cast(FusionHead, HEADS.get(cfg.head)(dims, meta.num_classes))
     return LateFusionModel(encoders, head, meta.num_classes)

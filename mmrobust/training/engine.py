@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from mmrobust.data.base import DataBundle, iterate_batches
 from mmrobust.data.registry import load_data
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, predict
-from mmrobust.models.fusion import LateFusionModel, ModelConfig, build_model
+from mmrobust.models.fusion import LateFusionModel, build_model
 from mmrobust.report.console import console, progress
 from mmrobust.training.base import METHODS, StepContext, Strategy
 from mmrobust.training.distributed import DistInfo, resolve_device, setup_distributed, teardown_distributed
@@ -83,7 +84,7 @@ class Trainer:
         self.strategy = make_strategy(cfg, self.bundle)
         if cfg.model.head != self.strategy.head:
             # the method decides the head; keep the rest of the user's model config
-            cfg.model = ModelConfig(self.strategy.head, cfg.model.feature_dim, dict(cfg.model.encoders))
+            cfg.model = dataclasses.replace(cfg.model, head=self.strategy.head, encoders=dict(cfg.model.encoders))
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = build_model(self.bundle.meta, cfg.model).to(self.device)
         self.history: list[dict[str, Any]] = []
