@@ -4,7 +4,8 @@ Every layer is 1-Lipschitz, so each encoder is, and with CRMT's orthonormal head
 score has ``tau <= 1``: Theorem 3.5 (or 3.3) becomes a sound certificate at no extra cost.
 
 * **AOL rescaling** (Prach & Lampert, 2022) for linear and convolutional layers: the weight is used
-  as ``W diag(d)`` with ``d_i = (sum_j |W^T W|_ij)^(-1/2)``. Why it is 1-Lipschitz:
+  as ``W diag(d)`` with ``d_i = (sum_j |W^T W|_ij)^(-1/2)`` (a wide linear layer uses ``diag(d) W``
+  with the same formula on ``W^T``, since ``||diag(d) W|| = ||W^T diag(d)||``). Why it is 1-Lipschitz:
   ``||W D||^2 = ||D W^T W D||`` and ``D W^T W D <= I`` because a symmetric matrix ``M`` with
   ``M = D P D``, ``P = W^T W``, has (Schur / Gershgorin with weights ``1/d``) spectral radius at most
   ``max_i d_i^2 sum_j |P_ij| = 1``. For a convolution the same holds with ``P`` the kernel's
@@ -58,8 +59,12 @@ class _AOL(nn.Module):
     bias: nn.Parameter
 
     def rescaled(self) -> torch.Tensor:
-        d = aol_scale(self.weight)
-        return self.weight * d.view(1, -1, *([1] * (self.weight.ndim - 2)))
+        w = self.weight
+        if w.ndim == 2 and w.shape[1] > w.shape[0]:
+            # a wide matrix: rescale its rows instead (AOL on W^T; ||D W|| = ||W^T D||), so the Gram
+            # matrix is out x out rather than in x in (a 128 x 3136 layer: 16k instead of 9.8M entries)
+            return aol_scale(w.T)[:, None] * w
+        return w * aol_scale(w).view(1, -1, *([1] * (w.ndim - 2)))
 
 
 class AOLLinear(_AOL):
