@@ -87,11 +87,16 @@ def check_applicable(name: str, num_classes: int, targets: int = 9) -> None:
 
 
 def _checkpoints(n_iter: int) -> list[int]:
-    """APGD's step-size checkpoints ``p_j * n_iter``."""
-    p = [0.0, 0.22]
-    while p[-1] < 1:
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({math.ceil(q * n_iter) for q in p[1:] if q <= 1})
+    """APGD's step-size checkpoints, as the reference code computes them in whole iterations: the
+    first after ``floor(0.22 n)``, then intervals shrinking by ``floor(0.03 n)`` down to
+    ``floor(0.06 n)`` (each at least 1). For small ``n`` this is denser than ``ceil(p_j n)``."""
+    first, decrement, least = max(int(0.22 * n_iter), 1), max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    points, at, span = [], first, first
+    while at < n_iter:
+        points.append(at)
+        span = max(span - decrement, least)
+        at += span
+    return points
 
 
 class APGD(_AutoAttack):
