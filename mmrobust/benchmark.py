@@ -239,7 +239,7 @@ class BenchmarkResult:
     def _summary_table(self, dataset: str, cells: list[CellResult], notes: list[str]) -> ComparisonTable:
         """Training outcome per method (validation-selected model) and, with --certify, certified accuracy."""
         cols = [Column("val accuracy", "value"), Column("test accuracy (full split)", "value"),
-                Column("train time (s)", "value")]  # fmt: skip
+                Column("train time (s)", "value", unit="s")]  # fmt: skip
         cert = [c.certificate for c in cells if c.certificate is not None]
         radii = cert[0].radii if cert else []
         kind = f"{cert[0].certifier}: {cert[0].guarantee}" if cert else ""
@@ -256,8 +256,8 @@ class BenchmarkResult:
             ]
             stats += [stat([c.certificate.joint[i] for c in mine if c.certificate]) for i in range(len(radii))]
             rows[m] = stats
-        return ComparisonTable("summary", "Training (validation-selected models) and certification", dataset, cols,
-                               rows, list(notes))  # fmt: skip
+        title = "Training (validation-selected models)" + (" and certification" if cert else "")
+        return ComparisonTable("summary", title, dataset, cols, rows, list(notes))
 
     def to_json(self) -> dict[str, Any]:
         return {
