@@ -32,6 +32,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu | cuda | auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder (all of it)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
 
 
 def build_run_config(args: argparse.Namespace):  # -> RunConfig
@@ -87,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmrobust.training import train
 
     cfg = build_run_config(args)
-    result = train(cfg, out=args.out)
+    result = train(cfg, out=args.out, force=args.force, resume=args.resume)
     if result.out is not None:
         m = result.metrics
         out.print(
@@ -208,6 +210,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from mmrobust.calibration.command import plan
+    from mmrobust.calibration.study import run_study
+    from mmrobust.config import parse_kv
+    from mmrobust.report.calibration import check_out_folder, write_study_folder
+    from mmrobust.report.console import out
+
+    # everything is validated (and --out checked) before the setup is built: bad input costs nothing
+    p = plan(example=args.example, example_options=parse_kv(args.example_opt, "--example-opt"), encoders=args.encoders,
+             centres=args.centres, data=args.data, losses=args.loss, lora_ranks=args.lora_rank, eps=args.eps,
+             epochs=args.epochs, calibration_options=parse_kv(args.calib_opt, "--calib-opt"), eval_eps=args.eval_eps,
+             eval_options=parse_kv(args.eval_opt, "--eval-opt"))  # fmt: skip
+    check_out_folder(args.out, force=args.force)
+    setup = p.build_setup()
+    study = run_study(setup, p.losses, p.lora_ranks, p.calibration, p.evaluation,
+                      on_event=None if args.quiet else out.print)  # fmt: skip
+    folder = write_study_folder(args.out, study, force=args.force)
+    out.print(f"wrote {folder / 'calibration.json'} and {folder / 'report.md'} ({study.wall_time_s:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mmrobust import __version__
 
@@ -321,6 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated methods (default: jt,crmt-jt,crmt-at)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "calibrate", help="harden frozen Bind-style encoders with adversarially trained projection heads"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--example", help="bundled offline setup: avdigits-bind (needs the calibration extra)")
+    src.add_argument("--encoders", metavar="SPEC", help="MODALITY=MODULE:FACTORY,... (see docs/calibration.md)")
+    p.add_argument("--centres", metavar="FILE", help="with --encoders: safetensors with the (K, D) class centres")
+    p.add_argument("--data", help="with --encoders: dataset name or folder (each encoded modality needs a valid range)")
+    p.add_argument("--example-opt", action="append", metavar="KEY=VALUE", help="example option (repeatable)")
+    p.add_argument("--out", required=True, help="folder for calibration.json, report.md, embeddings.png, heads/")
+    p.add_argument("--loss", default="l2,ce,infonce", help="stage-2 loss(es): l2, ce, infonce (comma list)")
+    p.add_argument("--lora-rank", default="0", help="LoRA rank(s) of the heads, 0 = full head (e.g. 0,8)")
+    p.add_argument("--eps", help="l-inf training budget in (0, 1] (default 8/255)")
+    p.add_argument("--epochs", type=int, help="stage-2 epochs")
+    p.add_argument("--calib-opt", action="append", metavar="KEY=VALUE", help="calibration option (repeatable)")
+    p.add_argument("--eval-eps", help="l-inf evaluation budgets (default 2/255,4/255,8/255)")
+    p.add_argument("--eval-opt", action="append", metavar="KEY=VALUE", help="evaluation option (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 
@@ -348,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmrobust: error: training diverged: {exc}; try a lower --lr", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("mmrobust: interrupted", file=sys.stderr)
+        hint = "; continue with the same command plus --resume" if getattr(args, "resume", None) is not None else ""
+        print(f"mmrobust: interrupted{hint}", file=sys.stderr)
         return 130
 
 

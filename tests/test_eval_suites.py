@@ -11,6 +11,7 @@ from mmrobust.cli import main
 from mmrobust.eval.compare import comparison_tables
 from mmrobust.eval.results import EvalResult
 from mmrobust.io import load_tensors, save_tensors
+from mmrobust.runs import seal_run
 
 ROW_KEYS = {"attack", "loss", "modalities", "budget", "eps", "steps", "accuracy", "macro_f1"}
 
@@ -78,6 +79,7 @@ def test_masked_model_is_flagged(tiny_run, tmp_path, capsys):
         if k.startswith("head."):  # logits x1000: CE saturates, predictions unchanged
             state[k] = state[k] * 1000.0
     save_tensors(run_dir / "model.safetensors", state)
+    seal_run(run_dir)  # the edit is on purpose
     rc = main(["evaluate", str(run_dir), "--suite", "paper", "--steps", "4", "--eps", "2", "--unimodal-eps", "2",
                "--max-samples", "80", "--no-progress"])  # fmt: skip
     assert rc == 0

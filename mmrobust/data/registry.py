@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,26 @@ class DataConfig:
             raise ConfigError(f"seed must be an integer in 0..2^63-1, got {self.seed!r}")
         if not isinstance(self.options, dict):
             raise ConfigError(f"data options must be a mapping of KEY: VALUE, got {self.options!r}")
+        if self.name not in DATASETS and _looks_like_path(self.name):
+            # a run must find its data from any working directory: keep folders as absolute paths
+            self.name = str(Path(self.name).expanduser().absolute())
+
+
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or name.startswith((".", "~")) or Path(name).is_dir()
+
+
+def fingerprint(bundle: DataBundle) -> str:
+    """sha256 over every split's arrays and labels (names, shapes, dtypes and bytes), in a fixed order."""
+    h = hashlib.sha256()
+    for split_name in ("train", "val", "test"):
+        split = bundle.split(split_name)
+        for name in sorted(split.inputs) + ["label"]:
+            t = split.labels if name == "label" else split.inputs[name]
+            t = t.detach().cpu().contiguous()
+            h.update(f"{split_name}/{name}/{tuple(t.shape)}/{t.dtype};".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
@@ -46,5 +67,11 @@ def load_data(cfg: DataConfig) -> DataBundle:
         )
     for split in ("train", "val", "test"):
         validate_split(bundle.meta, bundle.split(split), f"{bundle.meta.name}/{split}")
-    bundle.source = {"name": cfg.name, "seed": cfg.seed, "options": dict(cfg.options), **bundle.source}
+    bundle.source = {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "options": dict(cfg.options),
+        **bundle.source,
+        "fingerprint": fingerprint(bundle),
+    }
     return bundle
