@@ -16,6 +16,8 @@ from typing import Any
 #: modules whose import registers certifiers in ``CERTIFIERS`` (add one line per new module)
 CERTIFIER_MODULES = [
     "mmrobust.certify.estimators",  # empirical, sound
+    "mmrobust.certify.crown",  # crown (linear bound propagation)
+    "mmrobust.certify.smoothing",  # smoothing (randomized smoothing, probabilistic)
 ]
 
 
