@@ -69,28 +69,25 @@ def run_cell(dataset: str, method: str, seed: int, args: argparse.Namespace) -> 
     cfg.train.method_options = method_options(method, ds)
     out = Path(args.runs) / dataset / method / str(seed)
     t0 = time.perf_counter()
-    train(cfg, out=out)
+    train(cfg, out=out, force=True)
     train_s = time.perf_counter() - t0
     run = load_run(out)
     split = run.data().test.subset(slice(0, ds["n_eval"]))
     t0 = time.perf_counter()
-    res = paper_suite(
-        run, split, eps=list(ds["eps"]), unimodal_eps=list(ds["uni_eps"]), steps=args.steps, progress=False
-    )
+    res = paper_suite(run, split, eps=list(ds["eps"]), unimodal_eps=list(ds["uni_eps"]), steps=args.steps)
     row: dict[str, Any] = {
         "dataset": dataset, "method": method, "seed": seed, "epochs": ds["epochs"], "options": cfg.train.method_options,
         "train_s": train_s, "eval_s": time.perf_counter() - t0, "n_eval": len(split),
-        "test_accuracy_full": run.metrics["test_accuracy"], "clean": res["clean_accuracy"],
-        "warnings": res["warnings"],
+        "test_accuracy_full": run.metrics["test_accuracy"], "clean": res.clean_accuracy, "warnings": res.warnings,
     }  # fmt: skip
-    for r in res["results"]:
-        if r["attack"] == "missing":
-            row[f"missing:{r['modalities'][0]}"] = r["accuracy"]
+    for r in res.rows:
+        if r.attack == "missing":
+            row[f"missing:{r.modalities[0]}"] = r.accuracy
             continue
-        if r["attack"] != "pgd-l2":
+        if r.attack != "pgd-l2":
             continue
-        where = "joint" if len(r["modalities"]) > 1 else r["modalities"][0]
-        row.setdefault(f"{where}@{r['eps']}", {})[r["loss"]] = r["accuracy"]
+        where = "joint" if len(r.modalities) > 1 else r.modalities[0]
+        row.setdefault(f"{where}@{r.eps}", {})[r.loss] = r.accuracy
     return row
 
 
