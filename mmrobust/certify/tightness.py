@@ -67,7 +67,7 @@ class Tightness:
     indices: torch.Tensor  # (N,) positions in the split of the samples compared
     certified: torch.Tensor  # (N,)
     attack_radius: torch.Tensor  # (N,) smallest successful perturbation norm (inf: none found)
-    ratio: torch.Tensor  # (N,) certified / attack radius (0 where no attack succeeded... see median_ratio)
+    ratio: torch.Tensor  # (N,) certified / attack radius (0 where no attack succeeded)
     median_ratio: float | None  # over samples where an attack succeeded
     violations: int  # samples with certified > attack radius
 
@@ -160,15 +160,21 @@ def tightness(
     adv = torch.cat([
         attack_radius(model, *split.take(indices[i : i + o.batch]), mods, o) for i in range(0, indices.numel(), o.batch)
     ]) if indices.numel() else torch.zeros(0, dtype=torch.float64)  # fmt: skip
-    cert = certified[indices].double()
-    found = torch.isfinite(adv) & (adv > 0)
-    ratio = torch.where(found, cert / adv.clamp_min(1e-300), torch.zeros_like(cert))
+    return compare(threat, indices, certified[indices], adv)
+
+
+def compare(threat: str, indices: torch.Tensor, certified: torch.Tensor, attack: torch.Tensor) -> Tightness:
+    """Ratios and violations of ``certified`` radii against ``attack`` radii of the same samples
+    (samples with no successful attack, or misclassified ones with radius 0, have no ratio)."""
+    cert = certified.double()
+    found = torch.isfinite(attack) & (attack > 0)
+    ratio = torch.where(found, cert / attack.clamp_min(1e-300), torch.zeros_like(cert))
     return Tightness(
         threat,
         indices,
         cert,
-        adv,
+        attack,
         ratio,
         float(ratio[found].median()) if found.any() else None,
-        int((cert > adv).sum()),
+        int((cert > attack).sum()),
     )
