@@ -21,6 +21,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--recipe", help="training recipe the optimiser starts from: tuned (AdamW, cosine; default) or "
+                   "paper (the CRMT reference: SGD lr 1e-3, momentum 0.9, wd 1e-4, step schedule); flags override it")  # fmt: skip
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=["adam", "sgd"])
     p.add_argument("--schedule", choices=["cosine", "step", "none"])
@@ -30,10 +32,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu | cuda | auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder (all of it)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
 
 
 def build_run_config(args: argparse.Namespace):  # -> RunConfig
-    from mmrobust.config import RunConfig, parse_kv
+    from mmrobust.config import OptimConfig, RunConfig, parse_kv
 
     cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
     if args.data is not None:
@@ -42,6 +46,8 @@ def build_run_config(args: argparse.Namespace):  # -> RunConfig
     if args.method is not None:
         cfg.train.method = args.method
     cfg.train.method_options.update(parse_kv(args.method_opt, "--method-opt"))
+    if args.recipe is not None:  # replaces the optimiser section; the flags below override single fields
+        cfg.train.optim = OptimConfig.from_recipe(args.recipe)
     for flag, target, attr in (
         ("epochs", cfg.train, "epochs"), ("batch_size", cfg.train, "batch_size"), ("seed", cfg.train, "seed"),
         ("device", cfg.train, "device"), ("lr", cfg.train.optim, "lr"), ("optimizer", cfg.train.optim, "name"),
@@ -55,10 +61,13 @@ def build_run_config(args: argparse.Namespace):  # -> RunConfig
         cfg.data.seed = args.seed
     if args.no_progress:
         cfg.train.progress = False
+    cfg.validate()
     return cfg
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
+    from mmrobust.certify import load_certifiers
+    from mmrobust.certify.base import CERTIFIERS
     from mmrobust.data import DATASETS
     from mmrobust.report.tables import print_table
     from mmrobust.training import METHODS
@@ -68,6 +77,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     print_table("Datasets", ["name", "description"], rows)
     mrows = [(name, (METHODS.get(name).__doc__ or "").strip().splitlines()[0]) for name in METHODS.names()]
     print_table("Training methods", ["method", "description"], mrows)
+    load_certifiers()
+    crows = [(name, CERTIFIERS.get(name).guarantee.value, (CERTIFIERS.get(name).__doc__ or "").strip().splitlines()[0])
+             for name in CERTIFIERS.names()]  # fmt: skip
+    print_table("Certifiers (mmrobust certify --lipschitz NAME)", ["certifier", "guarantee", "description"], crows)
     return 0
 
 
@@ -76,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmrobust.training import train
 
     cfg = build_run_config(args)
-    result = train(cfg, out=args.out)
+    result = train(cfg, out=args.out, force=args.force, resume=args.resume)
     if result.out is not None:
         m = result.metrics
         out.print(
@@ -88,6 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrobust.eval.runner import evaluate_run
+    from mmrobust.report.console import progress_callback
+    from mmrobust.report.robustness import print_eval_table, print_warnings, save_eval
 
     # only flags the user gave are passed on, so each suite keeps its own defaults (e.g. steps)
     options = {
@@ -98,21 +113,84 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.no_random_start:
         options["random_start"] = False
-    evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill, batch_size=args.batch_size,
-                 progress=not args.no_progress, **options)  # fmt: skip
+    with progress_callback(not args.no_progress) as progress:
+        result = evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill,
+                              batch_size=args.batch_size, progress=progress, **options)  # fmt: skip
+    print_eval_table(result, f"{args.run} — {result.suite} suite on {result.split} ({result.samples} samples)")
+    print_warnings(result.warnings)
+    save_eval(args.run, result)
     return 0
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from mmrobust.certify.runner import certify_run, parse_radii
+    from mmrobust.config import parse_kv
+    from mmrobust.report.certify import save_certify, show_certify
+    from mmrobust.report.console import out
+    from mmrobust.runs import load_run
 
+    options: dict[str, object] = dict(parse_kv(args.cert_opt, "--cert-opt"))
+    # the older flags are shorthands for options of the Lipschitz certifiers
+    for flag, key in (("lipschitz_samples", "max_samples"), ("theorem", "theorem")):
+        value = getattr(args, flag)
+        if value is not None:
+            if key in options:
+                raise ConfigError(f"--{flag.replace('_', '-')} and --cert-opt {key}=... both given; keep one")
+            options[key] = value
     radii = parse_radii(args.radii) if args.radii else None
-    certify_run(
-        args.run, lipschitz=args.lipschitz, split=args.split, radii=radii, lipschitz_split=args.lipschitz_split,
-        max_samples=args.lipschitz_samples, batch_size=args.batch_size, soundness_samples=args.check_soundness,
+    result = certify_run(
+        args.run, certifier=args.lipschitz, options=options, split=args.split, radii=radii,
+        fit_split=args.lipschitz_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
         attack_steps=args.attack_steps,
-        theorem=args.theorem,
     )  # fmt: skip
+    run = load_run(args.run)
+    show_certify(run, result)
+    out.print(f"wrote {save_certify(run, result)}")
+    return 0
+
+
+def _names(text: str, flag: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise ConfigError(f"{flag}: give at least one name")
+    return names
+
+
+def _per_name_options(items: list[str] | None, flag: str, names: list[str]) -> dict[str, dict[str, str]]:
+    """``NAME:KEY=VALUE`` items (or ``KEY=VALUE`` for every name) -> ``{name: {key: value}}``."""
+    from mmrobust.config import parse_kv
+
+    out: dict[str, dict[str, str]] = {}
+    for item in items or []:
+        head, sep, rest = item.partition(":")
+        targets, kv = ([head], rest) if sep and "=" not in head else (names, item)
+        for name, (k, v) in ((n, kv_) for n in targets for kv_ in parse_kv([kv], flag).items()):
+            out.setdefault(name, {})[k] = v
+    return out
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from mmrobust.benchmark import BenchmarkConfig, plan_benchmark, run_benchmark
+    from mmrobust.report.benchmark import grid_progress, print_tables, write_benchmark
+    from mmrobust.report.console import console, out
+
+    data, methods = _names(args.data, "--data"), _names(args.methods, "--methods")
+    cfg = BenchmarkConfig(
+        data=data, methods=methods, seeds=args.seeds, epochs=args.epochs, suite=args.suite,
+        eps=args.eps, samples=args.samples, recipe=args.recipe, protocol=args.protocol, certify=args.certify,
+        feature_dim=args.feature_dim, data_options=_per_name_options(args.data_opt, "--data-opt", data),
+        method_options=_per_name_options(args.method_opt, "--method-opt", methods),
+    )  # fmt: skip
+    plan = plan_benchmark(cfg, args.out)
+    if plan.finished:
+        console.print(f"resuming {args.out}: {len(plan.finished)} of {len(plan.cells)} cells finished, skipped",
+                      markup=False)  # fmt: skip
+    with grid_progress(not args.no_progress) as hook:
+        result = run_benchmark(cfg, args.out, force=args.force, progress=hook)
+    paths = write_benchmark(args.out, result)
+    print_tables(result.tables())
+    out.print(f"{len(result.cells)} cells ({result.resumed} resumed) in {result.seconds:.0f} s; wrote "
+              f"{Path(args.out) / 'tables'} and {paths[-1]}")  # fmt: skip
     return 0
 
 
@@ -132,14 +210,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from mmrobust.calibration.command import plan
+    from mmrobust.calibration.study import run_study
+    from mmrobust.config import parse_kv
+    from mmrobust.report.calibration import check_out_folder, write_study_folder
+    from mmrobust.report.console import out
+
+    # everything is validated (and --out checked) before the setup is built: bad input costs nothing
+    p = plan(example=args.example, example_options=parse_kv(args.example_opt, "--example-opt"), encoders=args.encoders,
+             centres=args.centres, data=args.data, losses=args.loss, lora_ranks=args.lora_rank, eps=args.eps,
+             epochs=args.epochs, calibration_options=parse_kv(args.calib_opt, "--calib-opt"), eval_eps=args.eval_eps,
+             eval_options=parse_kv(args.eval_opt, "--eval-opt"))  # fmt: skip
+    check_out_folder(args.out, force=args.force)
+    setup = p.build_setup()
+    study = run_study(setup, p.losses, p.lora_ranks, p.calibration, p.evaluation,
+                      on_event=None if args.quiet else out.print)  # fmt: skip
+    folder = write_study_folder(args.out, study, force=args.force)
+    out.print(f"wrote {folder / 'calibration.json'} and {folder / 'report.md'} ({study.wall_time_s:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mmrobust import __version__
 
     parser = argparse.ArgumentParser(prog="mmrobust", description="Adversarial robustness of multi-modal classifiers.")
     parser.add_argument("--version", action="version", version=f"mmrobust {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("datasets", help="list datasets and training methods")
+    p = sub.add_parser("datasets", help="list datasets, training methods and certifiers")
     p.set_defaults(func=cmd_datasets)
 
     p = sub.add_parser("train", help="train a multi-modal model")
@@ -179,18 +279,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lipschitz",
         default="empirical",
-        choices=["empirical", "sound"],
-        help="empirical: max gradient norm over data (an estimate, not a guarantee); sound: a true upper bound",
+        metavar="CERTIFIER",
+        help="certifier name (see `mmrobust datasets`); empirical: max gradient norm over data (an estimate, "
+        "not a guarantee); sound: a true upper bound",
     )
+    p.add_argument(
+        "--cert-opt", action="append", metavar="KEY=VALUE",
+        help="option of the chosen certifier (repeatable), e.g. max_samples=256 or theorem=3.3",
+    )  # fmt: skip
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--radii", help="comma-separated l2 radii for certified accuracy (default: 0 .. 5)")
     p.add_argument(
         "--lipschitz-split",
         default="train",
         choices=["train", "val", "test"],
-        help="data the empirical estimator maximises over",
+        help="data a certifier may fit on (the empirical estimator maximises over it)",
     )
-    p.add_argument("--lipschitz-samples", type=int, default=512, help="samples for the empirical estimator")
+    p.add_argument(
+        "--lipschitz-samples", type=int, help="empirical: samples to maximise over (default 512; = max_samples)"
+    )
     p.add_argument(
         "--check-soundness",
         type=int,
@@ -201,12 +308,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-steps", type=int, default=50, help="PGD steps of the soundness check")
     p.add_argument(
         "--theorem",
-        default="auto",
         choices=["auto", "3.3", "3.5"],
-        help="auto: 3.5 for an orthogonal head, else 3.3; 3.3 also works (tighter) on orthogonal heads",
+        help="empirical/sound: auto (default): 3.5 for an orthogonal head, else 3.3; 3.3 also works (tighter) on "
+        "orthogonal heads",
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser(
+        "benchmark", help="train, attack (and certify) every dataset x method x seed; tables mean ± std over seeds"
+    )
+    p.add_argument("--data", required=True, help="comma-separated dataset names or folder paths")
+    p.add_argument("--methods", required=True, help="comma-separated training methods (see `mmrobust datasets`)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per (dataset, method) (default 3)")
+    p.add_argument("--out", required=True, help="benchmark folder (re-running resumes it)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the training default)")
+    p.add_argument("--suite", default="paper", choices=["paper", "curves", "autoattack"], help="robustness suite")
+    p.add_argument("--eps", help="the suite's eps list (paper: joint eps, default 0.5; curves: the sweep)")
+    p.add_argument("--samples", type=int, help="attack only the first N test samples (default: all)")
+    p.add_argument("--recipe", default="tuned", help="training recipe for every method: tuned (default) or paper")
+    p.add_argument("--protocol", default="strong", choices=["strong", "paper"],
+                   help="paper: also report the paper's CE-only 4-step PGD beside the strong worst-case attack")  # fmt: skip
+    p.add_argument("--certify", metavar="CERTIFIER", help="also certify every cell with this certifier")
+    p.add_argument("--feature-dim", type=int, help="encoder feature dimension (default: the model default)")
+    p.add_argument("--data-opt", action="append", metavar="[DATASET:]KEY=VALUE", help="dataset option (repeatable)")
+    p.add_argument("--method-opt", action="append", metavar="[METHOD:]KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--force", action="store_true", help="redo cells finished with other settings")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("demo", help="train, evaluate and write a report on avdigits")
     p.add_argument("--out", default="demo_out", help="folder for runs and report.md")
@@ -215,6 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated methods (default: jt,crmt-jt,crmt-at)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "calibrate", help="harden frozen Bind-style encoders with adversarially trained projection heads"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--example", help="bundled offline setup: avdigits-bind (needs the calibration extra)")
+    src.add_argument("--encoders", metavar="SPEC", help="MODALITY=MODULE:FACTORY,... (see docs/calibration.md)")
+    p.add_argument("--centres", metavar="FILE", help="with --encoders: safetensors with the (K, D) class centres")
+    p.add_argument("--data", help="with --encoders: dataset name or folder (each encoded modality needs a valid range)")
+    p.add_argument("--example-opt", action="append", metavar="KEY=VALUE", help="example option (repeatable)")
+    p.add_argument("--out", required=True, help="folder for calibration.json, report.md, embeddings.png, heads/")
+    p.add_argument("--loss", default="l2,ce,infonce", help="stage-2 loss(es): l2, ce, infonce (comma list)")
+    p.add_argument("--lora-rank", default="0", help="LoRA rank(s) of the heads, 0 = full head (e.g. 0,8)")
+    p.add_argument("--eps", help="l-inf training budget in (0, 1] (default 8/255)")
+    p.add_argument("--epochs", type=int, help="stage-2 epochs")
+    p.add_argument("--calib-opt", action="append", metavar="KEY=VALUE", help="calibration option (repeatable)")
+    p.add_argument("--eval-eps", help="l-inf evaluation budgets (default 2/255,4/255,8/255)")
+    p.add_argument("--eval-opt", action="append", metavar="KEY=VALUE", help="evaluation option (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 
@@ -224,13 +374,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MMRobustError as exc:
+        if args.debug:
+            raise
         print(f"mmrobust: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as exc:
+        # the environment, not a bug: a full disk, a read-only folder, too little memory
+        if args.debug:
+            raise
+        if isinstance(exc, MemoryError):
+            what, where = "not enough memory", ""
+        else:
+            what, where = exc.strerror or type(exc).__name__, f": {exc.filename}" if exc.filename else ""
+        print(f"mmrobust: error: {what}{where} (run with --debug for the traceback)", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
         print(f"mmrobust: error: training diverged: {exc}; try a lower --lr", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("mmrobust: interrupted", file=sys.stderr)
+        hint = "; continue with the same command plus --resume" if getattr(args, "resume", None) is not None else ""
+        print(f"mmrobust: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -12,16 +12,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmrobust.certify.runner import certify_run
+from mmrobust.certify.results import CertifyResult
+from mmrobust.certify.runner import certify_model
 from mmrobust.config import RunConfig
 from mmrobust.data.registry import DataConfig, load_data
-from mmrobust.eval.runner import SUITES, evaluate_run
-from mmrobust.io import atomic_write_bytes, write_json
+from mmrobust.eval.compare import comparison_tables
+from mmrobust.eval.results import EvalResult
+from mmrobust.eval.runner import evaluate
+from mmrobust.io import atomic_write_bytes
+from mmrobust.report.benchmark import LEGEND, table_markdown
+from mmrobust.report.certify import save_certify
 from mmrobust.report.certify_plots import plot_certified_accuracy, plot_eta_heatmaps
-from mmrobust.report.console import console
+from mmrobust.report.console import console, progress_callback
 from mmrobust.report.markdown import md_table
 from mmrobust.report.plots import plot_grouped_bars, plot_training_curves
-from mmrobust.report.robustness import paper_suite_markdown, plot_robustness_curves
+from mmrobust.report.robustness import plot_robustness_curves, save_eval
 from mmrobust.runs import load_run
 from mmrobust.training import train
 
@@ -73,30 +78,31 @@ def run_demo(out: Path, cfg: DemoConfig | None = None) -> Path:
     t1 = time.perf_counter()
     basic, paper, curves = {}, {}, {}
     for method in cfg.methods:
-        basic[method] = evaluate_run(out / method, suite="basic")
         run = load_run(out / method)
-        test = run.data().test
-        if cfg.eval_samples is not None:
-            test = test.subset(slice(0, cfg.eval_samples))
+        full = run.data().test
+        test = full.subset(slice(0, cfg.eval_samples)) if cfg.eval_samples is not None else full
+        basic[method] = evaluate(run, full, "basic")
         console.print(f"== attacking {method}: paper protocol and robustness curves", markup=False)
-        paper[method] = SUITES.get("paper")(
-            run, test, eps=list(cfg.joint_eps), unimodal_eps=list(cfg.unimodal_eps), steps=cfg.attack_steps,
-            progress=cfg.progress,
-        )  # fmt: skip
-        curves[method] = SUITES.get("curves")(
-            run, test, eps=list(cfg.curve_eps), steps=cfg.curve_steps, progress=cfg.progress
-        )
-        write_json(out / method / "eval_paper.json", {"suite": "paper", "split": "test", **paper[method]})
-        write_json(out / method / "eval_curves.json", {"suite": "curves", "split": "test", **curves[method]})
+        with progress_callback(cfg.progress) as progress:
+            paper[method] = evaluate(run, test, "paper", eps=list(cfg.joint_eps), unimodal_eps=list(cfg.unimodal_eps),
+                                     steps=cfg.attack_steps, progress=progress)  # fmt: skip
+            curves[method] = evaluate(run, test, "curves", eps=list(cfg.curve_eps), steps=cfg.curve_steps,
+                                      progress=progress)  # fmt: skip
+        for result in (paper[method], curves[method], basic[method]):  # basic last: it is eval.json
+            save_eval(out / method, result, plot=False)
     timings["attacks"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    certs: dict[str, dict[str, Any]] = {}
+    certs: dict[str, CertifyResult] = {}
     for method in cfg.methods:
+        run = load_run(out / method)
+        bundle_m = run.data()
         for est in ("empirical", "sound"):
-            certs[f"{method} ({est})"] = certify_run(
-                out / method, lipschitz=est, radii=list(CERTIFY_RADII), max_samples=cfg.lipschitz_samples, quiet=True
+            opts = {"max_samples": cfg.lipschitz_samples} if est == "empirical" else {}
+            certs[f"{method} ({est})"] = res = certify_model(
+                run.model, run.meta, bundle_m.test, est, bundle_m.train, CERTIFY_RADII, options=opts, fit_split="train"
             )
+            save_certify(run, res)
     timings["certify"] = time.perf_counter() - t2
 
     report = _write_report(out, cfg, bundle, metrics, basic, paper, curves, certs, timings, t0)
@@ -109,10 +115,10 @@ def _write_report(
     cfg: DemoConfig,
     bundle: Any,
     metrics: dict[str, dict[str, Any]],
-    basic: dict[str, dict[str, Any]],
-    paper: dict[str, dict[str, Any]],
-    curves: dict[str, dict[str, Any]],
-    certs: dict[str, dict[str, Any]],
+    basic: dict[str, EvalResult],
+    paper: dict[str, EvalResult],
+    curves: dict[str, EvalResult],
+    certs: dict[str, CertifyResult],
     timings: dict[str, float],
     t0: float,
 ) -> Path:
@@ -120,31 +126,30 @@ def _write_report(
     header = ["method", "val acc", "test acc"] + [f"{m} missing" for m in modalities] + ["train time (s)"]
     rows = []
     for method in methods:
-        missing = {r["modalities"][0]: r["accuracy"] for r in basic[method]["results"] if r["attack"] == "missing"}
+        missing = {r.modalities[0]: r.accuracy for r in basic[method].rows if r.attack == "missing"}
         rows.append([method, metrics[method]["val_accuracy"], metrics[method]["test_accuracy"],
                      *[missing[m] for m in modalities], f"{metrics[method]['train_time_s']:.1f}"])  # fmt: skip
     plot_training_curves({m: metrics[m]["history"] for m in methods}, out / "training_curves.png")
     groups = ["clean"] + [f"{m} missing" for m in modalities]
-    series = {m: [basic[m]["clean_accuracy"]] + [r["accuracy"] for r in basic[m]["results"]] for m in methods}
+    series = {m: [basic[m].clean_accuracy] + [r.accuracy for r in basic[m].rows] for m in methods}
     plot_grouped_bars(
         groups, series, out / "missing_modality.png", "test accuracy", "Clean and missing-modality accuracy"
     )
     plot_robustness_curves(curves, out / "robustness_curves.png", title="l2-PGD accuracy vs eps (test split)")
-    plot_certified_accuracy(certs, out / "certified_accuracy.png")
-    plot_eta_heatmaps({k: v for k, v in certs.items() if k.endswith("(empirical)")}, out / "eta_ratio.png",
+    entries = {name: c.to_json() for name, c in certs.items()}
+    plot_certified_accuracy(entries, out / "certified_accuracy.png")
+    plot_eta_heatmaps({k: v for k, v in entries.items() if k.endswith("(empirical)")}, out / "eta_ratio.png",
                       class_names=bundle.meta.class_names)  # fmt: skip
 
     cert_rows = []
-    for name, entry in certs.items():
-        cert_rows.append(
-            [name, "yes" if entry["guarantee"] else "no (estimate)", *entry["certified_accuracy"]["joint"]]
-        )
+    for name, c in certs.items():
+        cert_rows.append([name, "yes" if c.is_guarantee else "no (estimate)", *c.accuracy_curve("joint")])
     eta_rows = []
-    for name, entry in certs.items():
+    for name, entry in entries.items():
         vul = entry["vulnerability"]
         eta_rows.append([name, *[vul["mean"].get(m) for m in modalities],
                          ", ".join(f"{k} {v:.3g}" for k, v in vul["ratio_of_means"].items() if v is not None)])  # fmt: skip
-    warnings = sorted({w for m in methods for w in paper[m]["warnings"] + curves[m]["warnings"]})
+    warnings = sorted({w for m in methods for w in paper[m].warnings + curves[m].warnings})
 
     sections = [
         "# mmrobust demo report",
@@ -165,7 +170,11 @@ def _write_report(
         "each with the cross-entropy (CE) and the margin (CW) loss and their per-sample worst case. "
         "Budgets are data-relative (small normalised inputs have small norms), so a larger budget is shown "
         "beside the paper's.",
-        paper_suite_markdown(paper),
+        *[
+            table_markdown(t, transposed=True)
+            for t in comparison_tables(bundle.meta.name, {m: [paper[m]] for m in methods})
+        ],
+        LEGEND,
         "## Robustness curves",
         f"l2-PGD ({cfg.curve_steps} steps); worst case over CE and CW (solid), CE (dashed), CW (dotted); each "
         "modality attacked alone, then both.",

@@ -1,11 +1,19 @@
-"""Run folders on disk: ``model.safetensors`` + ``config.json`` + ``metrics.json``.
+"""Run folders on disk: ``model.safetensors`` + ``config.json`` + ``metrics.json`` + ``manifest.json``.
 
 ``config.json`` holds everything needed to rebuild the model and the data pipeline; the data are
 re-derived deterministically from the data config (seeded splits, train-only statistics).
+
+A run folder is a unit. :class:`RunFolder` writes it into a hidden sibling (``.NAME.partial``)
+and renames it into place only when complete; ``manifest.json`` (written last) lists the sha256
+of every file, and :func:`load_run` refuses a folder without it or whose files do not match it
+(an interrupted or mixed folder). A lock file (``.NAME.lock``) stops two writers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,17 +22,150 @@ from mmrobust import __version__
 from mmrobust.config import RunConfig
 from mmrobust.data.base import DataBundle, DatasetMeta
 from mmrobust.data.registry import load_data
-from mmrobust.errors import RunError
+from mmrobust.errors import ConfigError, RunError
 from mmrobust.io import load_tensors, read_json, save_tensors, write_json
 from mmrobust.models.fusion import LateFusionModel, build_model
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.json", "metrics.json"
+MANIFEST_FILE = "manifest.json"
+#: files whose hashes the manifest pins (evaluation outputs are added later and are not pinned)
+_PINNED = (MODEL_FILE, CONFIG_FILE, METRICS_FILE)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunFolder:
+    """Transactional writer of one run folder (a context manager).
+
+    On enter, before any work: ``out`` must be a folder path whose parent is writable; an existing
+    non-empty ``out`` is refused unless ``force`` (replace it whole, stale evaluation files
+    included) or ``resume`` (continue from the checkpoint in ``partial``); the lock file is taken
+    (a second writer gets a one-line error; a lock left by a dead process is taken over). Files go
+    to :attr:`partial`; :meth:`commit` writes the manifest and renames ``partial`` into place.
+    """
+
+    def __init__(self, out: str | Path, *, force: bool = False, resume: bool = False) -> None:
+        if force and resume:
+            raise ConfigError("--force and --resume exclude each other: replace the run or continue it")
+        self.out = Path(out).absolute()
+        self.force, self.resume = force, resume
+        self.partial = self.out.with_name(f".{self.out.name}.partial")
+        self.lock = self.out.with_name(f".{self.out.name}.lock")
+        self._locked = False
+
+    def _check_target(self) -> None:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise RunError(f"{out}: exists and is not a folder; choose another --out")
+        parent = out.parent
+        if not parent.is_dir():
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise RunError(f"{parent}: cannot create the folder for --out ({exc.strerror})") from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunError(f"{parent}: not writable; choose another --out")
+        owner = self._lock_owner()
+        if owner is not None:
+            raise RunError(f"{out}: another mmrobust process (pid {owner}) is writing this run")
+        if not (self.force or self.resume) and (self.partial / "checkpoint.json").is_file():
+            raise RunError(
+                f"{out}: an interrupted run of this folder has a checkpoint; use --resume to continue it "
+                "or --force to start over"
+            )
+        if out.is_dir() and any(out.iterdir()) and not (self.force or self.resume):
+            raise RunError(f"{out}: already exists; use --force to replace it or --resume to continue it")
+        if self.resume and not (self.partial / "checkpoint.json").is_file():
+            if (out / MANIFEST_FILE).is_file():
+                raise RunError(f"{out}: this run is already complete; nothing to resume (use --force to retrain)")
+            raise RunError(f"{out}: no interrupted run to resume (no checkpoint in {self.partial.name})")
+
+    def _lock_owner(self) -> int | None:
+        """The pid holding the lock if that process is alive, else None."""
+        try:
+            pid = int(self.lock.read_text().strip() or "0")
+        except (OSError, ValueError):
+            return None
+        return pid if pid and _pid_alive(pid) else None
+
+    def _acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._lock_owner()
+                if owner is not None:
+                    raise RunError(f"{self.out}: another mmrobust process (pid {owner}) is writing this run") from None
+                self.lock.unlink(missing_ok=True)  # stale: its writer died
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self._locked = True
+            return
+        raise RunError(f"{self.out}: could not take the lock {self.lock}")
+
+    def __enter__(self) -> RunFolder:
+        self._check_target()
+        self._acquire()
+        if not self.resume and self.partial.exists():
+            shutil.rmtree(self.partial)  # leftovers of an interrupted run we are not resuming
+        self.partial.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def commit(self) -> Path:
+        """Pin the written files in ``manifest.json`` and move the folder into place atomically."""
+        for name in os.listdir(self.partial):
+            if name.startswith("checkpoint"):
+                (self.partial / name).unlink()
+        seal_run(self.partial)
+        old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+        if self.out.exists():
+            os.replace(self.out, old)
+        os.replace(self.partial, self.out)
+        if old.exists():
+            shutil.rmtree(old)
+        return self.out
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._locked:
+            self.lock.unlink(missing_ok=True)
+            self._locked = False
+
+
+def seal_run(path: str | Path) -> None:
+    """Write ``manifest.json``: the sha256 of the run's model, config and metrics files.
+
+    Training does this itself. Call it only after changing a run's files on purpose (e.g. editing
+    weights for an experiment): :func:`load_run` refuses runs whose files do not match.
+    """
+    path = Path(path)
+    missing = [name for name in _PINNED if not (path / name).is_file()]
+    if missing:
+        raise RunError(f"{path}: cannot seal an incomplete run (missing {missing})")
+    files = {name: _sha256(path / name) for name in _PINNED}
+    write_json(path / MANIFEST_FILE, {"mmrobust_version": __version__, "files": files})
 
 
 def save_run(
     out: str | Path, model: LateFusionModel, cfg: RunConfig, bundle: DataBundle, metrics: dict[str, Any]
 ) -> Path:
-    """Write a complete run folder; ``metrics.json`` goes last, so its presence marks completeness."""
+    """Write the files of a run into ``out`` (a :class:`RunFolder`'s ``partial`` folder)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / MODEL_FILE, model.state_dict())
@@ -39,6 +180,13 @@ def save_run(
     return out
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse, before any work, to compute results that could not be written into ``path``."""
+    path = Path(path)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RunError(f"{path}: not writable; results could not be saved there")
+
+
 @dataclass
 class Run:
     """A loaded run: its config, dataset metadata, model (eval mode) and metrics."""
@@ -50,27 +198,50 @@ class Run:
     metrics: dict[str, Any]
     _bundle: DataBundle | None = field(default=None, repr=False)
 
+    data_fingerprint: str | None = None
+    allow_data_change: bool = False
+
     def data(self) -> DataBundle:
-        """Rebuild the run's data exactly (cached after the first call)."""
+        """Rebuild the run's data exactly (cached after the first call).
+
+        The rebuilt arrays must hash to the fingerprint recorded at training time: data edited,
+        moved or regenerated differently since then are refused (``allow_data_change`` overrides).
+        """
         if self._bundle is None:
-            self._bundle = load_data(self.config.data)
-            if self._bundle.meta.to_dict() != self.meta.to_dict():
+            bundle = load_data(self.config.data)
+            if bundle.meta.to_dict() != self.meta.to_dict():
                 raise RunError(f"{self.path}: the data rebuilt from config.json no longer match the run's dataset")
+            got = bundle.source.get("fingerprint")
+            if self.data_fingerprint is not None and got != self.data_fingerprint and not self.allow_data_change:
+                raise RunError(
+                    f"{self.path}: the data of '{self.config.data.name}' changed since training (fingerprint "
+                    f"{str(got)[:12]} != {self.data_fingerprint[:12]}); pass --allow-data-change to use them anyway"
+                )
+            self._bundle = bundle
         return self._bundle
 
 
-def load_run(path: str | Path) -> Run:
-    """Load a run folder written by :func:`save_run`; never unpickles anything."""
+def load_run(path: str | Path, *, allow_data_change: bool = False) -> Run:
+    """Load a run folder written by :func:`save_run`; never unpickles anything.
+
+    Refuses incomplete or mixed folders (see :func:`seal_run`); ``allow_data_change`` accepts data
+    whose fingerprint differs from the one recorded at training time.
+    """
     path = Path(path)
     if not path.is_dir():
         raise RunError(f"{path}: run folder not found")
     raw = read_json(path / CONFIG_FILE)
+    if not isinstance(raw, dict):
+        raise RunError(f"{path / CONFIG_FILE}: must hold a JSON object")
     try:
         cfg = RunConfig.from_dict({k: raw[k] for k in ("data", "model", "train")})
         meta = DatasetMeta.from_dict(raw["dataset"])
-    except (KeyError, TypeError) as exc:
-        raise RunError(f"{path / CONFIG_FILE}: incomplete run config (missing {exc})") from None
-    metrics = read_json(path / METRICS_FILE) if (path / METRICS_FILE).is_file() else {}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise RunError(f"{path / CONFIG_FILE}: invalid run config ({detail})") from None
+    metrics = read_json(path / METRICS_FILE)
+    if not isinstance(metrics, dict):
+        raise RunError(f"{path / METRICS_FILE}: must hold a JSON object")
     model = build_model(meta, cfg.model)
     state = load_tensors(path / MODEL_FILE)
     try:
@@ -78,5 +249,23 @@ def load_run(path: str | Path) -> Run:
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise RunError(f"{path / MODEL_FILE}: weights do not match the model in config.json ({first})") from None
+    _verify_manifest(path)
     model.eval()
-    return Run(path, cfg, meta, model, metrics)
+    source = raw.get("data_source")
+    fp = source.get("fingerprint") if isinstance(source, dict) else None
+    return Run(path, cfg, meta, model, metrics, data_fingerprint=fp, allow_data_change=allow_data_change)
+
+
+def _verify_manifest(path: Path) -> None:
+    """A run is complete and unmixed only if its pinned files match ``manifest.json``."""
+    if not (path / MANIFEST_FILE).is_file():
+        raise RunError(
+            f"{path}: incomplete run folder (no {MANIFEST_FILE}: interrupted, or written by mmrobust < 0.2); retrain it"
+        )
+    manifest = read_json(path / MANIFEST_FILE)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or set(files) != set(_PINNED):
+        raise RunError(f"{path / MANIFEST_FILE}: malformed manifest")
+    changed = [name for name in _PINNED if _sha256(path / name) != files[name]]
+    if changed:
+        raise RunError(f"{path}: {', '.join(changed)} changed after the run was written (mixed or edited run folder)")

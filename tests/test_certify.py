@@ -49,7 +49,7 @@ def test_linear_model_radius_is_the_exact_distance_to_the_boundary(estimator):
         y = model(x).argmax(1)  # all correctly classified by construction
     split = Split(x, y)
     res = certify_model(model, meta, split, estimator)
-    joint = torch.tensor(res["radii"]["joint"], dtype=torch.float64)
+    joint = res.certificate.radii.joint.double()
     # hand computation: margin_k(x + d) = margin_k(x) + g_k . d with g_k = d(h_y - h_k)/dx
     with torch.no_grad():
         a_w = model.head.modality_weight("a") @ model.encoders["a"][1].weight
@@ -86,7 +86,7 @@ def test_unimodal_radius_on_a_linear_model_is_exact_along_its_modality():
         ks = [k for k in range(3) if k != yi]
         dists = [float(logits[i, yi] - logits[i, k]) / float((a_w[yi] - a_w[k]).norm()) for k in ks]
         k = ks[min(range(2), key=lambda t: dists[t])]
-        r = res["radii"]["unimodal"]["a"][i]
+        r = float(res.certificate.radii.unimodal["a"][i])
         assert r == pytest.approx(min(dists), rel=1e-4)
         g = a_w[yi] - a_w[k]
         xi = {"a": x["a"][i : i + 1] - g / g.norm() * r * 1.001, "b": x["b"][i : i + 1]}
@@ -156,12 +156,12 @@ def test_sound_radii_never_exceed_the_smallest_adversarial_perturbation_found(ti
     model = _trained(head, tiny_bundle)
     test = tiny_bundle.test.subset(slice(0, 40))
     res = certify_model(model, tiny_bundle.meta, test, "sound")
-    assert res["guarantee"] is True
-    rad = torch.tensor(res["radii"]["joint"], dtype=torch.float64)
+    assert res.is_guarantee is True
+    rad = res.certificate.radii.joint.double()
     assert (rad > 0).float().mean() > 0.8 and float(rad.median()) > 1e-3  # a non-trivial certificate
     threats = {"joint": model.modalities, **{m: [m] for m in model.modalities}}
     for threat, mods in threats.items():
-        r = rad if threat == "joint" else torch.tensor(res["radii"]["unimodal"][threat], dtype=torch.float64)
+        r = rad if threat == "joint" else res.certificate.radii.unimodal[threat].double()
         start = torch.where(r > 0, r, torch.ones_like(r))
         adv = min_adversarial_norm(
             model, test.inputs, test.labels, mods, start, steps=15, search_rounds=6, bisect_rounds=4
@@ -177,9 +177,10 @@ def test_soundness_check_counts_violations_of_an_inflated_certificate(tiny_bundl
     model = _trained("concat", tiny_bundle)
     test = tiny_bundle.test.subset(slice(0, 30))
     res = certify_model(model, tiny_bundle.meta, test, "sound")
-    ok = soundness_check(model, tiny_bundle.meta, test, res["radii"], steps=10)
+    radii = {"joint": res.certificate.radii.joint, "unimodal": res.certificate.radii.unimodal}
+    ok = soundness_check(model, tiny_bundle.meta, test, radii, steps=10)
     assert all(ok[t]["violations"] == 0 for t in ["joint", *model.modalities])
-    fake = {"joint": [r * 100 for r in res["radii"]["joint"]], "unimodal": res["radii"]["unimodal"]}
+    fake = {**radii, "joint": radii["joint"] * 100}
     bad = soundness_check(model, tiny_bundle.meta, test, fake, steps=10)
     assert bad["joint"]["violation_rate"] > 0.5  # a 100x radius is refuted by the attack
 
@@ -199,8 +200,9 @@ def test_small_cnn_sound_radii_survive_attacks():
     model = build_model(meta, ModelConfig(feature_dim=8, encoders={"img": "smallcnn", "seq": "tcn"}))
     model = _fit(model, split, epochs=40)
     res = certify_model(model, meta, split, "sound", radii=[0, 0.01])
-    assert res["clean_accuracy"] > 0.8 and res["certified_accuracy"]["joint"][0] == pytest.approx(res["clean_accuracy"])
-    snd = soundness_check(model, meta, split, res["radii"], max_samples=30, steps=10)
+    assert res.clean_accuracy > 0.8 and res.accuracy_curve("joint")[0] == pytest.approx(res.clean_accuracy)
+    r = res.certificate.radii
+    snd = soundness_check(model, meta, split, {"joint": r.joint, "unimodal": r.unimodal}, max_samples=30, steps=10)
     assert all(snd[t]["violations"] == 0 for t in ["joint", "img", "seq"])
 
 
@@ -209,11 +211,11 @@ def test_three_modalities_get_radii_and_eta_ratios():
                                                    "dim": "6,6,6", "n_train": 60, "n_val": 20, "n_test": 30}))  # fmt: skip
     model = _fit(build_model(bundle.meta, ModelConfig(feature_dim=8)), bundle.train, epochs=30)
     res = certify_model(model, bundle.meta, bundle.test, "sound")
-    assert set(res["radii"]["unimodal"]) == {"x", "y", "z"}
-    assert set(res["vulnerability"]["ratio_of_means"]) == {"y/x", "z/x"}
-    rad = torch.tensor(res["radii"]["joint"])
+    r = res.certificate.radii
+    assert set(r.unimodal) == {"x", "y", "z"}
+    assert set(res.certificate.info["vulnerability"]["ratio_of_means"]) == {"y/x", "z/x"}
     for m in "xyz":  # attacking one modality is a special case of a joint attack
-        assert (torch.tensor(res["radii"]["unimodal"][m]) >= rad - 1e-6).all()
+        assert (r.unimodal[m] >= r.joint - 1e-6).all()
 
 
 def test_cli_certify_writes_both_estimators_and_plots(tmp_path, capsys):
@@ -245,21 +247,26 @@ def test_cli_certify_errors_are_one_line(tmp_path, capsys):
 
     assert main(["certify", str(tmp_path / "missing")]) == 2
     assert main(["certify", str(tmp_path), "--radii", "0,-1"]) == 2
+    assert main(["certify", str(tmp_path), "--lipschitz", "guess"]) == 2
+    assert main(["certify", str(tmp_path), "--cert-opt", "max_sampels=3"]) == 2
+    assert main(["certify", str(tmp_path), "--lipschitz", "sound", "--lipschitz-samples", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("mmrobust: error:") for line in err)
-    with pytest.raises(SystemExit):
-        main(["certify", str(tmp_path), "--lipschitz", "guess"])
+    assert len(err) == 5 and all(line.startswith("mmrobust: error:") for line in err)
+    assert "unknown certifier 'guess'; choose from: " in err[2] and "empirical, sound" in err[2]
+    assert "certifier 'empirical': unknown option(s) ['max_sampels']; valid: batch_size, max_samples, theorem" in err[3]
+    assert "certifier 'sound': unknown option(s) ['max_samples']; valid: theorem" in err[4]
 
 
 def test_concat_form_on_an_orthogonal_head_is_never_looser_than_theorem_3_5(tiny_bundle):
     torch.manual_seed(1)
     model = build_model(tiny_bundle.meta, ModelConfig(head="orthogonal", feature_dim=16))
     _fit(model, tiny_bundle.train, epochs=20)
-    r35 = certify_model(model, tiny_bundle.meta, tiny_bundle.test, "sound", theorem="3.5")
-    r33 = certify_model(model, tiny_bundle.meta, tiny_bundle.test, "sound", theorem="3.3")
-    assert r35["theorem"].startswith("3.5") and r33["theorem"].startswith("3.3")
-    a, b = torch.tensor(r35["radii"]["joint"]), torch.tensor(r33["radii"]["joint"])
+    r35 = certify_model(model, tiny_bundle.meta, tiny_bundle.test, "sound", options={"theorem": "3.5"})
+    r33 = certify_model(model, tiny_bundle.meta, tiny_bundle.test, "sound", options={"theorem": "3.3"})
+    assert r35.certificate.info["theorem"].startswith("3.5") and r33.certificate.info["theorem"].startswith("3.3")
+    assert (r35.key, r33.key) == ("sound@3.5", "sound@3.3")
+    a, b = r35.certificate.radii.joint, r33.certificate.radii.joint
     assert (b >= a * (1 - 1e-5)).all() and (b > a * 1.01).any()
     with pytest.raises(ConfigError, match="orthogonal head"):
         certify_model(build_model(tiny_bundle.meta, ModelConfig(feature_dim=16)), tiny_bundle.meta, tiny_bundle.test,
-                      "sound", theorem="3.5")  # fmt: skip
+                      "sound", options={"theorem": "3.5"})  # fmt: skip

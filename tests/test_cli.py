@@ -19,7 +19,10 @@ def _one_line_error(capsys, argv, needle):
     [
         (["train", "--method", "nosuch", "--data", "synthetic", "--out", "x"], "unknown training method 'nosuch'"),
         (["train", "--data", "nosuch", "--out", "x"], "unknown dataset 'nosuch'"),
-        (["train", "--data", "synthetic", "--epochs", "-1", "--out", "x"], "epochs must be >= 0"),
+        (
+            ["train", "--data", "synthetic", "--epochs", "-1", "--out", "x"],
+            "option 'train.epochs' must be in [0, 100000], got -1",
+        ),
         (
             ["train", "--data", "synthetic", "--data-opt", "signal", "--out", "x"],
             "--data-opt 'signal' must look like KEY=VALUE",
@@ -58,7 +61,13 @@ def test_cli_train_and_evaluate_roundtrip(tmp_path, capsys):
     argv = ["train", "--data", "synthetic", "--data-opt", "n_train=120", "--data-opt", "n_val=40",
             "--data-opt", "n_test=60", "--epochs", "1", "--feature-dim", "16", "--no-progress", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "metrics.json",
+        "manifest.json",
+        "train.log",
+    }
     assert main(["evaluate", str(out)]) == 0
     assert (out / "eval.json").is_file()
     assert main(["datasets"]) == 0

@@ -7,7 +7,7 @@ import torch
 
 from mmrobust.data import DataConfig, Split, iterate_batches, load_data, validate_batch
 from mmrobust.data.fetch import WheelFile, fetch_wheel
-from mmrobust.errors import DataError
+from mmrobust.errors import ConfigError, DataError
 
 
 def test_avdigits_splits_shapes_and_normalisation(avdigits):
@@ -63,7 +63,7 @@ def test_synthetic_is_seeded_and_validates_options():
     assert torch.equal(a.train.inputs["strong"], b.train.inputs["strong"])
     three = load_data(DataConfig("synthetic", 0, {"names": "a,b,c", "signal": "1,2,3", "n_train": "30"}))
     assert three.meta.modality_names == ["a", "b", "c"]
-    with pytest.raises(DataError, match="'signal' has 3 value"):
+    with pytest.raises(ConfigError, match="'signal' has 3 value"):
         load_data(DataConfig("synthetic", 0, {"signal": "1,2,3"}))
 
 

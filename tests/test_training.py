@@ -8,6 +8,7 @@ import torch
 
 from mmrobust.eval.runner import evaluate_run
 from mmrobust.io import write_json
+from mmrobust.report.robustness import save_eval
 from mmrobust.runs import load_run
 from mmrobust.training import train
 from tests.conftest import tiny_config
@@ -28,9 +29,10 @@ def test_evaluate_reproduces_test_accuracy_exactly(tiny_run, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(tiny_run, run_dir)
     result = evaluate_run(run_dir)
+    save_eval(run_dir, result)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert result["clean_accuracy"] == metrics["test_accuracy"]
-    assert not result["warnings"]
+    assert result.clean_accuracy == metrics["test_accuracy"]
+    assert not result.warnings
     written = json.loads((run_dir / "eval.json").read_text())
     assert [r["modalities"] for r in written["results"]] == [["strong"], ["weak"]]
     # removing the informative modality hurts more than removing the weak one

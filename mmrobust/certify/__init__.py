@@ -1,8 +1,11 @@
-"""Certification: Lipschitz estimates, certified radii, vulnerability indicators.
+"""Certification: certifiers (by name in ``CERTIFIERS``), certified radii, vulnerability indicators.
 
 Public API (loaded lazily so that importing one submodule stays cheap)::
 
-    from mmrobust.certify import certify_run, certify_model, sound_lipschitz, soundness_check
+    from mmrobust.certify import certify_run, certify_model, CERTIFIERS, soundness_check
+
+A new certifier is a :class:`~mmrobust.certify.base.Certifier` subclass registered in
+``CERTIFIERS`` inside a module listed in :data:`CERTIFIER_MODULES` (the one registration point).
 """
 
 from __future__ import annotations
@@ -10,14 +13,29 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+#: modules whose import registers certifiers in ``CERTIFIERS`` (add one line per new module)
+CERTIFIER_MODULES = [
+    "mmrobust.certify.estimators",  # empirical, sound
+]
+
+
+def load_certifiers() -> None:
+    """Import every certifier module so that ``CERTIFIERS`` knows all names (idempotent)."""
+    for name in CERTIFIER_MODULES:
+        importlib.import_module(name)
+
+
 _API = {
     "certify_run": "mmrobust.certify.runner",
     "certify_model": "mmrobust.certify.runner",
+    "build_certifier": "mmrobust.certify.runner",
     "load_certify": "mmrobust.certify.runner",
+    "CertifyResult": "mmrobust.certify.results",
+    "CERTIFIERS": "mmrobust.certify.base",
+    "Certificate": "mmrobust.certify.base",
     "certified_radii": "mmrobust.certify.radius",
     "certified_accuracy": "mmrobust.certify.radius",
     "head_lipschitz": "mmrobust.certify.estimators",
-    "ESTIMATORS": "mmrobust.certify.estimators",
     "sound_lipschitz": "mmrobust.certify.sound",
     "sound_row_lipschitz": "mmrobust.certify.sound",
     "conv_operator_bound": "mmrobust.certify.sound",
@@ -35,4 +53,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mmrobust.certify' has no attribute '{name}'")
 
 
-__all__ = list(_API)
+__all__ = ["CERTIFIER_MODULES", "load_certifiers", *_API]

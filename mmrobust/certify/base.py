@@ -11,7 +11,7 @@ print, plot or write.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +20,7 @@ from mmrobust.data.base import DatasetMeta, Split
 from mmrobust.registry import Registry
 
 
-class Guarantee(str, Enum):
+class Guarantee(StrEnum):
     SOUND = "sound"
     PROBABILISTIC = "probabilistic"
     ESTIMATE = "estimate"

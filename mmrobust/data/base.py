@@ -206,8 +206,13 @@ def iterate_batches(
     if world_size > 1 or shuffle:
         # one sampler for every case: rank r of W processes sees order[r::W] of the same permutation,
         # so W processes with batch B/W step through exactly the batches one process with B sees
-        sampler = torch.utils.data.DistributedSampler(
-            range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
+            range(n),  # type: ignore[arg-type]  # any sized sequence works; only its length is read
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
         )
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), dtype=torch.long)

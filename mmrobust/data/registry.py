@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmrobust.data.base import DataBundle, validate_split
-from mmrobust.errors import DataError
+from mmrobust.errors import ConfigError, DataError
 from mmrobust.registry import Registry
 
 #: name -> ``loader(seed, **options) -> DataBundle``
@@ -22,6 +23,34 @@ class DataConfig:
     name: str = "avdigits"
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"data name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer in 0..2^63-1, got {self.seed!r}")
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"data options must be a mapping of KEY: VALUE, got {self.options!r}")
+        if self.name not in DATASETS and _looks_like_path(self.name):
+            # a run must find its data from any working directory: keep folders as absolute paths
+            self.name = str(Path(self.name).expanduser().absolute())
+
+
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or name.startswith((".", "~")) or Path(name).is_dir()
+
+
+def fingerprint(bundle: DataBundle) -> str:
+    """sha256 over every split's arrays and labels (names, shapes, dtypes and bytes), in a fixed order."""
+    h = hashlib.sha256()
+    for split_name in ("train", "val", "test"):
+        split = bundle.split(split_name)
+        for name in sorted(split.inputs) + ["label"]:
+            t = split.labels if name == "label" else split.inputs[name]
+            t = t.detach().cpu().contiguous()
+            h.update(f"{split_name}/{name}/{tuple(t.shape)}/{t.dtype};".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
@@ -38,5 +67,11 @@ def load_data(cfg: DataConfig) -> DataBundle:
         )
     for split in ("train", "val", "test"):
         validate_split(bundle.meta, bundle.split(split), f"{bundle.meta.name}/{split}")
-    bundle.source = {"name": cfg.name, "seed": cfg.seed, "options": dict(cfg.options), **bundle.source}
+    bundle.source = {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "options": dict(cfg.options),
+        **bundle.source,
+        "fingerprint": fingerprint(bundle),
+    }
     return bundle

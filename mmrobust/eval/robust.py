@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from mmrobust.attacks.losses import ce_loss
 from mmrobust.attacks.missing import MissingModality
 from mmrobust.data.base import Split, iterate_batches
 from mmrobust.eval.metrics import accuracy, macro_f1, predict
+from mmrobust.eval.results import EvalRow, MaskingGap, MaskingReport, Underflow
 
 #: a CE-vs-CW accuracy gap above this on the same setting flags gradient masking
 GAP_THRESHOLD = 0.05
@@ -38,9 +39,9 @@ def missing_predictions(model: nn.Module, split: Split, modalities: Sequence[str
     return predict(model, split, batch_size, device=device, transform=MissingModality(list(modalities), fill))
 
 
-def result_row(setting: dict[str, Any], preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
-    """One ``eval.json`` result row: the setting plus accuracy and macro-F1."""
-    return {**setting, "accuracy": accuracy(preds, labels), "macro_f1": macro_f1(preds, labels, num_classes)}
+def result_row(setting: Mapping[str, Any], preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> EvalRow:
+    """One result row: the setting (an attack's ``describe()``) plus accuracy and macro-F1."""
+    return EvalRow.from_setting(setting, accuracy(preds, labels), macro_f1(preds, labels, num_classes))
 
 
 def worst_predictions(preds: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,7 @@ def worst_predictions(preds: Sequence[torch.Tensor], labels: torch.Tensor) -> to
 
 def ce_gradient_underflow(
     model: nn.Module, split: Split, batch_size: int = 256, device: str | torch.device = "cpu"
-) -> dict[str, Any]:
+) -> Underflow:
     """Share of correctly classified samples whose CE input gradient (all modalities) is exactly 0.
 
     With logits of magnitude ~1000 the softmax saturates to exactly one-hot in float32, CE and its
@@ -70,94 +71,45 @@ def ce_gradient_underflow(
             with torch.enable_grad():
                 logits = model(inputs)
                 grads = torch.autograd.grad(ce_loss(logits, labels).sum(), list(inputs.values()))
-            sq = sum(g.detach().flatten(1).pow(2).sum(1) for g in grads)
+            sq = torch.stack([g.detach().flatten(1).pow(2).sum(1) for g in grads]).sum(0)
             correct = logits.argmax(1) == labels
             n_correct += int(correct.sum())
             n_zero += int((correct & (sq == 0)).sum())
             top.append(logits.detach().abs().amax(1).cpu())
-    return {
-        "share": n_zero / n_correct if n_correct else 0.0,
-        "zero_gradient": n_zero,
-        "correct": n_correct,
-        "median_max_abs_logit": float(torch.cat(top).median()) if top else None,
-    }
+    median = float(torch.cat(top).median()) if top else None
+    return Underflow(n_zero / n_correct if n_correct else 0.0, n_zero, n_correct, median)
 
 
-def masking_report(
-    results: Sequence[dict[str, Any]], underflow: dict[str, Any] | None
-) -> tuple[dict[str, Any], list[str]]:
-    """Both gradient-masking signals, as an ``eval.json`` block plus human-readable warnings."""
+def masking_report(rows: Sequence[EvalRow], underflow: Underflow | None) -> tuple[MaskingReport, list[str]]:
+    """Both gradient-masking signals, as a :class:`MaskingReport` plus human-readable warnings."""
     warnings: list[str] = []
     gaps = []
-    by_setting: dict[tuple, dict[str, float]] = {}
-    for r in results:
-        if r.get("loss") in ("ce", "cw"):
-            by_setting.setdefault(setting_key(r), {})[r["loss"]] = r["accuracy"]
-    for key, accs in by_setting.items():
+    by_setting: dict[tuple, tuple[EvalRow, dict[str, float]]] = {}
+    for r in rows:
+        if r.loss in ("ce", "cw"):
+            by_setting.setdefault(r.key, (r, {}))[1][r.loss] = r.accuracy
+    for first, accs in by_setting.values():
         if "ce" in accs and "cw" in accs:
             gap = round(accs["ce"] - accs["cw"], 6)  # accuracies are float32 counts: no spurious 0.0500001
-            gaps.append({"setting": setting_label(dict(key)), "ce": accs["ce"], "cw": accs["cw"], "gap": gap,
-                         "flagged": is_masking_gap(gap, dict(key).get("steps"))})  # fmt: skip
-    flagged = [g for g in gaps if g["flagged"]]
+            gaps.append(MaskingGap(first.label, accs["ce"], accs["cw"], gap, is_masking_gap(gap, first.steps)))
+    flagged = [g for g in gaps if g.flagged]
     if flagged:
-        worst = max(flagged, key=lambda g: g["gap"])
+        worst = max(flagged, key=lambda g: g.gap)
         warnings.append(
-            f"gradient masking suspected: CE attacks report up to {worst['gap']:.3f} higher accuracy than CW "
-            f"({worst['setting']}: CE {worst['ce']:.3f} vs CW {worst['cw']:.3f}; {len(flagged)} iterative setting(s) with a "
+            f"gradient masking suspected: CE attacks report up to {worst.gap:.3f} higher accuracy than CW "
+            f"({worst.setting}: CE {worst.ce:.3f} vs CW {worst.cw:.3f}; {len(flagged)} iterative setting(s) with a "
             f"gap > {GAP_THRESHOLD}); the CE numbers overstate robustness — read the worst-case column"
         )
-    share = underflow["share"] if underflow else 0.0
-    if underflow and share > UNDERFLOW_THRESHOLD:
+    if underflow is not None and underflow.share > UNDERFLOW_THRESHOLD:
         warnings.append(
-            f"gradient masking suspected: the CE input gradient is exactly 0 (softmax saturated) for {share:.1%} of "
-            f"correctly classified samples ({underflow['zero_gradient']}/{underflow['correct']}; median max |logit| "
-            f"{underflow['median_max_abs_logit']:.1f}); CE-based attacks cannot move them"
+            f"gradient masking suspected: the CE input gradient is exactly 0 (softmax saturated) for "
+            f"{underflow.share:.1%} of correctly classified samples ({underflow.zero_gradient}/{underflow.correct}; "
+            f"median max |logit| {underflow.median_max_abs_logit:.1f}); CE-based attacks cannot move them"
         )
-    block = {
-        "suspected": bool(warnings),
-        "ce_gradient_underflow": underflow,
-        "max_ce_cw_gap": max((g["gap"] for g in gaps), default=None),
-        "gap_threshold": GAP_THRESHOLD,
-        "underflow_threshold": UNDERFLOW_THRESHOLD,
-        "gaps": gaps,
-    }
-    return block, warnings
+    return MaskingReport(bool(warnings), underflow, gaps, GAP_THRESHOLD, UNDERFLOW_THRESHOLD), warnings
 
 
 def is_masking_gap(gap: float | None, steps: int | None) -> bool:
     """A CE-vs-CW gap counts only for iterative attacks: one FGM step legitimately differs by loss,
     while two converged PGD runs should agree unless CE's gradient is masked."""
     return gap is not None and round(gap, 6) > GAP_THRESHOLD and (steps or 1) > 1
-
-
-_KEY_FIELDS = ("attack", "norm", "modalities", "budget", "eps", "steps", "fill")
-
-
-def setting_key(row: dict[str, Any]) -> tuple:
-    """What identifies a threat setting (everything but the loss and the numbers)."""
-    return tuple((f, tuple(row[f]) if isinstance(row.get(f), list) else row.get(f)) for f in _KEY_FIELDS)
-
-
-def setting_label(row: dict[str, Any]) -> str:
-    """A short human label, e.g. ``pgd-l2 audio+image eps 0.5``."""
-    mods = row.get("modalities") or ()
-    parts = [str(row.get("attack")), "+".join(mods)]
-    if row.get("attack") == "missing":
-        return f"{'+'.join(mods)} missing"
-    if row.get("budget") == "per-modality":
-        parts.append("per-modality")
-    if row.get("eps") is not None:
-        parts.append(f"eps {fmt_eps(row['eps'])}")
-    return " ".join(parts)
-
-
-def fmt_eps(eps: Any) -> str:
-    if isinstance(eps, dict):
-        return ",".join(f"{k}={fmt_eps(v)}" for k, v in eps.items())
-    if isinstance(eps, float):
-        for d in (255,):
-            k = eps * d
-            if abs(k - round(k)) < 1e-6 and eps < 1 and round(k) != 0:
-                return f"{round(k)}/{d}"
-        return f"{eps:g}"
-    return str(eps)

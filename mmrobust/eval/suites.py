@@ -1,4 +1,4 @@
-"""The robustness suites: ``paper`` (the CRMT protocol), ``curves`` (accuracy vs eps per modality)
+"""The evaluation suites, by name in ``SUITES``: ``basic`` (clean + each modality missing), ``paper`` (the CRMT protocol), ``curves`` (accuracy vs eps per modality)
 and ``autoattack`` (APGD-CE, APGD-T, FAB-T, Square).
 
 Every gradient attack runs once per loss (``ce`` and ``cw`` by default) and a third row with
@@ -9,7 +9,8 @@ broke it): that is the number to trust; the gap between the two is also a gradie
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
@@ -20,6 +21,7 @@ from mmrobust.attacks.missing import FILLS
 from mmrobust.data.base import Split
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, macro_f1, predict
+from mmrobust.eval.results import Curves, EvalResult, EvalRow, ProgressFn
 from mmrobust.eval.robust import (
     attack_predictions,
     ce_gradient_underflow,
@@ -28,9 +30,11 @@ from mmrobust.eval.robust import (
     result_row,
     worst_predictions,
 )
-from mmrobust.eval.runner import SUITES, worst_case
-from mmrobust.report.console import progress as progress_bar
+from mmrobust.registry import Registry
 from mmrobust.runs import Run
+
+#: name -> ``suite(run, split, **options) -> EvalResult``; suites compute only (no output of any kind)
+SUITES: Registry[Callable[..., EvalResult]] = Registry("evaluation suite")
 
 PAPER_EPS, PAPER_UNIMODAL_EPS = (0.5,), (1.0,)
 CURVE_EPS = {"l2": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "linf": (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)}
@@ -82,9 +86,10 @@ class _Evaluator:
         self.k = run.meta.num_classes
         self.clean_preds = predict(self.model, split, batch_size)
 
-    def attack(self, name: str, losses: Sequence[str], **kw: Any) -> list[dict[str, Any]]:
+    def attack(self, name: str, losses: Sequence[str], **kw: Any) -> list[EvalRow]:
         """One row per loss plus a ``worst`` row (when there is more than one loss)."""
-        rows, preds = [], []
+        rows: list[EvalRow] = []
+        preds = []
         for loss in losses:
             attack = build_attack(name, self.model, self.meta, loss=loss, seed=self.seed, **kw)
             p = (
@@ -95,31 +100,39 @@ class _Evaluator:
             preds.append(p)
             rows.append(result_row(attack.describe(), p, self.labels, self.k))
         if len(preds) > 1:
-            rows.append(
-                result_row({**rows[0], "loss": "worst"}, worst_predictions(preds, self.labels), self.labels, self.k)
-            )
+            setting = {**rows[0].setting(), "loss": "worst"}
+            rows.append(result_row(setting, worst_predictions(preds, self.labels), self.labels, self.k))
         return rows
 
-    def missing(self, modalities: list[str], fill: str) -> dict[str, Any]:
+    def missing(self, modalities: list[str], fill: str) -> EvalRow:
         p = missing_predictions(self.model, self.split, modalities, fill, self.batch_size)
         setting = {"attack": "missing", "loss": None, "norm": None, "modalities": modalities, "budget": None,
                    "eps": None, "steps": None, "fill": fill}  # fmt: skip
         return result_row(setting, p, self.labels, self.k)
 
     def finish(
-        self, results: list[dict[str, Any]], protocol: dict[str, Any], check_masking: bool = True
-    ) -> dict[str, Any]:
+        self, suite: str, rows: list[EvalRow], protocol: dict[str, Any], check_masking: bool = True
+    ) -> EvalResult:
         underflow = ce_gradient_underflow(self.model, self.split, self.batch_size) if check_masking else None
-        masking, warnings = masking_report(results, underflow)
-        return {
-            "clean_accuracy": accuracy(self.clean_preds, self.labels),
-            "clean_macro_f1": macro_f1(self.clean_preds, self.labels, self.k),
-            "results": results,
-            "worst_case": worst_case(results),
-            "warnings": warnings,
-            "gradient_masking": masking,
-            "protocol": {**protocol, "samples": len(self.split)},
-        }
+        masking, warnings = masking_report(rows, underflow)
+        return EvalResult(
+            suite=suite, split="", clean_accuracy=accuracy(self.clean_preds, self.labels),
+            clean_macro_f1=macro_f1(self.clean_preds, self.labels, self.k), rows=rows, masking=masking,
+            warnings=warnings, protocol={**protocol, "samples": len(self.split)},
+        )  # fmt: skip
+
+
+class _Ticker:
+    """Counts finished jobs of a suite and reports them to an optional :data:`ProgressFn`."""
+
+    def __init__(self, progress: ProgressFn | None, description: str, total: int) -> None:
+        self.progress, self.description, self.total, self.done = progress, description, total, 0
+        self.tick(0)
+
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.description, self.done, self.total)
 
 
 def _eps_positive(eps: dict[str, float]) -> bool:
@@ -127,11 +140,11 @@ def _eps_positive(eps: dict[str, float]) -> bool:
 
 
 @SUITES.register("basic")
-def basic_suite(run: Run, split: Split, *, fill: str = "zero", batch_size: int = 256, **_: Any) -> dict[str, Any]:
+def basic_suite(run: Run, split: Split, *, fill: str = "zero", batch_size: int = 256, **_: Any) -> EvalResult:
     """Clean accuracy and accuracy with each modality missing."""
     ev = _Evaluator(run, split, batch_size, seed=0)
     results = [ev.missing([m], fill) for m in run.meta.modality_names]
-    return ev.finish(results, {"fill": fill}, check_masking=False)
+    return ev.finish("basic", results, {"fill": fill}, check_masking=False)
 
 
 @SUITES.register("paper")
@@ -149,9 +162,9 @@ def paper_suite(
     random_start: bool = True,
     batch_size: int = 256,
     seed: int = 0,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
     **_: Any,
-) -> dict[str, Any]:
+) -> EvalResult:
     """The CRMT protocol: clean; FGM and l2-PGD on all modalities jointly (eps 0.5) and on each
     modality alone (eps 1.0); each modality missing. Every attack with each loss + the worst case."""
     joint = parse_eps(eps, "--eps") or list(PAPER_EPS)
@@ -168,22 +181,17 @@ def paper_suite(
     for e in uni:
         for m in mods:
             jobs += [("fgm", {"eps": e, "modalities": [m]}), ("pgd-l2", {"eps": e, "modalities": [m], **pgd})]
-    results: list[dict[str, Any]] = []
-    with progress_bar(progress) as bar:
-        task = bar.add_task("paper suite", total=len(jobs) + len(mods))
-        for name, kw in jobs:
-            results += ev.attack(name, loss_names, **kw)
-            bar.advance(task)
-        for m in mods:
-            results.append(ev.missing([m], fill))
-            bar.advance(task)
+    results: list[EvalRow] = []
+    ticker = _Ticker(progress, "paper suite", len(jobs) + len(mods))
+    for name, kw in jobs:
+        results += ev.attack(name, loss_names, **kw)
+        ticker.tick()
+    for m in mods:
+        results.append(ev.missing([m], fill))
+        ticker.tick()
     protocol = {"eps": joint, "unimodal_eps": uni, "steps": steps, "rel_step_size": step_size or 2.5 / steps,
                 "restarts": restarts, "random_start": random_start, "losses": loss_names, "fill": fill, "seed": seed}  # fmt: skip
-    out = ev.finish(results, protocol)
-    from mmrobust.report.robustness import plot_setting_bars
-
-    out["plots"] = [plot_setting_bars({"suite": "paper", **out}, run.path / "paper_suite.png").name]
-    return out
+    return ev.finish("paper", results, protocol)
 
 
 @SUITES.register("curves")
@@ -200,13 +208,11 @@ def curves_suite(
     random_start: bool = True,
     batch_size: int = 256,
     seed: int = 0,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
     **_: Any,
-) -> dict[str, Any]:
-    """Accuracy vs eps (PGD, each loss and the worst case) for each modality alone and all jointly;
-    plots ``RUN/robustness_curves.png`` (paper Fig. 1/4)."""
-    from mmrobust.report.robustness import plot_robustness_curves
-
+) -> EvalResult:
+    """Accuracy vs eps (PGD, each loss and the worst case) for each modality alone and all jointly
+    (paper Fig. 1/4); the result's ``curves`` holds the series."""
     if norm not in CURVE_EPS:
         raise ConfigError(f"unknown norm '{norm}'; choose from: {', '.join(CURVE_EPS)}")
     grid = sorted(set(parse_eps(eps, "--eps") or list(CURVE_EPS[norm])))
@@ -218,28 +224,25 @@ def curves_suite(
     pgd = {"steps": steps, "rel_step_size": step_size, "restarts": restarts, "random_start": random_start}
     clean = accuracy(ev.clean_preds, ev.labels)
     curves: dict[str, dict[str, list[float]]] = {}
-    results: list[dict[str, Any]] = []
-    with progress_bar(progress) as bar:
-        task = bar.add_task("robustness curves", total=len(targets) * len(grid))
-        for target in targets:
-            label = "+".join(target)
-            series: dict[str, list[float]] = {}
-            for e in grid:
-                rows = ev.attack(attack, loss_names, eps=e, modalities=target, **pgd) if e > 0 else []
-                for r in rows:
-                    series.setdefault(r["loss"], []).append(r["accuracy"])
-                if e == 0:
-                    for loss in [*loss_names, *(["worst"] if len(loss_names) > 1 else [])]:
-                        series.setdefault(loss, []).append(clean)
-                results += rows
-                bar.advance(task)
-            curves[label] = series
-    out = ev.finish(results, {"norm": norm, "attack": attack, "eps": grid, "steps": steps, "restarts": restarts,
-                              "rel_step_size": step_size or 2.5 / steps, "losses": loss_names, "seed": seed})  # fmt: skip
-    out["curves"] = {"attack": attack, "norm": norm, "eps": grid, "clean_accuracy": clean, "targets": curves}
-    plot = plot_robustness_curves({run.path.name or "model": out}, run.path / "robustness_curves.png")
-    out["plots"] = [plot.name]
-    return out
+    results: list[EvalRow] = []
+    ticker = _Ticker(progress, "robustness curves", len(targets) * len(grid))
+    for target in targets:
+        label = "+".join(target)
+        series: dict[str, list[float]] = {}
+        for e in grid:
+            rows = ev.attack(attack, loss_names, eps=e, modalities=target, **pgd) if e > 0 else []
+            for r in rows:
+                series.setdefault(str(r.loss), []).append(r.accuracy)
+            if e == 0:
+                for loss in [*loss_names, *(["worst"] if len(loss_names) > 1 else [])]:
+                    series.setdefault(loss, []).append(clean)
+            results += rows
+            ticker.tick()
+        curves[label] = series
+    out = ev.finish("curves", results, {"norm": norm, "attack": attack, "eps": grid, "steps": steps,
+                                        "restarts": restarts, "rel_step_size": step_size or 2.5 / steps,
+                                        "losses": loss_names, "seed": seed})  # fmt: skip
+    return replace(out, curves=Curves(attack, norm, grid, clean, curves))
 
 
 @SUITES.register("autoattack")
@@ -256,9 +259,9 @@ def autoattack_suite(
     attacks: Sequence[str] | str = AUTOATTACK_ATTACKS,
     batch_size: int = 256,
     seed: int = 0,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
     **_: Any,
-) -> dict[str, Any]:
+) -> EvalResult:
     """APGD-CE, APGD-T (targeted DLR), FAB-T and Square on all modalities jointly, each alone and
     their per-sample worst case (``"attack": "autoattack"``). Components that do not apply to the
     model (DLR with < 3 classes, too few classes for the targets) are skipped with a warning."""
@@ -279,30 +282,28 @@ def autoattack_suite(
             runnable.append(n)
         except ConfigError as exc:
             skipped.append(f"{n} skipped: {exc}")
-    results: list[dict[str, Any]] = []
-    with progress_bar(progress) as bar:
-        task = bar.add_task("autoattack", total=len(grid) * len(runnable))
-        for e in grid:
-            preds = []
-            for n in runnable:
-                kw: dict[str, Any] = {"eps": e, "norm": norm, "modalities": mods, "restarts": restarts}
-                kw["steps"] = queries if n == "square" else steps
-                if n in ("apgd-t", "fab-t"):
-                    kw["targets"] = targets
-                attack = build_attack(n, ev.model, ev.meta, seed=seed, **kw)
-                p = attack_predictions(attack, ev.split, batch_size) if e > 0 else ev.clean_preds
-                preds.append(p)
-                desc = attack.describe()
-                if n == "fab-t":
-                    desc["loss"] = None
-                results.append(result_row(desc, p, ev.labels, ev.k))
-                bar.advance(task)
-            if preds:
-                setting = {"attack": "autoattack", "loss": "worst", "norm": norm, "modalities": mods, "budget": "joint",
-                           "eps": e, "steps": steps, "components": runnable}  # fmt: skip
-                results.append(result_row(setting, worst_predictions(preds, ev.labels), ev.labels, ev.k))
+    results: list[EvalRow] = []
+    ticker = _Ticker(progress, "autoattack", len(grid) * len(runnable))
+    for e in grid:
+        preds = []
+        for n in runnable:
+            kw: dict[str, Any] = {"eps": e, "norm": norm, "modalities": mods, "restarts": restarts}
+            kw["steps"] = queries if n == "square" else steps
+            if n in ("apgd-t", "fab-t"):
+                kw["targets"] = targets
+            attack = build_attack(n, ev.model, ev.meta, seed=seed, **kw)
+            p = attack_predictions(attack, ev.split, batch_size) if e > 0 else ev.clean_preds
+            preds.append(p)
+            desc = attack.describe()
+            if n == "fab-t":
+                desc["loss"] = None
+            results.append(result_row(desc, p, ev.labels, ev.k))
+            ticker.tick()
+        if preds:
+            setting = {"attack": "autoattack", "loss": "worst", "norm": norm, "modalities": mods, "budget": "joint",
+                       "eps": e, "steps": steps, "components": runnable}  # fmt: skip
+            results.append(result_row(setting, worst_predictions(preds, ev.labels), ev.labels, ev.k))
     protocol = {"norm": norm, "eps": grid, "steps": steps, "queries": queries, "restarts": restarts, "targets": targets,
                 "attacks": runnable, "seed": seed}  # fmt: skip
-    out = ev.finish(results, protocol, check_masking=True)
-    out["warnings"] = skipped + out["warnings"]
-    return out
+    out = ev.finish("autoattack", results, protocol, check_masking=True)
+    return replace(out, warnings=skipped + out.warnings)

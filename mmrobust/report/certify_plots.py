@@ -100,5 +100,6 @@ def plot_eta_heatmaps(
         ax.set_xticks(ticks, names, fontsize=7, rotation=90 if max(len(s) for s in names) > 2 else 0)
         ax.set_yticks(ticks, names, fontsize=7)
         ax.set(xlabel="runner-up class j", ylabel="true class y", title=label)
+    assert im is not None  # results is not empty
     fig.colorbar(im, ax=axes[0].tolist(), label=f"log2 eta ratio ({', '.join(sorted(keys))})", shrink=0.8)
     return save_figure(fig, path)

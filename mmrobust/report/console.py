@@ -7,15 +7,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from mmrobust.eval.results import ProgressFn
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
 
 class _NullProgress:
-    def add_task(self, *args: object, **kwargs: object) -> int:
-        return 0
+    def add_task(self, *args: object, **kwargs: object) -> TaskID:
+        return TaskID(0)
 
     def update(self, *args: object, **kwargs: object) -> None:
         pass
@@ -36,3 +46,25 @@ def progress(enabled: bool = True) -> Iterator[Progress | _NullProgress]:
     )  # fmt: skip
     with bar:
         yield bar
+
+
+@contextmanager
+def progress_callback(enabled: bool = True) -> Iterator[ProgressFn | None]:
+    """A :data:`~mmrobust.eval.results.ProgressFn` drawing one transient bar per description
+    (None when disabled or stderr is not a terminal: the core then reports nothing)."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+    )  # fmt: skip
+    tasks: dict[str, TaskID] = {}
+
+    def update(description: str, done: int, total: int) -> None:
+        if description not in tasks:
+            tasks[description] = bar.add_task(description, total=total)
+        bar.update(tasks[description], completed=done, total=total)
+
+    with bar:
+        yield update

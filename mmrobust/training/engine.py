@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
 import math
+import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,11 +74,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, bundle: DataBundle | None = None) -> None:
+        cfg.validate()  # fields may have been set after construction (CLI flags, Python API)
         t = cfg.train
-        if t.epochs < 0:
-            raise ConfigError(f"epochs must be >= 0, got {t.epochs}")
-        if t.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {t.batch_size}")
         self.cfg = cfg
         self.device = resolve_device(t.device)
         self.dist: DistInfo = setup_distributed(self.device)
@@ -82,11 +83,14 @@ class Trainer:
             raise ConfigError(f"batch size {t.batch_size} is not divisible by {self.dist.world_size} processes")
         self.bundle = bundle if bundle is not None else load_data(cfg.data)
         self.strategy = make_strategy(cfg, self.bundle)
-        if cfg.model.head != self.strategy.head:
-            # the method decides the head; keep the rest of the user's model config
-            cfg.model = dataclasses.replace(cfg.model, head=self.strategy.head, encoders=dict(cfg.model.encoders))
+        if self.dist.active and not self.strategy.distributed:
+            raise ConfigError(f"method '{t.method}' cannot run under torchrun: {self.strategy.distributed_reason}")
+        # the method decides the head (and any deployed extras); keep the rest of the user's model config
+        cfg.model = self.strategy.model_config(cfg.model)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = build_model(self.bundle.meta, cfg.model).to(self.device)
+        # the samples that train the model (a method may hold some out, never from val/test)
+        self.train_split = self.strategy.training_split(self.bundle.train, t.seed)
         self.history: list[dict[str, Any]] = []
 
     def evaluate_split(self, split_name: str) -> float:
@@ -112,17 +116,19 @@ class Trainer:
         self._wrapped.train()
         total_loss, correct, seen = 0.0, 0, 0
         batches = iterate_batches(
-            self.bundle.train, t.batch_size // self.dist.world_size, shuffle=True, seed=t.seed, epoch=epoch,
+            self.train_split, t.batch_size // self.dist.world_size, shuffle=True, seed=t.seed, epoch=epoch,
             rank=self.dist.rank, world_size=self.dist.world_size,
         )  # fmt: skip
         for step, (inputs, labels) in enumerate(batches):
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             labels = labels.to(self.device)
-            loss, logits = self.strategy.loss(self._wrapped, inputs, labels, StepContext(epoch, step, gen))
+            ctx = StepContext(epoch, step, gen)
+            loss, logits = self.strategy.loss(self._wrapped, inputs, labels, ctx)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at epoch {epoch}, step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            self.strategy.after_backward(self._wrapped, ctx)
             opt.step()
             total_loss += float(loss.detach()) * len(labels)
             correct += int((logits.detach().argmax(1) == labels).sum())
@@ -134,22 +140,69 @@ class Trainer:
         total_loss, correct, seen = totals.tolist()
         return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
-    def fit(self, out: str | Path | None = None) -> FitResult:
+    def fit(self, out: str | Path | None = None, *, force: bool = False, resume: bool = False) -> FitResult:
+        """Train; with ``out``, write the run folder transactionally (see :class:`~mmrobust.runs.RunFolder`).
+
+        A checkpoint is kept after every epoch while the run is in progress; ``resume`` continues
+        from it and gives the same model as an uninterrupted run.
+        """
+        from mmrobust.runs import RunFolder
+
+        if out is None or not self.dist.is_main:
+            if resume and out is not None:  # non-main ranks read the checkpoint rank 0 keeps
+                return self._fit(RunFolder(out, resume=True).partial, None)
+            return self._fit(None, None)
+        with RunFolder(out, force=force, resume=resume) as folder, _terminate_as_interrupt():
+            return self._fit(folder.partial, folder, resume=resume)
+
+    def _fit(self, workdir: Path | None, folder: Any, resume: bool = False) -> FitResult:
+        from mmrobust.runs import save_run
+        from mmrobust.training.checkpoint import (
+            CHECKPOINT_JSON,
+            TrainingState,
+            config_difference,
+            load_checkpoint,
+            save_checkpoint,
+        )
+
         t = self.cfg.train
         self._wrapped: nn.Module = DistributedDataParallel(self.model) if self.dist.active else self.model
         opt = build_optimizer(self.strategy.parameters(self.model), t.optim)
         sched = build_scheduler(opt, t.optim, t.epochs)
         gen = torch.Generator().manual_seed(t.seed * 1000 + self.dist.rank)
         best_key, best_epoch, best_state = (-1.0, 0.0), -1, None
+        first_epoch = 0
+        config = self.cfg.to_dict()
+        if workdir is not None and (resume or folder is None) and (workdir / CHECKPOINT_JSON).is_file():
+            ck = load_checkpoint(workdir)
+            changed = config_difference(ck.config, config)
+            if changed:
+                raise ConfigError(
+                    f"cannot resume: setting '{changed}' differs from the interrupted run; "
+                    "use the same settings, or --force to start over"
+                )
+            self.model.load_state_dict(ck.model)
+            opt.load_state_dict(ck.optimizer)
+            if sched is not None and ck.scheduler is not None:
+                sched.load_state_dict(ck.scheduler)
+            torch.set_rng_state(ck.rng)
+            gen.set_state(ck.generator)
+            self.strategy.load_state_dict(ck.strategy)
+            self.history = ck.history
+            best_key, best_epoch, best_state, first_epoch = ck.best_key, ck.best_epoch, ck.best_model, ck.epoch
+        log = (workdir / "train.log") if folder is not None and workdir is not None else None
         per_rank = t.batch_size // self.dist.world_size
-        steps = math.ceil(math.ceil(len(self.bundle.train) / self.dist.world_size) / per_rank)
+        steps = math.ceil(math.ceil(len(self.train_split) / self.dist.world_size) / per_rank)
         start = time.perf_counter()
         show = t.progress and self.dist.is_main
+        self.strategy.on_train_start(self)
         with progress(show) as bar:
-            task = bar.add_task(f"{t.method} train", total=t.epochs * steps)
-            for epoch in range(t.epochs):
+            task = bar.add_task(f"{t.method} train", total=t.epochs * steps, completed=first_epoch * steps)
+            for epoch in range(first_epoch, t.epochs):
                 e0 = time.perf_counter()
+                self.strategy.on_epoch_start(self, epoch)
                 stats = self._train_epoch(epoch, opt, bar, task, gen)
+                stats.update(self.strategy.on_epoch_end(self, epoch))
                 lr = opt.param_groups[0]["lr"]
                 if sched is not None:
                     sched.step()
@@ -167,12 +220,24 @@ class Trainer:
                 if (val_acc, -val_loss) > best_key:
                     best_key, best_epoch = (val_acc, -val_loss), epoch + 1
                     best_state = copy.deepcopy(self.model.state_dict())
+                line = (
+                    f"[{t.method}] epoch {epoch + 1}/{t.epochs}  loss {stats['train_loss']:.4f}  "
+                    f"train acc {stats['train_accuracy']:.4f}  val acc {val_acc:.4f}  ({row['time_s']:.1f}s)"
+                )
                 if self.dist.is_main:
-                    console.print(
-                        f"[{t.method}] epoch {epoch + 1}/{t.epochs}  loss {stats['train_loss']:.4f}  "
-                        f"train acc {stats['train_accuracy']:.4f}  val acc {val_acc:.4f}  ({row['time_s']:.1f}s)",
-                        markup=False,
-                    )
+                    console.print(line, markup=False)
+                if folder is not None and workdir is not None:
+                    save_checkpoint(
+                        workdir,
+                        TrainingState(
+                            epoch + 1, self.model.state_dict(), best_state, best_key, best_epoch, opt.state_dict(),
+                            sched.state_dict() if sched is not None else None, torch.get_rng_state(), gen.get_state(),
+                            self.strategy.state_dict(), self.history, config,
+                        ),
+                    )  # fmt: skip
+                if log is not None:
+                    with log.open("a") as fh:
+                        fh.write(line + "\n")
         if best_state is not None:
             self.model.load_state_dict(best_state)
         extra = self.strategy.after_training(self)
@@ -189,14 +254,50 @@ class Trainer:
             **extra,
         }
         path = None
-        if out is not None and self.dist.is_main:
-            from mmrobust.runs import save_run
-
-            path = save_run(out, self.model, self.cfg, self.bundle, metrics)
+        if folder is not None and workdir is not None:
+            save_run(workdir, self.model, self.cfg, self.bundle, metrics)
+            path = folder.commit()
         teardown_distributed(self.dist)
         return FitResult(self.model, metrics, self.cfg, self.bundle, path)
 
 
-def train(cfg: RunConfig, out: str | Path | None = None, bundle: DataBundle | None = None) -> FitResult:
-    """Train a model from a :class:`RunConfig`; write the run folder to ``out`` if given."""
-    return Trainer(cfg, bundle).fit(out)
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM (what SLURM and Kubernetes send) or SIGINT during training."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into an interrupt while training, so the run folder's lock is released and the
+    last epoch's checkpoint stays for ``--resume`` (SIGINT already raises KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise TrainingInterrupted(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(
+    cfg: RunConfig,
+    out: str | Path | None = None,
+    bundle: DataBundle | None = None,
+    *,
+    force: bool = False,
+    resume: bool = False,
+) -> FitResult:
+    """Train a model from a :class:`RunConfig`; write the run folder to ``out`` if given.
+
+    An existing ``out`` is refused unless ``force`` (replace it) or ``resume`` (continue an
+    interrupted run from its last epoch checkpoint).
+    """
+    if out is not None and int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 owns the folder
+        from mmrobust.runs import RunFolder
+
+        RunFolder(out, force=force, resume=resume)._check_target()  # refuse before loading data
+    return Trainer(cfg, bundle).fit(out, force=force, resume=resume)

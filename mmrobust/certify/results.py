@@ -1,0 +1,120 @@
+"""What ``mmrobust certify`` computed, typed, and its JSON form (one ``certify.json`` entry).
+
+:class:`CertifyResult` wraps one :class:`~mmrobust.certify.base.Certificate` with the radius grid,
+the split name and the optional soundness check; certified accuracy and the radius summary are
+derived from the per-sample radii. :meth:`CertifyResult.to_json` is the only place the entry is
+built; the keys of older files (``estimator``, ``guarantee``, ``certified_accuracy``, ``radii``,
+``vulnerability``, ...) are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mmrobust.certify.base import Certificate, Guarantee
+from mmrobust.certify.radius import certified_accuracy
+from mmrobust.runs import Run
+
+#: default radius grid (l2, in the model's input space) for certified accuracy
+DEFAULT_RADII = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def _median(x: torch.Tensor) -> float | None:
+    return float(x.double().median()) if x.numel() else None
+
+
+@dataclass
+class CertifyResult:
+    """One certifier's result on one split.
+
+    ``options``: the certifier's options as used (JSON-able); ``fit_split``: the split its
+    ``fit_data`` came from, if it read any; ``soundness``: the attack check of
+    :func:`~mmrobust.certify.soundness.soundness_check`, if run.
+    """
+
+    certificate: Certificate
+    split: str
+    grid: list[float]
+    options: dict[str, Any] = field(default_factory=dict)
+    fit_split: str | None = None
+    soundness: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.certificate.certifier
+
+    @property
+    def key(self) -> str:
+        """The ``certify.json`` entry name: the certifier, plus ``@<theorem>`` for a non-default theorem."""
+        theorem = self.options.get("theorem", "auto")
+        return self.name if theorem == "auto" else f"{self.name}@{theorem}"
+
+    @property
+    def is_guarantee(self) -> bool:
+        """Only a sound certificate is a guarantee; a probabilistic one holds except with probability alpha."""
+        return self.certificate.guarantee is Guarantee.SOUND
+
+    @property
+    def n(self) -> int:
+        return int(self.certificate.labels.numel())
+
+    @property
+    def clean_accuracy(self) -> float:
+        return float(self.certificate.radii.correct.double().mean())
+
+    def accuracy_curve(self, threat: str = "joint") -> list[float]:
+        """Certified accuracy at every grid radius for ``joint`` or one modality alone."""
+        r = self.certificate.radii
+        return certified_accuracy(r.joint if threat == "joint" else r.unimodal[threat], self.grid)
+
+    def to_json(self) -> dict[str, Any]:
+        c, r = self.certificate, self.certificate.radii
+        correct = r.correct.bool()
+        info = dict(c.info)
+        if "lipschitz" in info:  # where the Lipschitz estimate was fitted (None: it reads no data)
+            info["lipschitz"] = {
+                **info["lipschitz"],
+                "info": {**info["lipschitz"]["info"], "data_split": self.fit_split},
+            }
+        d: dict[str, Any] = {
+            "estimator": c.certifier,
+            "guarantee": self.is_guarantee,
+            "guarantee_kind": c.guarantee.value,
+            "alpha": c.alpha,
+            "norm": c.norm,
+            "options": dict(self.options),
+            "n": self.n,
+            "clean_accuracy": self.clean_accuracy,
+            "summary": {
+                "median_joint_radius_correct": _median(r.joint[correct]),
+                "median_unimodal_radius_correct": {m: _median(v[correct]) for m, v in r.unimodal.items()},
+            },
+            "certified_accuracy": {
+                "radii": list(self.grid),
+                "joint": self.accuracy_curve("joint"),
+                "unimodal": {m: self.accuracy_curve(m) for m in r.unimodal},
+            },
+            "radii": {"joint": r.joint.tolist(), "unimodal": {m: v.tolist() for m, v in r.unimodal.items()}},
+            "labels": c.labels.tolist(),
+            "correct": r.correct.tolist(),
+            "seconds": c.seconds,
+            **info,
+            "split": self.split,
+        }
+        if self.soundness is not None:
+            d["soundness"] = self.soundness
+        return d
+
+    def document(self, run: Run, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The ``certify.json`` document of ``run`` with this result's entry merged into ``previous``
+        (the entries of other certifiers are kept)."""
+        return {
+            "run": str(run.path),
+            "head": run.config.model.head,
+            "modalities": run.model.modalities,
+            "class_names": run.meta.class_names,
+            "estimators": {**(previous or {}).get("estimators", {}), self.key: self.to_json()},
+        }
