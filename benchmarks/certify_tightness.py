@@ -20,10 +20,8 @@ from typing import Any
 
 import torch
 
-from mmrobust.certify.crown import CrownOptions, crown_radii
 from mmrobust.certify.radius import certified_accuracy
 from mmrobust.certify.runner import certify_model
-from mmrobust.certify.smoothing import SmoothingOptions, smoothing_radii
 from mmrobust.certify.tightness import TightnessOptions, attack_radius, compare
 from mmrobust.io import write_json
 from mmrobust.report.tables import print_table
@@ -34,15 +32,14 @@ CERTIFIERS = ("sound", "empirical", "crown", "smoothing")
 
 
 def certify(name: str, run: Any, split: Any, train: Any, args: argparse.Namespace) -> torch.Tensor:
-    """Joint l2 radii of ``split`` by certifier ``name``."""
-    if name in ("sound", "empirical"):
-        res = certify_model(run.model, run.meta, split, name, train, max_samples=512)
-        return torch.tensor(res["radii"]["joint"], dtype=torch.float64)
-    if name == "crown":
-        opts = CrownOptions(steps=args.crown_steps, unimodal=False, chunk=args.chunk)
-        return crown_radii(run.model, run.meta, split, opts).joint
-    opts_s = SmoothingOptions(sigma=args.sigma, n0=args.smoothing_n0, n=args.smoothing_n, unimodal=False)
-    return smoothing_radii(run.model, run.meta, split, opts_s).joint
+    """Joint l2 radii of ``split`` by certifier ``name`` (through the registry, like the CLI)."""
+    options: dict[str, Any] = {
+        "empirical": {"max_samples": 512},
+        "sound": {},
+        "crown": {"steps": args.crown_steps, "unimodal": False, "chunk": args.chunk},
+        "smoothing": {"sigma": args.sigma, "n0": args.smoothing_n0, "n": args.smoothing_n, "unimodal": False},
+    }[name]
+    return certify_model(run.model, run.meta, split, name, train, options=options).certificate.radii.joint.double()
 
 
 def main() -> None:

@@ -120,7 +120,7 @@ def test_crown_is_at_least_as_tight_as_interval_and_sound_lipschitz_and_much_tig
     test = tiny_bundle.test.subset(slice(0, 40))
     meta = tiny_bundle.meta
     rad = crown_radii(model, meta, test, CrownOptions(steps=14, unimodal=False))
-    sound = torch.tensor(certify_model(model, meta, test, "sound")["radii"]["joint"], dtype=torch.float64)
+    sound = certify_model(model, meta, test, "sound").certificate.radii.joint.double()
     assert (rad.joint >= sound * (1 - 1e-6)).all()
     # at fixed radii, CROWN's own linear bound beats interval propagation on this MLP by a wide margin
     bounds = ModelBounds(model, meta, CrownOptions())
@@ -225,3 +225,22 @@ def test_registered_certifier_returns_a_sound_certificate():
     cert = CERTIFIERS.get("crown")(CrownOptions(steps=6)).certify(model, meta, split, CertifyContext())
     assert cert.guarantee is Guarantee.SOUND and cert.norm == "l2" and cert.radii.joint.shape == (5,)
     assert set(cert.radii.unimodal) == {"a", "b"} and cert.radii.correct.all()
+
+
+def test_cli_certifies_with_crown_and_smoothing(tmp_path, capsys):
+    import json
+
+    from mmrobust.cli import main
+    from mmrobust.training import train
+
+    from .conftest import tiny_config
+
+    out = tmp_path / "run"
+    train(tiny_config(epochs=2), out=out)
+    assert main(["certify", str(out), "--lipschitz", "crown", "--cert-opt", "steps=4", "--radii", "0,0.1"]) == 0
+    assert main(["certify", str(out), "--lipschitz", "smoothing", "--cert-opt", "n=40", "--cert-opt", "n0=10"]) == 0
+    assert main(["certify", str(out), "--lipschitz", "crown", "--cert-opt", "norm=l3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mmrobust: error:") and "crown: unknown norm 'l3'" in err[-1]
+    doc = json.loads((out / "certify.json").read_text())
+    assert set(doc["estimators"]) >= {"crown", "smoothing"}

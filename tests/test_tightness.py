@@ -56,13 +56,13 @@ def test_sound_certifiers_never_exceed_the_attack_radius(tiny_bundle, kind):
     else:
         model, meta, test = _small_cnn()
         crown = crown_radii(model, meta, test, CrownOptions(steps=6, intermediate="fast"))
-    sound = certify_model(model, meta, test, "sound")["radii"]
+    sound = certify_model(model, meta, test, "sound").certificate.radii
     opts = TightnessOptions(samples=10, steps=15, search_rounds=6, bisect_rounds=3)
     for threat in ["joint", *model.modalities]:
         res = tightness(model, test, crown.joint if threat == "joint" else crown.unimodal[threat], threat, opts)
         assert res.violations == 0, (kind, threat)
         assert res.median_ratio is not None and res.median_ratio > 0, (kind, threat)
-        snd = torch.tensor(sound["joint"] if threat == "joint" else sound["unimodal"][threat], dtype=torch.float64)
+        snd = (sound.joint if threat == "joint" else sound.unimodal[threat]).double()
         assert (snd[res.indices] <= res.attack_radius).all(), (kind, threat)  # the same attack radii
 
 
