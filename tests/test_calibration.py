@@ -102,6 +102,8 @@ def test_encoders_and_centres_stay_frozen(setup, ce_result):
     enc = setup.model.encoders["audio"].module
     assert isinstance(enc, NuisanceEncoder)
     assert torch.equal(enc.weight, torch.ones(8)) and not enc.weight.requires_grad
+    ce_result.model.train()  # even a model put in train mode keeps its encoders in eval mode
+    ce_result.model.logits("audio", setup.data.train.inputs["audio"])
     assert torch.equal(enc.bn.running_mean, torch.full((8,), 0.5))  # batch-norm never ran in train mode
     assert ce_result.model.encoders["audio"] is setup.model.encoders["audio"]
     assert torch.equal(ce_result.model.centres("audio"), setup.model.centres("audio"))

@@ -101,7 +101,9 @@ def test_example_and_encoders_flags_exclude_each_other(user_files, tmp_path, cap
     assert "unknown calibration example 'nope'; choose from: avdigits-bind" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not missing_extra(), reason="the calibration extra is installed; this checks the message without it")
+@pytest.mark.skipif(
+    not missing_extra(), reason="the calibration extra is installed; this checks the message without it"
+)
 def test_example_without_the_extra_names_what_is_missing(tmp_path, capsys):
     assert main(["calibrate", "--example", "avdigits-bind", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
