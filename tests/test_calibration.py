@@ -261,3 +261,27 @@ def test_bad_centres_and_encoders_are_refused():
         BindModel(enc, torch.full((3, 4), float("nan")))
     with pytest.raises(ConfigError, match="not callable"):
         BindModel({"a": 3, "b": nn.Identity()}, torch.randn(3, 4))  # type: ignore[dict-item]
+
+
+def test_adapters_name_the_missing_package_and_import_nothing_at_load():
+    import sys
+
+    from mmrobust.calibration import adapters
+
+    assert "imagebind" not in sys.modules and "languagebind" not in sys.modules
+    for fn, package in ((adapters.imagebind_encoders, "imagebind"), (adapters.languagebind_encoders, "languagebind")):
+        if importlib.util.find_spec(package) is not None:
+            continue
+        with pytest.raises(ConfigError, match=f"needs the '{package}' package"):
+            fn("/nonexistent")
+
+
+def test_pca_2d_projects_on_the_leading_principal_axes():
+    from mmrobust.report.calibration import pca_2d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g) * torch.tensor([5.0, 2.0, 0.1]) + torch.tensor([1.0, -3.0, 7.0])
+    xy = pca_2d(x)
+    cov = torch.cov((x - x.mean(0)).T)
+    top = torch.linalg.eigvalsh(cov).flip(0)[:2]
+    torch.testing.assert_close(xy.var(0), top, rtol=1e-4, atol=1e-4)

@@ -89,7 +89,7 @@ class EvalOptions:
     def __post_init__(self) -> None:
         who = "evaluation"
         check_types(self, who)
-        self.eps = tuple(check_eps(e, f"{who}.eps") for e in self.eps)
+        self.eps = tuple(sorted(check_eps(e, f"{who}.eps") for e in self.eps))  # reports read the last as the largest
         if not self.eps:
             raise ConfigError(f"{who}.eps: give at least one budget")
         self.attacks = tuple(self.attacks)
