@@ -10,6 +10,8 @@ nuisance coordinates is both accurate and robust: calibration has something real
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -27,8 +29,9 @@ class NuisanceEncoder(nn.Module):
         super().__init__()
         self.gain = gain
         self.bn = nn.BatchNorm1d(D_SIGNAL + D_NUISANCE, affine=False)
-        self.bn.running_var.fill_(1.0)
-        self.bn.running_mean.fill_(0.5)
+        with torch.no_grad():
+            self.bn.running_var = torch.ones(D_SIGNAL + D_NUISANCE)
+            self.bn.running_mean = torch.full((D_SIGNAL + D_NUISANCE,), 0.5)
         self.weight = nn.Parameter(torch.ones(D_SIGNAL + D_NUISANCE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +88,7 @@ def write_folder_dataset(root, setup: CalibrationSetup, valid_ranges: bool = Tru
     root.mkdir(parents=True, exist_ok=True)
     for name in ("train", "val", "test"):
         split = setup.data.split(name)
-        arrays = {m: x.numpy() for m, x in split.inputs.items()}
+        arrays: dict[str, Any] = {m: x.numpy() for m, x in split.inputs.items()}
         np.savez(root / f"{name}.npz", label=split.labels.numpy(), **arrays)
     meta = {"class_names": setup.meta.class_names, "normalize": False}
     if valid_ranges:

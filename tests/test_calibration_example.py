@@ -30,6 +30,6 @@ def test_avdigits_bind_builds_an_aligned_bind_model_and_calibrates_it():
         setup, CalibrationOptions(loss="ce", epochs=1, stage1_epochs=5, attack_steps=2), modalities=["audio"]
     )
     head = result.heads["audio"]
-    assert 0 < head.trainable_fraction < 0.5 and len(head.history) == 2
+    assert head.trainable_fraction is not None and 0 < head.trainable_fraction < 0.5 and len(head.history) == 2
     after = evaluate(result.model, setup.meta, setup.data.test, opts)
     assert after.modalities["audio"].clean.accuracy > 0.2
