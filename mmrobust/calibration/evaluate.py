@@ -62,12 +62,6 @@ class ModalityEvaluation:
     budgets: list[BudgetResult]
     skipped: list[str]
 
-    def robust_accuracy(self, eps: float) -> float:
-        for b in self.budgets:
-            if abs(b.eps - eps) < 1e-12:
-                return b.worst.accuracy
-        raise KeyError(eps)
-
 
 @dataclass
 class Evaluation:
