@@ -296,3 +296,16 @@ def test_pca_2d_projects_on_the_leading_principal_axes():
     cov = torch.cov((x - x.mean(0)).T)
     top = torch.linalg.eigvalsh(cov).flip(0)[:2]
     torch.testing.assert_close(xy.var(0), top, rtol=1e-4, atol=1e-4)
+
+
+def test_cascade_gives_the_same_worst_case_with_cumulative_components(setup):
+    opts = EvalOptions(eps=(2 / 255, 4 / 255), steps=5, queries=30, targets=3)
+    alone = evaluate(setup.model, setup.meta, setup.data.test, opts).modalities["image"]
+    cascade = evaluate(setup.model, setup.meta, setup.data.test, dataclasses.replace(opts, cascade=True))
+    casc = cascade.modalities["image"]
+    for a, c in zip(alone.budgets, casc.budgets, strict=True):
+        assert abs(a.worst.accuracy - c.worst.accuracy) <= 2 / len(setup.data.test)
+        steps = list(c.by_attack.values())
+        assert steps == sorted(steps, reverse=True) and steps[-1] == c.worst.accuracy
+        assert c.embedding_cosine == a.embedding_cosine  # APGD-CE, the first component, runs on every sample
+    assert casc.budgets[1].worst.accuracy <= casc.budgets[0].worst.accuracy
