@@ -81,6 +81,14 @@ class RunFolder:
                 raise RunError(f"{parent}: cannot create the folder for --out ({exc.strerror})") from None
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RunError(f"{parent}: not writable; choose another --out")
+        owner = self._lock_owner()
+        if owner is not None:
+            raise RunError(f"{out}: another mmrobust process (pid {owner}) is writing this run")
+        if not (self.force or self.resume) and (self.partial / "checkpoint.json").is_file():
+            raise RunError(
+                f"{out}: an interrupted run of this folder has a checkpoint; use --resume to continue it "
+                "or --force to start over"
+            )
         if out.is_dir() and any(out.iterdir()) and not (self.force or self.resume):
             raise RunError(f"{out}: already exists; use --force to replace it or --resume to continue it")
         if self.resume and not (self.partial / "checkpoint.json").is_file():
@@ -88,17 +96,22 @@ class RunFolder:
                 raise RunError(f"{out}: this run is already complete; nothing to resume (use --force to retrain)")
             raise RunError(f"{out}: no interrupted run to resume (no checkpoint in {self.partial.name})")
 
+    def _lock_owner(self) -> int | None:
+        """The pid holding the lock if that process is alive, else None."""
+        try:
+            pid = int(self.lock.read_text().strip() or "0")
+        except (OSError, ValueError):
+            return None
+        return pid if pid and _pid_alive(pid) else None
+
     def _acquire(self) -> None:
         for _ in range(2):
             try:
                 fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    pid = int(self.lock.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _pid_alive(pid):
-                    raise RunError(f"{self.out}: another mmrobust process (pid {pid}) is writing this run") from None
+                owner = self._lock_owner()
+                if owner is not None:
+                    raise RunError(f"{self.out}: another mmrobust process (pid {owner}) is writing this run") from None
                 self.lock.unlink(missing_ok=True)  # stale: its writer died
                 continue
             with os.fdopen(fd, "w") as fh:

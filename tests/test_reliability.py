@@ -165,6 +165,8 @@ def test_sigterm_keeps_a_checkpoint_and_resume_refuses_changed_settings(tmp_path
     assert "interrupted; continue with the same command plus --resume" in stopped.stderr
     assert "Traceback" not in stopped.stderr
     assert not (tmp_path / ".r.lock").exists()  # released on the way out
+    assert main(["train", *SLOW, "--epochs", "5", "--out", str(out)]) == 2
+    assert "an interrupted run of this folder has a checkpoint; use --resume" in _err_line(capsys)
     assert main(["train", *SLOW, "--epochs", "5", "--lr", "0.01", "--resume", "--out", str(out)]) == 2
     assert "setting 'train.optim.lr' differs from the interrupted run" in _err_line(capsys)
     assert main(["train", *SLOW, "--epochs", "5", "--resume", "--out", str(out)]) == 0
@@ -206,3 +208,60 @@ def test_output_files_follow_the_umask(tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "r").iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize("method", ["gb", "ogm-ge", "pmr", "crmt-jt", "msefm", "mixup"])
+def test_resume_restores_strategy_state(tmp_path, monkeypatch, method):
+    """Interrupted after epoch 2 (in-process), resumed: same weights as an uninterrupted run."""
+    import mmrobust.training.checkpoint as checkpoint
+
+    args = ["train", *TINY, "--method", method, "--epochs", "4", "--seed", "1"]
+    if method == "msefm":
+        args += ["--method-opt", "memory_size=32"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    real = checkpoint.save_checkpoint
+
+    def save_then_stop(folder, state):
+        real(folder, state)
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
+    assert main([*args, "--out", str(tmp_path / "r")]) == 130
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+    assert main([*args, "--resume", "--out", str(tmp_path / "r")]) == 0
+    assert _sha(tmp_path / "r" / "model.safetensors") == _sha(tmp_path / "full" / "model.safetensors")
+
+
+def test_torchrun_kill_then_resume_is_bit_identical(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547"]
+    args = [*launcher, "-m", "mmrobust.cli", "train", *SLOW, "--epochs", "5"]
+    done = subprocess.run([*args, "--out", str(tmp_path / "full")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "r")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    ck = tmp_path / ".r.partial" / "checkpoint.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(ck.read_text())["epoch"] >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    target = str(tmp_path / "r")
+    for entry in Path("/proc").iterdir():  # the launcher and both workers (they run in sessions of their own)
+        try:
+            if entry.name.isdigit() and target in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+    proc.wait(timeout=60)
+    assert not (tmp_path / "r").exists()
+    resumed = subprocess.run([*args, "--resume", "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, [
+        line for line in resumed.stderr.splitlines() if "mmrobust" in line or "Error" in line
+    ]
+    assert _sha(tmp_path / "r" / "model.safetensors") == _sha(tmp_path / "full" / "model.safetensors")

@@ -1,7 +1,28 @@
-"""The training-strategy interface: one small class per method, found by name in ``METHODS``."""
+"""The training-strategy interface: one small class per method, found by name in ``METHODS``.
+
+A step of the engine, and where a strategy can act::
+
+    on_train_start(trainer)                      once, before the first epoch
+    for each epoch:
+        on_epoch_start(trainer, epoch)           e.g. PMR's prototypes
+        for each batch:
+            loss, logits = loss(model, x, y, ctx)
+            loss.backward()
+            after_backward(model, ctx)           gradient modulation (OGM-GE), before the optimiser step
+            optimiser.step()
+        on_epoch_end(trainer, epoch) -> dict     e.g. GB's blend weights; merged into the epoch's history row
+    after_training(trainer) -> dict              on the selected model (CRMT step 2, MSEFM's memory)
+
+Modules a method adds to the deployed model (GB's per-modality heads, MSEFM's feature memory) are
+declared through :meth:`Strategy.model_config`: they are then part of the model's ``state_dict``,
+saved in ``model.safetensors`` and rebuilt by ``load_run`` from ``config.json``. Strategy state that
+is not part of the model (prototypes, blend weights) is exposed by :meth:`state_dict`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -9,7 +30,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from mmrobust.data.base import Batch, DatasetMeta
+from mmrobust.data.base import Batch, DatasetMeta, Split
+from mmrobust.errors import ConfigError
+from mmrobust.models.fusion import LateFusionModel, ModelConfig
+from mmrobust.options import coerce
 from mmrobust.registry import Registry
 
 if TYPE_CHECKING:
@@ -18,8 +42,42 @@ if TYPE_CHECKING:
 METHODS: Registry[type[Strategy]] = Registry("training method")
 
 
+def unwrap(model: nn.Module) -> LateFusionModel:
+    """The :class:`LateFusionModel` inside a (possibly DDP-wrapped) model."""
+    inner = getattr(model, "module", model)
+    assert isinstance(inner, LateFusionModel)
+    return inner
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``ok`` (option range checks)."""
+    if not ok:
+        raise ConfigError(message)
+
+
 @dataclass
-class NoOptions:
+class MethodOptions:
+    """Base of every method's options: checks each field's type (and finiteness) on construction.
+
+    Subclasses add range checks by overriding :meth:`check` (calling ``super().check()``), so options
+    built from Python are held to the same rules as those parsed from ``--method-opt``.
+    """
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, declared = getattr(self, f.name), hints.get(f.name, f.type)
+            if isinstance(value, str) and declared is not str:
+                raise ConfigError(f"option '{f.name}' expects {getattr(declared, '__name__', declared)}, got '{value}'")
+            setattr(self, f.name, coerce(value, declared, f.name))
+        self.check()
+
+    def check(self) -> None:
+        """Range checks; raise :class:`ConfigError` naming the option."""
+
+
+@dataclass
+class NoOptions(MethodOptions):
     """For methods without options."""
 
 
@@ -35,23 +93,45 @@ class StepContext:
 class Strategy:
     """A training method.
 
-    Subclasses set ``head`` (the fusion head they need), ``Options`` (a dataclass of their
-    hyper-parameters, filled from ``TrainConfig.method_options``) and implement :meth:`loss`.
-    ``model`` passed to :meth:`loss` may be wrapped in DDP: call it, don't reach into it; use
-    ``model(inputs, return_all=True)`` for features and per-modality scores.
+    Subclasses set ``head`` (the fusion head they need), ``Options`` (a :class:`MethodOptions`
+    dataclass of their hyper-parameters, filled from ``TrainConfig.method_options``) and implement
+    :meth:`loss`; the hooks are optional. ``model`` passed to :meth:`loss` and :meth:`after_backward`
+    may be wrapped in DDP: call it, don't reach into it; use ``model(inputs, return_all=True)`` for
+    features, per-modality scores and auxiliary logits.
     """
 
     name: ClassVar[str] = ""
     head: ClassVar[str] = "concat"
     Options: ClassVar[type] = NoOptions
+    # methods whose per-process decisions would make DDP replicas diverge set a reason here
+    distributed_reason: ClassVar[str] = ""
 
     def __init__(self, options: Any, meta: DatasetMeta) -> None:
         self.options = options
         self.meta = meta
 
+    @property
+    def distributed(self) -> bool:
+        """Whether the method can run under ``torchrun`` (see ``distributed_reason``)."""
+        return not self.distributed_reason
+
+    def model_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The model this method trains and deploys: the user's config with the method's head (and extras)."""
+        return dataclasses.replace(cfg, head=self.head)
+
     def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
         """Parameters the optimiser updates (default: all)."""
         return model.parameters()
+
+    def training_split(self, train: Split, seed: int) -> Split:
+        """The part of the training split that trains the model (GB holds part of it out)."""
+        return train
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Hook run once before the first epoch."""
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Hook run before each epoch (model state as left by the previous epoch)."""
 
     def loss(
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
@@ -59,12 +139,12 @@ class Strategy:
         """Return ``(loss, logits)``; logits feed the running train accuracy."""
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """State the strategy carries across epochs (saved in checkpoints for ``--resume``)."""
-        return {}
+    def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
+        """Hook run after ``loss.backward()`` and before the optimiser step (gradient modulation)."""
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> dict[str, Any]:
+        """Hook run after each epoch's training pass; returns extra columns for the history row."""
+        return {}
 
     def after_training(self, trainer: Trainer) -> dict[str, Any]:
         """Hook run once on the selected model after the epochs (e.g. CRMT step 2).
@@ -72,3 +152,14 @@ class Strategy:
         Returns extra metrics for ``metrics.json``.
         """
         return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Strategy state outside the model (e.g. prototypes), as tensors: saved in every epoch checkpoint
+        so that ``--resume`` restores it."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`; refuses keys it does not know."""
+        unknown = sorted(set(state) - set(self.state_dict()))
+        if unknown:
+            raise ConfigError(f"{self.name}: unknown strategy state {unknown}")

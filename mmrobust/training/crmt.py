@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mmrobust.certify.bounds import fused_logits, orthogonal_bound
+from mmrobust.certify.bounds import orthogonal_bound
 from mmrobust.certify.lipschitz import empirical_lipschitz
 from mmrobust.data.base import Batch, Split, iterate_batches
-from mmrobust.errors import ConfigError
-from mmrobust.training.base import METHODS, StepContext, Strategy
+from mmrobust.training.adversarial import joint_pgd_examples
+from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require, unwrap
+from mmrobust.training.crmt_step2 import Step2Data, choose_step2, optimise_modality_weights, summarize
+from mmrobust.training.mixup import mixup_batch
 
 if TYPE_CHECKING:
     from mmrobust.training.engine import Trainer
@@ -76,25 +78,12 @@ def normalized_scores(
     return {m: temperature * s / feats[m].norm(dim=1, keepdim=True).clamp_min(1e-6) for m, s in raw_scores.items()}
 
 
-def mixup_batch(
-    inputs: Batch, labels: torch.Tensor, alpha: float, generator: torch.Generator
-) -> tuple[Batch, torch.Tensor, float]:
-    """One ``lambda ~ Beta(alpha, alpha)`` and one permutation shared by every modality."""
-    perm = torch.randperm(len(labels), generator=generator).to(labels.device)
-    if alpha == 1.0:  # Beta(1, 1) is uniform: draw it from the step's generator
-        lam = float(torch.rand((), generator=generator))
-    else:  # torch's Beta sampler has no generator argument; the global RNG is seeded by the trainer
-        lam = float(torch.distributions.Beta(float(alpha), float(alpha)).sample())
-    mixed = {m: lam * x + (1.0 - lam) * x[perm] for m, x in inputs.items()}
-    return mixed, labels[perm], lam
-
-
 # ---------------------------------------------------------------------------------------------
 # options
 
 
 @dataclass
-class Step2Options:
+class Step2Options(MethodOptions):
     """Step 2: only ``a^(m)`` moves; kept if it improves the validation criterion."""
 
     step2_epochs: int = 20
@@ -106,14 +95,32 @@ class Step2Options:
     step2_attack_check: bool = True  # ours: also require validation CW-PGD accuracy not to drop
     step2_check_steps: int = 10
 
+    def check(self) -> None:
+        super().check()
+        require(
+            self.step2_optimizer in ("adam", "sgd"),
+            f"option step2_optimizer='{self.step2_optimizer}' is unknown; choose from: adam, sgd",
+        )
+        require(self.step2_epochs >= 0 and self.step2_lr > 0, "options step2_epochs must be >= 0 and step2_lr > 0")
+        require(self.step2_weight_decay >= 0, f"option step2_weight_decay must be >= 0, got {self.step2_weight_decay}")
+        require(self.step2_max_acc_drop >= 0, f"option step2_max_acc_drop must be >= 0, got {self.step2_max_acc_drop}")
+        require(self.lipschitz_samples >= 0, f"option lipschitz_samples must be >= 0, got {self.lipschitz_samples}")
+        require(self.step2_check_steps >= 1, f"option step2_check_steps must be >= 1, got {self.step2_check_steps}")
+
 
 @dataclass
-class Step1Options:
+class Step1Options(MethodOptions):
     """Step 1 regulariser: ``CE + rho * L1``."""
 
     rho: float = 2.0
     margin: str = "faithful"  # faithful (paper) | normalized (ours: scores / ||phi||, see docs/crmt.md)
     margin_temperature: float = 10.0  # only for margin=normalized
+
+    def check(self) -> None:
+        super().check()
+        require(self.margin in MARGINS, f"option margin='{self.margin}' is unknown; choose from: {', '.join(MARGINS)}")
+        require(self.rho >= 0, f"option rho must be >= 0, got {self.rho}")
+        require(self.margin_temperature > 0, f"option margin_temperature must be > 0, got {self.margin_temperature}")
 
 
 @dataclass
@@ -121,6 +128,10 @@ class Step1OnlyOptions(Step1Options):
     """CRMT step 1 alone (``lipschitz_samples`` only sizes the bound recorded after training)."""
 
     lipschitz_samples: int = 512
+
+    def check(self) -> None:
+        super().check()
+        require(self.lipschitz_samples >= 0, f"option lipschitz_samples must be >= 0, got {self.lipschitz_samples}")
 
 
 @dataclass
@@ -136,6 +147,14 @@ class CRMTATOptions(CRMTOptions):
     at_steps: int = 5
     at_step_size: float = 0.0  # 0 = 2.5 * eps / steps
 
+    def check(self) -> None:
+        super().check()
+        require(
+            self.at_eps > 0 and self.at_steps >= 1 and self.at_step_size >= 0,
+            f"crmt-at needs at_eps > 0, at_steps >= 1 and at_step_size >= 0, got {self.at_eps}, {self.at_steps}, "
+            f"{self.at_step_size}",
+        )
+
 
 @dataclass
 class CRMTMixOptions(CRMTOptions):
@@ -143,20 +162,24 @@ class CRMTMixOptions(CRMTOptions):
 
     mix_alpha: float = 1.0
 
+    def check(self) -> None:
+        super().check()
+        require(self.mix_alpha > 0, f"mix_alpha must be > 0, got {self.mix_alpha}")
+
 
 @dataclass
-class OJTOptions:
+class OJTOptions(MethodOptions):
     """OJT has no hyper-parameters of its own (``lipschitz_samples`` only sizes the recorded bound)."""
 
     lipschitz_samples: int = 512
 
+    def check(self) -> None:
+        super().check()
+        require(self.lipschitz_samples >= 0, f"option lipschitz_samples must be >= 0, got {self.lipschitz_samples}")
+
 
 # ---------------------------------------------------------------------------------------------
 # strategies
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 class CRMTBase(Strategy):
@@ -165,20 +188,6 @@ class CRMTBase(Strategy):
     head = "orthogonal"
     use_margin = True
     use_step2 = True
-
-    def __init__(self, options: Any, meta: Any) -> None:
-        super().__init__(options, meta)
-        o = options
-        if getattr(o, "margin", "faithful") not in MARGINS:
-            raise ConfigError(f"option margin='{o.margin}' is unknown; choose from: {', '.join(MARGINS)}")
-        if getattr(o, "rho", 0.0) < 0:
-            raise ConfigError(f"option rho must be >= 0, got {o.rho}")
-        if getattr(o, "step2_optimizer", "adam") not in ("adam", "sgd"):
-            raise ConfigError(f"option step2_optimizer='{o.step2_optimizer}' is unknown; choose from: adam, sgd")
-        if getattr(o, "step2_epochs", 0) < 0 or getattr(o, "step2_lr", 1.0) <= 0:
-            raise ConfigError("options step2_epochs must be >= 0 and step2_lr > 0")
-        if o.lipschitz_samples < 0:
-            raise ConfigError(f"option lipschitz_samples must be >= 0, got {o.lipschitz_samples}")
 
     # --- step 1 ---------------------------------------------------------------------------
 
@@ -205,7 +214,7 @@ class CRMTBase(Strategy):
             ce = lam * ce + (1.0 - lam) * F.cross_entropy(logits, labels_b)
         if not self.use_margin or self.options.rho == 0:
             return ce, logits
-        raw = _unwrap(model).head.raw_scores(out["features"])
+        raw = unwrap(model).head.raw_scores(out["features"])
         if self.options.margin == "normalized":
             raw = normalized_scores(raw, out["features"], self.options.margin_temperature)
         return ce + self.options.rho * margin_regulariser(raw, labels, labels_b, lam), logits
@@ -219,6 +228,8 @@ class CRMTBase(Strategy):
         validation samples of ``max(bound, 0)`` (0 when misclassified), among the states whose
         validation accuracy is at least step 1's minus ``step2_max_acc_drop``. Step 1's state is a
         candidate, so step 2 never lowers the criterion; both are recorded in ``metrics.json``.
+        Step 2 itself is :func:`~mmrobust.training.crmt_step2.optimise_modality_weights`, a pure
+        function of the cached scores.
         """
         model, o = trainer.model, self.options
         head = model.head
@@ -234,7 +245,7 @@ class CRMTBase(Strategy):
         tau = {m: t.to(trainer.device) for m, t in tau.items()}
         val_scores, val_labels = raw_scores_of(model, bundle.val, trainer.device)
         a0 = {m: p.detach().clone() for m, p in head.a.items()}
-        step1 = _summary(val_scores, a0, head.bias.detach(), val_labels, tau)
+        step1 = summarize(val_scores, a0, head.bias.detach(), val_labels, tau)
         record: dict[str, Any] = {
             "tau_estimator": f"empirical (max local gradient norm over {n_tau} random training samples)",
             "tau": {m: t.tolist() for m, t in tau.items()},
@@ -243,100 +254,30 @@ class CRMTBase(Strategy):
         }
         if not self.use_step2:
             return {"crmt": record}
-        record["step2"], record["kept"], record["reason"] = self._step2(trainer, tau, val_scores, val_labels, step1)
-        record["modality_weights"] = {m: p.detach().tolist() for m, p in head.a.items()}
-        return {"crmt": record}
-
-    def _step2(
-        self,
-        trainer: Trainer,
-        tau: dict[str, torch.Tensor],
-        val_scores: dict[str, torch.Tensor],
-        val_labels: torch.Tensor,
-        step1: dict[str, float],
-    ) -> tuple[dict[str, Any], str, str]:
-        model, o = trainer.model, self.options
-        head = model.head
         # encoders and W~ are frozen and the model is in eval mode: the raw scores are constants, so
         # step 2 optimises over them directly (exactly the head's forward, far cheaper)
-        train_scores, train_labels = raw_scores_of(model, trainer.bundle.train, trainer.device)
-        flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        params = list(head.a.values())
-        for p in params:
-            p.requires_grad_(True)
-        if o.step2_optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=o.step2_lr, weight_decay=o.step2_weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=o.step2_lr, momentum=0.9, weight_decay=o.step2_weight_decay)
-        gen = torch.Generator().manual_seed(trainer.cfg.train.seed + 7919)
-        bias = head.bias.detach()
-        floor = step1["val_accuracy"] - o.step2_max_acc_drop
-        history_a0 = {m: p.detach().clone() for m, p in head.a.items()}
-        best_crit, best_epoch, best_a = step1["val_mean_radius"], 0, history_a0
-        history = []
-        n, bs = len(train_labels), trainer.cfg.train.batch_size
-        try:
-            for epoch in range(o.step2_epochs):
-                order = torch.randperm(n, generator=gen).to(train_labels.device)
-                total = 0.0
-                for i in range(0, n, bs):
-                    idx = order[i : i + bs]
-                    a = {m: p for m, p in head.a.items()}
-                    bound = orthogonal_bound(
-                        {m: s[idx] for m, s in train_scores.items()}, a, bias, train_labels[idx], tau
-                    )
-                    loss = -bound.mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * len(idx)
-                a_now = {m: p.detach().clone() for m, p in head.a.items()}
-                row = {
-                    "epoch": epoch + 1,
-                    "train_mean_bound": -total / n,
-                    **_summary(val_scores, a_now, bias, val_labels, tau),
-                }
-                history.append(row)
-                if row["val_accuracy"] >= floor and row["val_mean_radius"] > best_crit:
-                    best_crit, best_epoch, best_a = row["val_mean_radius"], epoch + 1, a_now
-        finally:
-            for n_, p in model.named_parameters():
-                p.requires_grad_(flags[n_])
-        a_step1 = {m: v.clone() for m, v in history_a0.items()}
+        train_scores, train_labels = raw_scores_of(model, trainer.train_split, trainer.device)
+        data = Step2Data(train_scores, train_labels, val_scores, val_labels, a0, head.bias.detach(), tau)
+        result = optimise_modality_weights(data, o, trainer.cfg.train.batch_size, trainer.cfg.train.seed)
         check = None
-        if best_epoch and o.step2_attack_check:
-            check = self._attack_check(trainer, tau, val_scores, val_labels, a_step1, best_a)
-        if best_epoch == 0:
-            kept = "step1"
-            reason = (
-                f"no step-2 epoch raised the validation mean certified radius ({step1['val_mean_radius']:.4f}) "
-                f"with validation accuracy >= {floor:.4f}"
-            )
-        elif check is not None and check["step2"] < check["step1"]:
-            kept = "step1"
-            reason = (
-                f"step-2 epoch {best_epoch} raised the validation mean certified radius from "
-                f"{step1['val_mean_radius']:.4f} to {best_crit:.4f}, but lowered validation CW-PGD accuracy at "
-                f"eps {check['eps']:.3f} from {check['step1']:.4f} to {check['step2']:.4f}: the empirical tau "
-                f"overstates the gain"
-            )
-        else:
-            kept = "step2"
-            reason = (
-                f"step-2 epoch {best_epoch} raised the validation mean certified radius from "
-                f"{step1['val_mean_radius']:.4f} to {best_crit:.4f} with validation accuracy >= {floor:.4f}"
-            )
-            if check is not None:
-                reason += f" and CW-PGD accuracy at eps {check['eps']:.3f} {check['step1']:.4f} -> {check['step2']:.4f}"
-        final = best_a if kept == "step2" else a_step1
+        if result.best_epoch and o.step2_attack_check:
+            check = self._attack_check(trainer, tau, val_scores, val_labels, a0, result.best_a)
+        kept, reason = choose_step2(result, check)
+        final = result.best_a if kept == "step2" else a0
         with torch.no_grad():
             for m, p in head.a.items():
                 p.copy_(final[m])
-        best = history[best_epoch - 1] if best_epoch and kept == "step2" else None
-        out = {"best_epoch": best_epoch if kept == "step2" else 0, "candidate_epoch": best_epoch, "selected": best}
-        return {**out, "attack_check": check, "history": history}, kept, reason
+        selected = result.history[result.best_epoch - 1] if kept == "step2" else None
+        record["step2"] = {
+            "best_epoch": result.best_epoch if kept == "step2" else 0,
+            "candidate_epoch": result.best_epoch,
+            "selected": selected,
+            "attack_check": check,
+            "history": result.history,
+        }
+        record["kept"], record["reason"] = kept, reason
+        record["modality_weights"] = {m: p.detach().tolist() for m, p in head.a.items()}
+        return {"crmt": record}
 
     def _attack_check(
         self,
@@ -396,24 +337,6 @@ def raw_scores_of(
     return {m: torch.cat(v) for m, v in parts.items()}, torch.cat(labels)
 
 
-@torch.no_grad()
-def _summary(
-    scores: dict[str, torch.Tensor],
-    a: dict[str, torch.Tensor],
-    bias: torch.Tensor,
-    labels: torch.Tensor,
-    tau: dict[str, torch.Tensor],
-) -> dict[str, float]:
-    bound = orthogonal_bound(scores, a, bias, labels, tau)
-    correct = fused_logits(scores, a, bias).argmax(1) == labels
-    radius = torch.where(correct, bound.clamp_min(0), torch.zeros_like(bound))
-    return {
-        "val_accuracy": float(correct.float().mean()),
-        "val_mean_radius": float(radius.mean()),
-        "val_mean_bound": float(bound.mean()),
-    }
-
-
 @METHODS.register("crmt-jt")
 class CRMTJT(CRMTBase):
     """CRMT-JT: orthogonal head, CE + rho*L1 (step 1), then certified-bound step 2 on a^(m)."""
@@ -457,24 +380,15 @@ class CRMTAT(CRMTBase):
     name = "crmt-at"
     Options = CRMTATOptions
 
-    def __init__(self, options: Any, meta: Any) -> None:
-        super().__init__(options, meta)
-        if options.at_eps <= 0 or options.at_steps < 1:
-            raise ConfigError(f"crmt-at needs at_eps > 0 and at_steps >= 1, got {options.at_eps}, {options.at_steps}")
-
     def prepare(
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
     ) -> tuple[Batch, torch.Tensor | None, float]:
-        from mmrobust.attacks import PGDL2
-
         o = self.options
-        # the attack runs the model in eval mode (BN statistics untouched) and restores train mode
-        attack = PGDL2(
-            _unwrap(model), o.at_eps, steps=o.at_steps, rel_step_size=(o.at_step_size / o.at_eps) or None,
-            loss="ce", budget="joint", meta=self.meta, seed=ctx.epoch * 100_003 + ctx.step,
-        )  # fmt: skip
-        adv = {k: v.detach() for k, v in attack(inputs, labels).items()}
-        return adv, None, 1.0
+        return (
+            joint_pgd_examples(model, inputs, labels, o.at_eps, o.at_steps, o.at_step_size, self.meta, ctx),
+            None,
+            1.0,
+        )
 
 
 @METHODS.register("crmt-mix")
@@ -483,11 +397,6 @@ class CRMTMix(CRMTBase):
 
     name = "crmt-mix"
     Options = CRMTMixOptions
-
-    def __init__(self, options: Any, meta: Any) -> None:
-        super().__init__(options, meta)
-        if options.mix_alpha <= 0:
-            raise ConfigError(f"mix_alpha must be > 0, got {options.mix_alpha}")
 
     def prepare(
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import signal
 import threading
 import time
@@ -22,7 +23,7 @@ from mmrobust.data.base import DataBundle, iterate_batches
 from mmrobust.data.registry import load_data
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, predict
-from mmrobust.models.fusion import LateFusionModel, ModelConfig, build_model
+from mmrobust.models.fusion import LateFusionModel, build_model
 from mmrobust.report.console import console, progress
 from mmrobust.training.base import METHODS, StepContext, Strategy
 from mmrobust.training.distributed import DistInfo, resolve_device, setup_distributed, teardown_distributed
@@ -82,11 +83,14 @@ class Trainer:
             raise ConfigError(f"batch size {t.batch_size} is not divisible by {self.dist.world_size} processes")
         self.bundle = bundle if bundle is not None else load_data(cfg.data)
         self.strategy = make_strategy(cfg, self.bundle)
-        if cfg.model.head != self.strategy.head:
-            # the method decides the head; keep the rest of the user's model config
-            cfg.model = ModelConfig(self.strategy.head, cfg.model.feature_dim, dict(cfg.model.encoders))
+        if self.dist.active and not self.strategy.distributed:
+            raise ConfigError(f"method '{t.method}' cannot run under torchrun: {self.strategy.distributed_reason}")
+        # the method decides the head (and any deployed extras); keep the rest of the user's model config
+        cfg.model = self.strategy.model_config(cfg.model)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = build_model(self.bundle.meta, cfg.model).to(self.device)
+        # the samples that train the model (a method may hold some out, never from val/test)
+        self.train_split = self.strategy.training_split(self.bundle.train, t.seed)
         self.history: list[dict[str, Any]] = []
 
     def evaluate_split(self, split_name: str) -> float:
@@ -112,17 +116,19 @@ class Trainer:
         self._wrapped.train()
         total_loss, correct, seen = 0.0, 0, 0
         batches = iterate_batches(
-            self.bundle.train, t.batch_size // self.dist.world_size, shuffle=True, seed=t.seed, epoch=epoch,
+            self.train_split, t.batch_size // self.dist.world_size, shuffle=True, seed=t.seed, epoch=epoch,
             rank=self.dist.rank, world_size=self.dist.world_size,
         )  # fmt: skip
         for step, (inputs, labels) in enumerate(batches):
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             labels = labels.to(self.device)
-            loss, logits = self.strategy.loss(self._wrapped, inputs, labels, StepContext(epoch, step, gen))
+            ctx = StepContext(epoch, step, gen)
+            loss, logits = self.strategy.loss(self._wrapped, inputs, labels, ctx)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at epoch {epoch}, step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            self.strategy.after_backward(self._wrapped, ctx)
             opt.step()
             total_loss += float(loss.detach()) * len(labels)
             correct += int((logits.detach().argmax(1) == labels).sum())
@@ -186,14 +192,17 @@ class Trainer:
             best_key, best_epoch, best_state, first_epoch = ck.best_key, ck.best_epoch, ck.best_model, ck.epoch
         log = (workdir / "train.log") if folder is not None and workdir is not None else None
         per_rank = t.batch_size // self.dist.world_size
-        steps = math.ceil(math.ceil(len(self.bundle.train) / self.dist.world_size) / per_rank)
+        steps = math.ceil(math.ceil(len(self.train_split) / self.dist.world_size) / per_rank)
         start = time.perf_counter()
         show = t.progress and self.dist.is_main
+        self.strategy.on_train_start(self)
         with progress(show) as bar:
             task = bar.add_task(f"{t.method} train", total=t.epochs * steps, completed=first_epoch * steps)
             for epoch in range(first_epoch, t.epochs):
                 e0 = time.perf_counter()
+                self.strategy.on_epoch_start(self, epoch)
                 stats = self._train_epoch(epoch, opt, bar, task, gen)
+                stats.update(self.strategy.on_epoch_end(self, epoch))
                 lr = opt.param_groups[0]["lr"]
                 if sched is not None:
                     sched.step()
@@ -287,7 +296,7 @@ def train(
     An existing ``out`` is refused unless ``force`` (replace it) or ``resume`` (continue an
     interrupted run from its last epoch checkpoint).
     """
-    if out is not None:
+    if out is not None and int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 owns the folder
         from mmrobust.runs import RunFolder
 
         RunFolder(out, force=force, resume=resume)._check_target()  # refuse before loading data

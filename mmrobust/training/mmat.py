@@ -1,0 +1,55 @@
+"""MMAT: multi-modal adversarial training (Madry et al., ICLR 2018, over the joint input).
+
+Each step trains on joint-l2 PGD examples ``x' = argmax_{||x' - x||_2 <= eps} CE(h(x'), y)``, the
+budget shared by all modalities (``||(delta_1, ..., delta_M)||_2 <= eps``), found by ``steps`` PGD
+steps from a random start. ``mix_clean = lambda`` trains on a clean/adversarial mix:
+``lambda CE(h(x), y) + (1 - lambda) CE(h(x'), y)`` (0: adversarial only, the default).
+It is CRMT-AT's adversarial step without CRMT's head, regulariser and step 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmrobust.data.base import Batch
+from mmrobust.training.adversarial import AdversarialOptions, joint_pgd_examples
+from mmrobust.training.base import METHODS, StepContext, Strategy, require
+
+
+@dataclass
+class MMATOptions(AdversarialOptions):
+    """PGD budget and steps, and the clean share ``mix_clean`` in [0, 1]."""
+
+    mix_clean: float = 0.0
+
+    def check(self) -> None:
+        super().check()
+        require(0.0 <= self.mix_clean <= 1.0, f"option mix_clean must be in [0, 1], got {self.mix_clean}")
+
+
+@METHODS.register("mmat")
+class MMAT(Strategy):
+    """Multi-modal adversarial training on the concat head (see module docstring)."""
+
+    name = "mmat"
+    head = "concat"
+    Options = MMATOptions
+
+    def examples(self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext) -> Batch:
+        """The step's adversarial examples (inside the joint l2 ball of radius ``eps``)."""
+        o = self.options
+        return joint_pgd_examples(model, inputs, labels, o.eps, o.steps, o.step_size, self.meta, ctx)
+
+    def loss(
+        self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = self.options.mix_clean
+        adv_logits = model(self.examples(model, inputs, labels, ctx))
+        loss = F.cross_entropy(adv_logits, labels)
+        if lam > 0:
+            loss = lam * F.cross_entropy(model(inputs), labels) + (1.0 - lam) * loss
+        return loss, adv_logits
