@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MMRobustError as exc:
         if args.debug:
             raise
-        print(f"mmrobust: error: {exc}", file=sys.stderr)
+        print("mmrobust: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)  # always one line
         return 2
     except (OSError, MemoryError) as exc:
         # the environment, not a bug: a full disk, a read-only folder, too little memory
