@@ -174,6 +174,8 @@ def save_run(
 def check_writable(path: str | Path) -> None:
     """Refuse, before any work, to compute results that could not be written into ``path``."""
     path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: run folder not found")
     if not os.access(path, os.W_OK | os.X_OK):
         raise RunError(f"{path}: not writable; results could not be saved there")
 
