@@ -46,6 +46,10 @@ _API = {
     "empirical_lipschitz": "mmrobust.certify.lipschitz",
     "score_gradient_norms": "mmrobust.certify.lipschitz",
     "orthogonal_bound": "mmrobust.certify.bounds",
+    "crown_radii": "mmrobust.certify.crown",
+    "smoothing_radii": "mmrobust.certify.smoothing",
+    "tightness": "mmrobust.certify.tightness",
+    "attack_radius": "mmrobust.certify.tightness",
 }
 
 
