@@ -122,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     options = {
         k: getattr(args, k)
         for k in ("eps", "unimodal_eps", "steps", "step_size", "restarts", "norm", "losses", "queries", "targets",
-                  "attacks", "seed", "max_samples")
+                  "attacks", "seed", "max_samples", "version")
         if getattr(args, k) is not None
     }  # fmt: skip
     if args.no_random_start:
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", help="autoattack: components (default apgd-ce,apgd-t,fab-t,square)")
     p.add_argument("--queries", type=int, help="autoattack: Square query budget (default 5000)")
     p.add_argument("--targets", type=int, help="autoattack: target classes of APGD-T/FAB-T (default 9)")
+    p.add_argument("--version", choices=["standard", "plus", "custom"], default=None,
+                   help="autoattack: run the reference protocol (components in order, each on the points still "
+                        "robust; custom takes --attacks) instead of every component on every sample")  # fmt: skip
     p.add_argument("--max-samples", type=int, help="evaluate only the first N samples of the split")
     p.add_argument("--seed", type=int, help="seed of the attacks' random starts (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
