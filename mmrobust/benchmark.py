@@ -31,7 +31,7 @@ from mmrobust.eval.compare import Column, ComparisonTable, Stat, comparison_tabl
 from mmrobust.eval.results import EvalResult
 from mmrobust.eval.runner import check_options, evaluate
 from mmrobust.eval.suites import SUITES, parse_eps
-from mmrobust.io import read_json, write_json
+from mmrobust.io import read_json, sha256_file, write_json
 from mmrobust.models.fusion import ModelConfig, build_model
 from mmrobust.runs import Run
 from mmrobust.training import METHODS, train
@@ -239,7 +239,7 @@ class BenchmarkResult:
     def _summary_table(self, dataset: str, cells: list[CellResult], notes: list[str]) -> ComparisonTable:
         """Training outcome per method (validation-selected model) and, with --certify, certified accuracy."""
         cols = [Column("val accuracy", "value"), Column("test accuracy (full split)", "value"),
-                Column("train time (s)", "value")]  # fmt: skip
+                Column("train time (s)", "value", unit="s")]  # fmt: skip
         cert = [c.certificate for c in cells if c.certificate is not None]
         radii = cert[0].radii if cert else []
         kind = f"{cert[0].certifier}: {cert[0].guarantee}" if cert else ""
@@ -256,8 +256,8 @@ class BenchmarkResult:
             ]
             stats += [stat([c.certificate.joint[i] for c in mine if c.certificate]) for i in range(len(radii))]
             rows[m] = stats
-        return ComparisonTable("summary", "Training (validation-selected models) and certification", dataset, cols,
-                               rows, list(notes))  # fmt: skip
+        title = "Training (validation-selected models)" + (" and certification" if cert else "")
+        return ComparisonTable("summary", title, dataset, cols, rows, list(notes))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -297,14 +297,6 @@ class BenchmarkEvent:
 ProgressHook = Callable[[BenchmarkEvent], None]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest(cell: Cell, out: Path) -> dict[str, Any] | None:
     try:
         m = read_json(cell.folder(out) / MANIFEST_FILE)
@@ -316,7 +308,7 @@ def _manifest(cell: Cell, out: Path) -> dict[str, Any] | None:
 def _files_intact(folder: Path, manifest: dict[str, Any]) -> bool:
     for name, digest in manifest["files"].items():
         p = folder / name
-        if not p.is_file() or _sha256(p) != digest:
+        if not p.is_file() or sha256_file(p) != digest:
             return False
     return True
 
@@ -443,7 +435,7 @@ def _run_cell(cell: Cell, out: Path, cfg: BenchmarkConfig, bundle: DataBundle) -
         "settings_hash": cell.settings_hash(cfg),
         "settings": cfg.cell_settings(),
         "seconds": seconds,
-        "files": {name: _sha256(folder / name) for name in files},
+        "files": {name: sha256_file(folder / name) for name in files},
     }
     write_json(folder / MANIFEST_FILE, manifest)  # last: its presence marks the cell finished
     return CellResult(cell, fit.metrics, evaluation, paper, summary, seconds)

@@ -236,6 +236,9 @@ class Attack:
         if missing:
             raise ConfigError(f"{self.name}: the batch lacks attacked modality {missing}; it has {list(inputs)}")
         packed = self.pack(inputs)
+        if len(labels) == 0:  # nothing to attack (e.g. every sample already broken)
+            with eval_mode(self.model), torch.no_grad():
+                return dict(inputs), self.model(inputs).detach()
         with eval_mode(self.model):
             x, logits = self.run(packed, labels)
             x_out = self._enforce_budget(packed, x.detach())

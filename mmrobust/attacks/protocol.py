@@ -225,7 +225,7 @@ def run_autoattack(
             kw["targets"] = options.targets
         attack = build_attack(name, target_model, None, eps=attack_eps, norm=options.norm, modalities=mods,
                               valid_range=u_ranges, seed=options.seed, num_classes=num_classes, **kw)  # fmt: skip
-        for chunk in idx.split(options.batch_size):
+        for chunk in idx.split(options.batch_size) if len(idx) else ():
             sub = {k: v[chunk] / scale[k] if k in scale else v[chunk] for k, v in inputs.items()}
             adv_u, logits = attack.perturb(sub, labels[chunk])
             hit = logits.argmax(1) != labels[chunk]
