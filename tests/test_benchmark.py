@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-import shutil
 import json
+import shutil
 
 import pytest
 from rich.console import Console
