@@ -158,7 +158,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     result = certify_run(
         args.run, certifier=args.lipschitz, options=options, split=args.split, radii=radii,
         fit_split=args.lipschitz_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
-        attack_steps=args.attack_steps, allow_data_change=args.allow_data_change,
+        attack_steps=args.attack_steps, allow_data_change=args.allow_data_change, tightness_samples=args.tightness,
     )  # fmt: skip
     run = load_run(args.run, allow_data_change=args.allow_data_change)
     show_certify(run, result)
@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="attack the certified balls of the first N samples and report violations",
     )
     p.add_argument("--attack-steps", type=int, default=50, help="PGD steps of the soundness check")
+    p.add_argument("--tightness", type=int, default=0, metavar="N",
+                   help="find the smallest adversarial joint-l2 radius of N correct samples (bisection over eps, "
+                   "CE/CW PGD + APGD) and report certified / attack radius")  # fmt: skip
     p.add_argument(
         "--theorem",
         choices=["auto", "3.3", "3.5"],
