@@ -6,11 +6,24 @@ User errors (:class:`~mmrobust.errors.MMRobustError`) print one line and exit wi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from mmrobust.errors import ConfigError, MMRobustError
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` would silently corrupt every result)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -21,10 +34,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--recipe", help="training recipe the optimiser starts from: tuned (AdamW, cosine; default) or "
+                   "paper (the CRMT reference: SGD lr 1e-3, momentum 0.9, wd 1e-4, step schedule); flags override it")  # fmt: skip
+    p.add_argument("--lr", type=_finite_float)
     p.add_argument("--optimizer", choices=["adam", "sgd"])
     p.add_argument("--schedule", choices=["cosine", "step", "none"])
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--weight-decay", type=_finite_float)
     p.add_argument("--feature-dim", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu | cuda | auto")
@@ -35,7 +50,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_run_config(args: argparse.Namespace):  # -> RunConfig
-    from mmrobust.config import RunConfig, parse_kv
+    from mmrobust.config import OptimConfig, RunConfig, parse_kv
 
     cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
     if args.data is not None:
@@ -44,6 +59,8 @@ def build_run_config(args: argparse.Namespace):  # -> RunConfig
     if args.method is not None:
         cfg.train.method = args.method
     cfg.train.method_options.update(parse_kv(args.method_opt, "--method-opt"))
+    if args.recipe is not None:  # replaces the optimiser section; the flags below override single fields
+        cfg.train.optim = OptimConfig.from_recipe(args.recipe)
     for flag, target, attr in (
         ("epochs", cfg.train, "epochs"), ("batch_size", cfg.train, "batch_size"), ("seed", cfg.train, "seed"),
         ("device", cfg.train, "device"), ("lr", cfg.train.optim, "lr"), ("optimizer", cfg.train.optim, "name"),
@@ -99,19 +116,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrobust.eval.runner import evaluate_run
     from mmrobust.report.console import progress_callback
     from mmrobust.report.robustness import print_eval_table, print_warnings, save_eval
+    from mmrobust.runs import check_writable
 
     # only flags the user gave are passed on, so each suite keeps its own defaults (e.g. steps)
     options = {
         k: getattr(args, k)
         for k in ("eps", "unimodal_eps", "steps", "step_size", "restarts", "norm", "losses", "queries", "targets",
-                  "attacks", "seed", "max_samples")
+                  "attacks", "seed", "max_samples", "version")
         if getattr(args, k) is not None
     }  # fmt: skip
     if args.no_random_start:
         options["random_start"] = False
+    check_writable(args.run)  # refuse now rather than after the work
     with progress_callback(not args.no_progress) as progress:
         result = evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill,
-                              batch_size=args.batch_size, progress=progress, **options)  # fmt: skip
+                              batch_size=args.batch_size, progress=progress,
+                              allow_data_change=args.allow_data_change, **options)  # fmt: skip
     print_eval_table(result, f"{args.run} — {result.suite} suite on {result.split} ({result.samples} samples)")
     print_warnings(result.warnings)
     save_eval(args.run, result)
@@ -123,7 +143,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from mmrobust.config import parse_kv
     from mmrobust.report.certify import save_certify, show_certify
     from mmrobust.report.console import out
-    from mmrobust.runs import load_run
+    from mmrobust.runs import check_writable, load_run
 
     options: dict[str, object] = dict(parse_kv(args.cert_opt, "--cert-opt"))
     # the older flags are shorthands for options of the Lipschitz certifiers
@@ -134,14 +154,60 @@ def cmd_certify(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--{flag.replace('_', '-')} and --cert-opt {key}=... both given; keep one")
             options[key] = value
     radii = parse_radii(args.radii) if args.radii else None
+    check_writable(args.run)  # refuse now rather than after the work
     result = certify_run(
         args.run, certifier=args.lipschitz, options=options, split=args.split, radii=radii,
         fit_split=args.lipschitz_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
-        attack_steps=args.attack_steps,
+        attack_steps=args.attack_steps, allow_data_change=args.allow_data_change,
     )  # fmt: skip
-    run = load_run(args.run)
+    run = load_run(args.run, allow_data_change=args.allow_data_change)
     show_certify(run, result)
     out.print(f"wrote {save_certify(run, result)}")
+    return 0
+
+
+def _names(text: str, flag: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise ConfigError(f"{flag}: give at least one name")
+    return names
+
+
+def _per_name_options(items: list[str] | None, flag: str, names: list[str]) -> dict[str, dict[str, str]]:
+    """``NAME:KEY=VALUE`` items (or ``KEY=VALUE`` for every name) -> ``{name: {key: value}}``."""
+    from mmrobust.config import parse_kv
+
+    out: dict[str, dict[str, str]] = {}
+    for item in items or []:
+        head, sep, rest = item.partition(":")
+        targets, kv = ([head], rest) if sep and "=" not in head else (names, item)
+        for name, (k, v) in ((n, kv_) for n in targets for kv_ in parse_kv([kv], flag).items()):
+            out.setdefault(name, {})[k] = v
+    return out
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from mmrobust.benchmark import BenchmarkConfig, plan_benchmark, run_benchmark
+    from mmrobust.report.benchmark import grid_progress, print_tables, write_benchmark
+    from mmrobust.report.console import console, out
+
+    data, methods = _names(args.data, "--data"), _names(args.methods, "--methods")
+    cfg = BenchmarkConfig(
+        data=data, methods=methods, seeds=args.seeds, epochs=args.epochs, suite=args.suite,
+        eps=args.eps, samples=args.samples, recipe=args.recipe, protocol=args.protocol, certify=args.certify,
+        feature_dim=args.feature_dim, data_options=_per_name_options(args.data_opt, "--data-opt", data),
+        method_options=_per_name_options(args.method_opt, "--method-opt", methods),
+    )  # fmt: skip
+    plan = plan_benchmark(cfg, args.out)
+    if plan.finished:
+        console.print(f"resuming {args.out}: {len(plan.finished)} of {len(plan.cells)} cells finished, skipped",
+                      markup=False)  # fmt: skip
+    with grid_progress(not args.no_progress) as hook:
+        result = run_benchmark(cfg, args.out, force=args.force, progress=hook)
+    paths = write_benchmark(args.out, result)
+    print_tables(result.tables())
+    out.print(f"{len(result.cells)} cells ({result.resumed} resumed) in {result.seconds:.0f} s; wrote "
+              f"{Path(args.out) / 'tables'} and {paths[-1]}")  # fmt: skip
     return 0
 
 
@@ -161,10 +227,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from mmrobust.calibration.command import plan
+    from mmrobust.calibration.study import run_study
+    from mmrobust.config import parse_kv
+    from mmrobust.report.calibration import check_out_folder, write_study_folder
+    from mmrobust.report.console import out
+
+    # everything is validated (and --out checked) before the setup is built: bad input costs nothing
+    p = plan(example=args.example, example_options=parse_kv(args.example_opt, "--example-opt"), encoders=args.encoders,
+             centres=args.centres, data=args.data, losses=args.loss, lora_ranks=args.lora_rank, eps=args.eps,
+             epochs=args.epochs, calibration_options=parse_kv(args.calib_opt, "--calib-opt"), eval_eps=args.eval_eps,
+             eval_options=parse_kv(args.eval_opt, "--eval-opt"))  # fmt: skip
+    check_out_folder(args.out, force=args.force)
+    setup = p.build_setup()
+    study = run_study(setup, p.losses, p.lora_ranks, p.calibration, p.evaluation,
+                      on_event=None if args.quiet else out.print)  # fmt: skip
+    folder = write_study_folder(args.out, study, force=args.force)
+    out.print(f"wrote {folder / 'calibration.json'} and {folder / 'report.md'} ({study.wall_time_s:.0f} s)")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (``mmrobust: error: ...``, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mmrobust: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mmrobust import __version__
 
-    parser = argparse.ArgumentParser(prog="mmrobust", description="Adversarial robustness of multi-modal classifiers.")
+    parser = _Parser(prog="mmrobust", description="Adversarial robustness of multi-modal classifiers.")
     parser.add_argument("--version", action="version", version=f"mmrobust {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a run folder; writes RUN/eval.json")
     p.add_argument("run", help="run folder written by `mmrobust train`")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="accept data whose fingerprint differs from the one recorded at training")  # fmt: skip
     p.add_argument(
         "--suite", default="basic",
         help="basic: clean + each modality missing; paper: the CRMT protocol (FGM/PGD joint and per modality, "
@@ -191,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the sweep; autoattack: default 2/255,4/255,8/255 for linf)")  # fmt: skip
     p.add_argument("--unimodal-eps", help="paper suite: eps list for single-modality attacks (default 1.0)")
     p.add_argument("--steps", type=int, help="attack iterations (paper/curves PGD default 10; autoattack 100)")
-    p.add_argument("--step-size", type=float, help="PGD step size as a multiple of eps (default 2.5/steps)")
+    p.add_argument("--step-size", type=_finite_float, help="PGD step size as a multiple of eps (default 2.5/steps)")
     p.add_argument("--restarts", type=int, help="random restarts (default 1); worst case over them is kept")
     p.add_argument("--no-random-start", action="store_true", help="first PGD restart starts at the clean input")
     p.add_argument("--norm", choices=["l2", "linf"], help="curves/autoattack threat model (default l2/linf)")
@@ -199,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", help="autoattack: components (default apgd-ce,apgd-t,fab-t,square)")
     p.add_argument("--queries", type=int, help="autoattack: Square query budget (default 5000)")
     p.add_argument("--targets", type=int, help="autoattack: target classes of APGD-T/FAB-T (default 9)")
+    p.add_argument("--version", choices=["standard", "plus", "custom"], default=None,
+                   help="autoattack: run the reference protocol (components in order, each on the points still "
+                        "robust; custom takes --attacks) instead of every component on every sample")  # fmt: skip
     p.add_argument("--max-samples", type=int, help="evaluate only the first N samples of the split")
     p.add_argument("--seed", type=int, help="seed of the attacks' random starts (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -206,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certify", help="certified radii and vulnerability indicators; writes RUN/certify.json")
     p.add_argument("run", help="run folder written by `mmrobust train`")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="accept data whose fingerprint differs from the one recorded at training")  # fmt: skip
     p.add_argument(
         "--lipschitz",
         default="empirical",
@@ -245,6 +346,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_certify)
 
+    p = sub.add_parser(
+        "benchmark", help="train, attack (and certify) every dataset x method x seed; tables mean ± std over seeds"
+    )
+    p.add_argument("--data", required=True, help="comma-separated dataset names or folder paths")
+    p.add_argument("--methods", required=True, help="comma-separated training methods (see `mmrobust datasets`)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per (dataset, method) (default 3)")
+    p.add_argument("--out", required=True, help="benchmark folder (re-running resumes it)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the training default)")
+    p.add_argument("--suite", default="paper", choices=["paper", "curves", "autoattack"], help="robustness suite")
+    p.add_argument("--eps", help="the suite's eps list (paper: joint eps, default 0.5; curves: the sweep)")
+    p.add_argument("--samples", type=int, help="attack only the first N test samples (default: all)")
+    p.add_argument("--recipe", default="tuned", help="training recipe for every method: tuned (default) or paper")
+    p.add_argument("--protocol", default="strong", choices=["strong", "paper"],
+                   help="paper: also report the paper's CE-only 4-step PGD beside the strong worst-case attack")  # fmt: skip
+    p.add_argument("--certify", metavar="CERTIFIER", help="also certify every cell with this certifier")
+    p.add_argument("--feature-dim", type=int, help="encoder feature dimension (default: the model default)")
+    p.add_argument("--data-opt", action="append", metavar="[DATASET:]KEY=VALUE", help="dataset option (repeatable)")
+    p.add_argument("--method-opt", action="append", metavar="[METHOD:]KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--force", action="store_true", help="redo cells finished with other settings")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_benchmark)
+
     p = sub.add_parser("demo", help="train, evaluate and write a report on avdigits")
     p.add_argument("--out", default="demo_out", help="folder for runs and report.md")
     p.add_argument("--epochs", type=int, default=8)
@@ -252,6 +375,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated methods (default: jt,crmt-jt,crmt-at)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "calibrate", help="harden frozen Bind-style encoders with adversarially trained projection heads"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--example", help="bundled offline setup: avdigits-bind (needs the calibration extra)")
+    src.add_argument("--encoders", metavar="SPEC", help="MODALITY=MODULE:FACTORY,... (see docs/calibration.md)")
+    p.add_argument("--centres", metavar="FILE", help="with --encoders: safetensors with the (K, D) class centres")
+    p.add_argument("--data", help="with --encoders: dataset name or folder (each encoded modality needs a valid range)")
+    p.add_argument("--example-opt", action="append", metavar="KEY=VALUE", help="example option (repeatable)")
+    p.add_argument("--out", required=True, help="folder for calibration.json, report.md, embeddings.png, heads/")
+    p.add_argument("--loss", default="l2,ce,infonce", help="stage-2 loss(es): l2, ce, infonce (comma list)")
+    p.add_argument("--lora-rank", default="0", help="LoRA rank(s) of the heads, 0 = full head (e.g. 0,8)")
+    p.add_argument("--eps", help="l-inf training budget in (0, 1] (default 8/255)")
+    p.add_argument("--epochs", type=int, help="stage-2 epochs")
+    p.add_argument("--calib-opt", action="append", metavar="KEY=VALUE", help="calibration option (repeatable)")
+    p.add_argument("--eval-eps", help="l-inf evaluation budgets (default 2/255,4/255,8/255)")
+    p.add_argument("--eval-opt", action="append", metavar="KEY=VALUE", help="evaluation option (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 
@@ -263,15 +407,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MMRobustError as exc:
         if args.debug:
             raise
-        print(f"mmrobust: error: {exc}", file=sys.stderr)
+        print("mmrobust: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)  # always one line
         return 2
     except (OSError, MemoryError) as exc:
         # the environment, not a bug: a full disk, a read-only folder, too little memory
         if args.debug:
             raise
-        what = "not enough memory" if isinstance(exc, MemoryError) else (exc.strerror or type(exc).__name__)
-        filename = getattr(exc, "filename", None)
-        where = f": {filename}" if filename else ""
+        if isinstance(exc, MemoryError):
+            what, where = "not enough memory", ""
+        else:
+            what, where = exc.strerror or type(exc).__name__, f": {exc.filename}" if exc.filename else ""
         print(f"mmrobust: error: {what}{where} (run with --debug for the traceback)", file=sys.stderr)
         return 2
     except FloatingPointError as exc:

@@ -16,15 +16,17 @@ from mmrobust.certify.results import CertifyResult
 from mmrobust.certify.runner import certify_model
 from mmrobust.config import RunConfig
 from mmrobust.data.registry import DataConfig, load_data
+from mmrobust.eval.compare import comparison_tables
 from mmrobust.eval.results import EvalResult
 from mmrobust.eval.runner import evaluate
 from mmrobust.io import atomic_write_bytes
+from mmrobust.report.benchmark import LEGEND, table_markdown
 from mmrobust.report.certify import save_certify
 from mmrobust.report.certify_plots import plot_certified_accuracy, plot_eta_heatmaps
 from mmrobust.report.console import console, progress_callback
 from mmrobust.report.markdown import md_table
 from mmrobust.report.plots import plot_grouped_bars, plot_training_curves
-from mmrobust.report.robustness import paper_suite_markdown, plot_robustness_curves, save_eval
+from mmrobust.report.robustness import plot_robustness_curves, save_eval
 from mmrobust.runs import load_run
 from mmrobust.training import train
 
@@ -168,7 +170,11 @@ def _write_report(
         "each with the cross-entropy (CE) and the margin (CW) loss and their per-sample worst case. "
         "Budgets are data-relative (small normalised inputs have small norms), so a larger budget is shown "
         "beside the paper's.",
-        paper_suite_markdown(paper),
+        *[
+            table_markdown(t, transposed=True)
+            for t in comparison_tables(bundle.meta.name, {m: [paper[m]] for m in methods})
+        ],
+        LEGEND,
         "## Robustness curves",
         f"l2-PGD ({cfg.curve_steps} steps); worst case over CE and CW (solid), CE (dashed), CW (dotted); each "
         "modality attacked alone, then both.",

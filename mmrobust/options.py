@@ -50,7 +50,7 @@ def coerce(value: Any, declared: Any, what: str) -> Any:
             if t == "float":
                 out = float(text)
                 if not math.isfinite(out):
-                    raise ConfigError(f"option '{what}' must be a finite number, got '{value}'")
+                    raise ConfigError(f"option '{what}' must be a finite number, got {value!r}")
                 return out
             if t == "bool":
                 if text.lower() in _TRUE:
@@ -59,7 +59,7 @@ def coerce(value: Any, declared: Any, what: str) -> Any:
                     return False
                 raise ValueError(text)
         except ValueError:
-            raise ConfigError(f"option '{what}' expects {t}, got '{value}'") from None
+            raise ConfigError(f"option '{what}' expects {t}, got {value!r}") from None
         return value
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),

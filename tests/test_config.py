@@ -37,3 +37,23 @@ def test_bad_config_files(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_file(path)
+
+
+def test_recipes_set_the_optimiser_and_flags_override_them(tmp_path):
+    from mmrobust.config import RECIPES, OptimConfig
+
+    args = build_parser().parse_args(["train", "--recipe", "paper", "--lr", "0.01", "--out", "x"])
+    optim = build_run_config(args).train.optim
+    assert (optim.recipe, optim.name, optim.momentum, optim.weight_decay, optim.schedule) == (
+        "paper", "sgd", 0.9, 1e-4, "step"
+    )  # fmt: skip
+    assert optim.lr == 0.01  # the flag wins over the recipe
+    assert OptimConfig.from_recipe("tuned") == OptimConfig()  # tuned = the defaults
+    assert set(RECIPES) == {"tuned", "paper"}
+    path = tmp_path / "r.yaml"
+    path.write_text("train: {optim: {recipe: paper, lr: 0.002}}\n")
+    optim = RunConfig.from_file(path).train.optim
+    assert (optim.name, optim.schedule, optim.lr) == ("sgd", "step", 0.002)
+    assert RunConfig.from_dict(RunConfig.from_file(path).to_dict()).train.optim == optim  # saved form round-trips
+    with pytest.raises(ConfigError, match="unknown training recipe 'fast'; choose from: tuned, paper"):
+        OptimConfig.from_recipe("fast")

@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from mmrobust.cli import main
+from mmrobust.eval.compare import comparison_tables
 from mmrobust.eval.results import EvalResult
 from mmrobust.io import load_tensors, save_tensors
-from mmrobust.report.robustness import paper_suite_markdown
 from mmrobust.runs import seal_run
 
 ROW_KEYS = {"attack", "loss", "modalities", "budget", "eps", "steps", "accuracy", "macro_f1"}
@@ -63,8 +63,12 @@ def test_paper_suite_worst_case_over_losses(paper_eval):
     worst = {(k[1], k[2]): v["worst"] for k, v in groups.items() if k[0] == "pgd-l2"}
     assert worst[(("strong", "weak"), 2.0)] <= worst[(("strong", "weak"), 0.5)]
     assert not ev["gradient_masking"]["suspected"]
-    md = paper_suite_markdown({"jt": EvalResult.from_json(ev)})
-    assert "jt CE" in md and "jt worst" in md and "pgd-l2 strong+weak eps 2" in md
+    back = EvalResult.from_json(ev)
+    assert back.to_json() == ev  # eval.json reads back into the same typed result
+    multi, uni = comparison_tables("tiny", {"jt": [back]})
+    assert "pgd-l2 strong+weak eps 2 worst" in [c.header for c in multi.columns]
+    assert multi.rows["jt"][0].mean == ev["clean_accuracy"]
+    assert "strong missing" in [c.header for c in uni.columns]
 
 
 def test_masked_model_is_flagged(tiny_run, tmp_path, capsys):

@@ -231,3 +231,37 @@ def test_resume_restores_strategy_state(tmp_path, monkeypatch, method):
     monkeypatch.setattr(checkpoint, "save_checkpoint", real)
     assert main([*args, "--resume", "--out", str(tmp_path / "r")]) == 0
     assert _sha(tmp_path / "r" / "model.safetensors") == _sha(tmp_path / "full" / "model.safetensors")
+
+
+def test_torchrun_kill_then_resume_is_bit_identical(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547"]
+    args = [*launcher, "-m", "mmrobust.cli", "train", *SLOW, "--epochs", "5"]
+    done = subprocess.run([*args, "--out", str(tmp_path / "full")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "r")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    ck = tmp_path / ".r.partial" / "checkpoint.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(ck.read_text())["epoch"] >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    target = str(tmp_path / "r")
+    for entry in Path("/proc").iterdir():  # the launcher and both workers (they run in sessions of their own)
+        try:
+            if entry.name.isdigit() and target in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+    proc.wait(timeout=60)
+    assert not (tmp_path / "r").exists()
+    resumed = subprocess.run([*args, "--resume", "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, [
+        line for line in resumed.stderr.splitlines() if "mmrobust" in line or "Error" in line
+    ]
+    assert _sha(tmp_path / "r" / "model.safetensors") == _sha(tmp_path / "full" / "model.safetensors")

@@ -236,6 +236,9 @@ class Attack:
         if missing:
             raise ConfigError(f"{self.name}: the batch lacks attacked modality {missing}; it has {list(inputs)}")
         packed = self.pack(inputs)
+        if len(labels) == 0:  # nothing to attack (e.g. every sample already broken)
+            with eval_mode(self.model), torch.no_grad():
+                return dict(inputs), self.model(inputs).detach()
         with eval_mode(self.model):
             x, logits = self.run(packed, labels)
             x_out = self._enforce_budget(packed, x.detach())
@@ -272,16 +275,17 @@ class Attack:
             slices.append((m, start, start + d, tuple(x.shape[1:])))
             flats.append(x.reshape(n, d))
             groups.append(torch.full((d,), gi if self.budget == "per-modality" else 0, dtype=torch.long))
-            lo, hi = self.valid_range[m] or (-math.inf, math.inf)
-            los.append(torch.full((d,), float(lo), dtype=dtype))
-            his.append(torch.full((d,), float(hi), dtype=dtype))
+            r_lo, r_hi = self.valid_range[m] or (-math.inf, math.inf)
+            los.append(torch.full((d,), float(r_lo), dtype=dtype))
+            his.append(torch.full((d,), float(r_hi), dtype=dtype))
             start += d
         x0 = torch.cat(flats, 1) if len(flats) > 1 else flats[0]
         if self.budget == "per-modality":
             eps = torch.tensor([self.eps[m] for m in self.modalities], dtype=dtype, device=device)
         else:
             eps = torch.tensor([self.eps[self.modalities[0]]], dtype=dtype, device=device)
-        lo = hi = None
+        lo: torch.Tensor | None = None
+        hi: torch.Tensor | None = None
         if any(self.valid_range[m] is not None for m in self.modalities):
             lo = torch.minimum(torch.cat(los).to(device)[None], x0)
             hi = torch.maximum(torch.cat(his).to(device)[None], x0)

@@ -16,6 +16,7 @@ import torch
 
 from mmrobust.certify.base import Certificate, Guarantee
 from mmrobust.certify.radius import certified_accuracy
+from mmrobust.runs import Run
 
 #: default radius grid (l2, in the model's input space) for certified accuracy
 DEFAULT_RADII = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -106,3 +107,14 @@ class CertifyResult:
         if self.soundness is not None:
             d["soundness"] = self.soundness
         return d
+
+    def document(self, run: Run, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The ``certify.json`` document of ``run`` with this result's entry merged into ``previous``
+        (the entries of other certifiers are kept)."""
+        return {
+            "run": str(run.path),
+            "head": run.config.model.head,
+            "modalities": run.model.modalities,
+            "class_names": run.meta.class_names,
+            "estimators": {**(previous or {}).get("estimators", {}), self.key: self.to_json()},
+        }

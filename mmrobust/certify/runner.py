@@ -84,8 +84,11 @@ def certify_run(
     batch_size: int = 256,
     soundness_samples: int = 0,
     attack_steps: int = 50,
+    allow_data_change: bool = False,
 ) -> CertifyResult:
     """Certify a run folder's ``split``; ``fit_split`` is the data a certifier may fit on.
+
+    ``allow_data_change``: see :func:`~mmrobust.runs.load_run`.
 
     With ``soundness_samples > 0`` the radii of that many samples are attacked
     (:func:`~mmrobust.certify.soundness.soundness_check`) and the violation rates kept.
@@ -98,7 +101,7 @@ def certify_run(
         raise ConfigError(
             f"--check-soundness must be >= 0 and --attack-steps >= 1, got {soundness_samples}, {attack_steps}"
         )
-    run = load_run(path)
+    run = load_run(path, allow_data_change=allow_data_change)
     bundle = run.data()
     data = bundle.split(split)
     result = certify_model(run.model, run.meta, data, cert, bundle.split(fit_split), grid, batch_size,

@@ -37,13 +37,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmrobust.certify.layers import Unit, find_rule, register_layer
 from mmrobust.errors import ConfigError
 from mmrobust.models.encoders import BasicBlock, ResNet18
 
@@ -89,7 +90,7 @@ def spectral_norm(weight: torch.Tensor) -> float:
         return float(torch.linalg.matrix_norm(w, ord=2)) * (1 + SVD_PAD)
 
 
-def bn_scale(bn: nn.Module) -> torch.Tensor:
+def bn_scale(bn: Any) -> torch.Tensor:
     """``gamma / sqrt(running_var + eps)`` of a BatchNorm in eval mode (its linear part)."""
     if bn.running_var is None:
         raise ConfigError(
@@ -212,30 +213,11 @@ def _schur_bound(fn: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple[
     return float(torch.sqrt(rows * cols.max()))
 
 
-def _max_pool_windows(pool: nn.Module, d: int) -> int:
+def _max_pool_windows(pool: Any, d: int) -> int:
     """Most windows one input position can fall in (per dim ``floor((k-1)*dil/s) + 1``, multiplied)."""
     k, s = _tup(pool.kernel_size, d), _tup(pool.stride or pool.kernel_size, d)
     dil = _tup(pool.dilation, d)
     return math.prod((k[i] - 1) * dil[i] // s[i] + 1 for i in range(d))
-
-
-@dataclass
-class Unit:
-    """One link of an encoder chain with its Lipschitz bound.
-
-    ``kind`` is ``"linear"`` (an affine map: Linear/Conv, optionally with BatchNorm fused,
-    BatchNorm alone, average pools, Flatten/Identity/Dropout), ``"act"`` (an elementwise activation
-    with derivative in [0, 1]) or ``"other"``. ``fn`` applies the layer; ``abs_fn`` (linear units)
-    applies the linear part with every coefficient replaced by its absolute value.
-    """
-
-    name: str
-    kind: str
-    lip: float
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    fn: Callable[[torch.Tensor], torch.Tensor]
-    abs_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def _out_shape(
@@ -245,13 +227,20 @@ def _out_shape(
         return tuple(fn(torch.zeros(1, *in_shape, dtype=dtype)).shape[1:])
 
 
-def _affine_unit(name: str, layer: nn.Module, bn: nn.Module | None, in_shape: tuple[int, ...]) -> Unit:
-    """Linear/Conv (+ a BatchNorm fused into it), as the float64 map it computes."""
+def _affine_unit(name: str, layer: Any, bn: Any, in_shape: tuple[int, ...]) -> Unit:
+    """Linear/Conv (+ a BatchNorm fused into it), as the float64 affine map it computes."""
     w = layer.weight.detach().double()
     scale = bn_scale(bn) if bn is not None else torch.ones(w.shape[0], dtype=torch.float64)
     wf = w * scale.view(-1, *([1] * (w.ndim - 1)))
+    # offset per output channel: scale * (b - mean) + beta for a fused BN, else the bias
+    shift = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    if bn is not None:
+        shift = scale * (shift - bn.running_mean.detach().double())
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach().double()
+    fn: Callable[[torch.Tensor], torch.Tensor]
     if isinstance(layer, nn.Linear):
-        fn, abs_fn = partial(F.linear, weight=wf), partial(F.linear, weight=wf.abs())
+        fn, abs_fn, sq_fn = (partial(F.linear, weight=v) for v in (wf, wf.abs(), wf**2))
         lip = spectral_norm(wf)
     else:
         if layer.padding_mode != "zeros":
@@ -260,104 +249,134 @@ def _affine_unit(name: str, layer: nn.Module, bn: nn.Module | None, in_shape: tu
             )
         conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
         kw = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups}
-        fn, abs_fn = partial(conv, weight=wf, **kw), partial(conv, weight=wf.abs(), **kw)
-
+        fn, abs_fn, sq_fn = (partial(conv, weight=v, **kw) for v in (wf, wf.abs(), wf**2))
         lip = conv_operator_bound(wf, in_shape, layer.stride, layer.padding, layer.dilation, layer.groups)
     label = name + ("+bn" if bn is not None else "")
-    return Unit(label, "linear", lip, in_shape, _out_shape(fn, in_shape), fn, abs_fn)
+    out_shape = _out_shape(fn, in_shape)
+    offset = shift.view(-1, *([1] * (len(out_shape) - 1))).expand(out_shape).clone()
+    return Unit(label, "linear", lip, in_shape, out_shape, fn, abs_fn, sq_fn, offset)
 
 
-def _leaf_unit(name: str, layer: nn.Module, in_shape: tuple[int, ...]) -> Unit:
-    """A single non-affine-weight layer: activation, BatchNorm alone, pooling, neutral."""
-    out_shape: tuple[int, ...]
-    if isinstance(layer, _BN):
-        g = bn_scale(layer)
-        view = (1, -1) + (1,) * (len(in_shape) - 1)
-        fn, abs_fn = partial(torch.mul, other=g.view(view)), partial(torch.mul, other=g.abs().view(view))
-        return Unit(name, "linear", float(g.abs().max()) * (1 + SVD_PAD), in_shape, in_shape, fn, abs_fn)
-    if isinstance(layer, _NEUTRAL):
-        out_shape = _out_shape(layer, in_shape)
-        return Unit(name, "linear", 1.0, in_shape, out_shape, layer, layer)
-    if isinstance(layer, _AVG):
-        return Unit(
-            name,
-            "linear",
-            _schur_bound(layer, in_shape) * (1 + SVD_PAD),
-            in_shape,
-            _out_shape(layer, in_shape),
-            layer,
-            layer,
-        )
-    if isinstance(layer, _MAX):
-        d = 1 if isinstance(layer, nn.MaxPool1d) else 2
-        lip = math.sqrt(_max_pool_windows(layer, d))
-        return Unit(name, "other", lip, in_shape, _out_shape(layer, in_shape), layer)
-    if isinstance(layer, nn.LeakyReLU):
-        slope = float(layer.negative_slope)
-        kind = "act" if 0.0 <= slope <= 1.0 else "other"
-        return Unit(name, kind, max(1.0, abs(slope)), in_shape, in_shape, layer)
-    if isinstance(layer, nn.ELU):
-        return Unit(name, "other", max(1.0, float(layer.alpha)), in_shape, in_shape, layer)
-    for cls, lip in _ACTIVATION_LIP.items():
-        if type(layer) is cls:
-            kind = "act" if isinstance(layer, _MONOTONE_CONTRACTIVE) else "other"
-            return Unit(name, kind, lip, in_shape, in_shape, layer)
-    raise ConfigError(
-        f"the sound Lipschitz bound does not support layer '{name}' ({type(layer).__name__}); "
-        "use --lipschitz empirical, or add a bound for it in mmrobust/certify/sound.py"
-    )
+def _affine_rule(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:
+    return [_affine_unit(name, layer, None, in_shape)]
+
+
+def _bn_rule(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:
+    g = bn_scale(layer)
+    view = (1, -1) + (1,) * (len(in_shape) - 1)
+    fn, abs_fn, sq_fn = (partial(torch.mul, other=v.view(view)) for v in (g, g.abs(), g**2))
+    shift = -g * layer.running_mean.detach().double()
+    if layer.bias is not None:
+        shift = shift + layer.bias.detach().double()
+    offset = shift.view(view[1:]).expand(in_shape).clone()
+    lip = float(g.abs().max()) * (1 + SVD_PAD)
+    return [Unit(name, "linear", lip, in_shape, in_shape, fn, abs_fn, sq_fn, offset)]
+
+
+def _neutral_rule(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:
+    out_shape = _out_shape(layer, in_shape)
+    zero = torch.zeros(out_shape, dtype=torch.float64)
+    return [Unit(name, "linear", 1.0, in_shape, out_shape, layer, layer, layer, zero)]
+
+
+def _avg_rule(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:
+    out_shape = _out_shape(layer, in_shape)
+    lip = _schur_bound(layer, in_shape) * (1 + SVD_PAD)
+    return [
+        Unit(name, "linear", lip, in_shape, out_shape, layer, layer, None, torch.zeros(out_shape, dtype=torch.float64))
+    ]
+
+
+def _max_rule(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:
+    d = 1 if isinstance(layer, nn.MaxPool1d) else 2
+    lip = math.sqrt(_max_pool_windows(layer, d))
+    return [Unit(name, "other", lip, in_shape, _out_shape(layer, in_shape), layer)]
+
+
+def _leaky_rule(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:
+    slope = float(layer.negative_slope)
+    kind = "act" if 0.0 <= slope <= 1.0 else "other"
+    return [Unit(name, kind, max(1.0, abs(slope)), in_shape, in_shape, layer)]
+
+
+def _elu_rule(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:
+    return [Unit(name, "other", max(1.0, float(layer.alpha)), in_shape, in_shape, layer)]
+
+
+def _activation_rule(lip: float, kind: str) -> Callable[[str, Any, tuple[int, ...]], list[Unit]]:
+    def rule(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:
+        return [Unit(name, kind, lip, in_shape, in_shape, layer)]
+
+    return rule
+
+
+def _basic_block_rule(name: str, module: BasicBlock, in_shape: tuple[int, ...]) -> list[Unit]:
+    # relu(F(x) + S(x)): Lip <= Lip(F) + Lip(S); the final ReLU is 1-Lipschitz
+    body = nn.Sequential(module.conv1, module.bn1, module.relu, module.conv2, module.bn2)
+    lip_f = chain_lipschitz(chain_units(body, in_shape, name + ".F"))
+    lip_s = chain_lipschitz(chain_units(nn.Sequential(module.shortcut), in_shape, name + ".shortcut"))
+    out_shape = _out_shape(module, in_shape, next(module.parameters()).dtype)
+    return [Unit(name, "other", lip_f + lip_s, in_shape, out_shape, module)]
+
+
+def _resnet_rule(name: str, module: ResNet18, in_shape: tuple[int, ...]) -> list[Unit]:
+    frame = in_shape[1:] if module.video else in_shape
+    inner = chain_units(nn.Sequential(module.stem, module.layers, module.pool), frame, name)
+    lip = chain_lipschitz(inner)
+    if module.video:  # mean over T independently encoded frames: L / sqrt(T)
+        lip /= math.sqrt(in_shape[0])
+    return [Unit(name, "other", lip, in_shape, inner[-1].out_shape, module)]
+
+
+register_layer(nn.Linear, *_CONV, lipschitz=_affine_rule)
+register_layer(*_BN, lipschitz=_bn_rule)
+register_layer(*_NEUTRAL, lipschitz=_neutral_rule)
+register_layer(*_AVG, lipschitz=_avg_rule)
+register_layer(*_MAX, lipschitz=_max_rule)
+register_layer(nn.LeakyReLU, lipschitz=_leaky_rule)
+register_layer(nn.ELU, lipschitz=_elu_rule)
+for _cls, _lip in _ACTIVATION_LIP.items():
+    register_layer(_cls, lipschitz=_activation_rule(_lip, "act" if _cls in _MONOTONE_CONTRACTIVE else "other"))
+register_layer(BasicBlock, lipschitz=_basic_block_rule)
+register_layer(ResNet18, lipschitz=_resnet_rule)
+
+
+def sequential_parts(module: nn.Sequential, prefix: str) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
+    """``(name, layer, bn)`` for the children of ``module``; a Linear/Conv directly followed by a
+    BatchNorm comes with that BatchNorm (fused into one affine map), otherwise ``bn`` is None."""
+    children = list(module.named_children())
+    i = 0
+    while i < len(children):
+        cname, child = children[i]
+        full = f"{prefix}.{cname}" if prefix else cname
+        nxt = children[i + 1][1] if i + 1 < len(children) else None
+        bn = nxt if isinstance(child, (nn.Linear, *_CONV)) and isinstance(nxt, _BN) else None
+        yield full, child, bn
+        i += 2 if bn is not None else 1
 
 
 def chain_units(module: nn.Module, in_shape: tuple[int, ...], prefix: str = "") -> list[Unit]:
     """Decompose ``module`` into a chain of :class:`Unit` s whose product bounds its Lipschitz constant.
 
-    Sequentials are flattened (a Linear/Conv followed by a BatchNorm is fused); residual blocks and
-    ResNets become single ``"other"`` units with their own composed bound.
+    Sequentials are flattened (a Linear/Conv followed by a BatchNorm is fused); every other layer
+    is looked up in :data:`~mmrobust.certify.layers.LAYER_RULES` (residual blocks and ResNets
+    become single ``"other"`` units with their own composed bound).
     """
-    in_shape = tuple(int(s) for s in in_shape)
+    shape = tuple(int(s) for s in in_shape)
     name = prefix or type(module).__name__
     if isinstance(module, nn.Sequential):
         units: list[Unit] = []
-        children = list(module.named_children())
-        i, shape = 0, in_shape
-        while i < len(children):
-            cname, child = children[i]
-            full = f"{prefix}.{cname}" if prefix else cname
-            if isinstance(child, (nn.Linear, *_CONV)):
-                nxt = children[i + 1][1] if i + 1 < len(children) else None
-                bn = nxt if isinstance(nxt, _BN) else None
-                units.append(_affine_unit(full, child, bn, shape))
-                i += 2 if bn is not None else 1
-            else:
-                units.extend(chain_units(child, shape, full))
-                i += 1
+        for full, child, bn in sequential_parts(module, prefix):
+            units.extend([_affine_unit(full, child, bn, shape)] if bn is not None else chain_units(child, shape, full))
             shape = units[-1].out_shape if units else shape
         return units
-    if isinstance(module, (nn.Linear, *_CONV)):
-        return [_affine_unit(name, module, None, in_shape)]
-    if isinstance(module, BasicBlock):
-        # relu(F(x) + S(x)): Lip <= Lip(F) + Lip(S); the final ReLU is 1-Lipschitz
-        body = nn.Sequential(module.conv1, module.bn1, module.relu, module.conv2, module.bn2)
-        lip_f = chain_lipschitz(chain_units(body, in_shape, name + ".F"))
-        lip_s = chain_lipschitz(chain_units(nn.Sequential(module.shortcut), in_shape, name + ".shortcut"))
-        return [
-            Unit(
-                name,
-                "other",
-                lip_f + lip_s,
-                in_shape,
-                _out_shape(module, in_shape, next(module.parameters()).dtype),
-                module,
-            )
-        ]
-    if isinstance(module, ResNet18):
-        frame = in_shape[1:] if module.video else in_shape
-        inner = chain_units(nn.Sequential(module.stem, module.layers, module.pool), frame, name)
-        lip = chain_lipschitz(inner)
-        if module.video:  # mean over T independently encoded frames: L / sqrt(T)
-            lip /= math.sqrt(in_shape[0])
-        return [Unit(name, "other", lip, in_shape, inner[-1].out_shape, module)]
-    return [_leaf_unit(name, module, in_shape)]
+    rule = find_rule(module).lipschitz
+    if rule is None:
+        raise ConfigError(
+            f"the sound Lipschitz bound does not support layer '{name}' ({type(module).__name__}); "
+            "use --lipschitz empirical, or register a bound for it with mmrobust.certify.layers.register_layer"
+        )
+    return rule(name, module, shape)
 
 
 def chain_lipschitz(units: list[Unit]) -> float:
@@ -383,7 +402,7 @@ def _vjp(fn: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple[int, ...], 
     """``A^T v`` for the linear part ``A`` of the affine map ``fn`` (rows of ``v`` are a batch)."""
     x = torch.zeros(v.shape[0], *in_shape, dtype=torch.float64, requires_grad=True)
     y = fn(x)
-    (g,) = torch.autograd.grad(y, x, v.view_as(y))
+    (g,) = torch.autograd.grad(y, x, v.reshape(y.shape))
     return g
 
 
@@ -413,7 +432,7 @@ def sound_row_lipschitz(
         exact = True
         for i in range(len(units) - 1, -1, -1):
             u = units[i]
-            if u.kind == "linear":
+            if u.kind == "linear" and u.abs_fn is not None:
                 v = _vjp(u.fn, u.in_shape, v) if exact else _vjp(u.abs_fn, u.in_shape, v.abs())
             elif u.kind == "act":
                 v, exact = v.abs(), False

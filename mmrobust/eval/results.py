@@ -211,6 +211,21 @@ class Curves:
 
 
 @dataclass
+class Setting:
+    """One threat setting of an evaluation: its first row, and the accuracy per loss (``worst`` always
+    present: the row of that name, else the lowest of the setting's rows, e.g. its only one)."""
+
+    label: str
+    row: EvalRow
+    acc: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float | None:
+        """CE minus CW accuracy, where both ran."""
+        return self.acc["ce"] - self.acc["cw"] if "ce" in self.acc and "cw" in self.acc else None
+
+
+@dataclass
 class EvalResult:
     """What an evaluation suite computed on one split.
 
@@ -236,6 +251,16 @@ class EvalResult:
     @property
     def samples(self) -> int:
         return int(self.protocol.get("samples", 0))
+
+    def settings(self) -> list[Setting]:
+        """The rows grouped by threat setting, in the order of the rows (a row without a loss, such as
+        a missing modality, files its accuracy under ``worst``: it is the only number for that setting)."""
+        groups: dict[tuple, Setting] = {}
+        for r in self.rows:
+            groups.setdefault(r.key, Setting(r.label, r)).acc[r.loss or "worst"] = r.accuracy
+        for g in groups.values():
+            g.acc.setdefault("worst", min(g.acc.values()))
+        return list(groups.values())
 
     def to_json(self) -> dict[str, Any]:
         """The ``eval.json`` document."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -12,13 +12,15 @@ from mmrobust.data.base import Batch, DatasetMeta
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.models.encoders import build_encoder
 from mmrobust.models.heads import HEADS, FusionHead
+from mmrobust.models.lipschitz import lipschitz_encoder
 from mmrobust.models.memory import SparseCodingMemory
 from mmrobust.options import check_range, check_types
 
 
 @dataclass
 class ModelConfig:
-    """How to build a model for a dataset. ``encoders`` overrides the default per modality."""
+    """How to build a model for a dataset. ``encoders`` overrides the default per modality;
+    ``lipschitz_encoders`` picks the 1-Lipschitz encoder of each modality's kind as the default."""
 
     head: str = "concat"
     feature_dim: int = 128
@@ -26,10 +28,13 @@ class ModelConfig:
     # set by training methods that deploy extra modules (saved with the weights, rebuilt by load_run)
     aux_heads: bool = False  # one linear classifier per modality on its features (Gradient Blending)
     feature_memory: int = 0  # clean features per modality in a sparse-coding memory (MSEFM); 0 = none
+    #: 1-Lipschitz encoders by construction (mmrobust.models.lipschitz) for modalities without an override
+    lipschitz_encoders: bool = False
 
     def __post_init__(self) -> None:
         check_types(self, "model")
         check_range(self.feature_dim, 1, 65_536, "model.feature_dim")
+        check_range(self.feature_memory, 0, 10**7, "model.feature_memory")
         for name, enc in self.encoders.items():
             if not isinstance(enc, str):
                 raise ConfigError(f"option 'model.encoders.{name}' must be an encoder name, got {enc!r}")
@@ -87,13 +92,15 @@ def build_model(meta: DatasetMeta, cfg: ModelConfig | None = None) -> LateFusion
         raise ConfigError(f"encoder override for unknown modality {sorted(unknown)}; dataset has {meta.modality_names}")
     if cfg.feature_dim < 1:
         raise ConfigError(f"feature_dim must be >= 1, got {cfg.feature_dim}")
-    if cfg.feature_memory < 0:
-        raise ConfigError(f"feature_memory must be >= 0, got {cfg.feature_memory}")
-    encoders = {s.name: build_encoder(s, cfg.encoders.get(s.name), cfg.feature_dim) for s in meta.modalities}
-    dims = {m: int(e.out_dim) for m, e in encoders.items()}
+    names = {
+        s.name: cfg.encoders.get(s.name) or (lipschitz_encoder(s) if cfg.lipschitz_encoders else None)
+        for s in meta.modalities
+    }
+    encoders = {s.name: build_encoder(s, names[s.name], cfg.feature_dim) for s in meta.modalities}
+    dims = {m: int(cast(int, e.out_dim)) for m, e in encoders.items()}
     if cfg.feature_memory:
         encoders = {m: SparseCodingMemory(e, cfg.feature_memory) for m, e in encoders.items()}
-    head = HEADS.get(cfg.head)(dims, meta.num_classes)
+    head = cast(FusionHead, HEADS.get(cfg.head)(dims, meta.num_classes))
     aux: dict[str, nn.Module] | None = (
         {m: nn.Linear(d, meta.num_classes) for m, d in dims.items()} if cfg.aux_heads else None
     )

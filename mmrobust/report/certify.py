@@ -30,16 +30,7 @@ def save_certify(run: Run, result: CertifyResult) -> Path:
             doc = read_json(target)
         except RunError:
             doc = {}  # a corrupt previous file is replaced, never half-merged
-    write_json(
-        target,
-        {
-            "run": str(run.path),
-            "head": run.config.model.head,
-            "modalities": run.model.modalities,
-            "class_names": run.meta.class_names,
-            "estimators": {**doc.get("estimators", {}), result.key: result.to_json()},
-        },
-    )
+    write_json(target, result.document(run, doc))
     return target
 
 

@@ -8,50 +8,22 @@ Rows of an evaluation are pivoted by threat setting, one column per loss and the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mmrobust.eval.results import EvalResult, EvalRow, fmt_eps
-from mmrobust.eval.robust import GAP_THRESHOLD, is_masking_gap
+from mmrobust.eval.results import EvalResult, Setting, fmt_eps
+from mmrobust.eval.robust import is_masking_gap
 from mmrobust.io import write_json
 from mmrobust.report.console import console
-from mmrobust.report.markdown import fmt, md_table
+from mmrobust.report.markdown import fmt
 from mmrobust.report.plots import plt, save_figure
 
 _LOSS_ORDER = ("ce", "cw", "dlr")
 
 
-@dataclass
-class Setting:
-    """One threat setting of an evaluation: its first row, and the accuracy per loss (``worst`` included)."""
-
-    label: str
-    row: EvalRow
-    acc: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def gap(self) -> float | None:
-        return self.acc["ce"] - self.acc["cw"] if "ce" in self.acc and "cw" in self.acc else None
-
-    @property
-    def masked(self) -> bool:
-        return is_masking_gap(self.gap, self.row.steps)
-
-
-def pivot(result: EvalResult) -> list[Setting]:
-    """One entry per threat setting, in the order of the rows.
-
-    A row without a loss (missing modality, FAB) puts its accuracy under ``worst``: it is the only
-    number for that setting.
-    """
-    groups: dict[tuple, Setting] = {}
-    for r in result.rows:
-        groups.setdefault(r.key, Setting(r.label, r)).acc[r.loss or "worst"] = r.accuracy
-    for g in groups.values():
-        if "worst" not in g.acc and g.acc:
-            g.acc["worst"] = min(g.acc.values())
-    return list(groups.values())
+def _masked(e: Setting) -> bool:
+    return is_masking_gap(e.gap, e.row.steps)
 
 
 def _loss_columns(entries: list[Setting]) -> list[str]:
@@ -87,7 +59,7 @@ def print_eval_table(result: EvalResult, title: str) -> None:
 
     from mmrobust.report.console import out
 
-    entries = pivot(result)
+    entries = result.settings()
     losses = _loss_columns(entries)
     table = Table(title=title)
     table.add_column("setting")
@@ -104,52 +76,15 @@ def print_eval_table(result: EvalResult, title: str) -> None:
             setting = f"{mods} missing ({r.fill or 'zero'})"
         else:
             setting = f"{r.attack} {mods}" + (" per-modality" if r.budget == "per-modality" else "")
-        note = f"masking? gap {e.gap:.2f}" if e.masked and e.gap is not None else ""
+        note = f"masking? gap {e.gap:.2f}" if _masked(e) and e.gap is not None else ""
         eps = fmt_eps(r.eps) if r.eps is not None else "–"
         cells = [_num(e.acc.get(k), 3) for k in losses]
         table.add_row(setting, eps, str(r.steps or "–"), *cells, fmt(e.acc["worst"]), note,
-                      style="yellow" if e.masked else None)  # fmt: skip
+                      style="yellow" if _masked(e) else None)  # fmt: skip
     wc = result.worst_case.accuracy
     if wc is not None:
         table.add_row("worst case", "", "", *[""] * len(losses), fmt(wc), "", style="bold")
     out.print(table)
-
-
-def paper_suite_markdown(evals: Mapping[str, EvalResult], digits: int = 3) -> str:
-    """A markdown table comparing several methods' evaluations (any suite; made for ``paper``).
-
-    ``evals`` maps a method name to its evaluation. One row per threat setting, for each
-    method the CE and CW accuracy and their per-sample worst case; settings where CE exceeds CW by
-    more than the masking threshold are marked with a dagger, and every warning is listed below.
-    """
-    order: dict[str, None] = {}
-    pivots = {name: {e.label: e for e in pivot(ev)} for name, ev in evals.items()}
-    for p in pivots.values():
-        for label in p:
-            order.setdefault(label)
-    losses = ["ce", "cw"]
-    headers = ["setting"]
-    for name in evals:
-        headers += [f"{name} {loss.upper()}" for loss in losses] + [f"{name} worst"]
-    rows: list[list[Any]] = [["clean"] + sum(([None] * len(losses) + [ev.clean_accuracy] for ev in evals.values()), [])]
-    for label in order:
-        row: list[Any] = [label]
-        for name in evals:
-            e = pivots[name].get(label)
-            if e is None:
-                row += [None] * (len(losses) + 1)
-                continue
-            worst = fmt(e.acc["worst"], digits) + (" †" if e.masked else "")
-            row += [_num(e.acc.get(loss), digits) for loss in losses] + [worst]
-        rows.append(row)
-    text = md_table(headers, rows)
-    notes = [f"- **{name}**: {w}" for name, ev in evals.items() for w in ev.warnings]
-    legend = (
-        "_worst_ = per-sample worst case over the CE and CW losses (a sample counts as broken if either attack "
-        f"breaks it); † = CE accuracy exceeds CW by more than {GAP_THRESHOLD} under an iterative attack "
-        "(gradient masking suspected)."
-    )
-    return "\n\n".join([text, legend, *(["Warnings:\n" + "\n".join(notes)] if notes else [])])
 
 
 def _num(v: Any, digits: int) -> str:
@@ -188,7 +123,7 @@ def plot_robustness_curves(evals: Mapping[str, EvalResult], path: str | Path, ti
 
 def plot_setting_bars(result: EvalResult, path: str | Path, title: str | None = None) -> Path:
     """Accuracy per threat setting of one evaluation: CE, CW and worst-case bars side by side."""
-    entries = pivot(result)
+    entries = result.settings()
     labels = ["clean", *[e.label for e in entries]]
     fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(labels)), 4.0))
     width = 0.27

@@ -2,6 +2,7 @@
 
 # importing a method's module registers it in METHODS
 from mmrobust.training import crmt as _crmt  # noqa: F401  (the CRMT family)
+from mmrobust.training import gaussian as _gaussian  # noqa: F401
 from mmrobust.training import gb as _gb  # noqa: F401
 from mmrobust.training import jt as _jt  # noqa: F401
 from mmrobust.training import mixup as _mixup  # noqa: F401

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import signal
 import threading
 import time
@@ -295,7 +296,7 @@ def train(
     An existing ``out`` is refused unless ``force`` (replace it) or ``resume`` (continue an
     interrupted run from its last epoch checkpoint).
     """
-    if out is not None:
+    if out is not None and int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 owns the folder
         from mmrobust.runs import RunFolder
 
         RunFolder(out, force=force, resume=resume)._check_target()  # refuse before loading data

@@ -1,0 +1,476 @@
+"""The comparison grid: train every (dataset, method, seed) cell, evaluate, optionally certify.
+
+``run_benchmark(BenchmarkConfig(...), out)`` returns a :class:`BenchmarkResult`; it writes only
+under ``out``: one run folder per cell (``out/runs/<dataset>/<method>/seed<k>/``) holding the model,
+its evaluations and a manifest ``cell.json`` written last, atomically. A cell is *finished* when its
+manifest names the current cell settings (a hash) and every file it lists still has the recorded
+SHA-256; a re-run skips finished cells and redoes the others (an interrupted cell has no valid
+manifest). Cells finished under different settings are refused unless ``force``. Tables, plots
+and ``benchmark.json`` are presentation: :mod:`mmrobust.report.benchmark` builds them from the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmrobust.certify.runner import CERTIFY_FILE, build_certifier, certify_model
+from mmrobust.config import RECIPES, OptimConfig, RunConfig, options_dataclass
+from mmrobust.data.base import DataBundle
+from mmrobust.data.registry import DATASETS, DataConfig, load_data
+from mmrobust.errors import ConfigError, RunError
+from mmrobust.eval.compare import Column, ComparisonTable, Stat, comparison_tables, stat
+from mmrobust.eval.results import EvalResult
+from mmrobust.eval.runner import check_options, evaluate
+from mmrobust.eval.suites import SUITES, parse_eps
+from mmrobust.io import read_json, sha256_file, write_json
+from mmrobust.models.fusion import ModelConfig, build_model
+from mmrobust.runs import Run, RunFolder
+from mmrobust.training import METHODS, FitResult, train
+from mmrobust.training.checkpoint import CHECKPOINT_JSON
+
+SETTINGS_FILE, MANIFEST_FILE = "settings.json", "cell.json"
+BENCH_SUITES = ("paper", "curves", "autoattack")
+PROTOCOLS = ("strong", "paper")
+#: the CRMT paper's attack protocol: l2-PGD with the CE loss only, 4 steps of eps/3, no random start
+PAPER_PROTOCOL: dict[str, Any] = {"losses": ("ce",), "steps": 4, "step_size": 1 / 3, "random_start": False}
+#: settings that change what a cell computes (the grid lists -- data, methods, seeds -- do not)
+#: certified-accuracy radii of the benchmark's summary table (l2, input space)
+CERTIFY_RADII = (0.0, 0.01, 0.1, 0.5, 1.0, 2.0)
+CELL_SETTINGS = ("epochs", "suite", "eps", "samples", "recipe", "protocol", "certify", "batch_size",
+                 "feature_dim", "data_options", "method_options")  # fmt: skip
+
+
+@dataclass
+class BenchmarkConfig:
+    """What to run. Validated on construction: every name and value is checked before any training.
+
+    ``data``: dataset names or folder paths; ``methods``: names in ``mmrobust.training.METHODS``;
+    ``seeds``: seeds 0..N-1 (each seeds both the data split and the training); ``epochs``: None =
+    the training default; ``suite``: the robustness suite (``eps`` overrides its budgets);
+    ``samples``: attack only the first N test samples; ``recipe``: a :data:`~mmrobust.config.RECIPES`
+    name applied to every method; ``protocol="paper"`` also evaluates the paper's CE-only 4-step
+    PGD; ``certify``: a certifier name; ``data_options`` / ``method_options``: per dataset / method.
+    """
+
+    data: list[str]
+    methods: list[str]
+    seeds: int = 3
+    epochs: int | None = None
+    suite: str = "paper"
+    eps: list[float] | None = None
+    samples: int | None = None
+    recipe: str = "tuned"
+    protocol: str = "strong"
+    certify: str | None = None
+    batch_size: int = 64
+    feature_dim: int | None = None
+    data_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("data", "methods"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"benchmark option '{name}' must be a non-empty list of names, got {value!r}")
+            if len(set(value)) != len(value):
+                raise ConfigError(f"benchmark option '{name}' lists a name twice: {value}")
+        for d in self.data:
+            if d not in DATASETS and not Path(d).is_dir():
+                raise ConfigError(
+                    f"unknown dataset '{d}'; choose from: {', '.join(DATASETS.names())}, or give a folder path"
+                )
+        slugs = [_slug(d) for d in self.data]
+        if len(set(slugs)) != len(slugs):
+            raise ConfigError(f"datasets {self.data} would share a folder name; rename a folder")
+        for m in self.methods:
+            METHODS.get(m)  # unknown name -> one-line error listing the methods
+        _check_int(self.seeds, "seeds", 1)
+        _check_int(self.batch_size, "batch_size", 1)
+        for name in ("epochs", "samples", "feature_dim"):
+            if getattr(self, name) is not None:
+                _check_int(getattr(self, name), name, 1)
+        _check_choice(self.suite, "suite", BENCH_SUITES)
+        _check_choice(self.recipe, "recipe", tuple(RECIPES))
+        _check_choice(self.protocol, "protocol", PROTOCOLS)
+        if self.eps is not None:
+            self.eps = parse_eps(self.eps, "--eps")
+        check_options(self.suite, SUITES.get(self.suite), self.suite_options())
+        if self.certify is not None:
+            build_certifier(self.certify)
+        for key, table, names in (("data_options", self.data_options, self.data),
+                                  ("method_options", self.method_options, self.methods)):  # fmt: skip
+            if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+                raise ConfigError(f"benchmark option '{key}' must map a name to a dict of options")
+            stray = sorted(set(table) - set(names))
+            if stray:
+                raise ConfigError(f"benchmark option '{key}' names {stray}, which are not in the grid ({names})")
+        for m, opts in self.method_options.items():
+            options_dataclass(METHODS.get(m).Options, dict(opts), m)  # bad keys/values fail now, not mid-grid
+
+    def suite_options(self) -> dict[str, Any]:
+        return {"eps": list(self.eps)} if self.eps is not None else {}
+
+    def cell_settings(self) -> dict[str, Any]:
+        """What a finished cell depends on (its hash decides whether it can be reused), fixed protocol
+        constants included."""
+        fixed = {"paper_protocol": PAPER_PROTOCOL, "certify_radii": CERTIFY_RADII}
+        return {**{k: _plain(getattr(self, k)) for k in CELL_SETTINGS}, "constants": _plain(fixed)}
+
+    def cells(self) -> list[Cell]:
+        """The grid in run order: per dataset, per seed, every method (all methods of seed 0 come first)."""
+        return [Cell(d, m, s) for d in self.data for s in range(self.seeds) for m in self.methods]
+
+    def to_json(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+
+def _plain(v: Any) -> Any:
+    return json.loads(json.dumps(v))
+
+
+def _check_int(value: Any, name: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"benchmark option '{name}' must be an integer >= {low}, got {value!r}")
+
+
+def _check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"benchmark option '{name}': unknown value {value!r}; choose from: {', '.join(choices)}")
+
+
+def _slug(dataset: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset).name if Path(dataset).is_dir() else dataset)
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    method: str
+    seed: int
+
+    def folder(self, out: Path) -> Path:
+        return out / "runs" / _slug(self.dataset) / self.method / f"seed{self.seed}"
+
+    def settings_hash(self, cfg: BenchmarkConfig) -> str:
+        payload = {"cell": asdict(self), **cfg.cell_settings()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset} / {self.method} / seed {self.seed}"
+
+
+@dataclass
+class CertifySummary:
+    """Certified accuracy of one cell at the grid radii (joint threat), and the guarantee kind."""
+
+    certifier: str
+    guarantee: str
+    alpha: float | None
+    radii: list[float]
+    joint: list[float]
+    median_joint_radius: float | None
+
+
+@dataclass
+class CellResult:
+    """One trained and evaluated cell; ``resumed``: read back from a finished cell's files."""
+
+    cell: Cell
+    metrics: dict[str, Any]
+    evaluation: EvalResult
+    paper_protocol: EvalResult | None
+    certificate: CertifySummary | None
+    seconds: dict[str, float]
+    resumed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **asdict(self.cell),
+            "resumed": self.resumed,
+            "val_accuracy": self.metrics.get("val_accuracy"),
+            "test_accuracy": self.metrics.get("test_accuracy"),
+            "best_epoch": self.metrics.get("best_epoch"),
+            "train_time_s": self.metrics.get("train_time_s"),
+            "seconds": self.seconds,
+            "evaluation": self.evaluation.to_json(),
+            "paper_protocol": self.paper_protocol.to_json() if self.paper_protocol else None,
+            "certify": asdict(self.certificate) if self.certificate else None,
+        }
+
+
+@dataclass
+class BenchmarkResult:
+    config: BenchmarkConfig
+    cells: list[CellResult]
+    seconds: float
+
+    @property
+    def resumed(self) -> int:
+        return sum(c.resumed for c in self.cells)
+
+    def tables(self) -> list[ComparisonTable]:
+        """Per dataset the multi-modal and uni-modal tables (mean ± std over seeds) and the training table."""
+        cfg = self.config
+        notes = [
+            f"recipe: {cfg.recipe}; protocol: {cfg.protocol}; suite: {cfg.suite}; "
+            f"epochs: {cfg.epochs or RunConfig().train.epochs}; seeds: {cfg.seeds}; attacked test samples: "
+            + (str(cfg.samples) if cfg.samples else "all")
+        ]
+        out = []
+        for d in cfg.data:
+            cells = [c for c in self.cells if c.cell.dataset == d]
+            evals = {m: [c.evaluation for c in cells if c.cell.method == m] for m in cfg.methods}
+            paper = {
+                m: [c.paper_protocol for c in cells if c.cell.method == m and c.paper_protocol] for m in cfg.methods
+            }
+            out += comparison_tables(d, evals, paper if cfg.protocol == "paper" else None, notes)
+            out.append(self._summary_table(d, cells, notes))
+        return out
+
+    def _summary_table(self, dataset: str, cells: list[CellResult], notes: list[str]) -> ComparisonTable:
+        """Training outcome per method (validation-selected model) and, with --certify, certified accuracy."""
+        cols = [Column("val accuracy", "value"), Column("test accuracy (full split)", "value"),
+                Column("train time (s)", "value", unit="s")]  # fmt: skip
+        cert = [c.certificate for c in cells if c.certificate is not None]
+        radii = cert[0].radii if cert else []
+        kind = f"{cert[0].certifier}: {cert[0].guarantee}" if cert else ""
+        if cert and cert[0].alpha is not None:  # a probabilistic certificate states its failure probability
+            kind += f", alpha={cert[0].alpha:g}"
+        cols += [Column(f"certified r={r:g} ({kind})", "value") for r in radii]
+        rows: dict[str, list[Stat | None]] = {}
+        for m in self.config.methods:
+            mine = [c for c in cells if c.cell.method == m]
+            stats = [
+                stat([c.metrics.get("val_accuracy") for c in mine]),
+                stat([c.metrics.get("test_accuracy") for c in mine]),
+                stat([c.metrics.get("train_time_s") for c in mine]),
+            ]
+            stats += [stat([c.certificate.joint[i] for c in mine if c.certificate]) for i in range(len(radii))]
+            rows[m] = stats
+        title = "Training (validation-selected models)" + (" and certification" if cert else "")
+        return ComparisonTable("summary", title, dataset, cols, rows, list(notes))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_json(),
+            "seconds": self.seconds,
+            "resumed_cells": self.resumed,
+            "cells": [c.to_json() for c in self.cells],
+            "tables": [t.to_json() for t in self.tables()],
+        }
+
+
+@dataclass
+class BenchmarkPlan:
+    """Which cells of the grid are finished (skipped), invalidated (other settings) or to run."""
+
+    cells: list[Cell]
+    finished: list[Cell]
+    invalidated: dict[Cell, list[str]]  # cell -> the settings that changed
+
+    @property
+    def todo(self) -> list[Cell]:
+        done = set(self.finished)
+        return [c for c in self.cells if c not in done]
+
+
+@dataclass
+class BenchmarkEvent:
+    """Progress report: ``status`` is ``start`` or ``done`` for the ``index``-th of ``total`` cells to run."""
+
+    cell: Cell
+    status: str
+    index: int
+    total: int
+    seconds: float = 0.0
+
+
+ProgressHook = Callable[[BenchmarkEvent], None]
+
+
+def _manifest(cell: Cell, out: Path) -> dict[str, Any] | None:
+    try:
+        m = read_json(cell.folder(out) / MANIFEST_FILE)
+    except RunError:
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("files"), dict) else None
+
+
+def _files_intact(folder: Path, manifest: dict[str, Any]) -> bool:
+    for name, digest in manifest["files"].items():
+        p = folder / name
+        if not p.is_file() or sha256_file(p) != digest:
+            return False
+    return True
+
+
+def plan_benchmark(cfg: BenchmarkConfig, out: str | Path) -> BenchmarkPlan:
+    """Read ``out`` (nothing is written): finished cells, cells finished under other settings."""
+    out = Path(out)
+    finished, invalidated = [], {}
+    current = cfg.cell_settings()
+    for cell in cfg.cells():
+        m = _manifest(cell, out)
+        if m is None:
+            continue
+        if m.get("settings_hash") != cell.settings_hash(cfg):
+            old = m.get("settings", {})
+            invalidated[cell] = [k for k in current if old.get(k) != current[k]] or ["(unknown)"]
+        elif _files_intact(cell.folder(out), m):
+            finished.append(cell)
+    return BenchmarkPlan(cfg.cells(), finished, invalidated)
+
+
+def _describe_change(plan: BenchmarkPlan) -> str:
+    changed = sorted({k for keys in plan.invalidated.values() for k in keys})
+    return ", ".join(changed)
+
+
+def run_benchmark(
+    cfg: BenchmarkConfig, out: str | Path, force: bool = False, progress: ProgressHook | None = None
+) -> BenchmarkResult:
+    """Run (or resume) the grid into ``out``; see the module docstring."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    plan = plan_benchmark(cfg, out)
+    if plan.invalidated and not force:
+        raise ConfigError(
+            f"{out}: {len(plan.invalidated)} finished cell(s) were run with other settings "
+            f"(changed: {_describe_change(plan)}); use --force to redo them, or another --out"
+        )
+    t0 = time.perf_counter()
+    todo = plan.todo
+    bundles: dict[tuple[str, int], DataBundle] = {}
+
+    def bundle(dataset: str, seed: int) -> DataBundle:  # one data split per (dataset, seed), shared by the methods
+        if (dataset, seed) not in bundles:
+            bundles[(dataset, seed)] = load_data(DataConfig(dataset, seed, dict(cfg.data_options.get(dataset, {}))))
+        return bundles[(dataset, seed)]
+
+    _check_cells(cfg, todo, bundle)
+    write_json(out / SETTINGS_FILE, cfg.to_json())
+    results = {c: _read_cell(c, out, cfg) for c in plan.finished}
+    for i, cell in enumerate(todo):
+        if progress:
+            progress(BenchmarkEvent(cell, "start", i, len(todo)))
+        results[cell] = _run_cell(cell, out, cfg, bundle(cell.dataset, cell.seed))
+        if progress:
+            progress(BenchmarkEvent(cell, "done", i + 1, len(todo), sum(results[cell].seconds.values())))
+    return BenchmarkResult(cfg, [results[c] for c in plan.cells], time.perf_counter() - t0)
+
+
+def _check_cells(cfg: BenchmarkConfig, cells: Sequence[Cell], bundle: Callable[[str, int], DataBundle]) -> None:
+    """Everything that could fail mid-grid fails now: data options (each dataset loads), run configs,
+    and each method's model on each dataset (e.g. an orthogonal head needs feature dim >= classes)."""
+    seen = set()
+    for cell in cells:
+        rc = _run_config(cell, cfg)
+        if (cell.dataset, cell.method) in seen:
+            continue
+        seen.add((cell.dataset, cell.method))
+        meta = bundle(cell.dataset, 0).meta
+        build_model(meta, ModelConfig(METHODS.get(cell.method).head, rc.model.feature_dim, dict(rc.model.encoders)))
+
+
+def _run_config(cell: Cell, cfg: BenchmarkConfig) -> RunConfig:
+    rc = RunConfig()
+    rc.data = DataConfig(cell.dataset, cell.seed, dict(cfg.data_options.get(cell.dataset, {})))
+    if cfg.feature_dim is not None:
+        rc.model.feature_dim = cfg.feature_dim
+    rc.train.method, rc.train.seed, rc.train.batch_size = cell.method, cell.seed, cfg.batch_size
+    if cfg.epochs is not None:
+        rc.train.epochs = cfg.epochs
+    rc.train.optim = OptimConfig.from_recipe(cfg.recipe)
+    rc.train.method_options = dict(cfg.method_options.get(cell.method, {}))
+    rc.train.progress = False
+    rc.validate()
+    return rc
+
+
+def _train_cell(rc: RunConfig, folder: Path, bundle: DataBundle) -> FitResult:
+    """Train one cell; a cell whose training was interrupted continues from its last epoch checkpoint
+    (the same mechanism as ``mmrobust train --resume``), or starts over if its settings changed."""
+    if (RunFolder(folder).partial / CHECKPOINT_JSON).is_file():
+        try:
+            return train(rc, out=folder, bundle=bundle, resume=True)
+        except ConfigError:  # the interrupted training used other settings: redo it
+            pass
+    return train(rc, out=folder, bundle=bundle, force=True)
+
+
+def _run_cell(cell: Cell, out: Path, cfg: BenchmarkConfig, bundle: DataBundle) -> CellResult:
+    folder = cell.folder(out)
+    if folder.exists():  # an interrupted or invalidated cell: start clean, no stale file survives
+        shutil.rmtree(folder)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    fit = _train_cell(_run_config(cell, cfg), folder, bundle)
+    seconds["train"] = time.perf_counter() - t
+    run = Run(folder, fit.config, bundle.meta, fit.model, fit.metrics, _bundle=bundle)
+    test = bundle.test if cfg.samples is None else bundle.test.subset(slice(0, cfg.samples))
+    files = ["model.safetensors", "config.json", "metrics.json"]
+
+    t = time.perf_counter()
+    evaluation = evaluate(run, test, cfg.suite, **cfg.suite_options())
+    write_json(folder / f"eval_{cfg.suite}.json", evaluation.to_json())
+    files.append(f"eval_{cfg.suite}.json")
+    paper = None
+    if cfg.protocol == "paper":
+        paper_eps = cfg.suite_options() if cfg.suite == "paper" else {}
+        paper = evaluate(run, test, "paper", **paper_eps, **PAPER_PROTOCOL)
+        write_json(folder / "eval_paper_protocol.json", paper.to_json())
+        files.append("eval_paper_protocol.json")
+    seconds["evaluate"] = time.perf_counter() - t
+
+    summary = None
+    if cfg.certify is not None:
+        t = time.perf_counter()
+        res = certify_model(fit.model, bundle.meta, test, cfg.certify, bundle.train, CERTIFY_RADII, fit_split="train")
+        write_json(folder / CERTIFY_FILE, res.document(run))
+        files.append(CERTIFY_FILE)
+        summary = _certify_summary(res.to_json())
+        seconds["certify"] = time.perf_counter() - t
+
+    manifest = {
+        "cell": asdict(cell),
+        "settings_hash": cell.settings_hash(cfg),
+        "settings": cfg.cell_settings(),
+        "seconds": seconds,
+        "files": {name: sha256_file(folder / name) for name in files},
+    }
+    write_json(folder / MANIFEST_FILE, manifest)  # last: its presence marks the cell finished
+    return CellResult(cell, fit.metrics, evaluation, paper, summary, seconds)
+
+
+def _certify_summary(entry: dict[str, Any]) -> CertifySummary:
+    ca = entry["certified_accuracy"]
+    median = entry["summary"]["median_joint_radius_correct"]
+    return CertifySummary(entry["estimator"], entry["guarantee_kind"], entry["alpha"], ca["radii"], ca["joint"],
+                          median if median is None or math.isfinite(median) else None)  # fmt: skip
+
+
+def _read_cell(cell: Cell, out: Path, cfg: BenchmarkConfig) -> CellResult:
+    folder = cell.folder(out)
+    m = read_json(folder / MANIFEST_FILE)
+    paper = folder / "eval_paper_protocol.json"
+    cert = folder / CERTIFY_FILE
+    return CellResult(
+        cell,
+        read_json(folder / "metrics.json"),
+        EvalResult.from_json(read_json(folder / f"eval_{cfg.suite}.json")),
+        EvalResult.from_json(read_json(paper)) if cfg.protocol == "paper" else None,
+        _certify_summary(next(iter(read_json(cert)["estimators"].values()))) if cfg.certify is not None else None,
+        dict(m.get("seconds", {})),
+        resumed=True,
+    )

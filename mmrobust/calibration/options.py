@@ -1,0 +1,116 @@
+"""Options of calibration training and evaluation; each dataclass validates itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mmrobust.errors import ConfigError
+from mmrobust.eval.suites import AUTOATTACK_ATTACKS
+from mmrobust.options import check_range, check_types
+
+#: stage-2 losses: l2 to the frozen stage-1 embedding, ce on cosine logits, infonce over clean/adv pairs
+CALIBRATION_LOSSES = ("l2", "ce", "infonce")
+
+
+def check_eps(value: Any, what: str) -> float:
+    """An l-inf budget on inputs in a unit-width range: a finite number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not 0 < value <= 1:
+        raise ConfigError(f"{what}: eps must be in (0, 1] (e.g. 8/255), got {value!r}")
+    return float(value)
+
+
+@dataclass
+class CalibrationOptions:
+    """How the heads are trained.
+
+    Stage 1 (``stage1_epochs``, ``stage1_lr``): AdamW on ``||g(f(x)) - f(x)||^2`` over clean data.
+    Stage 2 (``epochs``, ``lr``): AdamW on ``loss`` over APGD-CE l-inf examples of budget ``eps``
+    (``attack_steps`` iterations), regenerated every batch against the current head. ``lora_rank``
+    > 0 trains rank-r LoRA adapters (scale ``lora_alpha / r``) on the stage-1 head instead of the
+    whole head. Early stopping keeps the epoch with the best ``0.25 * clean + 0.75 * adversarial``
+    validation accuracy and stops after ``patience`` epochs without improvement.
+    """
+
+    loss: str = "ce"
+    eps: float = 8 / 255
+    attack_steps: int = 10
+    hidden: int = 256
+    stage1_epochs: int = 30
+    stage1_lr: float = 1e-3
+    epochs: int = 5
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    ce_temperature: float = 0.01
+    infonce_temperature: float = 0.07
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    patience: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        who = "calibration"
+        check_types(self, who)
+        if self.loss not in CALIBRATION_LOSSES:
+            raise ConfigError(f"{who}.loss: unknown loss '{self.loss}'; choose from: {', '.join(CALIBRATION_LOSSES)}")
+        self.eps = check_eps(self.eps, f"{who}.eps")
+        for name, minimum in (("attack_steps", 1), ("hidden", 1), ("stage1_epochs", 0), ("epochs", 0),
+                              ("batch_size", 1), ("lora_rank", 0), ("patience", 1), ("seed", 0)):  # fmt: skip
+            check_range(getattr(self, name), minimum, None, f"{who}.{name}")
+        for name in ("stage1_lr", "lr", "ce_temperature", "infonce_temperature", "lora_alpha"):
+            check_range(getattr(self, name), 0.0, None, f"{who}.{name}", low_open=True)
+        check_range(self.weight_decay, 0.0, None, f"{who}.weight_decay")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalOptions:
+    """How calibrated and frozen models are evaluated.
+
+    Every component in ``attacks`` runs at every l-inf budget in ``eps`` (``steps`` iterations for
+    the gradient attacks, ``queries`` for Square, ``targets`` target classes for APGD-T and FAB-T);
+    the robust accuracy is the per-sample worst case over them. ``cascade``: each component attacks
+    only the samples no earlier component (nor a smaller budget) broke, as AutoAttack does: the same
+    worst case for far fewer attack runs, but the per-component accuracies are then cumulative
+    rather than each component alone. ``retrieval_k``: the k of recall@k.
+    """
+
+    eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255)
+    attacks: tuple[str, ...] = AUTOATTACK_ATTACKS
+    steps: int = 100
+    queries: int = 5000
+    targets: int = 9
+    restarts: int = 1
+    cascade: bool = False
+    retrieval_k: tuple[int, ...] = (1, 5)
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        who = "evaluation"
+        check_types(self, who)
+        self.eps = tuple(sorted(check_eps(e, f"{who}.eps") for e in self.eps))  # reports read the last as the largest
+        if not self.eps:
+            raise ConfigError(f"{who}.eps: give at least one budget")
+        self.attacks = tuple(self.attacks)
+        for a in self.attacks:
+            if a not in AUTOATTACK_ATTACKS:
+                raise ConfigError(
+                    f"{who}.attacks: unknown component '{a}'; choose from: {', '.join(AUTOATTACK_ATTACKS)}"
+                )
+        if not self.attacks:
+            raise ConfigError(f"{who}.attacks: give at least one of: {', '.join(AUTOATTACK_ATTACKS)}")
+        for name, minimum in (("steps", 1), ("queries", 1), ("targets", 1), ("restarts", 1), ("batch_size", 1),
+                              ("seed", 0)):  # fmt: skip
+            check_range(getattr(self, name), minimum, None, f"{who}.{name}")
+        self.retrieval_k = tuple(self.retrieval_k)
+        for k in self.retrieval_k:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ConfigError(f"option '{who}.retrieval_k' needs integers >= 1, got {k!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

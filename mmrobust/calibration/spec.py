@@ -1,0 +1,74 @@
+"""User encoders from the command line: ``--encoders SPEC --centres FILE --data DATA``.
+
+SPEC is a comma-separated list of ``MODALITY=MODULE:FACTORY`` entries, e.g.
+``audio=mypkg.enc:make_audio,image=mypkg.enc:make_image``: ``FACTORY`` is called with no
+arguments and returns an ``nn.Module`` or a callable ``(N, ...) -> (N, D)``; ``MODALITY`` must be a
+modality of the data. FILE is a safetensors file with a ``(K, D)`` tensor ``centres`` shared by
+every modality, or one tensor per modality named after it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmrobust.errors import ConfigError, RunError
+from mmrobust.io import load_tensors
+
+
+def parse_encoder_spec(spec: str) -> dict[str, tuple[str, str]]:
+    """``"a=pkg.mod:fn,b=pkg.mod:fn2"`` -> ``{"a": ("pkg.mod", "fn"), ...}`` (syntax only)."""
+    out: dict[str, tuple[str, str]] = {}
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if "=" not in item or ":" not in item.split("=", 1)[1]:
+            raise ConfigError(f"--encoders: '{item}' must look like MODALITY=MODULE:FACTORY")
+        m, target = (s.strip() for s in item.split("=", 1))
+        module, factory = (s.strip() for s in target.rsplit(":", 1))
+        if not m or not module or not factory:
+            raise ConfigError(f"--encoders: '{item}' must look like MODALITY=MODULE:FACTORY")
+        if m in out:
+            raise ConfigError(f"--encoders: modality '{m}' given twice")
+        out[m] = (module, factory)
+    if not out:
+        raise ConfigError("--encoders: no MODALITY=MODULE:FACTORY entry given")
+    return out
+
+
+def load_encoders(spec: str) -> dict[str, Any]:
+    """Import and call each factory of SPEC."""
+    encoders = {}
+    for m, (module, factory) in parse_encoder_spec(spec).items():
+        try:
+            fn = getattr(importlib.import_module(module), factory)
+        except ImportError as exc:
+            raise ConfigError(f"--encoders: cannot import module '{module}' for '{m}' ({exc})") from None
+        except AttributeError:
+            raise ConfigError(f"--encoders: module '{module}' has no '{factory}' (for '{m}')") from None
+        encoders[m] = fn()
+    return encoders
+
+
+def load_centres(path: str | Path, modalities: list[str]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The class centres of FILE: the shared ``centres`` tensor, or one tensor per modality."""
+    try:
+        tensors = load_tensors(path)
+    except RunError as exc:
+        raise ConfigError(f"--centres: {exc}") from None
+    if "centres" in tensors:
+        extra = sorted(set(tensors) - {"centres"})
+        if extra:
+            raise ConfigError(
+                f"--centres {path}: holds 'centres' and also {extra}; give one shared or one per modality"
+            )
+        return tensors["centres"]
+    missing = [m for m in modalities if m not in tensors]
+    if missing:
+        raise ConfigError(
+            f"--centres {path}: no tensor 'centres' nor one for modality {missing}; it has {sorted(tensors)}"
+        )
+    return {m: tensors[m] for m in modalities}
