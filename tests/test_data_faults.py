@@ -158,7 +158,9 @@ _json = st.recursive(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     meta=st.dictionaries(
         st.sampled_from(["class_names", "kinds", "valid_ranges", "name", "normalize", "other"]), _json, max_size=3
@@ -175,7 +177,7 @@ def test_fuzzed_meta_json_loads_or_fails_cleanly(tmp_path, meta):
         assert "\n" not in str(exc)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     options=st.dictionaries(
         st.sampled_from(["names", "signal", "noise", "dim", "classes", "n_train", "bogus"]),
