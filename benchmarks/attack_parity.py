@@ -168,13 +168,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
     p.add_argument("--samples", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     p.add_argument("--steps", type=int, default=10, help="APGD/FAB iterations (torchattacks' AutoAttack uses 10)")
     p.add_argument("--queries", type=int, default=500, help="Square queries (the reference uses 5000)")
     p.add_argument("--linf", default="8/255,16/255,32/255")
     p.add_argument("--l2", default="1,2,4")
     p.add_argument("--components-at", default="16/255,2", help="the eps (linf,l2) where each component runs alone")
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     run = load_run(args.run)
     inputs, labels = run.data().test.take(slice(0, args.samples))
     image_range = dict((s.name, s.valid_range) for s in run.meta.modalities)["image"]
@@ -189,8 +190,12 @@ def main() -> None:
 
     lin_single, l2_single = (frac(v) for v in args.components_at.split(","))
     rows = []
-    plans = [("linf", frac(e), ["image"]) for e in args.linf.split(",")]
-    plans += [("l2", frac(e), ["audio", "image"]) for e in args.l2.split(",")]
+    # largest budgets first (they break the most samples, so they are also the cheapest)
+    plans = [("l2", frac(e), ["audio", "image"]) for e in reversed(args.l2.split(",")) if e]
+    plans += [("linf", frac(e), ["image"]) for e in reversed(args.linf.split(",")) if e]
+    out = RESULTS / f"attack_parity_{Path(args.run).name}.json"
+    meta = {"run": str(args.run), "samples": args.samples, "steps": args.steps, "queries": args.queries,
+            "threads": torch.get_num_threads()}  # fmt: skip
     for norm, eps, mods in plans:
         single = math.isclose(eps, lin_single if norm == "linf" else l2_single)
         for attack in (["apgd-ce", "apgd-t", "fab-t", "square"] if single else []) + ["autoattack"]:
@@ -199,13 +204,11 @@ def main() -> None:
             rows.append(row)
             print(f"{attack:10s} {norm} {eps:.4f} ours {row['ours']:.3f} ta {row['torchattacks']:.3f} "
                   f"time {row['seconds_ours']:.1f}s / {row['seconds_torchattacks']:.1f}s", flush=True)  # fmt: skip
+            write_json(out, {**meta, "rows": rows})  # after every row: a long run keeps what it measured
     print_table("AutoAttack parity: robust accuracy, ours vs torchattacks", ["attack", "norm", "eps", "modalities", "clean", "ours", "torchattacks", "ours - ta", "time ratio"],
                 [[r["attack"], r["norm"], f"{r['eps']:.4f}", "+".join(r["modalities"]), f"{r['clean']:.3f}",
                   f"{r['ours']:.3f}", f"{r['torchattacks']:.3f}", f"{r['ours'] - r['torchattacks']:+.3f}",
                   f"{r['time_ratio']:.2f}"] for r in rows])  # fmt: skip
-    out = RESULTS / f"attack_parity_{Path(args.run).name}.json"
-    write_json(out, {"run": str(args.run), "samples": args.samples, "steps": args.steps, "queries": args.queries,
-                     "threads": torch.get_num_threads(), "rows": rows})  # fmt: skip
     print(f"wrote {out}")
 
 

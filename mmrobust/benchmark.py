@@ -33,8 +33,9 @@ from mmrobust.eval.runner import check_options, evaluate
 from mmrobust.eval.suites import SUITES, parse_eps
 from mmrobust.io import read_json, sha256_file, write_json
 from mmrobust.models.fusion import ModelConfig, build_model
-from mmrobust.runs import Run
-from mmrobust.training import METHODS, train
+from mmrobust.runs import Run, RunFolder
+from mmrobust.training import METHODS, FitResult, train
+from mmrobust.training.checkpoint import CHECKPOINT_JSON
 
 SETTINGS_FILE, MANIFEST_FILE = "settings.json", "cell.json"
 BENCH_SUITES = ("paper", "curves", "autoattack")
@@ -397,13 +398,24 @@ def _run_config(cell: Cell, cfg: BenchmarkConfig) -> RunConfig:
     return rc
 
 
+def _train_cell(rc: RunConfig, folder: Path, bundle: DataBundle) -> FitResult:
+    """Train one cell; a cell whose training was interrupted continues from its last epoch checkpoint
+    (the same mechanism as ``mmrobust train --resume``), or starts over if its settings changed."""
+    if (RunFolder(folder).partial / CHECKPOINT_JSON).is_file():
+        try:
+            return train(rc, out=folder, bundle=bundle, resume=True)
+        except ConfigError:  # the interrupted training used other settings: redo it
+            pass
+    return train(rc, out=folder, bundle=bundle, force=True)
+
+
 def _run_cell(cell: Cell, out: Path, cfg: BenchmarkConfig, bundle: DataBundle) -> CellResult:
     folder = cell.folder(out)
     if folder.exists():  # an interrupted or invalidated cell: start clean, no stale file survives
         shutil.rmtree(folder)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    fit = train(_run_config(cell, cfg), out=folder, bundle=bundle)
+    fit = _train_cell(_run_config(cell, cfg), folder, bundle)
     seconds["train"] = time.perf_counter() - t
     run = Run(folder, fit.config, bundle.meta, fit.model, fit.metrics, _bundle=bundle)
     test = bundle.test if cfg.samples is None else bundle.test.subset(slice(0, cfg.samples))

@@ -122,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     options = {
         k: getattr(args, k)
         for k in ("eps", "unimodal_eps", "steps", "step_size", "restarts", "norm", "losses", "queries", "targets",
-                  "attacks", "seed", "max_samples")
+                  "attacks", "seed", "max_samples", "version")
         if getattr(args, k) is not None
     }  # fmt: skip
     if args.no_random_start:
@@ -158,7 +158,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     result = certify_run(
         args.run, certifier=args.lipschitz, options=options, split=args.split, radii=radii,
         fit_split=args.lipschitz_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
-        attack_steps=args.attack_steps, allow_data_change=args.allow_data_change,
+        attack_steps=args.attack_steps, allow_data_change=args.allow_data_change, tightness_samples=args.tightness,
     )  # fmt: skip
     run = load_run(args.run, allow_data_change=args.allow_data_change)
     show_certify(run, result)
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", help="autoattack: components (default apgd-ce,apgd-t,fab-t,square)")
     p.add_argument("--queries", type=int, help="autoattack: Square query budget (default 5000)")
     p.add_argument("--targets", type=int, help="autoattack: target classes of APGD-T/FAB-T (default 9)")
+    p.add_argument("--version", choices=["standard", "plus", "custom"], default=None,
+                   help="autoattack: run the reference protocol (components in order, each on the points still "
+                        "robust; custom takes --attacks) instead of every component on every sample")  # fmt: skip
     p.add_argument("--max-samples", type=int, help="evaluate only the first N samples of the split")
     p.add_argument("--seed", type=int, help="seed of the attacks' random starts (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -334,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="attack the certified balls of the first N samples and report violations",
     )
     p.add_argument("--attack-steps", type=int, default=50, help="PGD steps of the soundness check")
+    p.add_argument("--tightness", type=int, default=0, metavar="N",
+                   help="find the smallest adversarial joint-l2 radius of N correct samples (bisection over eps, "
+                   "CE/CW PGD + APGD) and report certified / attack radius")  # fmt: skip
     p.add_argument(
         "--theorem",
         choices=["auto", "3.3", "3.5"],

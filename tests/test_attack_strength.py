@@ -317,3 +317,19 @@ class Noisy(nn.Module):
 
     def forward(self, inputs):
         return self.model({k: v + 0.01 * torch.randn_like(v) for k, v in inputs.items()})
+
+
+def test_autoattack_suite_version_runs_the_protocol(tiny_run):
+    from mmrobust.eval.runner import evaluate_run
+
+    res = evaluate_run(tiny_run, suite="autoattack", version="custom", attacks="apgd-ce,square", eps="0.5",
+                       steps=5, queries=50, max_samples=60)  # fmt: skip
+    rows = [r for r in res.rows if r.eps == 0.5]
+    assert [r.attack for r in rows] == ["apgd-ce", "square", "autoattack"]
+    assert rows[0].accuracy >= rows[1].accuracy == rows[2].accuracy  # cumulative, the last one is the suite's
+    assert rows[2].accuracy < res.clean_accuracy - 0.3
+    standard = evaluate_run(tiny_run, suite="autoattack", version="standard", eps="0.5", steps=3, queries=20,
+                            max_samples=30)  # fmt: skip
+    assert any("apgd-t skipped" in w for w in standard.warnings)  # 4 classes: 9 targets do not fit
+    with pytest.raises(ConfigError, match="unknown version"):
+        evaluate_run(tiny_run, suite="autoattack", version="fast", eps="0.5", max_samples=10)

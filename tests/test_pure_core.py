@@ -54,19 +54,10 @@ def _imports(tree: ast.AST, modules: set[str]) -> set[str]:
     return found & modules
 
 
-#: known import cycles through a lazy (function-level) import, to be removed when the code moves:
-#: the MaxMin layer's CROWN rule (models/lipschitz.py) imports its op from certify/crown.py, which
-#: imports the model classes back
-KNOWN_LAZY_EDGES = {("mmrobust.models.lipschitz", "mmrobust.certify.crown")}
-
-
 def import_graph() -> dict[str, set[str]]:
     files = {_module_name(p): p for p in ROOT.rglob("*.py")}
     modules = set(files)
-    graph = {name: _imports(ast.parse(path.read_text()), modules) - {name} for name, path in files.items()}
-    for a, b in KNOWN_LAZY_EDGES:
-        graph.get(a, set()).discard(b)
-    return graph
+    return {name: _imports(ast.parse(path.read_text()), modules) - {name} for name, path in files.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

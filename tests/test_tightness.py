@@ -80,3 +80,19 @@ def test_bad_threat_or_length_is_a_clear_error():
         tightness(model, split, torch.ones(4), "c", FAST)
     with pytest.raises(ConfigError, match="3 certified radii for a split of 4"):
         tightness(model, split, torch.ones(3), "joint", FAST)
+
+
+def test_cli_certify_tightness_writes_ratios(tiny_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    from mmrobust.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["certify", str(run), "--lipschitz", "sound", "--tightness", "4"]) == 0
+    t = json.loads((run / "certify.json").read_text())["estimators"]["sound"]["tightness"]
+    assert t["samples"] == 4 and t["violations"] == 0 and t["threat"] == "joint"
+    assert all(0 <= c <= a for c, a in zip(t["certified"], t["attack_radius"], strict=True))
+    assert "median certified / smallest attack radius" in capsys.readouterr().out
+    assert main(["certify", str(run), "--tightness", "-1"]) == 2

@@ -108,7 +108,8 @@ class AutoAttackOptions:
 @dataclass
 class StageLog:
     """One component's line in the log: ``robust_accuracy`` is cumulative (after this component
-    and all before it); ``broken`` counts the samples this component broke first."""
+    and all before it); ``broken`` counts the samples this component broke first, ``broken_index``
+    lists them (positions in the batch)."""
 
     attack: str
     restarts: int
@@ -116,6 +117,7 @@ class StageLog:
     broken: int
     robust_accuracy: float
     seconds: float
+    broken_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 @dataclass
@@ -219,7 +221,7 @@ def run_autoattack(
             continue
         idx = robust.nonzero().squeeze(1)
         t0 = time.perf_counter()
-        broken_here = 0
+        broken_rows: list[torch.Tensor] = []
         kw = {"steps": options.queries if name == "square" else options.steps, "restarts": restarts}
         if name in ("apgd-t", "fab-t"):
             kw["targets"] = options.targets
@@ -236,11 +238,12 @@ def run_autoattack(
                 lo, hi = inputs[m][rows] - eps[m], inputs[m][rows] + eps[m]
                 result.adversarial[m][rows] = back.clamp(lo, hi) if options.norm == "linf" and scale else back
             robust[rows] = False
-            broken_here += len(rows)
+            broken_rows.append(rows)
+        broken_index = torch.cat(broken_rows) if broken_rows else torch.zeros(0, dtype=torch.long)
         if name == "square":
-            square_broke_alone = broken_here
-        result.stages.append(StageLog(name, restarts, len(idx), broken_here, float(robust.float().mean()),
-                                      time.perf_counter() - t0))  # fmt: skip
+            square_broke_alone = len(broken_index)
+        result.stages.append(StageLog(name, restarts, len(idx), len(broken_index), float(robust.float().mean()),
+                                      time.perf_counter() - t0, broken_index))  # fmt: skip
     if scale:
         # what we report is what the model does on the mapped-back inputs
         with eval_mode(model), torch.no_grad():

@@ -55,7 +55,14 @@ ALIGN_TEMPERATURE = 0.07
 #: (reduced attack budgets, cascaded components; flags override them and the report states the protocol used)
 EXAMPLE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "avdigits-bind": {
-        "calibration": {"epochs": 3, "attack_steps": 5, "stage1_epochs": 60, "stage1_lr": 3e-3, "lr": 1e-3},
+        "calibration": {
+            "epochs": 3,
+            "attack_steps": 5,
+            "stage1_epochs": 60,
+            "stage1_lr": 3e-3,
+            "lr": 3e-3,
+            "batch_size": 16,
+        },
         "evaluation": {"steps": 10, "queries": 100, "targets": 3, "cascade": True},
     }
 }

@@ -18,6 +18,7 @@ from mmrobust.attacks.autoattack import check_applicable
 from mmrobust.attacks.base import build_attack
 from mmrobust.attacks.losses import LOSSES
 from mmrobust.attacks.missing import FILLS
+from mmrobust.attacks.protocol import AutoAttackOptions, run_autoattack
 from mmrobust.data.base import Split
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, macro_f1, predict
@@ -260,14 +261,24 @@ def autoattack_suite(
     batch_size: int = 256,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    version: str | None = None,
     **_: Any,
 ) -> EvalResult:
     """APGD-CE, APGD-T (targeted DLR), FAB-T and Square on all modalities jointly, each alone and
     their per-sample worst case (``"attack": "autoattack"``). Components that do not apply to the
-    model (DLR with < 3 classes, too few classes for the targets) are skipped with a warning."""
+    model (DLR with < 3 classes, too few classes for the targets) are skipped with a warning.
+    With ``version`` (standard / plus / custom) the reference protocol runs instead (see
+    :mod:`mmrobust.attacks.protocol`): components in order, each on the points still robust, one
+    row per component with the cumulative robust accuracy and a final ``autoattack`` row."""
     if norm not in AUTOATTACK_EPS:
         raise ConfigError(f"unknown norm '{norm}'; choose from: {', '.join(AUTOATTACK_EPS)}")
     grid = parse_eps(eps, "--eps") or list(AUTOATTACK_EPS[norm])
+    if version is not None:
+        custom = None if version != "custom" else tuple(
+            s.strip() for s in (attacks.split(",") if isinstance(attacks, str) else attacks))  # fmt: skip
+        return _autoattack_protocol(run, split, grid, AutoAttackOptions(
+            eps=grid[0], version=version, norm=norm, attacks=custom, steps=steps, queries=queries, targets=targets,
+            seed=seed, batch_size=batch_size), progress)  # fmt: skip
     names = [s.strip() for s in attacks.split(",")] if isinstance(attacks, str) else list(attacks)
     for n in names:
         if n not in AUTOATTACK_ATTACKS:
@@ -307,3 +318,32 @@ def autoattack_suite(
                 "attacks": runnable, "seed": seed}  # fmt: skip
     out = ev.finish("autoattack", results, protocol, check_masking=True)
     return replace(out, warnings=skipped + out.warnings)
+
+
+def _autoattack_protocol(
+    run: Run, split: Split, grid: Sequence[float], options: AutoAttackOptions, progress: ProgressFn | None
+) -> EvalResult:
+    ev = _Evaluator(run, split, options.batch_size, options.seed)
+    mods = run.meta.modality_names
+    results: list[EvalRow] = []
+    notes: list[str] = []
+    ticker = _Ticker(progress, "autoattack", len(grid))
+    for e in grid:
+        res = run_autoattack(ev.model, ev.split.inputs, ev.labels, replace(options, eps=e), meta=ev.meta)
+        final = predict(ev.model, Split(res.adversarial, ev.labels), options.batch_size)
+        preds = ev.clean_preds.clone()
+        base = {"loss": None, "norm": options.norm, "modalities": mods, "budget": "joint", "eps": e,
+                "steps": options.steps, "version": options.version}  # fmt: skip
+        for stage in res.stages:  # cumulative: every sample broken so far takes its adversarial prediction
+            preds[stage.broken_index] = final[stage.broken_index]
+            results.append(result_row({**base, "attack": stage.attack, "cumulative": True, "broken": stage.broken},
+                                      preds, ev.labels, ev.k))  # fmt: skip
+        results.append(result_row({**base, "attack": "autoattack", "loss": "worst",
+                                   "components": [s.attack for s in res.stages]}, final, ev.labels, ev.k))  # fmt: skip
+        notes += [w for w in res.skipped + res.warnings if w not in notes]
+        ticker.tick()
+    protocol = {"version": options.version, "norm": options.norm, "eps": list(grid), "steps": options.steps,
+                "queries": options.queries, "targets": options.targets, "attacks": list(options.attacks or []),
+                "seed": options.seed}  # fmt: skip
+    out = ev.finish("autoattack", results, protocol, check_masking=False)
+    return replace(out, warnings=notes + out.warnings)
