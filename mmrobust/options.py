@@ -80,7 +80,7 @@ def build_options(cls: type[T], values: dict[str, Any], what: str) -> T:
     """Instantiate the options dataclass ``cls`` from ``values``, strictly (see module docstring)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{what}: options must be a mapping of KEY: VALUE, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]  # derived fields are not options
     unknown = sorted(set(values) - set(fields))
     if unknown:
         valid = ", ".join(sorted(fields)) or "none"

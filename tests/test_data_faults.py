@@ -63,7 +63,10 @@ def _cases(tmp: Path) -> list[tuple[list[str], str]]:
     labels2d = _folder(tmp / "labels2d", label=np.zeros((40, 2), np.int64))
     outside = _folder(tmp / "outside")
     return [
-        (["--data", "synthetic", "--data-opt", "nosuch=1"], "unknown option(s) ['nosuch']"),
+        (
+            ["--data", "synthetic", "--data-opt", "nosuch=1"],
+            "['nosuch']; valid: classes, dim, n_test, n_train, n_val, names, noise, signal",
+        ),
         (["--data", "synthetic", "--data-opt", "classes=abc"], "option 'synthetic.classes' expects int, got 'abc'"),
         (["--data", "synthetic", "--data-opt", "classes=2.5"], "expects int, got '2.5'"),
         (["--data", "synthetic", "--data-opt", "signal=1,nan"], "'signal' must be finite"),
