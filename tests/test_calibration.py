@@ -13,13 +13,13 @@ from torch import nn
 
 from mmrobust.calibration import BindModel, CalibrationOptions, CalibrationSetup, EvalOptions, calibrate, evaluate
 from mmrobust.calibration.evaluate import BudgetResult
-from mmrobust.calibration.metrics import macro_precision_recall_f1, recall_at_k
+from mmrobust.calibration.metrics import recall_at_k
 from mmrobust.calibration.pipeline import ProjectionHead
 from mmrobust.calibration.store import load_heads, save_heads
 from mmrobust.calibration.train import distill, stage2_loss
 from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec
 from mmrobust.errors import ConfigError, DataError
-from mmrobust.eval.metrics import macro_f1
+from mmrobust.eval.metrics import macro_f1, macro_precision_recall_f1
 from tests.calibration_setups import NuisanceEncoder, nuisance_setup
 
 FAST: dict[str, Any] = dict(

@@ -20,12 +20,12 @@ import torch.nn.functional as F
 
 from mmrobust.attacks.autoattack import check_applicable
 from mmrobust.attacks.base import Attack, build_attack
-from mmrobust.calibration.metrics import macro_precision_recall_f1, mean_cosine, recall_at_k
+from mmrobust.calibration.metrics import mean_cosine, recall_at_k
 from mmrobust.calibration.options import EvalOptions
 from mmrobust.calibration.pipeline import BindModel
 from mmrobust.data.base import DatasetMeta, Split, iterate_batches
 from mmrobust.errors import ConfigError
-from mmrobust.eval.metrics import accuracy
+from mmrobust.eval.metrics import accuracy, macro_precision_recall_f1
 from mmrobust.eval.robust import worst_predictions
 
 #: the component whose adversarial examples feed the embedding-cosine and retrieval numbers
