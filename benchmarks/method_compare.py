@@ -60,37 +60,36 @@ def method_options(method: str, ds: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def run_cell(dataset: str, method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_cell(dataset: str, label: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train and evaluate one cell; ``label`` is a method name, or ``name:key=value,...`` for a variant."""
     ds = DATASETS[dataset]
+    method, _, extra = label.partition(":")
     cfg = RunConfig()
     cfg.data = DataConfig(dataset, seed, dict(ds["data"]))
     cfg.model.feature_dim = ds["feature_dim"]
     cfg.train.method, cfg.train.epochs, cfg.train.seed, cfg.train.progress = method, ds["epochs"], seed, False
-    cfg.train.method_options = method_options(method, ds)
-    out = Path(args.runs) / dataset / method / str(seed)
+    cfg.train.method_options = {**method_options(method, ds), **dict(kv.split("=", 1) for kv in extra.split(",") if kv)}
+    out = Path(args.runs) / dataset / label.replace(":", "_").replace("=", "") / str(seed)
     t0 = time.perf_counter()
-    train(cfg, out=out)
+    train(cfg, out=out, force=True)
     train_s = time.perf_counter() - t0
     run = load_run(out)
     split = run.data().test.subset(slice(0, ds["n_eval"]))
     t0 = time.perf_counter()
-    res = paper_suite(
-        run, split, eps=list(ds["eps"]), unimodal_eps=list(ds["uni_eps"]), steps=args.steps, progress=False
-    )
+    res = paper_suite(run, split, eps=list(ds["eps"]), unimodal_eps=list(ds["uni_eps"]), steps=args.steps)
     row: dict[str, Any] = {
-        "dataset": dataset, "method": method, "seed": seed, "epochs": ds["epochs"], "options": cfg.train.method_options,
+        "dataset": dataset, "method": label, "seed": seed, "epochs": ds["epochs"], "options": cfg.train.method_options,
         "train_s": train_s, "eval_s": time.perf_counter() - t0, "n_eval": len(split),
-        "test_accuracy_full": run.metrics["test_accuracy"], "clean": res["clean_accuracy"],
-        "warnings": res["warnings"],
+        "test_accuracy_full": run.metrics["test_accuracy"], "clean": res.clean_accuracy, "warnings": res.warnings,
     }  # fmt: skip
-    for r in res["results"]:
-        if r["attack"] == "missing":
-            row[f"missing:{r['modalities'][0]}"] = r["accuracy"]
+    for r in res.rows:
+        if r.attack == "missing":
+            row[f"missing:{r.modalities[0]}"] = r.accuracy
             continue
-        if r["attack"] != "pgd-l2":
+        if r.attack != "pgd-l2":
             continue
-        where = "joint" if len(r["modalities"]) > 1 else r["modalities"][0]
-        row.setdefault(f"{where}@{r['eps']}", {})[r["loss"]] = r["accuracy"]
+        where = "joint" if len(r.modalities) > 1 else r.modalities[0]
+        row.setdefault(f"{where}@{r.eps}", {})[r.loss] = r.accuracy
     return row
 
 
@@ -109,7 +108,8 @@ def summary_tables(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], lis
         missing_keys = [k for k in group[0] if k.startswith("missing:")]
         cols = ["method", "seeds", "clean", *[f"{k} worst (ce/cw)" for k in attack_keys], *missing_keys, "train s"]
         table = []
-        for method in [m for m in METHODS if any(r["method"] == m for r in group)]:
+        labels = list(dict.fromkeys(r["method"] for r in group))
+        for method in sorted(labels, key=lambda m: (METHODS.index(m.partition(":")[0]), m)):
             g = [r for r in group if r["method"] == method]
             cells = [method, str(len(g)), mean_std([r["clean"] for r in g])]
             for k in attack_keys:

@@ -31,10 +31,11 @@ from mmrobust.eval.compare import Column, ComparisonTable, Stat, comparison_tabl
 from mmrobust.eval.results import EvalResult
 from mmrobust.eval.runner import check_options, evaluate
 from mmrobust.eval.suites import SUITES, parse_eps
-from mmrobust.io import read_json, write_json
+from mmrobust.io import read_json, sha256_file, write_json
 from mmrobust.models.fusion import ModelConfig, build_model
-from mmrobust.runs import Run
-from mmrobust.training import METHODS, train
+from mmrobust.runs import Run, RunFolder
+from mmrobust.training import METHODS, FitResult, train
+from mmrobust.training.checkpoint import CHECKPOINT_JSON
 
 SETTINGS_FILE, MANIFEST_FILE = "settings.json", "cell.json"
 BENCH_SUITES = ("paper", "curves", "autoattack")
@@ -239,7 +240,7 @@ class BenchmarkResult:
     def _summary_table(self, dataset: str, cells: list[CellResult], notes: list[str]) -> ComparisonTable:
         """Training outcome per method (validation-selected model) and, with --certify, certified accuracy."""
         cols = [Column("val accuracy", "value"), Column("test accuracy (full split)", "value"),
-                Column("train time (s)", "value")]  # fmt: skip
+                Column("train time (s)", "value", unit="s")]  # fmt: skip
         cert = [c.certificate for c in cells if c.certificate is not None]
         radii = cert[0].radii if cert else []
         kind = f"{cert[0].certifier}: {cert[0].guarantee}" if cert else ""
@@ -256,8 +257,8 @@ class BenchmarkResult:
             ]
             stats += [stat([c.certificate.joint[i] for c in mine if c.certificate]) for i in range(len(radii))]
             rows[m] = stats
-        return ComparisonTable("summary", "Training (validation-selected models) and certification", dataset, cols,
-                               rows, list(notes))  # fmt: skip
+        title = "Training (validation-selected models)" + (" and certification" if cert else "")
+        return ComparisonTable("summary", title, dataset, cols, rows, list(notes))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -297,14 +298,6 @@ class BenchmarkEvent:
 ProgressHook = Callable[[BenchmarkEvent], None]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest(cell: Cell, out: Path) -> dict[str, Any] | None:
     try:
         m = read_json(cell.folder(out) / MANIFEST_FILE)
@@ -316,7 +309,7 @@ def _manifest(cell: Cell, out: Path) -> dict[str, Any] | None:
 def _files_intact(folder: Path, manifest: dict[str, Any]) -> bool:
     for name, digest in manifest["files"].items():
         p = folder / name
-        if not p.is_file() or _sha256(p) != digest:
+        if not p.is_file() or sha256_file(p) != digest:
             return False
     return True
 
@@ -405,13 +398,24 @@ def _run_config(cell: Cell, cfg: BenchmarkConfig) -> RunConfig:
     return rc
 
 
+def _train_cell(rc: RunConfig, folder: Path, bundle: DataBundle) -> FitResult:
+    """Train one cell; a cell whose training was interrupted continues from its last epoch checkpoint
+    (the same mechanism as ``mmrobust train --resume``), or starts over if its settings changed."""
+    if (RunFolder(folder).partial / CHECKPOINT_JSON).is_file():
+        try:
+            return train(rc, out=folder, bundle=bundle, resume=True)
+        except ConfigError:  # the interrupted training used other settings: redo it
+            pass
+    return train(rc, out=folder, bundle=bundle, force=True)
+
+
 def _run_cell(cell: Cell, out: Path, cfg: BenchmarkConfig, bundle: DataBundle) -> CellResult:
     folder = cell.folder(out)
     if folder.exists():  # an interrupted or invalidated cell: start clean, no stale file survives
         shutil.rmtree(folder)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    fit = train(_run_config(cell, cfg), out=folder, bundle=bundle)
+    fit = _train_cell(_run_config(cell, cfg), folder, bundle)
     seconds["train"] = time.perf_counter() - t
     run = Run(folder, fit.config, bundle.meta, fit.model, fit.metrics, _bundle=bundle)
     test = bundle.test if cfg.samples is None else bundle.test.subset(slice(0, cfg.samples))
@@ -443,7 +447,7 @@ def _run_cell(cell: Cell, out: Path, cfg: BenchmarkConfig, bundle: DataBundle) -
         "settings_hash": cell.settings_hash(cfg),
         "settings": cfg.cell_settings(),
         "seconds": seconds,
-        "files": {name: _sha256(folder / name) for name in files},
+        "files": {name: sha256_file(folder / name) for name in files},
     }
     write_json(folder / MANIFEST_FILE, manifest)  # last: its presence marks the cell finished
     return CellResult(cell, fit.metrics, evaluation, paper, summary, seconds)

@@ -6,11 +6,24 @@ User errors (:class:`~mmrobust.errors.MMRobustError`) print one line and exit wi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from mmrobust.errors import ConfigError, MMRobustError
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` would silently corrupt every result)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -23,10 +36,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--recipe", help="training recipe the optimiser starts from: tuned (AdamW, cosine; default) or "
                    "paper (the CRMT reference: SGD lr 1e-3, momentum 0.9, wd 1e-4, step schedule); flags override it")  # fmt: skip
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=_finite_float)
     p.add_argument("--optimizer", choices=["adam", "sgd"])
     p.add_argument("--schedule", choices=["cosine", "step", "none"])
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--weight-decay", type=_finite_float)
     p.add_argument("--feature-dim", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu | cuda | auto")
@@ -103,6 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrobust.eval.runner import evaluate_run
     from mmrobust.report.console import progress_callback
     from mmrobust.report.robustness import print_eval_table, print_warnings, save_eval
+    from mmrobust.runs import check_writable
 
     # only flags the user gave are passed on, so each suite keeps its own defaults (e.g. steps)
     options = {
@@ -113,9 +127,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.no_random_start:
         options["random_start"] = False
+    check_writable(args.run)  # refuse now rather than after the work
     with progress_callback(not args.no_progress) as progress:
         result = evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill,
-                              batch_size=args.batch_size, progress=progress, **options)  # fmt: skip
+                              batch_size=args.batch_size, progress=progress,
+                              allow_data_change=args.allow_data_change, **options)  # fmt: skip
     print_eval_table(result, f"{args.run} — {result.suite} suite on {result.split} ({result.samples} samples)")
     print_warnings(result.warnings)
     save_eval(args.run, result)
@@ -127,7 +143,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from mmrobust.config import parse_kv
     from mmrobust.report.certify import save_certify, show_certify
     from mmrobust.report.console import out
-    from mmrobust.runs import load_run
+    from mmrobust.runs import check_writable, load_run
 
     options: dict[str, object] = dict(parse_kv(args.cert_opt, "--cert-opt"))
     # the older flags are shorthands for options of the Lipschitz certifiers
@@ -138,12 +154,13 @@ def cmd_certify(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--{flag.replace('_', '-')} and --cert-opt {key}=... both given; keep one")
             options[key] = value
     radii = parse_radii(args.radii) if args.radii else None
+    check_writable(args.run)  # refuse now rather than after the work
     result = certify_run(
         args.run, certifier=args.lipschitz, options=options, split=args.split, radii=radii,
         fit_split=args.lipschitz_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
-        attack_steps=args.attack_steps,
+        attack_steps=args.attack_steps, allow_data_change=args.allow_data_change, tightness_samples=args.tightness,
     )  # fmt: skip
-    run = load_run(args.run)
+    run = load_run(args.run, allow_data_change=args.allow_data_change)
     show_certify(run, result)
     out.print(f"wrote {save_certify(run, result)}")
     return 0
@@ -231,10 +248,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (``mmrobust: error: ...``, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mmrobust: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mmrobust import __version__
 
-    parser = argparse.ArgumentParser(prog="mmrobust", description="Adversarial robustness of multi-modal classifiers.")
+    parser = _Parser(prog="mmrobust", description="Adversarial robustness of multi-modal classifiers.")
     parser.add_argument("--version", action="version", version=f"mmrobust {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a run folder; writes RUN/eval.json")
     p.add_argument("run", help="run folder written by `mmrobust train`")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="accept data whose fingerprint differs from the one recorded at training")  # fmt: skip
     p.add_argument(
         "--suite", default="basic",
         help="basic: clean + each modality missing; paper: the CRMT protocol (FGM/PGD joint and per modality, "
@@ -261,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the sweep; autoattack: default 2/255,4/255,8/255 for linf)")  # fmt: skip
     p.add_argument("--unimodal-eps", help="paper suite: eps list for single-modality attacks (default 1.0)")
     p.add_argument("--steps", type=int, help="attack iterations (paper/curves PGD default 10; autoattack 100)")
-    p.add_argument("--step-size", type=float, help="PGD step size as a multiple of eps (default 2.5/steps)")
+    p.add_argument("--step-size", type=_finite_float, help="PGD step size as a multiple of eps (default 2.5/steps)")
     p.add_argument("--restarts", type=int, help="random restarts (default 1); worst case over them is kept")
     p.add_argument("--no-random-start", action="store_true", help="first PGD restart starts at the clean input")
     p.add_argument("--norm", choices=["l2", "linf"], help="curves/autoattack threat model (default l2/linf)")
@@ -279,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certify", help="certified radii and vulnerability indicators; writes RUN/certify.json")
     p.add_argument("run", help="run folder written by `mmrobust train`")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="accept data whose fingerprint differs from the one recorded at training")  # fmt: skip
     p.add_argument(
         "--lipschitz",
         default="empirical",
@@ -309,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="attack the certified balls of the first N samples and report violations",
     )
     p.add_argument("--attack-steps", type=int, default=50, help="PGD steps of the soundness check")
+    p.add_argument("--tightness", type=int, default=0, metavar="N",
+                   help="find the smallest adversarial joint-l2 radius of N correct samples (bisection over eps, "
+                   "CE/CW PGD + APGD) and report certified / attack radius")  # fmt: skip
     p.add_argument(
         "--theorem",
         choices=["auto", "3.3", "3.5"],
@@ -379,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MMRobustError as exc:
         if args.debug:
             raise
-        print(f"mmrobust: error: {exc}", file=sys.stderr)
+        print("mmrobust: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)  # always one line
         return 2
     except (OSError, MemoryError) as exc:
         # the environment, not a bug: a full disk, a read-only folder, too little memory

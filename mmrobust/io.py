@@ -7,6 +7,7 @@ half-written file behind. Checkpoints are safetensors (no pickle) plus JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from mmrobust.errors import RunError
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _umask() -> int:

@@ -50,7 +50,7 @@ def coerce(value: Any, declared: Any, what: str) -> Any:
             if t == "float":
                 out = float(text)
                 if not math.isfinite(out):
-                    raise ConfigError(f"option '{what}' must be a finite number, got '{value}'")
+                    raise ConfigError(f"option '{what}' must be a finite number, got {value!r}")
                 return out
             if t == "bool":
                 if text.lower() in _TRUE:
@@ -59,7 +59,7 @@ def coerce(value: Any, declared: Any, what: str) -> Any:
                     return False
                 raise ValueError(text)
         except ValueError:
-            raise ConfigError(f"option '{what}' expects {t}, got '{value}'") from None
+            raise ConfigError(f"option '{what}' expects {t}, got {value!r}") from None
         return value
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -80,7 +80,7 @@ def build_options(cls: type[T], values: dict[str, Any], what: str) -> T:
     """Instantiate the options dataclass ``cls`` from ``values``, strictly (see module docstring)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{what}: options must be a mapping of KEY: VALUE, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]  # derived fields are not options
     unknown = sorted(set(values) - set(fields))
     if unknown:
         valid = ", ".join(sorted(fields)) or "none"

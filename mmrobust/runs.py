@@ -11,7 +11,6 @@ of every file, and :func:`load_run` refuses a folder without it or whose files d
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -23,21 +22,13 @@ from mmrobust.config import RunConfig
 from mmrobust.data.base import DataBundle, DatasetMeta
 from mmrobust.data.registry import load_data
 from mmrobust.errors import ConfigError, RunError
-from mmrobust.io import load_tensors, read_json, save_tensors, write_json
+from mmrobust.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from mmrobust.models.fusion import LateFusionModel, build_model
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.json", "metrics.json"
 MANIFEST_FILE = "manifest.json"
 #: files whose hashes the manifest pins (evaluation outputs are added later and are not pinned)
 _PINNED = (MODEL_FILE, CONFIG_FILE, METRICS_FILE)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -158,7 +149,7 @@ def seal_run(path: str | Path) -> None:
     missing = [name for name in _PINNED if not (path / name).is_file()]
     if missing:
         raise RunError(f"{path}: cannot seal an incomplete run (missing {missing})")
-    files = {name: _sha256(path / name) for name in _PINNED}
+    files = {name: sha256_file(path / name) for name in _PINNED}
     write_json(path / MANIFEST_FILE, {"mmrobust_version": __version__, "files": files})
 
 
@@ -183,6 +174,8 @@ def save_run(
 def check_writable(path: str | Path) -> None:
     """Refuse, before any work, to compute results that could not be written into ``path``."""
     path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: run folder not found")
     if not os.access(path, os.W_OK | os.X_OK):
         raise RunError(f"{path}: not writable; results could not be saved there")
 
@@ -266,6 +259,6 @@ def _verify_manifest(path: Path) -> None:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or set(files) != set(_PINNED):
         raise RunError(f"{path / MANIFEST_FILE}: malformed manifest")
-    changed = [name for name in _PINNED if _sha256(path / name) != files[name]]
+    changed = [name for name in _PINNED if sha256_file(path / name) != files[name]]
     if changed:
         raise RunError(f"{path}: {', '.join(changed)} changed after the run was written (mixed or edited run folder)")

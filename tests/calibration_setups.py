@@ -10,6 +10,8 @@ nuisance coordinates is both accurate and robust: calibration has something real
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -27,8 +29,9 @@ class NuisanceEncoder(nn.Module):
         super().__init__()
         self.gain = gain
         self.bn = nn.BatchNorm1d(D_SIGNAL + D_NUISANCE, affine=False)
-        self.bn.running_var.fill_(1.0)
-        self.bn.running_mean.fill_(0.5)
+        with torch.no_grad():
+            self.bn.running_var = torch.ones(D_SIGNAL + D_NUISANCE)
+            self.bn.running_mean = torch.full((D_SIGNAL + D_NUISANCE,), 0.5)
         self.weight = nn.Parameter(torch.ones(D_SIGNAL + D_NUISANCE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,3 +62,35 @@ def nuisance_setup(seed: int = 0, sizes: tuple[int, int, int] = (128, 64, 64), g
     centres = torch.cat([0.3 * patterns, 0.3 * torch.randn(CLASSES, D_NUISANCE, generator=g)], 1)
     model = BindModel({m: NuisanceEncoder(gain) for m in mods}, centres)
     return CalibrationSetup(model, meta, DataBundle(meta, train, val, test), {"example": "nuisance"})
+
+
+def nuisance_encoder() -> NuisanceEncoder:
+    """Factory for ``--encoders MODALITY=tests.calibration_setups:nuisance_encoder``."""
+    return NuisanceEncoder()
+
+
+def nan_encoder() -> nn.Module:
+    """An encoder whose embeddings are NaN (must be refused with a one-line error)."""
+
+    class NaNEncoder(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((len(x), D_SIGNAL + D_NUISANCE), float("nan"))
+
+    return NaNEncoder()
+
+
+def write_folder_dataset(root, setup: CalibrationSetup, valid_ranges: bool = True) -> None:  # noqa: ANN001
+    """The setup's splits as a bring-your-own data folder (un-normalised, with valid ranges)."""
+    import json
+
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "val", "test"):
+        split = setup.data.split(name)
+        arrays: dict[str, Any] = {m: x.numpy() for m, x in split.inputs.items()}
+        np.savez(root / f"{name}.npz", label=split.labels.numpy(), **arrays)
+    meta = {"class_names": setup.meta.class_names, "normalize": False}
+    if valid_ranges:
+        meta["valid_ranges"] = {m: [0.0, 1.0] for m in setup.meta.modality_names}
+    (root / "meta.json").write_text(json.dumps(meta))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import pytest
 from rich.console import Console
@@ -80,9 +81,11 @@ def counted(monkeypatch):
     calls = []
     real = bench.train
 
-    def train(cfg, out=None, bundle=None):
+    def train(cfg, out=None, bundle=None, **kw):
         calls.append((cfg.train.method, cfg.train.seed))
-        return real(cfg, out=out, bundle=bundle)
+        if kw.get("resume"):
+            calls.append("resumed")
+        return real(cfg, out=out, bundle=bundle, **kw)
 
     monkeypatch.setattr(bench, "train", train)
     monkeypatch.setattr("mmrobust.training.engine.console", Console(file=io.StringIO()), raising=False)
@@ -120,6 +123,24 @@ def test_resume_skips_finished_cells_and_redoes_incomplete_ones(tmp_path, counte
     counted.clear()
     run_benchmark(_cfg(seeds=3), out)
     assert sorted(counted) == [("jt", 2), ("ojt", 2)]
+
+    # a cell killed during training continues from its epoch checkpoint (as `train --resume` does)
+    import mmrobust.training.checkpoint as checkpoint
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_stop(folder, state):
+        real_save(folder, state)
+        raise KeyboardInterrupt
+
+    shutil.rmtree(out / "runs/synthetic/jt/seed1")
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(_cfg(seeds=3), out)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    counted.clear()
+    run_benchmark(_cfg(seeds=3), out)
+    assert counted == [("jt", 1), "resumed"]
 
 
 @pytest.mark.slow

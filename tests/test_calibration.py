@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from typing import Any
 
 import pytest
 import torch
@@ -11,18 +12,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrobust.calibration import BindModel, CalibrationOptions, CalibrationSetup, EvalOptions, calibrate, evaluate
-from mmrobust.calibration.metrics import macro_precision_recall_f1, recall_at_k
+from mmrobust.calibration.evaluate import BudgetResult
+from mmrobust.calibration.metrics import recall_at_k
 from mmrobust.calibration.pipeline import ProjectionHead
 from mmrobust.calibration.store import load_heads, save_heads
 from mmrobust.calibration.train import distill, stage2_loss
 from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec
 from mmrobust.errors import ConfigError, DataError
-from mmrobust.eval.metrics import macro_f1
+from mmrobust.eval.metrics import macro_f1, macro_precision_recall_f1
 from tests.calibration_setups import NuisanceEncoder, nuisance_setup
 
-FAST = dict(epochs=3, stage1_epochs=100, stage1_lr=1e-2, lr=1e-2, hidden=16, batch_size=32, attack_steps=5, patience=3)
+FAST: dict[str, Any] = dict(
+    epochs=3, stage1_epochs=100, stage1_lr=1e-2, lr=1e-2, hidden=16, batch_size=32, attack_steps=5, patience=3
+)
 EVAL = EvalOptions(eps=(8 / 255,), steps=10, queries=40, targets=3, attacks=("apgd-ce", "square"))
 HAS_PEFT = importlib.util.find_spec("peft") is not None
+
+
+def _cosine(budget: BudgetResult) -> float:
+    assert budget.embedding_cosine is not None
+    return budget.embedding_cosine
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +60,19 @@ def test_zero_shot_logits_are_scaled_cosines_to_the_centres(setup):
 def test_attacks_see_encoder_head_and_cosine_and_stay_in_range(setup):
     # a head that zeroes the nuisance part makes the pipeline robust: APGD must see the head to find that
     head = ProjectionHead(8, 8)
+    first, second = head.net[0], head.net[2]
+    assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
     with torch.no_grad():
-        head.net[0].weight.copy_(torch.eye(8))
-        head.net[0].bias.fill_(10.0)  # GELU(z + 10) - 10 ~ z on the signal part
-        head.net[2].weight.copy_(torch.diag(torch.tensor([1.0] * 4 + [0.0] * 4)))
-        head.net[2].bias.copy_(torch.tensor([-10.0] * 4 + [0.0] * 4))
+        first.weight.copy_(torch.eye(8))
+        first.bias.fill_(10.0)  # GELU(z + 10) - 10 ~ z on the signal part
+        second.weight.copy_(torch.diag(torch.tensor([1.0] * 4 + [0.0] * 4)))
+        second.bias.copy_(torch.tensor([-10.0] * 4 + [0.0] * 4))
     frozen = evaluate(setup.model, setup.meta, setup.data.test, EVAL)
     headed = evaluate(setup.model.with_heads({"audio": head}), setup.meta, setup.data.test, EVAL)
     assert frozen.modalities["audio"].budgets[0].worst.accuracy < 0.3
     assert headed.modalities["audio"].budgets[0].worst.accuracy == 1.0
-    assert headed.modalities["audio"].budgets[0].embedding_cosine > 0.99
-    assert frozen.modalities["audio"].budgets[0].embedding_cosine < 0.9
+    assert _cosine(headed.modalities["audio"].budgets[0]) > 0.99
+    assert _cosine(frozen.modalities["audio"].budgets[0]) < 0.9
 
 
 def test_attack_examples_respect_budget_and_valid_range(setup):
@@ -93,7 +104,7 @@ def test_ce_calibration_makes_the_pipeline_robust_and_keeps_clean_accuracy(setup
     assert frozen.clean.accuracy == 1.0 and frozen.budgets[0].worst.accuracy < 0.3
     assert after.clean.accuracy >= 0.95
     assert after.budgets[0].worst.accuracy >= 0.9
-    assert after.budgets[0].embedding_cosine > frozen.budgets[0].embedding_cosine
+    assert _cosine(after.budgets[0]) > _cosine(frozen.budgets[0])
     # only the requested modality got a head; the other still is the frozen model
     assert set(ce_result.model.heads) == {"audio"}
 
@@ -102,7 +113,9 @@ def test_encoders_and_centres_stay_frozen(setup, ce_result):
     enc = setup.model.encoders["audio"].module
     assert isinstance(enc, NuisanceEncoder)
     assert torch.equal(enc.weight, torch.ones(8)) and not enc.weight.requires_grad
-    assert torch.equal(enc.bn.running_mean, torch.full((8,), 0.5))  # batch-norm never ran in train mode
+    ce_result.model.train()  # even a model put in train mode keeps its encoders in eval mode
+    ce_result.model.logits("audio", setup.data.train.inputs["audio"])
+    assert torch.equal(enc.bn.running_mean, torch.full((8,), 0.5))  # type: ignore[arg-type]  # batch-norm never ran in train mode
     assert ce_result.model.encoders["audio"] is setup.model.encoders["audio"]
     assert torch.equal(ce_result.model.centres("audio"), setup.model.centres("audio"))
 
@@ -259,3 +272,40 @@ def test_bad_centres_and_encoders_are_refused():
         BindModel(enc, torch.full((3, 4), float("nan")))
     with pytest.raises(ConfigError, match="not callable"):
         BindModel({"a": 3, "b": nn.Identity()}, torch.randn(3, 4))  # type: ignore[dict-item]
+
+
+def test_adapters_name_the_missing_package_and_import_nothing_at_load():
+    import sys
+
+    from mmrobust.calibration import adapters
+
+    assert "imagebind" not in sys.modules and "languagebind" not in sys.modules
+    for fn, package in ((adapters.imagebind_encoders, "imagebind"), (adapters.languagebind_encoders, "languagebind")):
+        if importlib.util.find_spec(package) is not None:
+            continue
+        with pytest.raises(ConfigError, match=f"needs the '{package}' package"):
+            fn("/nonexistent")
+
+
+def test_pca_2d_projects_on_the_leading_principal_axes():
+    from mmrobust.report.calibration import pca_2d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g) * torch.tensor([5.0, 2.0, 0.1]) + torch.tensor([1.0, -3.0, 7.0])
+    xy = pca_2d(x)
+    cov = torch.cov((x - x.mean(0)).T)
+    top = torch.linalg.eigvalsh(cov).flip(0)[:2]
+    torch.testing.assert_close(xy.var(0), top, rtol=1e-4, atol=1e-4)
+
+
+def test_cascade_gives_the_same_worst_case_with_cumulative_components(setup):
+    opts = EvalOptions(eps=(2 / 255, 4 / 255), steps=5, queries=30, targets=3)
+    alone = evaluate(setup.model, setup.meta, setup.data.test, opts).modalities["image"]
+    cascade = evaluate(setup.model, setup.meta, setup.data.test, dataclasses.replace(opts, cascade=True))
+    casc = cascade.modalities["image"]
+    for a, c in zip(alone.budgets, casc.budgets, strict=True):
+        assert abs(a.worst.accuracy - c.worst.accuracy) <= 2 / len(setup.data.test)
+        steps = list(c.by_attack.values())
+        assert steps == sorted(steps, reverse=True) and steps[-1] == c.worst.accuracy
+        assert c.embedding_cosine == a.embedding_cosine  # APGD-CE, the first component, runs on every sample
+    assert casc.budgets[1].worst.accuracy <= casc.budgets[0].worst.accuracy

@@ -63,7 +63,10 @@ def _cases(tmp: Path) -> list[tuple[list[str], str]]:
     labels2d = _folder(tmp / "labels2d", label=np.zeros((40, 2), np.int64))
     outside = _folder(tmp / "outside")
     return [
-        (["--data", "synthetic", "--data-opt", "nosuch=1"], "unknown option(s) ['nosuch']"),
+        (
+            ["--data", "synthetic", "--data-opt", "nosuch=1"],
+            "['nosuch']; valid: classes, dim, n_test, n_train, n_val, names, noise, signal",
+        ),
         (["--data", "synthetic", "--data-opt", "classes=abc"], "option 'synthetic.classes' expects int, got 'abc'"),
         (["--data", "synthetic", "--data-opt", "classes=2.5"], "expects int, got '2.5'"),
         (["--data", "synthetic", "--data-opt", "signal=1,nan"], "'signal' must be finite"),
@@ -158,7 +161,9 @@ _json = st.recursive(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     meta=st.dictionaries(
         st.sampled_from(["class_names", "kinds", "valid_ranges", "name", "normalize", "other"]), _json, max_size=3
@@ -175,7 +180,7 @@ def test_fuzzed_meta_json_loads_or_fails_cleanly(tmp_path, meta):
         assert "\n" not in str(exc)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     options=st.dictionaries(
         st.sampled_from(["names", "signal", "noise", "dim", "classes", "n_train", "bogus"]),

@@ -20,6 +20,11 @@ def test_demo_writes_a_complete_report(tmp_path):
         "Certified robustness",
     ):
         assert f"## {section}" in text
+    # the paper-protocol tables come from the benchmark's comparison tables (one column per method)
+    assert "### Multi-modal attacks (all modalities jointly)" in text and "| | jt | crmt-jt |" in text.replace(
+        "|  |", "| |"
+    )
+    assert "### Uni-modal attacks and missing modalities" in text and "| strong missing |" in text
     for png in re.findall(r"\]\(([^)]+\.png)\)", text):
         assert (tmp_path / png).stat().st_size > 1000, png
     for method in ("jt", "crmt-jt"):

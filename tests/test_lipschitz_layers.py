@@ -126,8 +126,8 @@ def test_model_config_picks_lipschitz_encoders_and_validates():
     assert [type(e).__name__ for e in model.encoders.values()] == ["LipschitzTCN", "LipschitzCNN", "LipschitzMLP"]
     plain = build_model(meta, ModelConfig(feature_dim=8))
     assert type(plain.encoders["v"]).__name__ == "MLPEncoder"
-    with pytest.raises(ConfigError, match="lipschitz_encoders must be true or false"):
-        build_model(meta, ModelConfig(lipschitz_encoders="yes"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="model.lipschitz_encoders' expects bool"):
+        ModelConfig(lipschitz_encoders="yes")  # type: ignore[arg-type]
     video = _meta({"a": ("sequence", (3, 8)), "vid": ("video", (2, 1, 8, 8))})
     with pytest.raises(ConfigError, match="no 1-Lipschitz encoder for modality 'vid'"):
         build_model(video, ModelConfig(lipschitz_encoders=True))

@@ -52,11 +52,18 @@ EXTRA_MODULES = (
 )
 ALIGN_TEMPERATURE = 0.07
 #: per example, option defaults that keep ``mmrobust calibrate --example NAME`` CPU-feasible
-#: (reduced attack budgets; flags override them and the report states the protocol used)
+#: (reduced attack budgets, cascaded components; flags override them and the report states the protocol used)
 EXAMPLE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "avdigits-bind": {
-        "calibration": {"epochs": 3, "attack_steps": 5, "stage1_epochs": 60, "stage1_lr": 3e-3, "lr": 1e-3},
-        "evaluation": {"steps": 10, "queries": 100, "targets": 3},
+        "calibration": {
+            "epochs": 3,
+            "attack_steps": 5,
+            "stage1_epochs": 60,
+            "stage1_lr": 3e-3,
+            "lr": 3e-3,
+            "batch_size": 16,
+        },
+        "evaluation": {"steps": 10, "queries": 100, "targets": 3, "cascade": True},
     }
 }
 
@@ -77,13 +84,15 @@ class AVDigitsBindOptions:
     """Sizes of the avdigits-bind example (small defaults keep it CPU-feasible).
 
     ``n_train`` / ``n_val`` / ``n_test``: samples of each split used for calibration and evaluation
-    (the audio encoder and the alignment heads use the whole training split); ``image_size``: the
+    (the audio encoder and the alignment heads use ``n_align`` training samples, 0 = the whole
+    training split); ``image_size``: the
     side the digits are resized to before EfficientNet-Lite0.
     """
 
     n_train: int = 256
     n_val: int = 64
     n_test: int = 128
+    n_align: int = 0
     image_size: int = 32
     audio_epochs: int = 15
     align_epochs: int = 40
@@ -93,6 +102,7 @@ class AVDigitsBindOptions:
         check_types(self, "avdigits-bind")
         for name in ("n_train", "n_val", "n_test", "audio_epochs", "align_epochs"):
             check_range(getattr(self, name), 1, None, f"avdigits-bind.{name}")
+        check_range(self.n_align, 0, None, "avdigits-bind.n_align")
         check_range(self.image_size, 16, 224, "avdigits-bind.image_size")
         check_range(self.seed, 0, None, "avdigits-bind.seed")
 
@@ -218,8 +228,9 @@ def avdigits_bind(**options: Any) -> CalibrationSetup:
         )
     data, info = _unit_range_data(opt.seed)
     centres = text_centres()
+    pretrain = _subset(data.train, opt.n_align, opt.seed + 3) if opt.n_align else data.train
     audio_backbone, audio_train_acc = _train_audio_encoder(
-        data.train, data.meta.spec("audio"), opt.audio_epochs, opt.seed
+        pretrain, data.meta.spec("audio"), opt.audio_epochs, opt.seed
     )
     backbones: dict[str, nn.Module] = {
         "audio": audio_backbone,
@@ -228,8 +239,8 @@ def avdigits_bind(**options: Any) -> CalibrationSetup:
     encoders: dict[str, nn.Module] = {}
     for m, backbone in backbones.items():
         backbone.requires_grad_(False)
-        feats = _features(backbone, data.train.inputs[m])
-        encoders[m] = nn.Sequential(backbone, _align(feats, data.train.labels, centres[m], opt.align_epochs, opt.seed))
+        feats = _features(backbone, pretrain.inputs[m])
+        encoders[m] = nn.Sequential(backbone, _align(feats, pretrain.labels, centres[m], opt.align_epochs, opt.seed))
     bundle = DataBundle(
         data.meta,
         _subset(data.train, opt.n_train, opt.seed),
@@ -237,5 +248,5 @@ def avdigits_bind(**options: Any) -> CalibrationSetup:
         _subset(data.test, opt.n_test, opt.seed + 2),
     )
     info.update({"example": "avdigits-bind", "options": asdict(opt), "prompts": PROMPTS,
-                 "audio_encoder_train_accuracy": audio_train_acc, "alignment_samples": len(data.train)})  # fmt: skip
+                 "audio_encoder_train_accuracy": audio_train_acc, "alignment_samples": len(pretrain)})  # fmt: skip
     return CalibrationSetup(BindModel(encoders, centres), data.meta, bundle, info)

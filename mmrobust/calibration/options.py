@@ -73,7 +73,10 @@ class EvalOptions:
 
     Every component in ``attacks`` runs at every l-inf budget in ``eps`` (``steps`` iterations for
     the gradient attacks, ``queries`` for Square, ``targets`` target classes for APGD-T and FAB-T);
-    the robust accuracy is the per-sample worst case over them. ``retrieval_k``: the k of recall@k.
+    the robust accuracy is the per-sample worst case over them. ``cascade``: each component attacks
+    only the samples no earlier component (nor a smaller budget) broke, as AutoAttack does: the same
+    worst case for far fewer attack runs, but the per-component accuracies are then cumulative
+    rather than each component alone. ``retrieval_k``: the k of recall@k.
     """
 
     eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255)
@@ -82,6 +85,7 @@ class EvalOptions:
     queries: int = 5000
     targets: int = 9
     restarts: int = 1
+    cascade: bool = False
     retrieval_k: tuple[int, ...] = (1, 5)
     batch_size: int = 256
     seed: int = 0
@@ -89,7 +93,7 @@ class EvalOptions:
     def __post_init__(self) -> None:
         who = "evaluation"
         check_types(self, who)
-        self.eps = tuple(check_eps(e, f"{who}.eps") for e in self.eps)
+        self.eps = tuple(sorted(check_eps(e, f"{who}.eps") for e in self.eps))  # reports read the last as the largest
         if not self.eps:
             raise ConfigError(f"{who}.eps: give at least one budget")
         self.attacks = tuple(self.attacks)

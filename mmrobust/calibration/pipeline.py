@@ -14,7 +14,6 @@ model over a ``{modality: tensor}`` batch like every other mmrobust model.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,10 +134,6 @@ class BindModel(nn.Module):
     def dim(self, m: str) -> int:
         return int(self.centres(m).shape[1])
 
-    def train(self, mode: bool = True) -> BindModel:
-        super().train(mode)  # FrozenEncoder.train keeps every encoder in eval mode
-        return self
-
     def features(self, m: str, x: torch.Tensor) -> torch.Tensor:
         """The frozen embedding ``f_m(x)`` (unnormalised)."""
         return self.encoders[m](x)
@@ -167,16 +162,6 @@ class BindModel(nn.Module):
     def with_heads(self, heads: Mapping[str, nn.Module]) -> BindModel:
         """The same (shared, not copied) encoders and centres with other heads."""
         return BindModel(dict(self.encoders.items()), {m: self.centres(m) for m in self.modalities}, heads)
-
-    def head_parameters(self) -> dict[str, Any]:
-        """Parameter counts: per modality encoder and head, and the head's share of the total."""
-        out: dict[str, Any] = {}
-        for m in self.modalities:
-            enc = self.encoders[m]
-            assert isinstance(enc, FrozenEncoder)
-            head = sum(p.numel() for p in self.heads[m].parameters()) if m in self.heads else 0
-            out[m] = {"encoder": enc.num_parameters(), "head": head}
-        return out
 
 
 class ModalityClassifier(nn.Module):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,7 +78,6 @@ class CalibrationResult:
     model: BindModel
     heads: dict[str, HeadResult]
     wall_time_s: float
-    info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"options": self.options.to_dict(), "wall_time_s": self.wall_time_s,

@@ -16,6 +16,8 @@ from typing import Any
 #: modules whose import registers certifiers in ``CERTIFIERS`` (add one line per new module)
 CERTIFIER_MODULES = [
     "mmrobust.certify.estimators",  # empirical, sound
+    "mmrobust.certify.crown",  # crown (linear bound propagation)
+    "mmrobust.certify.smoothing",  # smoothing (randomized smoothing, probabilistic)
 ]
 
 
@@ -44,6 +46,10 @@ _API = {
     "empirical_lipschitz": "mmrobust.certify.lipschitz",
     "score_gradient_norms": "mmrobust.certify.lipschitz",
     "orthogonal_bound": "mmrobust.certify.bounds",
+    "crown_radii": "mmrobust.certify.crown",
+    "smoothing_radii": "mmrobust.certify.smoothing",
+    "tightness": "mmrobust.certify.tightness",
+    "attack_radius": "mmrobust.certify.tightness",
 }
 
 

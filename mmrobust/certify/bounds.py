@@ -55,5 +55,5 @@ def orthogonal_bound(
     for m in names:
         am, tm = a[m].abs(), tau[m].to(logits)
         eta = (am * tm)[y.squeeze(1)] + (am * tm)[j.squeeze(1)]
-        denom_sq = denom_sq + eta**2
-    return margin / torch.sqrt(denom_sq + eps)
+        denom_sq = denom_sq + eta**2  # type: ignore[assignment]
+    return margin / torch.sqrt(denom_sq + eps)  # type: ignore[arg-type]

@@ -61,6 +61,7 @@ from mmrobust.data.base import Batch, DatasetMeta, Split, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.models.encoders import BasicBlock, ResNet18
 from mmrobust.models.fusion import LateFusionModel
+from mmrobust.models.lipschitz import MaxMin
 
 NORMS = ("l2", "linf")
 INTERMEDIATE = ("auto", "crown", "fast")
@@ -354,7 +355,14 @@ def _resnet_rule(name: str, net: ResNet18, in_shape: tuple[int, ...]) -> list[Op
     return build_ops(nn.Sequential(net.stem, net.layers, net.pool), in_shape, name)
 
 
+def _maxmin_rule(name: str, layer: MaxMin, in_shape: tuple[int, ...]) -> list[Op]:
+    if in_shape[0] % 2:
+        raise ConfigError(f"MaxMin layer '{name}' needs an even number of channels, got {in_shape[0]}")
+    return [MaxMinOp(name)]
+
+
 register_layer(nn.ReLU, crown=_relu_rule)
+register_layer(MaxMin, crown=_maxmin_rule)
 register_layer(nn.MaxPool1d, nn.MaxPool2d, crown=_maxpool_rule)
 register_layer(BasicBlock, crown=_basic_block_rule)
 register_layer(ResNet18, crown=_resnet_rule)

@@ -20,9 +20,9 @@ from mmrobust.errors import ConfigError
 
 
 def _encoder(model: nn.Module, modality: str) -> nn.Module:
-    if modality not in model.encoders:
-        raise ConfigError(f"unknown modality '{modality}'; the model has: {', '.join(model.encoders)}")
-    return model.encoders[modality]
+    if modality not in model.encoders:  # type: ignore[operator]
+        raise ConfigError(f"unknown modality '{modality}'; the model has: {', '.join(model.encoders)}")  # type: ignore[arg-type]
+    return model.encoders[modality]  # type: ignore[index,return-value]
 
 
 def score_jacobian(

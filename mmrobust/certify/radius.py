@@ -86,7 +86,7 @@ def certified_radii(
     other = torch.ones(n, k, dtype=torch.bool).scatter_(1, y[:, None], False)
     correct = (gaps.masked_fill(~other, float("inf")) > 0).all(1)
     lips = {m: lm.double()[y] for m, lm in pair_lip.items()}  # (N, K): L^m[y_i, k]
-    joint_lip = torch.sqrt(sum(lm**2 for lm in lips.values()))
+    joint_lip = torch.sqrt(sum(lm**2 for lm in lips.values()))  # type: ignore[arg-type]
 
     def radius(lip: torch.Tensor) -> torch.Tensor:
         # a class whose margin no modality can move (lip == 0) never overtakes y: infinite radius
@@ -124,7 +124,7 @@ def eta_summary(
     pair_ratio = {}
     for m in names[1:]:
         key = f"{m}/{ref}"
-        ratio[key] = mean[m] / mean[ref] if mean[ref] and mean[m] is not None else None
+        ratio[key] = mean[m] / mean[ref] if mean[ref] and mean[m] is not None else None  # type: ignore[operator]
         pr = pair_lip[m].double() / pair_lip[ref].double()
         pair_ratio[key] = pr.fill_diagonal_(float("nan"))
     per_sample_ratio = {
@@ -136,5 +136,5 @@ def eta_summary(
         "median_per_sample_ratio": per_sample_ratio,
         "pairs": {m: pair_lip[m] for m in names},
         "pair_ratio": pair_ratio,
-        "most_vulnerable": max(names, key=lambda m: mean[m] if mean[m] is not None else -1.0),
+        "most_vulnerable": max(names, key=lambda m: mean[m] if mean[m] is not None else -1.0),  # type: ignore[arg-type,return-value]
     }

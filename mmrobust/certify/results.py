@@ -16,6 +16,7 @@ import torch
 
 from mmrobust.certify.base import Certificate, Guarantee
 from mmrobust.certify.radius import certified_accuracy
+from mmrobust.certify.tightness import Tightness
 from mmrobust.runs import Run
 
 #: default radius grid (l2, in the model's input space) for certified accuracy
@@ -41,6 +42,7 @@ class CertifyResult:
     options: dict[str, Any] = field(default_factory=dict)
     fit_split: str | None = None
     soundness: dict[str, Any] | None = None
+    tightness: Tightness | None = None  # certified vs smallest attack radius (joint l2), if measured
 
     @property
     def name(self) -> str:
@@ -106,6 +108,18 @@ class CertifyResult:
         }
         if self.soundness is not None:
             d["soundness"] = self.soundness
+        if self.tightness is not None:
+            t = self.tightness
+            d["tightness"] = {
+                "threat": t.threat,
+                "samples": int(t.indices.numel()),
+                "median_ratio": t.median_ratio,
+                "violations": t.violations,
+                "indices": t.indices.tolist(),
+                "certified": t.certified.tolist(),
+                "attack_radius": t.attack_radius.tolist(),
+                "ratio": t.ratio.tolist(),
+            }
         return d
 
     def document(self, run: Run, previous: dict[str, Any] | None = None) -> dict[str, Any]:

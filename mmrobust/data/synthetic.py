@@ -39,9 +39,9 @@ def _numbers(value: Any, what: str, cast: type) -> list[Any]:
         try:
             v = cast(text)
         except ValueError:
-            raise ConfigError(f"synthetic: '{what}' must hold {cast.__name__} values, got '{text}'") from None
+            raise ConfigError(f"synthetic: '{what}' must hold {cast.__name__} values, got {text!r}") from None
         if not float(v) == float(v) or abs(float(v)) == float("inf"):
-            raise ConfigError(f"synthetic: '{what}' must be finite, got '{text}'")
+            raise ConfigError(f"synthetic: '{what}' must be finite, got {text!r}")
         out.append(v)
     return out
 

@@ -52,11 +52,12 @@ class Column:
     """``setting``: the threat setting's label (``clean`` for clean accuracy); ``kind``: ``worst``,
     a loss name, ``paper`` (the paper protocol's CE-only PGD) or ``value`` (a plain number such as
     a training time); ``key``: the setting's
-    :attr:`~mmrobust.eval.results.EvalRow.key` (None for clean)."""
+    :attr:`~mmrobust.eval.results.EvalRow.key` (None for clean); ``unit``: what the numbers are."""
 
     setting: str
     kind: str
     key: tuple | None = None
+    unit: str = "accuracy"  # or e.g. "s" for a time
 
     @property
     def header(self) -> str:

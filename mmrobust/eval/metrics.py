@@ -37,14 +37,28 @@ def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
     return float((preds == labels).float().mean())
 
 
-def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """Unweighted mean of per-class F1 over the classes present in labels or predictions."""
-    f1s = []
+def macro_precision_recall_f1(
+    preds: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[float, float, float]:
+    """Unweighted means over classes of ``tp/(tp+fp)``, ``tp/(tp+fn)`` and ``2tp/(2tp+fp+fn)``.
+
+    A class absent from both labels and predictions is
+    left out; a class never predicted has precision 0 (and one never present recall 0).
+    """
+    ps, rs, fs = [], [], []
     for k in range(num_classes):
         tp = int(((preds == k) & (labels == k)).sum())
         fp = int(((preds == k) & (labels != k)).sum())
         fn = int(((preds != k) & (labels == k)).sum())
         if tp + fp + fn == 0:
             continue
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return float(sum(f1s) / len(f1s)) if f1s else 0.0
+        ps.append(tp / (tp + fp) if tp + fp else 0.0)
+        rs.append(tp / (tp + fn) if tp + fn else 0.0)
+        fs.append(2 * tp / (2 * tp + fp + fn))
+    n = len(fs)
+    return (sum(ps) / n, sum(rs) / n, sum(fs) / n) if n else (0.0, 0.0, 0.0)
+
+
+def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in labels or predictions."""
+    return macro_precision_recall_f1(preds, labels, num_classes)[2]

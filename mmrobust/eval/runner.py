@@ -30,9 +30,15 @@ def evaluate(run: Run, data: Split, suite: str = "basic", split: str = "test", *
 
 
 def evaluate_run(
-    path: str | Path, suite: str = "basic", split: str = "test", max_samples: int | None = None, **options: Any
+    path: str | Path,
+    suite: str = "basic",
+    split: str = "test",
+    max_samples: int | None = None,
+    *,
+    allow_data_change: bool = False,
+    **options: Any,
 ) -> EvalResult:
-    """Run ``suite`` on a run folder's ``split``.
+    """Run ``suite`` on a run folder's ``split`` (``allow_data_change``: see :func:`~mmrobust.runs.load_run`).
 
     ``max_samples`` evaluates only the first samples of the split (quick looks; say so in reports).
     On the whole split, a clean accuracy that differs from the one recorded at training time adds
@@ -41,7 +47,7 @@ def evaluate_run(
     check_options(suite, SUITES.get(suite), options)
     if max_samples is not None and max_samples < 1:
         raise ConfigError(f"--max-samples must be >= 1, got {max_samples}")
-    run = load_run(path)
+    run = load_run(path, allow_data_change=allow_data_change)
     data = run.data().split(split)
     if max_samples is not None:
         data = data.subset(slice(0, max_samples))

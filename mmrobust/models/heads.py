@@ -47,14 +47,14 @@ class ConcatHead(FusionHead):
         # match nn.Linear's init over the *concatenated* input, as a single concat-linear would
         bound = 1.0 / sum(feature_dims.values()) ** 0.5
         for lin in self.linears.values():
-            nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.uniform_(lin.weight, -bound, bound)  # type: ignore[arg-type]
         nn.init.uniform_(self.bias, -bound, bound)
 
     def scores(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: lin(feats[m]) for m, lin in self.linears.items()}
 
     def modality_weight(self, name: str) -> torch.Tensor:
-        return self.linears[name].weight
+        return self.linears[name].weight  # type: ignore[return-value]
 
 
 class OrthonormalRows(nn.Module):
@@ -101,7 +101,7 @@ class OrthogonalHead(FusionHead):
 
     def basis(self, name: str) -> torch.Tensor:
         """``W~^(m)``: a ``(K, d_m)`` matrix with orthonormal rows."""
-        return self.bases[name].weight
+        return self.bases[name].weight  # type: ignore[return-value]
 
     def raw_scores(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Uni-modal scores ``s^(m) = W~^(m) phi^(m)``, before the modality weights."""

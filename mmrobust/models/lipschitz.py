@@ -18,8 +18,9 @@ score has ``tau <= 1``: Theorem 3.5 (or 3.3) becomes a sound certificate at no e
 * no normalisation layer (BatchNorm is an unconstrained affine map in eval mode); spatial
   downsampling by strided AOL convolutions, then Flatten and an AOL linear layer.
 
-The bound rules (``--lipschitz sound`` uses the exact constant 1 for these layers, CROWN treats
-AOL layers as affine and relaxes MaxMin) are registered below, next to the layers.
+The Lipschitz rules (``--lipschitz sound`` uses the exact constant 1 for these layers; CROWN treats
+AOL layers as affine through the same rule) are registered below, next to the layers; MaxMin's CROWN
+relaxation is registered with the other relaxations in :mod:`mmrobust.certify.crown`.
 """
 
 from __future__ import annotations
@@ -205,12 +206,5 @@ def _maxmin_units(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit
     return [Unit(name, "other", 1.0, in_shape, in_shape, layer)]
 
 
-def _maxmin_ops(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Any]:
-    from mmrobust.certify.crown import MaxMinOp  # the op lives with the other CROWN relaxations
-
-    _maxmin_units(name, layer, in_shape)  # same channel check
-    return [MaxMinOp(name)]
-
-
 register_layer(AOLLinear, AOLConv1d, AOLConv2d, lipschitz=_aol_units)
-register_layer(MaxMin, lipschitz=_maxmin_units, crown=_maxmin_ops)
+register_layer(MaxMin, lipschitz=_maxmin_units)  # its CROWN relaxation: MaxMinOp in certify/crown.py

@@ -64,20 +64,19 @@ def table_csv(table: ComparisonTable) -> str:
 
 
 def plot_table(table: ComparisonTable, path: str | Path) -> Path:
-    """Bars per column (clean, worst-case, paper protocol, plain values) and method, std as error bars."""
-    idx = [i for i, c in enumerate(table.columns) if c.kind in ("worst", "paper", "value")]
+    """Bars per accuracy column (clean, worst-case, paper protocol, plain accuracies; the CE/CW columns
+    and non-accuracies such as times are left to the table) and method, std as error bars."""
+    idx = [i for i, c in enumerate(table.columns) if c.kind in ("worst", "paper", "value") and c.unit == "accuracy"]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(idx) * max(1, len(table.rows)) / 1.5), 4.2))
     width = 0.8 / max(1, len(table.rows))
-    top = 1.0
     for j, (method, stats) in enumerate(table.rows.items()):
         xs = [g + j * width - 0.4 + width / 2 for g in range(len(idx))]
         cells = [stats[i] for i in idx]
         means = [s.mean if s else float("nan") for s in cells]
         errs = [(s.std or 0.0) if s else 0.0 for s in cells]
-        top = max([top, *[m for m in means if m == m]])
         ax.bar(xs, means, width, yerr=errs, capsize=3, label=method)
     ax.set_xticks(range(len(idx)), [table.columns[i].header for i in idx], rotation=30, ha="right", fontsize=8)
-    ax.set(ylim=(0, 1.05 * top), title=f"{table.title} — {table.dataset}")
+    ax.set(ylim=(0, 1.05), ylabel="accuracy", title=f"{table.title} — {table.dataset}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)

@@ -99,8 +99,10 @@ def study_markdown(study: dict[str, Any], plot: str | None = None) -> str:
         f"Attacks (l-inf, on each modality's valid range): {', '.join(proto['attacks'])} at eps "
         f"{', '.join(fmt_eps(e) for e in proto['eps'])}; {proto['steps']} steps, {proto['queries']} Square queries, "
         f"{proto['targets']} target classes, {proto['restarts']} restart(s). Robust accuracy is the per-sample worst "
-        "case over the components (cross-entropy, targeted DLR, FAB and the margin loss of Square); each component "
-        "alone is in the second table.", "",
+        "case over the components (cross-entropy, targeted DLR, FAB and the margin loss of Square). "
+        + ("Components were cascaded (each attacked only the samples that the earlier components and the smaller "
+           "budgets left correct), so the second table is cumulative: the accuracy after each component."
+           if proto.get("cascade") else "The second table shows each component alone."), "",
     ]  # fmt: skip
     for m in study["frozen"]["modalities"]:
         skipped = study["frozen"]["modalities"][m]["skipped"]

@@ -78,3 +78,10 @@ def show_certify(run: Run, result: CertifyResult) -> None:
         snd = result.soundness
         viol = ", ".join(f"{t} {snd[t]['violations']}/{snd[t]['checked']}" for t in ["joint", *run.model.modalities])
         out.print(f"soundness check on {snd['samples']} samples (attacks inside the certified ball): violations {viol}")
+    if result.tightness is not None:
+        t = result.tightness
+        median = f"{t.median_ratio:.3f}" if t.median_ratio is not None else "n/a (no attack succeeded)"
+        out.print(
+            f"tightness on {t.indices.numel()} correct samples (joint l2): median certified / smallest attack radius "
+            f"{median}; samples certified beyond an attack: {t.violations}"
+        )

@@ -214,7 +214,7 @@ class CRMTBase(Strategy):
             ce = lam * ce + (1.0 - lam) * F.cross_entropy(logits, labels_b)
         if not self.use_margin or self.options.rho == 0:
             return ce, logits
-        raw = unwrap(model).head.raw_scores(out["features"])
+        raw = unwrap(model).head.raw_scores(out["features"])  # type: ignore[operator]
         if self.options.margin == "normalized":
             raw = normalized_scores(raw, out["features"], self.options.margin_temperature)
         return ce + self.options.rho * margin_regulariser(raw, labels, labels_b, lam), logits
@@ -239,12 +239,12 @@ class CRMTBase(Strategy):
         # a seeded random subset, not the first samples: a user's folder dataset may be sorted by class
         pick = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(trainer.cfg.train.seed))
         tau = empirical_lipschitz(
-            model, bundle.train.subset(pick[:n_tau]), {m: head.basis(m).detach() for m in model.modalities},
+            model, bundle.train.subset(pick[:n_tau]), {m: head.basis(m).detach() for m in model.modalities},  # type: ignore[operator]
             batch_size=64, device=trainer.device,
         )  # fmt: skip
         tau = {m: t.to(trainer.device) for m, t in tau.items()}
         val_scores, val_labels = raw_scores_of(model, bundle.val, trainer.device)
-        a0 = {m: p.detach().clone() for m, p in head.a.items()}
+        a0 = {m: p.detach().clone() for m, p in head.a.items()}  # type: ignore[operator,union-attr]
         step1 = summarize(val_scores, a0, head.bias.detach(), val_labels, tau)
         record: dict[str, Any] = {
             "tau_estimator": f"empirical (max local gradient norm over {n_tau} random training samples)",
@@ -265,7 +265,7 @@ class CRMTBase(Strategy):
         kept, reason = choose_step2(result, check)
         final = result.best_a if kept == "step2" else a0
         with torch.no_grad():
-            for m, p in head.a.items():
+            for m, p in head.a.items():  # type: ignore[operator,union-attr]
                 p.copy_(final[m])
         selected = result.history[result.best_epoch - 1] if kept == "step2" else None
         record["step2"] = {
@@ -276,7 +276,7 @@ class CRMTBase(Strategy):
             "history": result.history,
         }
         record["kept"], record["reason"] = kept, reason
-        record["modality_weights"] = {m: p.detach().tolist() for m, p in head.a.items()}
+        record["modality_weights"] = {m: p.detach().tolist() for m, p in head.a.items()}  # type: ignore[operator,union-attr]
         return {"crmt": record}
 
     def _attack_check(
@@ -305,7 +305,7 @@ class CRMTBase(Strategy):
         accs = {}
         for name, a in (("step1", a_step1), ("step2", a_step2)):
             with torch.no_grad():
-                for m, p in head.a.items():
+                for m, p in head.a.items():  # type: ignore[operator,union-attr]
                     p.copy_(a[m])
             attack = PGDL2(model, eps, steps=self.options.step2_check_steps, loss="cw", meta=self.meta, seed=0)
             correct = 0
@@ -324,12 +324,12 @@ def raw_scores_of(
     """Raw uni-modal scores ``s^(m) = W~^(m) phi^(m)`` of a whole split (model in eval mode)."""
     was = model.training
     model.eval()
-    parts: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}  # type: ignore[union-attr]
     labels = []
     try:
         for inputs, y in iterate_batches(split, batch_size):
-            feats = model.encode({k: v.to(device) for k, v in inputs.items()})
-            for m, s in model.head.raw_scores(feats).items():
+            feats = model.encode({k: v.to(device) for k, v in inputs.items()})  # type: ignore[operator]
+            for m, s in model.head.raw_scores(feats).items():  # type: ignore[operator,union-attr]
                 parts[m].append(s)
             labels.append(y.to(device))
     finally:

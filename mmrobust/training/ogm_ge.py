@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmrobust.data.base import Batch
+from mmrobust.data.base import Batch, DatasetMeta
 from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require, unwrap
 
 
@@ -63,8 +63,8 @@ class OGMGE(Strategy):
     Options = OGMGEOptions
     distributed_reason = "the modulation coefficients and noise are computed per process (replicas would diverge)"
 
-    def __init__(self, options: OGMGEOptions, meta: object) -> None:
-        super().__init__(options, meta)  # type: ignore[arg-type]
+    def __init__(self, options: OGMGEOptions, meta: DatasetMeta) -> None:
+        super().__init__(options, meta)
         self.coefficients: dict[str, float] = {}
 
     def loss(

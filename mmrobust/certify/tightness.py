@@ -1,0 +1,180 @@
+"""How tight is a certificate? Compare each certified radius with the smallest adversarial radius found.
+
+For ``N`` correctly classified samples, :func:`attack_radius` searches the smallest l2 budget at
+which our strongest attacks change the prediction: l2 PGD on the cross-entropy and on the margin
+(CW) loss plus APGD-CE, all with a per-sample budget (the model is wrapped as
+``u -> x + s_i (u - x)``, so one call handles a different eps per sample). The search doubles each
+sample's eps from ``start`` until an attack succeeds, then bisects between the largest failed and
+the smallest successful eps; the radius is the norm of the smallest successful perturbation (an
+*upper* bound on the distance to the decision boundary; ``inf`` if none was found).
+
+:func:`tightness` returns per sample ``ratio = certified / attack radius`` and its median. A sound
+certificate satisfies ``certified <= attack radius`` for every sample: any sample where it does not
+is a **violation**, i.e. a bug in the certifier (for a probabilistic certificate, an event of
+probability at most ``alpha`` per sample, or a bug).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmrobust.certify.soundness import _Rescaled
+from mmrobust.data.base import Batch, Split
+from mmrobust.errors import ConfigError
+from mmrobust.models.fusion import LateFusionModel
+
+ATTACKS = ("pgd-ce", "pgd-cw", "apgd-ce")
+
+
+@dataclass
+class TightnessOptions:
+    """``samples``: correctly classified samples to attack (the first ones of the split); ``steps``:
+    iterations per attack; ``attacks``: subset of :data:`ATTACKS`; ``search_rounds`` doublings and
+    ``bisect_rounds`` halvings of eps; ``start``: first eps tried; ``batch``: samples per attack call."""
+
+    samples: int = 50
+    steps: int = 50
+    attacks: tuple[str, ...] = ATTACKS
+    search_rounds: int = 8
+    bisect_rounds: int = 8
+    start: float = 0.5
+    batch: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("samples", "steps", "search_rounds", "bisect_rounds", "batch"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"tightness: {key} must be an integer >= 1, got {v!r}")
+        if isinstance(self.start, bool) or not isinstance(self.start, int | float) or not 0 < self.start < math.inf:
+            raise ConfigError(f"tightness: start must be a finite number > 0, got {self.start!r}")
+        self.attacks = tuple(self.attacks)
+        bad = [a for a in self.attacks if a not in ATTACKS]
+        if bad or not self.attacks:
+            raise ConfigError(f"tightness: unknown attack(s) {bad}; choose from: {', '.join(ATTACKS)}")
+
+
+@dataclass
+class Tightness:
+    """Per-sample comparison for one threat model (``joint`` or a modality name)."""
+
+    threat: str
+    indices: torch.Tensor  # (N,) positions in the split of the samples compared
+    certified: torch.Tensor  # (N,)
+    attack_radius: torch.Tensor  # (N,) smallest successful perturbation norm (inf: none found)
+    ratio: torch.Tensor  # (N,) certified / attack radius (0 where no attack succeeded)
+    median_ratio: float | None  # over samples where an attack succeeded
+    violations: int  # samples with certified > attack radius
+
+
+def _attack(
+    model: nn.Module, inputs: Batch, labels: torch.Tensor, eps: torch.Tensor, mods: Sequence[str], name: str,
+    o: TightnessOptions, seed: int, num_classes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One attack at a per-sample l2 budget: ``(success, ||delta||)``."""
+    from mmrobust.attacks.autoattack import APGDCE
+    from mmrobust.attacks.gradient import PGDL2
+
+    wrapped = _Rescaled(model, inputs, eps, mods)
+    attack: PGDL2 | APGDCE
+    if name == "apgd-ce":
+        attack = APGDCE(wrapped, 1.0, norm="l2", steps=o.steps, modalities=list(mods), seed=seed,
+                        num_classes=num_classes)  # fmt: skip
+    else:
+        attack = PGDL2(wrapped, 1.0, steps=o.steps, loss=name[4:], modalities=list(mods), seed=seed)
+    adv = wrapped.lift(attack(inputs, labels))
+    with torch.no_grad():
+        success = model(adv).argmax(1) != labels
+    norms = torch.stack([((adv[m] - inputs[m]).flatten(1).double() ** 2).sum(1) for m in mods]).sum(0).sqrt()
+    return success, norms
+
+
+def attack_radius(
+    model: nn.Module, inputs: Batch, labels: torch.Tensor, modalities: Sequence[str], options: TightnessOptions
+) -> torch.Tensor:
+    """Per sample, the smallest l2 norm (jointly over ``modalities``) of a successful perturbation
+    found by any of ``options.attacks``; ``inf`` if none, 0 if the sample is misclassified."""
+    o = options
+    model.eval()
+    with torch.no_grad():
+        logits = model(inputs)
+    k, n = logits.shape[1], labels.shape[0]
+    ok = logits.argmax(1) == labels
+    best = torch.where(ok, math.inf, 0.0).double()
+    lo = torch.zeros(n, dtype=torch.float64)
+    eps = torch.full((n,), float(o.start), dtype=torch.float64)
+
+    def run(idx: torch.Tensor, e: torch.Tensor, rnd: int) -> torch.Tensor:
+        sub = {m: v[idx] for m, v in inputs.items()}
+        hit = torch.zeros(idx.numel(), dtype=torch.bool)
+        for a, name in enumerate(o.attacks):
+            s, nrm = _attack(model, sub, labels[idx], e.float(), modalities, name, o, o.seed + 97 * rnd + a, k)
+            best[idx[s]] = torch.minimum(best[idx[s]], nrm[s])
+            hit |= s
+        return hit
+
+    for rnd in range(o.search_rounds):
+        idx = (ok & torch.isinf(best)).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        hit = run(idx, eps[idx], rnd)
+        lo[idx[~hit]] = eps[idx[~hit]]
+        eps[idx[~hit]] *= 2
+    for rnd in range(o.bisect_rounds):
+        idx = (ok & torch.isfinite(best)).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        mid = (lo[idx] + best[idx]) / 2
+        hit = run(idx, mid, o.search_rounds + rnd)
+        lo[idx[~hit]] = mid[~hit]
+    return best
+
+
+def tightness(
+    model: LateFusionModel,
+    split: Split,
+    certified: torch.Tensor,
+    threat: str = "joint",
+    options: TightnessOptions | None = None,
+) -> Tightness:
+    """Compare ``certified`` (per-sample radii of ``split``, l2) with attack radii on the first
+    ``options.samples`` correctly classified samples, for ``threat`` (``"joint"`` or a modality)."""
+    o = options or TightnessOptions()
+    names = model.modalities
+    if threat != "joint" and threat not in names:
+        raise ConfigError(f"tightness: unknown threat '{threat}'; choose from: joint, {', '.join(names)}")
+    if certified.shape[0] != len(split):
+        raise ConfigError(f"tightness: {certified.shape[0]} certified radii for a split of {len(split)} samples")
+    model.eval()
+    with torch.no_grad():
+        preds = torch.cat(
+            [model(split.take(slice(i, i + o.batch))[0]).argmax(1) for i in range(0, len(split), o.batch)]
+        )
+    indices = (preds == split.labels).nonzero().squeeze(1)[: o.samples]
+    mods = names if threat == "joint" else [threat]
+    adv = torch.cat([
+        attack_radius(model, *split.take(indices[i : i + o.batch]), mods, o) for i in range(0, indices.numel(), o.batch)
+    ]) if indices.numel() else torch.zeros(0, dtype=torch.float64)  # fmt: skip
+    return compare(threat, indices, certified[indices], adv)
+
+
+def compare(threat: str, indices: torch.Tensor, certified: torch.Tensor, attack: torch.Tensor) -> Tightness:
+    """Ratios and violations of ``certified`` radii against ``attack`` radii of the same samples
+    (samples with no successful attack, or misclassified ones with radius 0, have no ratio)."""
+    cert = certified.double()
+    found = torch.isfinite(attack) & (attack > 0)
+    ratio = torch.where(found, cert / attack.clamp_min(1e-300), torch.zeros_like(cert))
+    return Tightness(
+        threat,
+        indices,
+        cert,
+        attack,
+        ratio,
+        float(ratio[found].median()) if found.any() else None,
+        int((cert > attack).sum()),
+    )
