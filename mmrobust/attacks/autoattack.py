@@ -102,6 +102,17 @@ def _checkpoints(n_iter: int) -> list[int]:
 class APGD(_AutoAttack):
     """Auto-PGD: momentum 0.75, step size halved at checkpoints where the loss stopped rising."""
 
+    def _untargeted(
+        self, packed: Packed, labels: torch.Tensor, loss_fn: Any, best: BestTracker
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``restarts`` runs of APGD on ``loss_fn``, each only on the samples no earlier run has broken."""
+        for _ in range(self.restarts):
+            idx = (~best.broken).nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            self._apgd(packed.take(idx), labels[idx], loss_fn, best, idx)
+        return best.x, best.logits
+
     def _apgd(self, packed: Packed, labels: torch.Tensor, loss_fn: Any, best: BestTracker, index: torch.Tensor) -> None:
         n_iter = self.steps
         x0 = packed.x0
@@ -152,12 +163,7 @@ class APGDCE(APGD):
     def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             best = BestTracker(packed.x0, self.forward(packed, packed.x0), labels)
-        for _ in range(self.restarts):
-            idx = (~best.broken).nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            self._apgd(packed.take(idx), labels[idx], ce_loss, best, idx)
-        return best.x, best.logits
+        return self._untargeted(packed, labels, ce_loss, best)
 
 
 @ATTACKS.register("apgd-dlr")
@@ -172,13 +178,7 @@ class APGDDLR(APGD):
         with torch.no_grad():
             clean_logits = self.forward(packed, packed.x0)
         check_applicable(self.name, clean_logits.shape[1], self.targets)
-        best = BestTracker(packed.x0, clean_logits, labels)
-        for _ in range(self.restarts):
-            idx = (~best.broken).nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            self._apgd(packed.take(idx), labels[idx], dlr_loss, best, idx)
-        return best.x, best.logits
+        return self._untargeted(packed, labels, dlr_loss, BestTracker(packed.x0, clean_logits, labels))
 
 
 @ATTACKS.register("apgd-t")
