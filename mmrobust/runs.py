@@ -73,7 +73,7 @@ class RunFolder:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RunError(f"{parent}: not writable; choose another --out")
         owner = self._lock_owner()
-        if owner is not None:
+        if owner is not None and owner != os.getpid():
             raise RunError(f"{out}: another mmrobust process (pid {owner}) is writing this run")
         if not (self.force or self.resume) and (self.partial / "checkpoint.json").is_file():
             raise RunError(
@@ -114,6 +114,12 @@ class RunFolder:
     def __enter__(self) -> RunFolder:
         self._check_target()
         self._acquire()
+        try:
+            # again under the lock: another writer may have completed this run since the first check
+            self._check_target()
+        except BaseException:
+            self.__exit__()
+            raise
         if not self.resume and self.partial.exists():
             shutil.rmtree(self.partial)  # leftovers of an interrupted run we are not resuming
         self.partial.mkdir(parents=True, exist_ok=True)
