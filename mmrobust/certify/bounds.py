@@ -1,4 +1,4 @@
-"""Closed-form certified lower bounds for the orthogonal (CRMT) head (DESIGN.md §3, Theorem 3.5).
+"""Closed-form certified lower bounds for the orthogonal (CRMT) head (Theorem 3.5; see docs/certify.md).
 
 The bound is differentiable w.r.t. the modality weights ``a^(m)`` (and the bias), so CRMT step 2
 can maximise it directly; certification reuses it with a Lipschitz estimate ``tau`` of its choice.

@@ -1,4 +1,4 @@
-"""Empirical Lipschitz estimates of uni-modal scores (DESIGN.md §3, §5).
+"""Empirical Lipschitz estimates of uni-modal scores (see docs/certify.md).
 
 For a modality ``m`` and a set of rows ``R`` (R x d_m), the uni-modal scores are
 ``u_r(x_m) = R_r . phi^(m)(x_m)``. Their local Lipschitz constant at ``x`` is

@@ -1,4 +1,4 @@
-"""Certified radii and vulnerability indicators for additive late-fusion heads (DESIGN.md §3).
+"""Certified radii and vulnerability indicators for additive late-fusion heads (see docs/certify.md).
 
 Both heads are handled through one object: for every modality ``m`` a ``(K, K)`` matrix
 ``L^m[y, k]``, an upper bound (or, with the empirical estimator, an estimate) of the Lipschitz

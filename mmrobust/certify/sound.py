@@ -1,4 +1,4 @@
-"""Sound (guaranteed) l2 Lipschitz upper bounds for encoders, composed layer by layer (DESIGN.md §5).
+"""Sound (guaranteed) l2 Lipschitz upper bounds for encoders, composed layer by layer (see docs/certify.md).
 
 Every bound below is a true upper bound on the l2 -> l2 Lipschitz constant of the layer *for the
 input shape it actually sees* (the shape is tracked by running the layer on zeros). The encoder's

@@ -1,4 +1,4 @@
-"""AV-digits: FSDD spoken-digit MFCCs paired with same-class MNIST images (DESIGN.md §8).
+"""AV-digits: FSDD spoken-digit MFCCs paired with same-class MNIST images (see docs/data.md).
 
 Both sources ship inside PyPI wheels. Images are split *before* pairing, so an image never appears
 in two splits; each clip is paired with a distinct image of its class from its own split.
