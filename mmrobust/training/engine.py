@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from mmrobust.models.fusion import LateFusionModel, build_model
 from mmrobust.report.console import console, progress
 from mmrobust.training.base import METHODS, StepContext, Strategy
 from mmrobust.training.distributed import DistInfo, resolve_device, setup_distributed, teardown_distributed
+
+if TYPE_CHECKING:
+    from mmrobust.runs import RunFolder
 
 
 def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -153,9 +156,11 @@ class Trainer:
                 return self._fit(RunFolder(out, resume=True).partial, None)
             return self._fit(None, None)
         with RunFolder(out, force=force, resume=resume) as folder, _terminate_as_interrupt():
-            return self._fit(folder.partial, folder, resume=resume)
+            return self._fit(folder.partial, folder)
 
-    def _fit(self, workdir: Path | None, folder: Any, resume: bool = False) -> FitResult:
+    def _fit(self, resume_from: Path | None, folder: RunFolder | None) -> FitResult:
+        """Train, continuing from the checkpoint in ``resume_from`` if there is one; ``folder``: the run
+        folder this process writes (checkpoints, log, the run), or None."""
         from mmrobust.runs import save_run
         from mmrobust.training.checkpoint import (
             CHECKPOINT_JSON,
@@ -173,8 +178,9 @@ class Trainer:
         best_key, best_epoch, best_state = (-1.0, 0.0), -1, None
         first_epoch = 0
         config = self.cfg.to_dict()
-        if workdir is not None and (resume or folder is None) and (workdir / CHECKPOINT_JSON).is_file():
-            ck = load_checkpoint(workdir)
+        # a fresh (not resumed) run folder starts without a partial folder, so no checkpoint is found
+        if resume_from is not None and (resume_from / CHECKPOINT_JSON).is_file():
+            ck = load_checkpoint(resume_from)
             changed = config_difference(ck.config, config)
             if changed:
                 raise ConfigError(
@@ -190,7 +196,7 @@ class Trainer:
             self.strategy.load_state_dict(ck.strategy)
             self.history = ck.history
             best_key, best_epoch, best_state, first_epoch = ck.best_key, ck.best_epoch, ck.best_model, ck.epoch
-        log = (workdir / "train.log") if folder is not None and workdir is not None else None
+        log = folder.partial / "train.log" if folder is not None else None
         per_rank = t.batch_size // self.dist.world_size
         steps = math.ceil(math.ceil(len(self.train_split) / self.dist.world_size) / per_rank)
         start = time.perf_counter()
@@ -226,9 +232,9 @@ class Trainer:
                 )
                 if self.dist.is_main:
                     console.print(line, markup=False)
-                if folder is not None and workdir is not None:
+                if folder is not None:
                     save_checkpoint(
-                        workdir,
+                        folder.partial,
                         TrainingState(
                             epoch + 1, self.model.state_dict(), best_state, best_key, best_epoch, opt.state_dict(),
                             sched.state_dict() if sched is not None else None, torch.get_rng_state(), gen.get_state(),
@@ -254,8 +260,8 @@ class Trainer:
             **extra,
         }
         path = None
-        if folder is not None and workdir is not None:
-            save_run(workdir, self.model, self.cfg, self.bundle, metrics)
+        if folder is not None:
+            save_run(folder.partial, self.model, self.cfg, self.bundle, metrics)
             path = folder.commit()
         teardown_distributed(self.dist)
         return FitResult(self.model, metrics, self.cfg, self.bundle, path)
