@@ -23,6 +23,7 @@ from mmrobust.data.base import DataBundle, iterate_batches
 from mmrobust.data.registry import load_data
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, predict
+from mmrobust.io import atomic_write_bytes
 from mmrobust.models.fusion import LateFusionModel, build_model
 from mmrobust.report.console import console, progress
 from mmrobust.training.base import METHODS, StepContext, Strategy
@@ -196,7 +197,6 @@ class Trainer:
             self.strategy.load_state_dict(ck.strategy)
             self.history = ck.history
             best_key, best_epoch, best_state, first_epoch = ck.best_key, ck.best_epoch, ck.best_model, ck.epoch
-        log = folder.partial / "train.log" if folder is not None else None
         per_rank = t.batch_size // self.dist.world_size
         steps = math.ceil(math.ceil(len(self.train_split) / self.dist.world_size) / per_rank)
         start = time.perf_counter()
@@ -226,13 +226,12 @@ class Trainer:
                 if (val_acc, -val_loss) > best_key:
                     best_key, best_epoch = (val_acc, -val_loss), epoch + 1
                     best_state = copy.deepcopy(self.model.state_dict())
-                line = (
-                    f"[{t.method}] epoch {epoch + 1}/{t.epochs}  loss {stats['train_loss']:.4f}  "
-                    f"train acc {stats['train_accuracy']:.4f}  val acc {val_acc:.4f}  ({row['time_s']:.1f}s)"
-                )
                 if self.dist.is_main:
-                    console.print(line, markup=False)
+                    console.print(_epoch_line(t.method, t.epochs, row), markup=False)
                 if folder is not None:
+                    # the log is derived from the history, so after a resume it lists each epoch once
+                    log = "".join(_epoch_line(t.method, t.epochs, r) + "\n" for r in self.history)
+                    atomic_write_bytes(folder.partial / "train.log", log.encode())
                     save_checkpoint(
                         folder.partial,
                         TrainingState(
@@ -241,9 +240,6 @@ class Trainer:
                             self.strategy.state_dict(), self.history, config,
                         ),
                     )  # fmt: skip
-                if log is not None:
-                    with log.open("a") as fh:
-                        fh.write(line + "\n")
         if best_state is not None:
             self.model.load_state_dict(best_state)
         extra = self.strategy.after_training(self)
@@ -265,6 +261,13 @@ class Trainer:
             path = folder.commit()
         teardown_distributed(self.dist)
         return FitResult(self.model, metrics, self.cfg, self.bundle, path)
+
+
+def _epoch_line(method: str, epochs: int, row: dict[str, Any]) -> str:
+    return (
+        f"[{method}] epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  "
+        f"train acc {row['train_accuracy']:.4f}  val acc {row['val_accuracy']:.4f}  ({row['time_s']:.1f}s)"
+    )
 
 
 class TrainingInterrupted(KeyboardInterrupt):
