@@ -18,6 +18,7 @@ import pytest
 from mmrobust.cli import main
 from mmrobust.errors import RunError
 from mmrobust.runs import load_run
+from mmrobust.training import Trainer
 
 TINY = ["--data", "synthetic", "--data-opt", "n_train=120", "--data-opt", "n_val=40", "--data-opt", "n_test=40",
         "--data-opt", "dim=8", "--data-opt", "classes=3", "--feature-dim", "8", "--no-progress"]  # fmt: skip
@@ -29,6 +30,11 @@ SLOW = ["--data", "synthetic", "--data-opt", "n_train=640", "--data-opt", "n_val
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _epochs_logged(run: Path) -> list[int]:
+    """Epoch numbers in ``train.log``, in order (a resumed run must not repeat any)."""
+    return [int(line.split("epoch ")[1].split("/")[0]) for line in (run / "train.log").read_text().splitlines()]
 
 
 def _err_line(capsys) -> str:
@@ -155,7 +161,7 @@ def test_kill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     full, resumed = load_run(tmp_path / "full"), load_run(tmp_path / "r")
     strip = [{k: v for k, v in row.items() if k != "time_s"} for row in full.metrics["history"]]
     assert [{k: v for k, v in row.items() if k != "time_s"} for row in resumed.metrics["history"]] == strip
-    assert "epoch 6/6" in (tmp_path / "r" / "train.log").read_text()
+    assert _epochs_logged(tmp_path / "r") == [1, 2, 3, 4, 5, 6]  # continued, not retrained from scratch
 
 
 def test_sigterm_keeps_a_checkpoint_and_resume_refuses_changed_settings(tmp_path, capsys):
@@ -229,8 +235,18 @@ def test_resume_restores_strategy_state(tmp_path, monkeypatch, method):
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
     assert main([*args, "--out", str(tmp_path / "r")]) == 130
     monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+    trained = []
+    real_epoch = Trainer._train_epoch
+
+    def counted_epoch(self, epoch, *a, **kw):
+        trained.append(epoch + 1)
+        return real_epoch(self, epoch, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", counted_epoch)
     assert main([*args, "--resume", "--out", str(tmp_path / "r")]) == 0
+    assert trained == [3, 4]  # continued from the checkpoint, not retrained from scratch
     assert _sha(tmp_path / "r" / "model.safetensors") == _sha(tmp_path / "full" / "model.safetensors")
+    assert _epochs_logged(tmp_path / "r") == [1, 2, 3, 4]
 
 
 def test_torchrun_kill_then_resume_is_bit_identical(tmp_path):
