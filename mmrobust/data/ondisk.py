@@ -19,7 +19,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -653,3 +654,123 @@ def ondisk_fingerprint(path: str | Path) -> str:
             f = root / split / f"{name}.npy"
             h.update(f"{split}/{name}/{f.stat().st_size};".encode())
     return h.hexdigest()
+
+
+# -- conversion ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert` wrote: the folder, split sizes, storage, bytes on disk and the largest
+    decode error per modality (0 for float32 storage; uint8 quantisation otherwise)."""
+
+    path: Path
+    sizes: dict[str, int]
+    storage: dict[str, Storage]
+    bytes: int
+    max_abs_error: dict[str, float]
+    resumed_rows: int
+    seconds: float
+
+
+def uint8_storage(valid_range: tuple[float, float]) -> Storage:
+    """uint8 storage spanning ``valid_range`` (model-input space) in 255 steps: 0 -> low, 255 -> high."""
+    lo, hi = valid_range
+    return Storage("uint8", scale=(hi - lo) / 255.0, mean=-lo, std=1.0)
+
+
+def _encode(x: torch.Tensor, st: Storage) -> np.ndarray:
+    """float32 model inputs -> stored rows (the inverse of :meth:`Storage.decode`, rounded for uint8)."""
+    a = x.detach().cpu().numpy().astype(np.float32, copy=False)
+    if st.dtype == "uint8":
+        q = np.rint((a.astype(np.float64) * st.std + st.mean) / st.scale)
+        return np.clip(q, 0, 255).astype(np.uint8)
+    if st.identity:
+        return np.ascontiguousarray(a)
+    return ((a.astype(np.float64) * st.std + st.mean) / st.scale).astype(st.dtype)
+
+
+def _partial_path(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}.partial"
+
+
+def convert(
+    bundle: DataBundle,
+    dst: str | Path,
+    *,
+    uint8: Sequence[str] = (),
+    info: Mapping[str, Any] | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> ConvertResult:
+    """Write ``bundle`` as an on-disk dataset at ``dst``, chunk by chunk.
+
+    The folder is written as ``.<dst>.partial`` next to ``dst`` and renamed at the end, so ``dst``
+    is either absent or complete; an interrupted conversion resumes from the partial folder (rows
+    already written are kept). ``uint8`` names modalities stored as bytes over their valid range.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise DataError(f"{dst}: already exists; pass --force to replace it")
+    meta = bundle.meta
+    for m in uint8:
+        spec = meta.spec(m)
+        if spec.valid_range is None:
+            raise DataError(
+                f"--uint8 {m}: modality '{m}' has no valid range to quantise over; declare one "
+                "(meta.json valid_ranges) or store it as float32"
+            )
+    storage = {m.name: uint8_storage(m.valid_range) if m.name in uint8 and m.valid_range else Storage()
+               for m in meta.modalities}  # fmt: skip
+    out_meta = DatasetMeta(meta.name, list(meta.modalities), list(meta.class_names), {**meta.info, **(info or {})})
+    sizes = {s: len(bundle.split(s)) for s in SPLITS}
+    partial = _partial_path(dst)
+    writer = None
+    if partial.exists():
+        try:
+            writer = DiskWriter.reopen(partial)
+            if (writer.meta.to_dict(), writer.sizes, writer.storage) != (out_meta.to_dict(), sizes, storage):
+                writer.close()
+                writer = None  # a different conversion was interrupted here: start again
+        except DataError:
+            writer = None
+        if writer is None:
+            shutil.rmtree(partial)
+    resumed = 0
+    if writer is None:
+        writer = DiskWriter.create(partial, out_meta, sizes, storage)
+    else:
+        resumed = sum(b - a for s in SPLITS for a, b in writer.written[s])
+    errors = dict.fromkeys(meta.modality_names, 0.0)
+    total, done = sum(sizes.values()), resumed
+    row_bytes = sum(4 * int(np.prod(m.shape)) for m in meta.modalities)
+    step = _rows_per_chunk(row_bytes)
+    for split in SPLITS:
+        source = bundle.split(split)
+        for a0, b0 in writer.missing(split):
+            for a in range(a0, b0, step):
+                b = min(b0, a + step)
+                x, y = source.take(slice(a, b))
+                enc = {m: _encode(x[m], storage[m]) for m in meta.modality_names}
+                for m in meta.modality_names:
+                    if not storage[m].identity:
+                        err = (storage[m].decode(enc[m]) - x[m]).abs().max()
+                        errors[m] = max(errors[m], float(err))
+                writer.write(split, a, enc, y.numpy())
+                done += b - a
+                if progress is not None:
+                    progress("convert", done, total)
+    writer.finish(progress)
+    if dst.exists():  # --force: the old folder goes only once the new one is complete
+        old = dst.parent / f".{dst.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(partial, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, dst)
+    nbytes = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+    return ConvertResult(dst, sizes, storage, nbytes, errors, resumed, time.perf_counter() - t0)
