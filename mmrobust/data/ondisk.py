@@ -94,7 +94,8 @@ class Storage:
 
 
 def is_ondisk(path: str | Path) -> bool:
-    """True when ``path`` is a folder whose meta.json declares this format (complete or not)."""
+    """True when ``path`` is a folder whose meta.json declares a format (this one, complete or not, or
+    another one that :func:`open_ondisk` then refuses by name)."""
     meta = Path(path) / "meta.json"
     if not meta.is_file():
         return False
@@ -102,7 +103,7 @@ def is_ondisk(path: str | Path) -> bool:
         d = json.loads(meta.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return False
-    return isinstance(d, dict) and d.get("format") == FORMAT
+    return isinstance(d, dict) and "format" in d  # an npz folder's meta.json has no format key
 
 
 def _rows_per_chunk(row_bytes: int) -> int:
