@@ -204,7 +204,7 @@ def _read_rows(fd: int, f: _ArrayFile, rows: np.ndarray) -> np.ndarray:
     out = np.empty((len(rows), *f.row_shape), dtype=f.dtype)
     if len(rows) == 0:
         return out
-    flat = memoryview(out.reshape(-1).view(np.uint8))
+    flat = out.reshape(-1).view(np.uint8).data
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(rows)]])
@@ -214,7 +214,7 @@ def _read_rows(fd: int, f: _ArrayFile, rows: np.ndarray) -> np.ndarray:
 
 
 def _write_rows(fd: int, f: _ArrayFile, start: int, x: np.ndarray) -> None:
-    data = memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+    data = np.ascontiguousarray(x).reshape(-1).view(np.uint8).data
     offset = f.offset + start * f.row_bytes
     while len(data):
         n = os.pwrite(fd, data, offset)
@@ -428,7 +428,7 @@ def _digest_and_check(fd: int, f: _ArrayFile, name: str, num_classes: int) -> st
     """sha256 of the whole .npy file (header + rows, read in chunks) and a finiteness/label check."""
     h = hashlib.sha256()
     head = np.empty(f.offset, dtype=np.uint8)
-    _pread_into(fd, memoryview(head), 0, f.path)
+    _pread_into(fd, head.data, 0, f.path)
     h.update(head.data)
     step = _rows_per_chunk(f.row_bytes)
     for a in range(0, f.rows, step):
@@ -519,7 +519,7 @@ class _BatchReader(torch.utils.data.Dataset):
     def __init__(self, split: DiskSplit) -> None:
         self.split = split
 
-    def __getitem__(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # type: ignore[override]
+    def __getitem__(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         stored, labels = self.split.read_stored(index)
         return {m: torch.from_numpy(x) for m, x in stored.items()}, labels
 
@@ -598,7 +598,7 @@ class DiskSplit(Split):
         return DiskSplit(self.where, self.meta, self.storage, self.handles, self._all_labels,
                          self._positions(index), self.options)  # fmt: skip
 
-    @property  # type: ignore[override]
+    @property
     def inputs(self) -> Batch:
         """The whole split decoded in memory: refused above ``max_inputs_gb`` (use batches instead)."""
         need = len(self) * sum(4 * int(np.prod(s.shape)) for s in self.meta.modalities)
