@@ -472,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     except KeyboardInterrupt:
         hint = "; continue with the same command plus --resume" if getattr(args, "resume", None) is not None else ""
+        if args.command == "data":
+            hint = "; rerun the same command to resume"
         print(f"mmrobust: interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -205,6 +205,11 @@ def _fault(disk: Path, tmp_path: Path, how: str) -> Path:
     elif how == "truncated":
         with (bad / "test" / "label.npy").open("r+b") as fh:
             fh.truncate(200)
+    elif how == "labels":
+        labels = np.load(bad / "train" / "label.npy", mmap_mode="r+")
+        labels[5] = 99
+        labels.flush()
+        del labels
     elif how == "dtype":
         meta["storage"]["strong"]["dtype"] = "float16"
     (bad / "meta.json").write_text(json.dumps(meta))
@@ -215,7 +220,8 @@ def _fault(disk: Path, tmp_path: Path, how: str) -> Path:
     ("how", "message"),
     [("version", "version 99 is not supported"), ("format", "format is 'zarr'"),
      ("incomplete", "incomplete \\(interrupted write\\); rerun the import/convert to resume"),
-     ("missing", "weak.npy: file missing"), ("truncated", "truncated"), ("dtype", "dtype float32, expected float16")],
+     ("missing", "weak.npy: file missing"), ("truncated", "truncated"), ("dtype", "dtype float32, expected float16"),
+     ("labels", "label.npy: values must be in 0..3, found 0..99")],
 )  # fmt: skip
 def test_bad_folders_one_line_errors_via_cli(disk, tmp_path, capsys, how, message):
     bad = _fault(disk, tmp_path, how)

@@ -658,6 +658,10 @@ def open_ondisk(path: str | Path, seed: int = 0, **options: Any) -> DataBundle:
         }
         handles = _Handles(files)
         label = _read_rows(handles.fd("label"), files["label"], np.arange(sizes[split]))
+        if label.min() < 0 or label.max() >= meta.num_classes:  # the labels are read anyway: a cheap check
+            raise DataError(
+                f"{files['label'].path}: values must be in 0..{meta.num_classes - 1}, found {label.min()}..{label.max()}"
+            )
         splits[split] = DiskSplit(f"{root}/{split}", meta, storage, handles, torch.from_numpy(label), None, opts)
     return DataBundle(meta, splits["train"], splits["val"], splits["test"], source={"format": FORMAT})
 
