@@ -271,3 +271,19 @@ def test_train_evaluate_certify_from_disk_via_cli(tmp_path, capsys, monkeypatch)
     assert main(["certify", str(run), "--lipschitz", "smoothing", "--cert-opt", "n=20", "--cert-opt", "n0=5"]) == 0
     assert (run / "eval.json").is_file() and (run / "certify.json").is_file()
     capsys.readouterr()
+
+
+def test_training_from_disk_gives_the_same_weights(disk, tmp_path):
+    """Same config, data in memory vs streamed from disk (float32): bit-identical trained weights."""
+    from mmrobust.io import load_tensors
+    from mmrobust.training import train
+    from tests.conftest import tiny_config
+
+    weights = {}
+    for where, name in (("memory", "synthetic"), ("disk", str(disk))):
+        cfg = tiny_config(epochs=2)
+        cfg.data = DataConfig(name, 0, dict(TINY) if name == "synthetic" else {})
+        train(cfg, out=tmp_path / where)
+        weights[where] = load_tensors(tmp_path / where / "model.safetensors")
+    assert weights["memory"].keys() == weights["disk"].keys()
+    assert all(torch.equal(weights["memory"][k], weights["disk"][k]) for k in weights["memory"])
