@@ -87,6 +87,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
     rows = [(name, (DATASETS.get(name).__doc__ or "").strip().splitlines()[0]) for name in DATASETS.names()]
     rows.append(("PATH", "a folder with train.npz, test.npz [, val.npz, meta.json] (see docs/data.md)"))
+    rows.append(("PATH", "an on-disk folder written by `mmrobust data convert`: streamed, never loaded whole"))
     print_table("Datasets", ["name", "description"], rows)
     mrows = [(name, (METHODS.get(name).__doc__ or "").strip().splitlines()[0]) for name in METHODS.names()]
     print_table("Training methods", ["method", "description"], mrows)

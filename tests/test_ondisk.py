@@ -264,7 +264,7 @@ def test_train_evaluate_certify_from_disk_via_cli(tmp_path, capsys, monkeypatch)
     opts = [x for k, v in TINY.items() for x in ("--data-opt", f"{k}={v}")]
     assert main(["data", "convert", "synthetic", str(dst), *opts, "--no-progress"]) == 0
     run = tmp_path / "run"
-    assert main(["train", "--data", str(dst), "--data-opt", "workers=1", "--epochs", "2", "--batch-size", "32",
+    assert main(["train", "--data", str(dst), "--data-opt", "workers=1", "--epochs", "1", "--batch-size", "32",
                  "--feature-dim", "16", "--out", str(run), "--no-progress"]) == 0  # fmt: skip
     assert json.loads((run / "config.json").read_text())["data"]["name"] == str(dst)
     assert main(["evaluate", str(run), "--suite", "paper", "--steps", "2", "--no-progress"]) == 0
@@ -281,7 +281,7 @@ def test_training_from_disk_gives_the_same_weights(disk, tmp_path):
 
     weights = {}
     for where, name in (("memory", "synthetic"), ("disk", str(disk))):
-        cfg = tiny_config(epochs=2)
+        cfg = tiny_config(epochs=1)
         cfg.data = DataConfig(name, 0, dict(TINY) if name == "synthetic" else {})
         train(cfg, out=tmp_path / where)
         weights[where] = load_tensors(tmp_path / where / "model.safetensors")
