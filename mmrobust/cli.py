@@ -353,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark", help="train, attack (and certify) every dataset x method x seed; tables mean ± std over seeds"
     )
     p.add_argument("--data", required=True, help="comma-separated dataset names or folder paths")
-    p.add_argument("--methods", required=True, help="comma-separated training methods (see `mmrobust datasets`)")
+    p.add_argument("--methods", required=True,
+                   help="comma-separated training methods (see `mmrobust datasets`); METHOD@TAG is a variant "
+                   "with its own --method-opt METHOD@TAG:KEY=VALUE")  # fmt: skip
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per (dataset, method) (default 3)")
     p.add_argument("--out", required=True, help="benchmark folder (re-running resumes it)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the training default)")
