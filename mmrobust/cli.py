@@ -248,6 +248,53 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_import_av(args: argparse.Namespace) -> int:
+    from mmrobust.data.importav import import_av, parse_options, plan_import
+    from mmrobust.report.console import out, progress_callback
+
+    names = ("frames", "size", "spectrogram", "n_mels", "n_fft", "hop", "sample_rate", "seconds", "spec_dtype",
+             "frame_mean", "frame_std", "val", "test", "split_seed", "csv", "classes", "name")  # fmt: skip
+    opts = parse_options({k: getattr(args, k) for k in names} | {"skip_bad": args.skip_bad})
+    plan = plan_import(args.src, opts)  # every clip checked before anything is written
+    with progress_callback(not args.no_progress) as progress:
+        r = import_av(args.src, args.dst, opts, force=args.force, progress=progress, plan=plan)
+    for clip_id, reason in r.skipped[:10]:
+        out.print(f"skipped {clip_id}: {reason}", markup=False)
+    more = " (first 10 listed)" if len(r.skipped) > 10 else ""
+    resumed = f"; resumed after {r.resumed_rows} clips already written" if r.resumed_rows else ""
+    sizes = ", ".join(f"{s} {n}" for s, n in r.sizes.items())
+    out.print(f"imported {sum(r.sizes.values())} clips of {len(r.class_names)} classes ({sizes}; {len(r.skipped)} "
+              f"skipped{more}) into {r.dst} in {r.seconds:.1f} s{resumed}", markup=False, soft_wrap=True)  # fmt: skip
+    return 0
+
+
+def _add_import_av(data_sub: argparse._SubParsersAction) -> None:
+    p = data_sub.add_parser("import-av", help="import a folder of clips (frames + WAV) into the on-disk format")
+    p.add_argument("src", help="SRC/<class>/<clip_id>/ folders, or the clip folders SRC/<clip_id>/ of --csv")
+    p.add_argument("dst", help="dataset folder to write (an interrupted import there is resumed)")
+    p.add_argument("--csv", help="CSV with a header clip_id,label[,split]; clip folders are SRC/<clip_id>/")
+    p.add_argument("--classes", help="comma list fixing the class order; other labels are refused")
+    p.add_argument("--frames", type=int, help="frames per clip, sampled evenly (default 3)")
+    p.add_argument("--size", type=int, help="frames are centre-cropped and resized to SIZE x SIZE (default 64)")
+    p.add_argument("--spectrogram", choices=["logmel", "linear"], help="log-mel (default) or log linear-frequency")
+    p.add_argument("--n-mels", type=int, help="mel bands (default 128)")
+    p.add_argument("--n-fft", type=int, help="STFT window and FFT size in samples (default 1024)")
+    p.add_argument("--hop", type=int, help="STFT hop in samples (default 160)")
+    p.add_argument("--sample-rate", type=int, help="audio is resampled to this rate (default 16000)")
+    p.add_argument("--seconds", type=_finite_float, help="audio duration; longer clips are cropped, shorter zero-padded (default 2)")  # fmt: skip
+    p.add_argument("--spec-dtype", choices=["float32", "float16"], help="stored spectrogram dtype (default float32)")
+    p.add_argument("--frame-mean", type=_finite_float, help="frames decode as (x/255 - mean) / std (default 0.45)")
+    p.add_argument("--frame-std", type=_finite_float, help="(default 0.225)")
+    p.add_argument("--val", type=_finite_float, help="validation share per class (default 0.1)")
+    p.add_argument("--test", type=_finite_float, help="test share per class (default 0.1)")
+    p.add_argument("--split-seed", type=int, help="seed of the stratified split (default 0)")
+    p.add_argument("--name", help="dataset name (default: SRC's folder name)")
+    p.add_argument("--skip-bad", action="store_true", help="skip clips that fail the checks instead of stopping")
+    p.add_argument("--force", action="store_true", help="replace an existing dataset (or interrupted import) at DST")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_import_av)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, like every other error (``mmrobust: error: ...``, exit 2)."""
 
@@ -399,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    _add_import_av(data_sub)
     return parser
 
 

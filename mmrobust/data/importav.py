@@ -320,11 +320,13 @@ def _pillow() -> Any:
 def load_frame(path: Path, size: int) -> np.ndarray:
     """One frame as uint8 ``(3, size, size)``: RGB, centre-cropped to a square, bilinear resize."""
     image_mod = _pillow()
-    from PIL import ImageOps
-
     try:
         with image_mod.open(path) as im:
-            rgb = ImageOps.fit(im.convert("RGB"), (size, size), method=image_mod.Resampling.BILINEAR)
+            w, h = im.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            square = im.convert("RGB").crop((left, top, left + side, top + side))
+            rgb = square.resize((size, size), image_mod.Resampling.BILINEAR)
     except (OSError, ValueError, image_mod.DecompressionBombError) as exc:
         raise DataError(f"{path}: unreadable image ({exc})") from None
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
