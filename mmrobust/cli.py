@@ -248,6 +248,50 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from mmrobust.config import parse_kv
+    from mmrobust.data.ondisk import convert
+    from mmrobust.data.registry import DataConfig, load_data
+    from mmrobust.report.console import out, progress_callback
+
+    uint8 = _names(args.uint8, "--uint8") if args.uint8 is not None else []
+    dst = Path(args.dst)
+    if dst.exists() and not args.force:
+        raise ConfigError(f"{dst}: already exists; pass --force to replace it")
+    cfg = DataConfig(args.src, args.seed, parse_kv(args.data_opt, "--data-opt"))
+    if Path(cfg.name).absolute() == dst.absolute():
+        raise ConfigError(f"{dst}: source and destination are the same folder")
+    bundle = load_data(cfg)
+    for m in uint8:
+        bundle.meta.spec(m)  # unknown modality -> one-line error before any work
+    info = {"converted_from": {"name": cfg.name, "seed": cfg.seed, "options": dict(cfg.options)}}
+    with progress_callback(not args.no_progress) as progress:
+        res = convert(bundle, dst, uint8=uint8, info=info, force=args.force, progress=progress)
+    stored = ", ".join(f"{m} {st.dtype}" for m, st in res.storage.items())
+    err = ", ".join(f"{m} {e:.2g}" for m, e in res.max_abs_error.items() if e > 0)
+    resumed = f", {res.resumed_rows} rows resumed" if res.resumed_rows else ""
+    out.print(f"wrote {res.path}: {'/'.join(str(n) for n in res.sizes.values())} samples (train/val/test), "
+              f"{stored}, {res.bytes / 2**20:.1f} MiB{resumed}" + (f"; max decode error {err}" if err else ""))  # fmt: skip
+    return 0
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """``mmrobust data SUBCOMMAND``: dataset conversion and import tools (one subparser each)."""
+    group = sub.add_parser("data", help="convert or import datasets into the streaming on-disk format")
+    data_sub = group.add_subparsers(dest="data_command", required=True)
+
+    p = data_sub.add_parser("convert", help="convert a dataset (registered name or npz folder) to the on-disk format")
+    p.add_argument("src", help="registered dataset name (e.g. avdigits) or a bring-your-own npz folder")
+    p.add_argument("dst", help="on-disk dataset folder to write (see docs/data.md)")
+    p.add_argument("--uint8", metavar="MOD,...", help="store these modalities as bytes over their valid range")
+    p.add_argument("--seed", type=int, default=0, help="split seed of the source (default 0)")
+    p.add_argument("--data-opt", action="append", metavar="KEY=VALUE", help="source dataset option (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new one is complete)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_convert)
+    _add_import_av(data_sub)
+
+
 def cmd_data_import_av(args: argparse.Namespace) -> int:
     from mmrobust.data.importav import import_av, parse_options, plan_import
     from mmrobust.report.console import out, progress_callback
@@ -447,9 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("data", help="dataset tools")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
-    _add_import_av(data_sub)
+    _add_data_commands(sub)
     return parser
 
 

@@ -145,8 +145,11 @@ class DataBundle:
         return getattr(self, name)
 
 
-def validate_split(meta: DatasetMeta, split: Split, where: str) -> None:
-    """Check a split against the metadata; every message names the offending array."""
+def validate_split(meta: DatasetMeta, split: Split, where: str, check_finite: bool = True) -> None:
+    """Check a split against the metadata; every message names the offending array.
+
+    ``check_finite=False`` skips the one pass over every value (for loaders that already made it).
+    """
     n = len(split)
     if split.labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise DataError(f"{where}: 'label' must be an integer array, got {split.labels.dtype}")
@@ -170,7 +173,7 @@ def validate_split(meta: DatasetMeta, split: Split, where: str) -> None:
             raise DataError(f"{where}: '{spec.name}' samples have shape {tuple(x.shape[1:])}, expected {spec.shape}")
         if not torch.is_floating_point(x):
             raise DataError(f"{where}: '{spec.name}' must be a float array, got {x.dtype}")
-        if not torch.isfinite(x).all():
+        if check_finite and not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
             raise DataError(f"{where}: '{spec.name}' contains NaN or inf values in {bad} sample(s)")
 
@@ -197,6 +200,9 @@ def iterate_batches(
 ) -> Iterator[tuple[Batch, torch.Tensor]]:
     """Yield ``(inputs, labels)`` batches, gathering whole batches by index (fast on CPU).
 
+    An on-disk split streams the same batches, in the same order, through a
+    ``torch.utils.data.DataLoader`` (see :mod:`mmrobust.data.ondisk`).
+
     With ``world_size > 1`` each rank gets its own shard exactly as ``DistributedSampler`` does
     (same padding, same per-epoch shuffle), so single- and multi-process runs see the same data.
     """
@@ -219,6 +225,10 @@ def iterate_batches(
     else:
         order = torch.arange(n)
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
-    for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
+    batches = [order[start : start + batch_size] for start in range(0, stop, batch_size)]
+    stream = getattr(split, "stream", None)
+    if stream is not None:  # an on-disk split: whole batches read by a DataLoader (workers, prefetch)
+        yield from stream(batches)
+        return
+    for idx in batches:
         yield split.take(idx)

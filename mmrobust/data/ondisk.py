@@ -20,17 +20,20 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from mmrobust.data.base import DataBundle, DatasetMeta, Split
-from mmrobust.errors import DataError
+from mmrobust.data.base import Batch, DataBundle, DatasetMeta, Split
+from mmrobust.errors import ConfigError, DataError
 from mmrobust.io import write_json
+
+if TYPE_CHECKING:
+    from mmrobust.eval.results import ProgressFn
 
 FORMAT = "mmrobust-ondisk"
 VERSION = 1
@@ -41,8 +44,6 @@ CHUNK_BYTES = 64 << 20
 #: materialising ``DiskSplit.inputs`` is refused above this many decoded bytes ($MMROBUST_MAX_INPUTS_GB)
 DEFAULT_MAX_INPUTS_GB = 1.0
 _PROGRESS = "progress.json"
-
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -152,23 +153,71 @@ def _array_names(meta: DatasetMeta) -> list[str]:
     return [*meta.modality_names, "label"]
 
 
-def _open_array(path: Path, mode: str, shape: tuple[int, ...], dtype: str) -> np.memmap:
-    """Open one array by memory map, checking shape and dtype from its header (reads no data)."""
+@dataclass(frozen=True)
+class _ArrayFile:
+    """One ``.npy`` file read and written by offset (no memory map: RSS stays at what a batch needs)."""
+
+    path: Path
+    offset: int  # bytes of the header
+    row_bytes: int
+    rows: int
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+
+
+def _array_file(path: Path, shape: tuple[int, ...], dtype: str) -> _ArrayFile:
+    """Check one array's header (shape, dtype, order) and file size; reads no data."""
     if not path.is_file():
         raise DataError(f"{path}: file missing")
     try:
-        arr = np.load(path, mmap_mode=mode, allow_pickle=False)  # type: ignore[call-overload]
-    except (ValueError, OSError, EOFError) as exc:
+        with path.open("rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            got_shape, fortran, got_dtype = reader(fh)
+            offset = fh.tell()
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
         raise DataError(f"{path}: not a readable .npy array ({exc})") from None
-    if not isinstance(arr, np.memmap):
-        raise DataError(f"{path}: not a memory-mappable .npy array")
-    if tuple(arr.shape) != shape:
-        raise DataError(f"{path}: shape {tuple(arr.shape)}, expected {shape}")
-    if arr.dtype != np.dtype(dtype):
-        raise DataError(f"{path}: dtype {arr.dtype}, expected {dtype}")
-    if not arr.flags.c_contiguous:
-        raise DataError(f"{path}: array is not C-ordered")
-    return arr
+    if tuple(got_shape) != shape:
+        raise DataError(f"{path}: shape {tuple(got_shape)}, expected {shape}")
+    if got_dtype != np.dtype(dtype):
+        raise DataError(f"{path}: dtype {got_dtype}, expected {dtype}")
+    if fortran:
+        raise DataError(f"{path}: array is Fortran-ordered, expected C order")
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * got_dtype.itemsize
+    size = path.stat().st_size
+    if size != offset + row_bytes * shape[0]:
+        raise DataError(f"{path}: file has {size:,} bytes, expected {offset + row_bytes * shape[0]:,} (truncated?)")
+    return _ArrayFile(path, offset, row_bytes, shape[0], got_dtype, tuple(shape[1:]))
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    while len(buf):
+        got = os.preadv(fd, [buf], offset)
+        if got <= 0:
+            raise DataError(f"{path}: unexpected end of file")
+        buf, offset = buf[got:], offset + got
+
+
+def _read_rows(fd: int, f: _ArrayFile, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (sorted, unique) of one array, one read per run of consecutive rows."""
+    out = np.empty((len(rows), *f.row_shape), dtype=f.dtype)
+    if len(rows) == 0:
+        return out
+    flat = memoryview(out.reshape(-1).view(np.uint8))
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(rows)]])
+    for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+        _pread_into(fd, flat[a * f.row_bytes : b * f.row_bytes], f.offset + int(rows[a]) * f.row_bytes, f.path)
+    return out
+
+
+def _write_rows(fd: int, f: _ArrayFile, start: int, x: np.ndarray) -> None:
+    data = memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+    offset = f.offset + start * f.row_bytes
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 def _expected(meta: DatasetMeta, storage: Mapping[str, Storage], n: int, name: str) -> tuple[tuple[int, ...], str]:
@@ -194,12 +243,28 @@ class DiskWriter:
     ) -> None:
         self.root, self.meta, self.sizes, self.storage = root, meta, sizes, storage
         self.written = written
-        self._arrays: dict[str, dict[str, np.memmap]] = {}
-        for split in SPLITS:
-            self._arrays[split] = {
-                name: _open_array(root / split / f"{name}.npy", "r+", *_expected(meta, storage, sizes[split], name))
+        self._files = {
+            split: {
+                name: _array_file(root / split / f"{name}.npy", *_expected(meta, storage, sizes[split], name))
                 for name in _array_names(meta)
             }
+            for split in SPLITS
+        }
+        self._fds: dict[str, dict[str, int]] = {
+            split: {name: os.open(f.path, os.O_RDWR) for name, f in files.items()}
+            for split, files in self._files.items()
+        }
+
+    def close(self) -> None:
+        """Close the array files (:meth:`finish` does it; a writer given up on can call it)."""
+        for fds in self._fds.values():
+            for fd in fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):
+            self.close()
 
     # -- creation -------------------------------------------------------------------------------
 
@@ -232,8 +297,7 @@ class DiskWriter:
             (root / split).mkdir()
             for name in _array_names(meta):
                 shape, dtype = _expected(meta, storage_, sizes_[split], name)
-                arr = np.lib.format.open_memmap(root / split / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-                del arr  # sparse file: the OS allocates blocks as rows are written
+                _preallocate(root / split / f"{name}.npy", shape, dtype)
         written: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
         write_json(root / _PROGRESS, written)
         return cls(root, meta, sizes_, storage_, written)
@@ -306,12 +370,14 @@ class DiskWriter:
             if dtype != "uint8" and not np.isfinite(x).all():
                 bad = int((~np.isfinite(x)).reshape(n, -1).any(1).sum())
                 raise DataError(f"{where}: '{name}' contains NaN or inf values in {bad} sample(s)")
-        arrays = self._arrays[split]
+        if not self._fds:
+            raise DataError(f"{self.root}: writer is closed")
+        files, fds = self._files[split], self._fds[split]
         for name in self.meta.modality_names:
-            arrays[name][start : start + n] = inputs[name]
-        arrays["label"][start : start + n] = labels.astype(np.int64)
-        for arr in arrays.values():
-            arr.flush()
+            _write_rows(fds[name], files[name], start, inputs[name])
+        _write_rows(fds["label"], files["label"], start, labels.astype(np.int64))
+        for fd in fds.values():
+            os.fdatasync(fd)  # the rows are on disk before the progress file says so
         self._mark(split, start, start + n)
 
     def _mark(self, split: str, a: int, b: int) -> None:
@@ -337,36 +403,41 @@ class DiskWriter:
         done = 0
         for split in SPLITS:
             digests[split] = {}
-            for name, arr in self._arrays[split].items():
-                arr.flush()
-                digests[split][name] = _digest_and_check(
-                    self.root / split / f"{name}.npy", arr, name, self.meta.num_classes
-                )
+            for name, f in self._files[split].items():
+                digests[split][name] = _digest_and_check(self._fds[split][name], f, name, self.meta.num_classes)
                 done += self.sizes[split]
                 if progress is not None:
                     progress("verify", done, total)
-        self._arrays = {}
+        self.close()
         d = _meta_json(self.meta, self.sizes, self.storage, complete=True)
         d["sha256"] = digests
         write_json(self.root / "meta.json", d)
         (self.root / _PROGRESS).unlink(missing_ok=True)
 
 
-def _digest_and_check(path: Path, arr: np.memmap, name: str, num_classes: int) -> str:
+def _preallocate(path: Path, shape: tuple[int, ...], dtype: str) -> None:
+    """Write the .npy header and extend the file to its full size (sparse: blocks come as rows are written)."""
+    with path.open("wb") as fh:
+        np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": shape})  # fmt: skip
+        fh.truncate(fh.tell() + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+
+
+def _digest_and_check(fd: int, f: _ArrayFile, name: str, num_classes: int) -> str:
     """sha256 of the whole .npy file (header + rows, read in chunks) and a finiteness/label check."""
     h = hashlib.sha256()
-    with path.open("rb") as fh:
-        h.update(fh.read(arr.offset))
-    n = arr.shape[0]
-    step = _rows_per_chunk(arr[:1].nbytes)
-    for a in range(0, n, step):
-        chunk = np.ascontiguousarray(arr[a : a + step])
+    head = np.empty(f.offset, dtype=np.uint8)
+    _pread_into(fd, memoryview(head), 0, f.path)
+    h.update(head.data)
+    step = _rows_per_chunk(f.row_bytes)
+    for a in range(0, f.rows, step):
+        chunk = _read_rows(fd, f, np.arange(a, min(f.rows, a + step)))
         if name == "label":
             lo, hi = int(chunk.min()), int(chunk.max())
             if lo < 0 or hi >= num_classes:
-                raise DataError(f"{path}: label values must be in 0..{num_classes - 1}, found {lo}..{hi}")
+                raise DataError(f"{f.path}: label values must be in 0..{num_classes - 1}, found {lo}..{hi}")
         elif chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
-            raise DataError(f"{path}: contains NaN or inf values (rows {a}..{min(n, a + step) - 1})")
+            raise DataError(f"{f.path}: contains NaN or inf values (rows {a}..{min(f.rows, a + step) - 1})")
         h.update(chunk.data)
     return h.hexdigest()
 
@@ -384,20 +455,322 @@ def _meta_json(
     }
 
 
-def remove_tree(path: Path) -> None:
-    """Delete a (partial) dataset folder."""
-    shutil.rmtree(path, ignore_errors=True)
+# -- reading -------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass
+class OnDiskOptions:
+    """Options of an on-disk dataset (``--data-opt KEY=VALUE``): how batches are streamed.
+
+    ``workers``: DataLoader worker processes reading batches (0: read in the main process);
+    ``prefetch_factor``: batches each worker reads ahead; ``pin_memory``: pin batches when CUDA is
+    available; ``max_inputs_gb``: the most a whole split may take when code asks for all of it at
+    once (``split.inputs``; small data only).
+    """
+
+    workers: int = 0
+    prefetch_factor: int = 2
+    pin_memory: bool = True
+    max_inputs_gb: float = DEFAULT_MAX_INPUTS_GB
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.workers <= 64:
+            raise ConfigError(f"data option 'workers' must be in 0..64, got {self.workers}")
+        if not 1 <= self.prefetch_factor <= 64:
+            raise ConfigError(f"data option 'prefetch_factor' must be in 1..64, got {self.prefetch_factor}")
+        if not self.max_inputs_gb > 0:
+            raise ConfigError(f"data option 'max_inputs_gb' must be > 0, got {self.max_inputs_gb}")
 
 
-__all__ = ["FORMAT", "VERSION", "DataBundle", "DiskWriter", "Split", "Storage", "is_ondisk"]
+class _Handles:
+    """The array files of one split, opened lazily once per process (workers reopen after a spawn)."""
+
+    def __init__(self, files: dict[str, _ArrayFile]) -> None:
+        self.files = files
+        self._fds: dict[str, int] = {}
+
+    def fd(self, name: str) -> int:
+        if name not in self._fds:
+            try:
+                self._fds[name] = os.open(self.files[name].path, os.O_RDONLY)
+            except OSError as exc:
+                raise DataError(f"{self.files[name].path}: cannot open ({exc.strerror})") from None
+        return self._fds[name]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"files": self.files, "_fds": {}}
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Dataset whose items are whole batches: ``reader[index_tensor] -> (inputs, labels)``."""
+
+    def __init__(self, split: DiskSplit) -> None:
+        self.split = split
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[Batch, torch.Tensor]:  # type: ignore[override]
+        return self.split.take(index)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers only read and decode; the main process computes
+
+
+class DiskSplit(Split):
+    """One split on disk with the interface of :class:`Split`; reads only the rows asked for.
+
+    ``take`` reads the requested rows (one read per run of consecutive rows) and decodes them to
+    float32; ``subset`` is a view (row indices, nothing read); ``labels`` is held in memory.
+    """
+
+    def __init__(
+        self,
+        where: str,
+        meta: DatasetMeta,
+        storage: Mapping[str, Storage],
+        handles: _Handles,
+        labels: torch.Tensor,
+        rows: np.ndarray | None,
+        options: OnDiskOptions,
+    ) -> None:
+        self.where, self.meta, self.storage, self.handles = where, meta, dict(storage), handles
+        self.rows, self.options = rows, options
+        self.labels = labels if rows is None else labels[torch.from_numpy(rows)]
+        self._all_labels = labels
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __repr__(self) -> str:
+        return f"DiskSplit({self.where!r}, {len(self)} samples)"
+
+    def _positions(self, index: torch.Tensor | slice | np.ndarray) -> np.ndarray:
+        n = len(self)
+        if isinstance(index, slice):
+            pos = np.arange(*index.indices(n), dtype=np.int64)
+        else:
+            t = torch.as_tensor(index)
+            if t.dtype == torch.bool:
+                if t.shape != (n,):
+                    raise DataError(f"{self.where}: boolean index of shape {tuple(t.shape)} for {n} samples")
+                t = t.nonzero().squeeze(1)
+            pos = t.reshape(-1).to(torch.int64).numpy()
+            if pos.size and (pos.min() < -n or pos.max() >= n):
+                raise DataError(f"{self.where}: index out of range for {n} samples")
+            pos = np.where(pos < 0, pos + n, pos)
+        return pos if self.rows is None else self.rows[pos]
+
+    def take(self, index: torch.Tensor | slice) -> tuple[Batch, torch.Tensor]:
+        pos = self._positions(index)
+        labels = self._all_labels[torch.from_numpy(pos)]
+        if pos.size > 1 and not bool((np.diff(pos) > 0).all()):
+            rows, inverse = np.unique(pos, return_inverse=True)
+        else:
+            rows, inverse = pos, None
+        inputs = {}
+        for m in self.meta.modality_names:
+            x = _read_rows(self.handles.fd(m), self.handles.files[m], rows)
+            if inverse is not None:
+                x = x[inverse]
+            inputs[m] = self.storage[m].decode(x)
+        return inputs, labels
+
+    def subset(self, index: torch.Tensor | slice) -> DiskSplit:
+        return DiskSplit(self.where, self.meta, self.storage, self.handles, self._all_labels,
+                         self._positions(index), self.options)  # fmt: skip
+
+    @property  # type: ignore[override]
+    def inputs(self) -> Batch:
+        """The whole split decoded in memory: refused above ``max_inputs_gb`` (use batches instead)."""
+        need = len(self) * sum(4 * int(np.prod(s.shape)) for s in self.meta.modalities)
+        limit = int(self.options.max_inputs_gb * 2**30)
+        if need > limit:
+            raise DataError(
+                f"{self.where}: this code path needs the whole split in memory ({need / 2**30:.1f} GiB decoded, over "
+                f"max_inputs_gb={self.options.max_inputs_gb:g}); raise --data-opt max_inputs_gb or use fewer samples"
+            )
+        return self.take(slice(None))[0]
+
+    @inputs.setter
+    def inputs(self, value: Batch) -> None:
+        raise DataError(f"{self.where}: an on-disk split is read-only")
+
+    def stream(self, batches: list[torch.Tensor]) -> Iterator[tuple[Batch, torch.Tensor]]:
+        """Read ``batches`` (lists of positions) in order; through a DataLoader when workers > 0 or pinning."""
+        o = self.options
+        workers = min(o.workers, len(batches))
+        pin = o.pin_memory and torch.cuda.is_available()
+        if workers == 0 and not pin:
+            for idx in batches:
+                yield self.take(idx)
+            return
+        loader = torch.utils.data.DataLoader(
+            _BatchReader(self), batch_size=None, sampler=batches, num_workers=workers, pin_memory=pin,
+            prefetch_factor=o.prefetch_factor if workers else None, worker_init_fn=_worker_init if workers else None,
+        )  # fmt: skip
+        yield from loader
+
+
+def open_ondisk(path: str | Path, seed: int = 0, **options: Any) -> DataBundle:
+    """Open a complete on-disk dataset folder; checks meta.json and every array header, reads no inputs."""
+    from mmrobust.options import build_options
+
+    opts = build_options(OnDiskOptions, options, "data option")
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    d = _read_meta(root)
+    if d["complete"] is not True:
+        raise DataError(f"{root}: dataset is incomplete (interrupted write); rerun the import/convert to resume")
+    meta, storage, sizes = _parse(root, d)
+    digests = d.get("sha256")
+    if not isinstance(digests, dict) or set(digests) != set(SPLITS):
+        raise DataError(f"{root / 'meta.json'}: missing or malformed 'sha256' digests")
+    splits = {}
+    for split in SPLITS:
+        files = {
+            name: _array_file(root / split / f"{name}.npy", *_expected(meta, storage, sizes[split], name))
+            for name in _array_names(meta)
+        }
+        handles = _Handles(files)
+        label = _read_rows(handles.fd("label"), files["label"], np.arange(sizes[split]))
+        splits[split] = DiskSplit(f"{root}/{split}", meta, storage, handles, torch.from_numpy(label), None, opts)
+    return DataBundle(meta, splits["train"], splits["val"], splits["test"], source={"format": FORMAT})
+
+
+def ondisk_fingerprint(path: str | Path) -> str:
+    """sha256 over meta.json (which holds every array's sha256, computed at write time) and file sizes."""
+    root = Path(path)
+    d = _read_meta(root)
+    h = hashlib.sha256(json.dumps(d, sort_keys=True).encode())
+    for split in SPLITS:
+        for name in sorted(d["storage"]) + ["label"]:
+            f = root / split / f"{name}.npy"
+            h.update(f"{split}/{name}/{f.stat().st_size};".encode())
+    return h.hexdigest()
+
+
+# -- conversion ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert` wrote: the folder, split sizes, storage, bytes on disk and the largest
+    decode error per modality (0 for float32 storage; uint8 quantisation otherwise)."""
+
+    path: Path
+    sizes: dict[str, int]
+    storage: dict[str, Storage]
+    bytes: int
+    max_abs_error: dict[str, float]
+    resumed_rows: int
+    seconds: float
+
+
+def uint8_storage(valid_range: tuple[float, float]) -> Storage:
+    """uint8 storage spanning ``valid_range`` (model-input space) in 255 steps: 0 -> low, 255 -> high."""
+    lo, hi = valid_range
+    return Storage("uint8", scale=(hi - lo) / 255.0, mean=-lo, std=1.0)
+
+
+def _encode(x: torch.Tensor, st: Storage) -> np.ndarray:
+    """float32 model inputs -> stored rows (the inverse of :meth:`Storage.decode`, rounded for uint8)."""
+    a = x.detach().cpu().numpy().astype(np.float32, copy=False)
+    if st.dtype == "uint8":
+        q = np.rint((a.astype(np.float64) * st.std + st.mean) / st.scale)
+        return np.clip(q, 0, 255).astype(np.uint8)
+    if st.identity:
+        return np.ascontiguousarray(a)
+    return ((a.astype(np.float64) * st.std + st.mean) / st.scale).astype(st.dtype)
+
+
+def _partial_path(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}.partial"
+
+
+def convert(
+    bundle: DataBundle,
+    dst: str | Path,
+    *,
+    uint8: Sequence[str] = (),
+    info: Mapping[str, Any] | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> ConvertResult:
+    """Write ``bundle`` as an on-disk dataset at ``dst``, chunk by chunk.
+
+    The folder is written as ``.<dst>.partial`` next to ``dst`` and renamed at the end, so ``dst``
+    is either absent or complete; an interrupted conversion resumes from the partial folder (rows
+    already written are kept). ``uint8`` names modalities stored as bytes over their valid range.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise DataError(f"{dst}: already exists; pass --force to replace it")
+    meta = bundle.meta
+    for m in uint8:
+        spec = meta.spec(m)
+        if spec.valid_range is None:
+            raise DataError(
+                f"--uint8 {m}: modality '{m}' has no valid range to quantise over; declare one "
+                "(meta.json valid_ranges) or store it as float32"
+            )
+    storage = {m.name: uint8_storage(m.valid_range) if m.name in uint8 and m.valid_range else Storage()
+               for m in meta.modalities}  # fmt: skip
+    out_meta = DatasetMeta(meta.name, list(meta.modalities), list(meta.class_names), {**meta.info, **(info or {})})
+    sizes = {s: len(bundle.split(s)) for s in SPLITS}
+    partial = _partial_path(dst)
+    writer = None
+    if partial.exists():
+        try:
+            writer = DiskWriter.reopen(partial)
+            if (writer.meta.to_dict(), writer.sizes, writer.storage) != (out_meta.to_dict(), sizes, storage):
+                writer.close()
+                writer = None  # a different conversion was interrupted here: start again
+        except DataError:
+            writer = None
+        if writer is None:
+            shutil.rmtree(partial)
+    resumed = 0
+    if writer is None:
+        writer = DiskWriter.create(partial, out_meta, sizes, storage)
+    else:
+        resumed = sum(b - a for s in SPLITS for a, b in writer.written[s])
+    errors = dict.fromkeys(meta.modality_names, 0.0)
+    total, done = sum(sizes.values()), resumed
+    row_bytes = sum(4 * int(np.prod(m.shape)) for m in meta.modalities)
+    step = _rows_per_chunk(row_bytes)
+    for split in SPLITS:
+        source = bundle.split(split)
+        for a0, b0 in writer.missing(split):
+            for a in range(a0, b0, step):
+                b = min(b0, a + step)
+                x, y = source.take(slice(a, b))
+                enc = {m: _encode(x[m], storage[m]) for m in meta.modality_names}
+                for m in meta.modality_names:
+                    if not storage[m].identity:
+                        err = (storage[m].decode(enc[m]) - x[m]).abs().max()
+                        errors[m] = max(errors[m], float(err))
+                writer.write(split, a, enc, y.numpy())
+                done += b - a
+                if progress is not None:
+                    progress("convert", done, total)
+    writer.finish(progress)
+    if dst.exists():  # --force: the old folder goes only once the new one is complete
+        old = dst.parent / f".{dst.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(partial, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, dst)
+    nbytes = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+    return ConvertResult(dst, sizes, storage, nbytes, errors, resumed, time.perf_counter() - t0)
