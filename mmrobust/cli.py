@@ -293,15 +293,14 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_data_import_av(args: argparse.Namespace) -> int:
-    from mmrobust.data.importav import import_av, parse_options, plan_import
+    from mmrobust.data.importav import import_av, parse_options
     from mmrobust.report.console import out, progress_callback
 
     names = ("frames", "size", "spectrogram", "n_mels", "n_fft", "hop", "sample_rate", "seconds", "spec_dtype",
              "frame_mean", "frame_std", "val", "test", "split_seed", "csv", "classes", "name")  # fmt: skip
     opts = parse_options({k: getattr(args, k) for k in names} | {"skip_bad": args.skip_bad})
-    plan = plan_import(args.src, opts)  # every clip checked before anything is written
     with progress_callback(not args.no_progress) as progress:
-        r = import_av(args.src, args.dst, opts, force=args.force, progress=progress, plan=plan)
+        r = import_av(args.src, args.dst, opts, force=args.force, progress=progress)
     for clip_id, reason in r.skipped[:10]:
         out.print(f"skipped {clip_id}: {reason}", markup=False)
     more = " (first 10 listed)" if len(r.skipped) > 10 else ""
@@ -315,7 +314,7 @@ def cmd_data_import_av(args: argparse.Namespace) -> int:
 def _add_import_av(data_sub: argparse._SubParsersAction) -> None:
     p = data_sub.add_parser("import-av", help="import a folder of clips (frames + WAV) into the on-disk format")
     p.add_argument("src", help="SRC/<class>/<clip_id>/ folders, or the clip folders SRC/<clip_id>/ of --csv")
-    p.add_argument("dst", help="dataset folder to write (an interrupted import there is resumed)")
+    p.add_argument("dst", help="dataset folder to write (rerunning an interrupted import resumes it)")
     p.add_argument("--csv", help="CSV with a header clip_id,label[,split]; clip folders are SRC/<clip_id>/")
     p.add_argument("--classes", help="comma list fixing the class order; other labels are refused")
     p.add_argument("--frames", type=int, help="frames per clip, sampled evenly (default 3)")
@@ -334,7 +333,7 @@ def _add_import_av(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-seed", type=int, help="seed of the stratified split (default 0)")
     p.add_argument("--name", help="dataset name (default: SRC's folder name)")
     p.add_argument("--skip-bad", action="store_true", help="skip clips that fail the checks instead of stopping")
-    p.add_argument("--force", action="store_true", help="replace an existing dataset (or interrupted import) at DST")
+    p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_import_av)
 

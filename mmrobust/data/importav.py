@@ -16,8 +16,9 @@ on up to :data:`STATS_CLIPS` training clips.
 
 Every clip is checked (files present, enough frames, image and WAV headers readable) before
 anything is written; bad clips are fatal unless ``skip_bad``. Rows are written in chunks through
-:class:`~mmrobust.data.ondisk.DiskWriter`, which records them, so an interrupted import resumes
-where it stopped and gives the same bytes as an uninterrupted one.
+:class:`~mmrobust.data.ondisk.DiskWriter` into ``.<DST>.partial``, renamed to DST once complete;
+the writer records the rows on disk, so an interrupted import resumes where it stopped and gives
+the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,7 +40,7 @@ import numpy as np
 from mmrobust.data import audio
 from mmrobust.data.avdigits import _stratified_split
 from mmrobust.data.base import DatasetMeta, ModalitySpec
-from mmrobust.data.ondisk import SPLITS, DiskWriter, Storage, is_ondisk, remove_tree
+from mmrobust.data.ondisk import SPLITS, DiskWriter, Storage
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.options import check_range
 
@@ -445,31 +448,38 @@ def build_meta(plan: ImportPlan, audio_mean: float, audio_std: float) -> tuple[D
     return DatasetMeta(name, specs, plan.class_names, info), storage
 
 
-def _open_writer(plan: ImportPlan, dst: Path, force: bool) -> tuple[DiskWriter, int]:
-    """A writer for ``dst``: resumed when it holds an interrupted import of the same plan."""
-    if dst.exists() and not dst.is_dir():
-        raise DataError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()):
-        if not is_ondisk(dst):
-            raise DataError(f"{dst}: folder exists and is not an mmrobust dataset; choose another DST")
-        meta = json.loads((dst / "meta.json").read_text())
-        if force:
-            remove_tree(dst)
-        elif meta.get("complete"):
-            raise DataError(f"{dst}: already holds a complete dataset; pass --force to replace it")
-        else:
-            info = meta.get("info") or {}
-            if info.get("plan_sha256") != plan.fingerprint():
-                raise DataError(
-                    f"{dst}: holds an interrupted import of other clips or options; rerun with the same "
-                    "ones to resume, or pass --force to start over"
-                )
-            writer = DiskWriter.reopen(dst)
-            done = sum(plan.sizes[s] - sum(b - a for a, b in writer.missing(s)) for s in SPLITS)
-            return writer, done
-    fb = _filterbank(plan.options)
-    meta_, storage = build_meta(plan, *_audio_stats(plan, fb))
-    return DiskWriter.create(dst, meta_, plan.sizes, storage), 0
+def partial_path(dst: Path) -> Path:
+    """Where an import (like ``data convert``) writes until it is complete: ``.<name>.partial`` beside DST."""
+    return dst.parent / f".{dst.name}.partial"
+
+
+def _open_writer(plan: ImportPlan, partial: Path) -> tuple[DiskWriter, int]:
+    """A writer for the partial folder: resumed when it holds an interrupted import of the same plan."""
+    if partial.exists():
+        writer: DiskWriter | None
+        try:
+            writer = DiskWriter.reopen(partial)
+        except DataError:
+            writer = None  # unreadable: start again
+        if writer is not None and writer.meta.info.get("plan_sha256") == plan.fingerprint():
+            return writer, sum(plan.sizes[s] - sum(b - a for a, b in writer.missing(s)) for s in SPLITS)
+        if writer is not None:
+            writer.close()  # other clips or options were being imported here: start again
+        shutil.rmtree(partial)
+    meta, storage = build_meta(plan, *_audio_stats(plan, _filterbank(plan.options)))
+    return DiskWriter.create(partial, meta, plan.sizes, storage), 0
+
+
+def _publish(partial: Path, dst: Path) -> None:
+    """Move the complete partial folder to DST; an existing DST (``force``) goes only now."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(partial, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, dst)
 
 
 def import_av(
@@ -480,40 +490,54 @@ def import_av(
     force: bool = False,
     progress: ProgressFn | None = None,
     chunk: int = 16,
-    plan: ImportPlan | None = None,
 ) -> ImportResult:
-    """Import the clips of ``src`` into the on-disk dataset ``dst`` (resuming an interrupted import)."""
+    """Import the clips of ``src`` into the on-disk dataset ``dst``.
+
+    The dataset is written to :func:`partial_path` and renamed to ``dst`` once complete, so ``dst``
+    is absent or complete; rerunning an interrupted import resumes it (rows already written are kept)
+    when the clips and options are the same, and starts again otherwise. ``force`` replaces an
+    existing ``dst`` once the new dataset is complete.
+    """
     if chunk < 1:
         raise ConfigError(f"chunk must be >= 1, got {chunk}")
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
+    if dst.exists() and not force:
+        raise DataError(f"{dst}: already exists; pass --force to replace it")
     if dst.resolve().is_relative_to(src.resolve()):
         raise ConfigError(f"DST {dst} lies inside SRC {src}; choose a folder outside it")
-    plan = plan if plan is not None else plan_import(src, opts)
-    writer, resumed = _open_writer(plan, dst, force)
+    plan = plan_import(src, opts)
+    partial = partial_path(dst)
+    writer, resumed = _open_writer(plan, partial)
     fb = _filterbank(opts)
     total, done, written = sum(plan.sizes.values()), resumed, 0
-    if progress is not None:
-        progress("import", done, total)
-    for split in SPLITS:
-        rows = plan.rows[split]
-        for a, b in writer.missing(split):
-            for start in range(a, b, chunk):
-                part = rows[start : min(b, start + chunk)]
-                try:
-                    loaded = [load_clip(c, f, opts, fb) for c, f in part]
-                except DataError as exc:
-                    raise DataError(f"{exc}; {dst} stays incomplete: fix the clip and rerun to resume") from None
-                writer.write(
-                    split,
-                    start,
-                    {VIDEO: np.stack([v for v, _ in loaded]), AUDIO: np.stack([s for _, s in loaded])},
-                    np.array([c.label for c, _ in part], dtype=np.int64),
-                )
-                done, written = done + len(part), written + len(part)
-                if progress is not None:
-                    progress("import", done, total)
-    writer.finish(progress)
+    try:
+        if progress is not None:
+            progress("import", done, total)
+        for split in SPLITS:
+            rows = plan.rows[split]
+            for a, b in writer.missing(split):
+                for start in range(a, b, chunk):
+                    part = rows[start : min(b, start + chunk)]
+                    try:
+                        loaded = [load_clip(c, f, opts, fb) for c, f in part]
+                    except DataError as exc:
+                        raise DataError(
+                            f"{exc}; the rows written so far are kept in {partial}: fix the clip and rerun to resume"
+                        ) from None
+                    writer.write(
+                        split,
+                        start,
+                        {VIDEO: np.stack([v for v, _ in loaded]), AUDIO: np.stack([s for _, s in loaded])},
+                        np.array([c.label for c, _ in part], dtype=np.int64),
+                    )
+                    done, written = done + len(part), written + len(part)
+                    if progress is not None:
+                        progress("import", done, total)
+        writer.finish(progress)
+    finally:
+        writer.close()
+    _publish(partial, dst)
     return ImportResult(dst, plan.sizes, plan.class_names, plan.skipped, resumed, written, time.perf_counter() - t0)
 
 
