@@ -335,7 +335,7 @@ def _add_import_av(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip clips that fail the checks instead of stopping")
     p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_data_import_av)
+    p.set_defaults(func=cmd_data_import_av, interrupt_hint="; rerun the same command to continue")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -519,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     except KeyboardInterrupt:
         hint = "; continue with the same command plus --resume" if getattr(args, "resume", None) is not None else ""
+        hint = getattr(args, "interrupt_hint", hint)
         print(f"mmrobust: interrupted{hint}", file=sys.stderr)
         return 130
 

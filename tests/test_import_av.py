@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mmrobust.cli import main
-from mmrobust.data import audio
+from mmrobust.data import DataConfig, audio, load_data
 from mmrobust.data.importav import (
     Clip,
     ImportOptions,
@@ -20,6 +20,7 @@ from mmrobust.data.importav import (
     import_av,
     load_clip,
     load_frame,
+    partial_path,
     plan_import,
 )
 from mmrobust.errors import ConfigError, DataError
@@ -313,3 +314,112 @@ def test_bad_folders(tmp_path):
         plan_import(src, ImportOptions(**SMALL, val=0.1, test=0.1))
     with pytest.raises(DataError, match=r"class folder\(s\) \['class1'\] not in --classes"):
         plan_import(src, ImportOptions(**SMALL, classes="class0,other"))
+
+
+# -- resume --------------------------------------------------------------------------------------
+
+
+class _Interrupt:
+    """A progress callback that presses Ctrl-C once ``after`` clips are imported."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if what == "import" and done >= self.after:
+            raise KeyboardInterrupt
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_interrupted_import_resumes_to_the_same_bytes(clips, tmp_path):
+    opts = ImportOptions(**SMALL, val=0.2, test=0.2)
+    import_av(clips, tmp_path / "whole", opts, chunk=2)
+    dst = tmp_path / "ds"
+    with pytest.raises(KeyboardInterrupt):
+        import_av(clips, dst, opts, chunk=2, progress=_Interrupt(4))
+    partial = partial_path(dst)
+    assert not dst.exists() and json.loads((partial / "meta.json").read_text())["complete"] is False
+    with pytest.raises(DataError, match="incomplete"):
+        load_data(DataConfig(str(partial)))
+    r = import_av(clips, dst, opts, chunk=2)
+    assert (r.resumed_rows, r.written_rows) == (4, 11)  # only the missing rows are decoded again
+    assert not partial.exists()
+    assert _files(dst) == _files(tmp_path / "whole")
+    # a partial import of other options is not resumed: it starts again
+    with pytest.raises(KeyboardInterrupt):
+        import_av(clips, tmp_path / "b", opts, chunk=2, progress=_Interrupt(4))
+    r = import_av(clips, tmp_path / "b", ImportOptions(**{**SMALL, "size": 8}, val=0.2, test=0.2), chunk=2)
+    assert (
+        r.resumed_rows == 0
+        and json.loads((tmp_path / "b" / "meta.json").read_text())["modalities"][1]["shape"][-1] == 8
+    )
+
+
+def test_a_clip_that_fails_to_decode_leaves_no_complete_dataset(tmp_path):
+    src = make_clips(tmp_path / "src", per_class=3)
+    png = src / "class2" / "c2_2" / "frame2.png"
+    png.write_bytes(png.read_bytes()[:60])  # the header reads, the pixels do not
+    dst = tmp_path / "ds"
+    with pytest.raises(DataError, match=r"clip 'c2_2': .*frame2\.png: unreadable image .*fix the clip and rerun"):
+        import_av(src, dst, ImportOptions(**SMALL, val=0.34, test=0.34))
+    assert not dst.exists()
+    with pytest.raises(DataError, match="incomplete"):
+        load_data(DataConfig(str(partial_path(dst))))
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys, argv: list[str], needle: str) -> None:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmrobust: error: "), err
+    assert needle in err[0], err[0]
+
+
+def test_cli_errors_exit_2_on_one_line(clips, tmp_path, capsys):
+    imp = ["data", "import-av", str(clips), str(tmp_path / "ds"), "--no-progress"]
+    _one_line_error(capsys, [*imp, "--size", "0"], "option '--size' must be in [1, 4096], got 0")
+    _one_line_error(capsys, [*imp, "--frames", "-2"], "option '--frames' must be in [1, 256], got -2")
+    _one_line_error(capsys, [*imp, "--seconds", "0"], "option '--seconds' must be in (0, 3600], got 0")
+    _one_line_error(capsys, [*imp, "--frames", "4"], "clip 'c0_0': 3 frame(s)")
+    _one_line_error(capsys, [*imp, "--val", "0.6", "--test", "0.5"], "--val + --test must be < 1")
+    _one_line_error(
+        capsys, ["data", "import-av", str(tmp_path / "none"), str(tmp_path / "ds")], "source folder not found"
+    )
+    _one_line_error(capsys, [*imp, "--spectrogram", "mfcc"], "argument --spectrogram: invalid choice")
+    _one_line_error(capsys, ["data", "import-av", str(clips), str(clips / "ds")], "lies inside SRC")
+    assert not (tmp_path / "ds").exists() and not partial_path(tmp_path / "ds").exists()
+    (tmp_path / "ds").mkdir()
+    _one_line_error(capsys, imp, "already exists; pass --force")
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_import_train_attack_certify(tmp_path, capsys):
+    """A clip folder -> on-disk dataset -> JT run -> paper attack suite -> certificate, all through the CLI."""
+    src = make_clips(tmp_path / "src", per_class=6)
+    ds, run = tmp_path / "ds", tmp_path / "run"
+    argv = ["data", "import-av", str(src), str(ds), "--frames", "2", "--size", "16", "--n-mels", "32", "--n-fft",
+            "256", "--hop", "128", "--seconds", "0.25", "--val", "0.17", "--test", "0.17", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "imported 18 clips of 3 classes (train 12, val 3, test 3; 0 skipped)" in capsys.readouterr().out
+    assert main(["train", "--data", str(ds), "--method", "jt", "--epochs", "2", "--batch-size", "4",
+                 "--feature-dim", "16", "--no-progress", "--out", str(run)]) == 0  # fmt: skip
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 2 / 3, metrics  # colours and tones are easy: chance is 1/3
+    assert main(["evaluate", str(run), "--suite", "paper", "--steps", "2", "--no-progress"]) == 0
+    rows = json.loads((run / "eval.json").read_text())["results"]
+    assert {tuple(r["modalities"]) for r in rows if r["attack"] == "pgd-l2"} == {
+        ("audio", "video"),
+        ("audio",),
+        ("video",),
+    }
+    assert main(["certify", str(run), "--lipschitz-samples", "8"]) == 0
+    assert (run / "certify.json").is_file()

@@ -203,7 +203,8 @@ def scan_class_folders(src: Path, opts: ImportOptions) -> tuple[list[Clip], list
             raise DataError(f"{src}: class folder(s) {unknown} not in --classes {given}")
     if len(names) < 2:
         raise DataError(f"{src}: found {len(names)} class folder ({names[0]}); need at least 2 classes")
-    clips, seen = [], {}
+    clips: list[Clip] = []
+    seen: dict[str, str] = {}
     for label, name in enumerate(names):
         cdir = src / name
         if not cdir.is_dir():
@@ -381,8 +382,9 @@ def plan_import(src: str | Path, opts: ImportOptions) -> ImportPlan:
     if empty:
         raise DataError(f"{src}: class(es) {empty} have no usable clips")
     given = [c.split for c, _ in good]
+    split_of: list[str]
     if any(s is not None for s in given):
-        split_of = [s for s in given]
+        split_of = [str(s) for s in given]  # the CSV gives every clip's split
     else:
         labels = np.array([c.label for c, _ in good])
         # one stratified assignment in a fixed clip order: the same seed gives the same splits
@@ -393,7 +395,7 @@ def plan_import(src: str | Path, opts: ImportOptions) -> ImportPlan:
                 split_of[int(i)] = split
     rows: dict[str, list[tuple[Clip, ClipFiles]]] = {s: [] for s in SPLITS}
     for (clip, files), split in zip(good, split_of, strict=True):
-        rows[str(split)].append((clip, files))
+        rows[split].append((clip, files))
     for s in SPLITS:
         rows[s].sort(key=lambda cf: (cf[0].label, cf[0].clip_id))
         if not rows[s]:
