@@ -6,6 +6,7 @@ label tensor. Nothing here assumes two modalities.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -176,6 +177,17 @@ def validate_split(meta: DatasetMeta, split: Split, where: str, check_finite: bo
         if check_finite and not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
             raise DataError(f"{where}: '{spec.name}' contains NaN or inf values in {bad} sample(s)")
+
+
+#: code that needs many samples at once (AutoAttack's per-set protocol, smoothing) takes them in
+#: chunks of at most this many bytes of float32 inputs, so on-disk splits are never loaded whole
+CHUNK_BYTES = 256 << 20
+
+
+def chunk_rows(meta: DatasetMeta, budget_bytes: int = CHUNK_BYTES) -> int:
+    """How many samples' float32 inputs fit in ``budget_bytes`` (at least 1)."""
+    per_sample = sum(4 * math.prod(m.shape) for m in meta.modalities)
+    return max(1, budget_bytes // max(1, per_sample))
 
 
 def validate_batch(meta: DatasetMeta, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor | None = None) -> None:

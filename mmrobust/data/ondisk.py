@@ -94,7 +94,8 @@ class Storage:
 
 
 def is_ondisk(path: str | Path) -> bool:
-    """True when ``path`` is a folder whose meta.json declares this format (complete or not)."""
+    """True when ``path`` is a folder whose meta.json declares a format (this one, complete or not, or
+    another one that :func:`open_ondisk` then refuses by name)."""
     meta = Path(path) / "meta.json"
     if not meta.is_file():
         return False
@@ -102,7 +103,7 @@ def is_ondisk(path: str | Path) -> bool:
         d = json.loads(meta.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return False
-    return isinstance(d, dict) and d.get("format") == FORMAT
+    return isinstance(d, dict) and "format" in d  # an npz folder's meta.json has no format key
 
 
 def _rows_per_chunk(row_bytes: int) -> int:
@@ -203,7 +204,7 @@ def _read_rows(fd: int, f: _ArrayFile, rows: np.ndarray) -> np.ndarray:
     out = np.empty((len(rows), *f.row_shape), dtype=f.dtype)
     if len(rows) == 0:
         return out
-    flat = memoryview(out.reshape(-1).view(np.uint8))
+    flat = out.reshape(-1).view(np.uint8).data
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(rows)]])
@@ -213,7 +214,7 @@ def _read_rows(fd: int, f: _ArrayFile, rows: np.ndarray) -> np.ndarray:
 
 
 def _write_rows(fd: int, f: _ArrayFile, start: int, x: np.ndarray) -> None:
-    data = memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+    data = np.ascontiguousarray(x).reshape(-1).view(np.uint8).data
     offset = f.offset + start * f.row_bytes
     while len(data):
         n = os.pwrite(fd, data, offset)
@@ -427,7 +428,7 @@ def _digest_and_check(fd: int, f: _ArrayFile, name: str, num_classes: int) -> st
     """sha256 of the whole .npy file (header + rows, read in chunks) and a finiteness/label check."""
     h = hashlib.sha256()
     head = np.empty(f.offset, dtype=np.uint8)
-    _pread_into(fd, memoryview(head), 0, f.path)
+    _pread_into(fd, head.data, 0, f.path)
     h.update(head.data)
     step = _rows_per_chunk(f.row_bytes)
     for a in range(0, f.rows, step):
@@ -509,17 +510,22 @@ class _Handles:
 
 
 class _BatchReader(torch.utils.data.Dataset):
-    """Dataset whose items are whole batches: ``reader[index_tensor] -> (inputs, labels)``."""
+    """Dataset whose items are whole batches, as stored: ``reader[index_tensor] -> (stored, labels)``.
+
+    Workers send the stored bytes (a uint8 image is a quarter of its float32 form); the main
+    process decodes them.
+    """
 
     def __init__(self, split: DiskSplit) -> None:
         self.split = split
 
-    def __getitem__(self, index: torch.Tensor) -> tuple[Batch, torch.Tensor]:  # type: ignore[override]
-        return self.split.take(index)
+    def __getitem__(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        stored, labels = self.split.read_stored(index)
+        return {m: torch.from_numpy(x) for m, x in stored.items()}, labels
 
 
 def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # workers only read and decode; the main process computes
+    torch.set_num_threads(1)  # workers only read; the main process decodes and computes
 
 
 class DiskSplit(Split):
@@ -566,26 +572,33 @@ class DiskSplit(Split):
             pos = np.where(pos < 0, pos + n, pos)
         return pos if self.rows is None else self.rows[pos]
 
-    def take(self, index: torch.Tensor | slice) -> tuple[Batch, torch.Tensor]:
+    def read_stored(self, index: torch.Tensor | slice) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+        """The rows at positions ``index`` as stored (uint8/float16/float32), and their labels."""
         pos = self._positions(index)
         labels = self._all_labels[torch.from_numpy(pos)]
         if pos.size > 1 and not bool((np.diff(pos) > 0).all()):
             rows, inverse = np.unique(pos, return_inverse=True)
         else:
             rows, inverse = pos, None
-        inputs = {}
+        stored = {}
         for m in self.meta.modality_names:
             x = _read_rows(self.handles.fd(m), self.handles.files[m], rows)
-            if inverse is not None:
-                x = x[inverse]
-            inputs[m] = self.storage[m].decode(x)
-        return inputs, labels
+            stored[m] = x if inverse is None else x[inverse]
+        return stored, labels
+
+    def decode(self, stored: Mapping[str, np.ndarray | torch.Tensor]) -> Batch:
+        """Stored rows -> float32 model inputs."""
+        return {m: self.storage[m].decode(np.asarray(x)) for m, x in stored.items()}
+
+    def take(self, index: torch.Tensor | slice) -> tuple[Batch, torch.Tensor]:
+        stored, labels = self.read_stored(index)
+        return self.decode(stored), labels
 
     def subset(self, index: torch.Tensor | slice) -> DiskSplit:
         return DiskSplit(self.where, self.meta, self.storage, self.handles, self._all_labels,
                          self._positions(index), self.options)  # fmt: skip
 
-    @property  # type: ignore[override]
+    @property
     def inputs(self) -> Batch:
         """The whole split decoded in memory: refused above ``max_inputs_gb`` (use batches instead)."""
         need = len(self) * sum(4 * int(np.prod(s.shape)) for s in self.meta.modalities)
@@ -611,10 +624,15 @@ class DiskSplit(Split):
                 yield self.take(idx)
             return
         loader = torch.utils.data.DataLoader(
-            _BatchReader(self), batch_size=None, sampler=batches, num_workers=workers, pin_memory=pin,
+            _BatchReader(self), batch_size=None, sampler=batches, num_workers=workers,
             prefetch_factor=o.prefetch_factor if workers else None, worker_init_fn=_worker_init if workers else None,
         )  # fmt: skip
-        yield from loader
+        for stored, labels in loader:
+            inputs = {m: x.numpy() for m, x in stored.items()}
+            batch = self.decode(inputs)
+            if pin:
+                batch, labels = {m: x.pin_memory() for m, x in batch.items()}, labels.pin_memory()
+            yield batch, labels
 
 
 def open_ondisk(path: str | Path, seed: int = 0, **options: Any) -> DataBundle:
