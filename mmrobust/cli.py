@@ -297,7 +297,7 @@ def cmd_data_import_av(args: argparse.Namespace) -> int:
     from mmrobust.report.console import out, progress_callback
 
     names = ("frames", "size", "spectrogram", "n_mels", "n_fft", "hop", "sample_rate", "seconds", "spec_dtype",
-             "frame_mean", "frame_std", "val", "test", "split_seed", "csv", "classes", "name")  # fmt: skip
+             "frame_mean", "frame_std", "val", "test", "split_seed", "csv", "classes", "name", "workers")  # fmt: skip
     opts = parse_options({k: getattr(args, k) for k in names} | {"skip_bad": args.skip_bad})
     with progress_callback(not args.no_progress) as progress:
         r = import_av(args.src, args.dst, opts, force=args.force, progress=progress)
@@ -333,6 +333,7 @@ def _add_import_av(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-seed", type=int, help="seed of the stratified split (default 0)")
     p.add_argument("--name", help="dataset name (default: SRC's folder name)")
     p.add_argument("--skip-bad", action="store_true", help="skip clips that fail the checks instead of stopping")
+    p.add_argument("--workers", type=int, help="threads decoding clips (default 0: none); same bytes either way")
     p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_import_av, interrupt_hint="; rerun the same command to continue")

@@ -31,6 +31,7 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,6 +77,7 @@ class ImportOptions:
     csv: str | None = None  # CSV of clip_id,label[,split]; clip folders are SRC/<clip_id>/
     classes: str | None = None  # comma list: fixes the class order and refuses other labels
     skip_bad: bool = False  # skip clips that fail the checks (counted) instead of stopping
+    workers: int = 0  # threads decoding clips (0: in the calling thread); the bytes do not depend on it
     name: str | None = None  # dataset name (default: SRC's folder name)
 
     def __post_init__(self) -> None:
@@ -87,6 +89,7 @@ class ImportOptions:
         check_range(self.sample_rate, 1000, 384000, "--sample-rate")
         check_range(self.seconds, 0, 3600, "--seconds", low_open=True)
         check_range(self.frame_std, 0, None, "--frame-std", low_open=True)
+        check_range(self.workers, 0, 256, "--workers")
         check_range(self.val, 0, 1, "--val")
         check_range(self.test, 0, 1, "--test")
         if self.val + self.test >= 1:
@@ -118,7 +121,7 @@ class ImportOptions:
     def processing(self) -> dict[str, Any]:
         """The options that decide the stored bytes (recorded in meta.json, checked on resume)."""
         d = asdict(self)
-        del d["skip_bad"]
+        del d["skip_bad"], d["workers"]
         return d
 
 
@@ -513,6 +516,8 @@ def import_av(
     writer, resumed = _open_writer(plan, partial)
     fb = _filterbank(opts)
     total, done, written = sum(plan.sizes.values()), resumed, 0
+    # Pillow, numpy's FFT and torch.stft release the GIL: threads decode clips in parallel, in order
+    pool = ThreadPoolExecutor(opts.workers) if opts.workers > 0 else None
     try:
         if progress is not None:
             progress("import", done, total)
@@ -522,7 +527,10 @@ def import_av(
                 for start in range(a, b, chunk):
                     part = rows[start : min(b, start + chunk)]
                     try:
-                        loaded = [load_clip(c, f, opts, fb) for c, f in part]
+                        if pool is not None:
+                            loaded = list(pool.map(lambda cf: load_clip(cf[0], cf[1], opts, fb), part))
+                        else:
+                            loaded = [load_clip(c, f, opts, fb) for c, f in part]
                     except DataError as exc:
                         raise DataError(
                             f"{exc}; the rows written so far are kept in {partial}: fix the clip and rerun to resume"
@@ -539,6 +547,8 @@ def import_av(
         writer.finish(progress)
     finally:
         writer.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     _publish(partial, dst)
     return ImportResult(dst, plan.sizes, plan.class_names, plan.skipped, resumed, written, time.perf_counter() - t0)
 
