@@ -424,3 +424,25 @@ def test_cli_end_to_end_import_train_attack_certify(tmp_path, capsys):
     }
     assert main(["certify", str(run), "--lipschitz-samples", "8"]) == 0
     assert (run / "certify.json").is_file()
+
+
+def test_cli_ctrl_c_then_the_same_command_continues(clips, tmp_path, capsys, monkeypatch):
+    import mmrobust.data.importav as importav
+
+    real, calls = importav.load_clip, []
+
+    def load_clip(*args):
+        calls.append(1)
+        if len(calls) == 10:  # the train split (9 clips, one chunk) is on disk; val is being decoded
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(importav, "load_clip", load_clip)
+    argv = ["data", "import-av", str(clips), str(tmp_path / "ds"), "--val", "0.2", "--test", "0.2", "--no-progress"]
+    argv += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip() == "mmrobust: interrupted; rerun the same command to continue"
+    assert not (tmp_path / "ds").exists()
+    assert main(argv) == 0
+    assert "imported 15 clips" in (out := capsys.readouterr().out) and "resumed after 9 clips already written" in out
+    assert len(calls) == 10 + 6
