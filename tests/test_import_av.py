@@ -218,6 +218,22 @@ def test_import_labels_and_stratified_seeded_splits(clips, tmp_path):
     assert sorted(sum(ids.values(), [])) == sorted(f"c{k}_{j}" for k in range(3) for j in range(5))
 
 
+def test_wav_beside_the_frame_folder_gives_the_same_dataset(clips, tmp_path):
+    import shutil
+
+    moved = tmp_path / "src"
+    shutil.copytree(clips, moved)
+    for wav in sorted(moved.glob("*/*/audio.wav")):
+        wav.rename(wav.parent.parent / f"{wav.parent.name}.wav")  # SRC/<class>/<clip_id>.wav + SRC/<class>/<clip_id>/
+    opts = ImportOptions(**SMALL, val=0.2, test=0.2, name="clips")
+    import_av(clips, tmp_path / "a", opts)
+    import_av(moved, tmp_path / "b", opts)
+    for split in ("train", "val", "test"):
+        for name in ("audio", "video", "label"):
+            f = f"{split}/{name}.npy"
+            assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
 def test_csv_layout_with_split_column_and_label_checks(tmp_path):
     rng = np.random.default_rng(1)
     src = tmp_path / "clips"
@@ -259,6 +275,8 @@ def _break(kind: str, clip: Path) -> None:
         (clip / "audio.wav").unlink()
     elif kind == "two wavs":
         (clip / "b.wav").write_bytes((clip / "audio.wav").read_bytes())
+    elif kind == "wav beside too":
+        (clip.parent / f"{clip.name}.wav").write_bytes((clip / "audio.wav").read_bytes())
     elif kind == "few frames":
         (clip / "frame2.png").unlink()
         (clip / "frame1.png").unlink()
@@ -273,8 +291,9 @@ def _break(kind: str, clip: Path) -> None:
 @pytest.mark.parametrize(
     ("kind", "msg"),
     [
-        ("no wav", r"clip 'c1_2': no \.wav file in"),
-        ("two wavs", r"clip 'c1_2': 2 \.wav files"),
+        ("no wav", r"clip 'c1_2': no \.wav file in .* nor c1_2\.wav beside it"),
+        ("two wavs", r"clip 'c1_2': 2 WAV files \(c1_2/audio\.wav, c1_2/b\.wav\)"),
+        ("wav beside too", r"clip 'c1_2': 2 WAV files \(c1_2/audio\.wav, c1_2\.wav\)"),
         ("few frames", r"clip 'c1_2': 1 frame\(s\) .* --frames needs 2"),
         ("bad image", r"clip 'c1_2': unreadable image .*frame0\.png"),
         ("bad wav", r"clip 'c1_2': .*audio\.wav: (unreadable|not a PCM) WAV"),
@@ -306,6 +325,10 @@ def test_bad_folders(tmp_path):
     with pytest.raises(DataError, match="class1: unexpected file 'notes.txt'"):
         plan_import(src, ImportOptions(**SMALL))
     (src / "class1" / "notes.txt").unlink()
+    (src / "class1" / "lost.wav").write_bytes(b"")
+    with pytest.raises(DataError, match=r"lost\.wav: a WAV without its frame folder lost/"):
+        plan_import(src, ImportOptions(**SMALL))
+    (src / "class1" / "lost.wav").unlink()
     (src / "class2").mkdir()
     with pytest.raises(DataError, match="class 'class2' has no clips"):
         plan_import(src, ImportOptions(**SMALL))

@@ -1,7 +1,8 @@
 """Import a folder of audio-visual clips into the on-disk dataset format (``mmrobust data import-av``).
 
 Two layouts (see docs/data.md); a *clip folder* holds the clip's frames (``*.jpg``, ``*.jpeg``,
-``*.png``, in natural name order) and exactly one ``*.wav``:
+``*.png``, in natural name order) and exactly one ``*.wav``, or the WAV lies beside it as
+``<clip_folder>.wav``:
 
 * class folders: ``SRC/<class>/<clip_id>/`` (class names = folder names, sorted);
 * a CSV: ``--csv FILE`` with a header ``clip_id,label[,split]`` and the clip folders at
@@ -212,11 +213,14 @@ def scan_class_folders(src: Path, opts: ImportOptions) -> tuple[list[Clip], list
         cdir = src / name
         if not cdir.is_dir():
             raise DataError(f"{cdir}: class '{name}' of --classes has no folder")
-        entries = _visible(cdir)
-        stray = [p.name for p in entries if not p.is_dir()]
-        if stray:
+        entries = [p for p in _visible(cdir) if p.is_dir()]
+        for p in _visible(cdir):
+            if p.is_dir() or (p.suffix.lower() == ".wav" and (cdir / p.stem).is_dir()):
+                continue  # a clip folder, or the WAV beside one
+            if p.suffix.lower() == ".wav":
+                raise DataError(f"{p}: a WAV without its frame folder {p.stem}/ beside it")
             raise DataError(
-                f"{cdir}: unexpected file '{stray[0]}'; a class folder holds one folder per clip (a CSV layout? pass --csv)"
+                f"{cdir}: unexpected file '{p.name}'; a class folder holds one folder per clip (a CSV layout? pass --csv)"
             )
         if not entries:
             raise DataError(f"{cdir}: class '{name}' has no clips")
@@ -288,13 +292,13 @@ def check_clip(clip: Clip, opts: ImportOptions) -> ClipFiles:
         raise DataError(f"clip '{clip.clip_id}': folder {clip.folder} not found")
     files = [p for p in _visible(clip.folder) if p.is_file()]
     wavs = [p for p in files if p.suffix.lower() == ".wav"]
+    wavs += [b for b in (clip.folder.parent / f"{clip.folder.name}{e}" for e in (".wav", ".WAV")) if b.is_file()]
     images = sorted((p for p in files if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
     if not wavs:
-        raise DataError(f"clip '{clip.clip_id}': no .wav file in {clip.folder}")
+        raise DataError(f"clip '{clip.clip_id}': no .wav file in {clip.folder} nor {clip.folder.name}.wav beside it")
     if len(wavs) > 1:
-        raise DataError(
-            f"clip '{clip.clip_id}': {len(wavs)} .wav files in {clip.folder} ({wavs[0].name}, ...); keep one"
-        )
+        names = ", ".join(str(p.relative_to(clip.folder.parent)) for p in wavs[:2])
+        raise DataError(f"clip '{clip.clip_id}': {len(wavs)} WAV files ({names}); keep one")
     if len(images) < opts.frames:
         raise DataError(
             f"clip '{clip.clip_id}': {len(images)} frame(s) (*.jpg, *.jpeg, *.png) in {clip.folder}, --frames needs {opts.frames}"
