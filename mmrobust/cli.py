@@ -313,7 +313,8 @@ def cmd_data_import_av(args: argparse.Namespace) -> int:
 
 def _add_import_av(data_sub: argparse._SubParsersAction) -> None:
     p = data_sub.add_parser("import-av", help="import a folder of clips (frames + WAV) into the on-disk format")
-    p.add_argument("src", help="SRC/<class>/<clip_id>/ folders, or the clip folders SRC/<clip_id>/ of --csv")
+    p.add_argument("src", help="SRC/<class>/<clip_id>/ folders, or the clip folders SRC/<clip_id>/ of --csv; a "
+                   "clip's WAV lies inside its folder or beside it as <clip_id>.wav (see docs/data.md)")  # fmt: skip
     p.add_argument("dst", help="dataset folder to write (rerunning an interrupted import resumes it)")
     p.add_argument("--csv", help="CSV with a header clip_id,label[,split]; clip folders are SRC/<clip_id>/")
     p.add_argument("--classes", help="comma list fixing the class order; other labels are refused")
@@ -327,7 +328,7 @@ def _add_import_av(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=_finite_float, help="audio duration; longer clips are cropped, shorter zero-padded (default 2)")  # fmt: skip
     p.add_argument("--spec-dtype", choices=["float32", "float16"], help="stored spectrogram dtype (default float32)")
     p.add_argument("--frame-mean", type=_finite_float, help="frames decode as (x/255 - mean) / std (default 0.45)")
-    p.add_argument("--frame-std", type=_finite_float, help="(default 0.225)")
+    p.add_argument("--frame-std", type=_finite_float, help="see --frame-mean (default 0.225)")
     p.add_argument("--val", type=_finite_float, help="validation share per class (default 0.1)")
     p.add_argument("--test", type=_finite_float, help="test share per class (default 0.1)")
     p.add_argument("--split-seed", type=int, help="seed of the stratified split (default 0)")

@@ -234,6 +234,15 @@ def test_wav_beside_the_frame_folder_gives_the_same_dataset(clips, tmp_path):
             assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
+def test_linear_float16_spectrograms_peak_at_each_class_tone(clips, tmp_path):
+    opts = ImportOptions(**{**SMALL, "n_fft": 256}, spectrogram="linear", spec_dtype="float16", val=0.2, test=0.2)
+    import_av(clips, tmp_path / "ds", opts)
+    d = read_split(tmp_path / "ds", "train")
+    assert d["audio"].dtype == np.float16 and d["audio"].shape[1:] == (1, 129, 1 + 4000 // 128)
+    # class k is a 500 * 2^k Hz tone: FFT bin 500 * 2^k * 256 / 16000 = 8 * 2^k
+    np.testing.assert_array_equal(d["audio"][:, 0].astype(np.float32).mean(-1).argmax(-1), 8 * 2 ** d["label"])
+
+
 def test_csv_layout_with_split_column_and_label_checks(tmp_path):
     rng = np.random.default_rng(1)
     src = tmp_path / "clips"
