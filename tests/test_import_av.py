@@ -168,6 +168,10 @@ def test_frames_are_cropped_to_the_centre_square_and_resized(tmp_path):
     Image.fromarray(wide).save(tmp_path / "wide.png")
     got = load_frame(tmp_path / "wide.png", 10)
     assert (got[1] == 255).all() and (got[0] == 0).all() and (got[2] == 0).all()
+    deep = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)  # a 16-bit grey PNG keeps its range
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    got = load_frame(tmp_path / "deep.png", 8)
+    np.testing.assert_array_equal(got, np.broadcast_to(deep // 257, (3, 8, 8)))
 
 
 def test_frames_are_sampled_evenly_in_natural_order(tmp_path):

@@ -329,13 +329,16 @@ def _pillow() -> Any:
 
 
 def load_frame(path: Path, size: int) -> np.ndarray:
-    """One frame as uint8 ``(3, size, size)``: RGB, centre-cropped to a square, bilinear resize."""
+    """One frame as uint8 ``(3, size, size)``: RGB (16-bit grey scaled to 8 bits), centre-cropped to a
+    square, bilinear resize."""
     image_mod = _pillow()
     try:
         with image_mod.open(path) as im:
             w, h = im.size
             side = min(w, h)
             left, top = (w - side) // 2, (h - side) // 2
+            if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey PNG: convert("RGB") would clip at 255
+                im = image_mod.fromarray((np.asarray(im, dtype=np.int64) // 257).clip(0, 255).astype(np.uint8))
             square = im.convert("RGB").crop((left, top, left + side, top + side))
             rgb = square.resize((size, size), image_mod.Resampling.BILINEAR)
     except (OSError, ValueError, image_mod.DecompressionBombError) as exc:
