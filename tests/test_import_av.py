@@ -139,6 +139,25 @@ def test_wav_reading_all_pcm_widths_and_stereo(tmp_path, width):
     assert audio.wav_info(tmp_path / "a.wav") == (22050, 400)
 
 
+def test_float_wav_needs_soundfile_or_names_the_extra(tmp_path):
+    import struct
+
+    x = np.linspace(-0.5, 0.5, 100, dtype="<f4")
+    fmt = struct.pack("<HHIIHH", 3, 1, SR, SR * 4, 4, 32)  # WAVE_FORMAT_IEEE_FLOAT, mono, 32-bit
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", x.nbytes) + x.tobytes()
+    (tmp_path / "f.wav").write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    try:
+        import soundfile  # noqa: F401
+    except ImportError:
+        with pytest.raises(
+            DataError, match=r"f\.wav: not a PCM WAV .* install the av extra \(pip install 'mmrobust\[av\]'\)"
+        ):
+            audio.read_wav(tmp_path / "f.wav")
+    else:
+        y, rate = audio.read_wav(tmp_path / "f.wav")
+        assert rate == SR and np.array_equal(y, x)
+
+
 def test_fix_length_crops_the_start_and_pads_the_end():
     x = np.arange(5, dtype=np.float32)
     assert audio.fix_length(x, 3).tolist() == [0, 1, 2]
