@@ -26,16 +26,20 @@ LOG_EPS = 1e-6
 SPECTROGRAMS = ("logmel", "linear")
 
 
+def _not_pcm(path: Path, exc: Exception) -> DataError:
+    return DataError(
+        f"{path}: not a PCM WAV file the standard library can read ({exc}); install the av extra "
+        "(pip install 'mmrobust[av]') to read other WAV encodings with soundfile"
+    )
+
+
 def _read_wave_stdlib(path: Path) -> tuple[np.ndarray, int]:
     try:
         with wave.open(str(path), "rb") as w:
             channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
             raw = w.readframes(n)
     except wave.Error as exc:
-        raise DataError(
-            f"{path}: not a PCM WAV file the standard library can read ({exc}); install the av extra "
-            "(pip install 'mmrobust[av]') to read other WAV encodings with soundfile"
-        ) from None
+        raise _not_pcm(path, exc) from None
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: unreadable WAV file ({exc})") from None
     if len(raw) != n * channels * width:
@@ -65,10 +69,7 @@ def wav_info(path: str | Path) -> tuple[int, int]:
             with wave.open(str(path), "rb") as w:
                 rate, n = w.getframerate(), w.getnframes()
         except wave.Error as exc:
-            raise DataError(
-                f"{path}: not a PCM WAV file the standard library can read ({exc}); install the av extra "
-                "(pip install 'mmrobust[av]') to read other WAV encodings with soundfile"
-            ) from None
+            raise _not_pcm(path, exc) from None
         except (OSError, EOFError) as exc:
             raise DataError(f"{path}: unreadable WAV file ({exc})") from None
     else:
