@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mmrobust import memory
 from mmrobust.attacks import PGDL2
 from mmrobust.certify.lipschitz import empirical_lipschitz, lipschitz_batch
 from mmrobust.cli import main
 from mmrobust.data.base import iterate_batches
 from mmrobust.errors import ConfigError
-from mmrobust import memory
 from mmrobust.memory import given_batch, input_gradient_plan, parse_bytes, plan_batch
 from mmrobust.models.fusion import ModelConfig, build_model
 from mmrobust.training.crmt import CRMTAT, CRMTATOptions, raw_scores_of

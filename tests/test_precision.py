@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from mmrobust import runs
 from mmrobust.attacks import PGDL2
 from mmrobust.certify.runner import certify_model, certify_run
 from mmrobust.cli import main
@@ -14,7 +15,6 @@ from mmrobust.data.base import DatasetMeta, ModalitySpec
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import ModelConfig, build_model
 from mmrobust.precision import model_precision
-from mmrobust import runs
 from mmrobust.runs import load_run
 from mmrobust.training import distributed
 from mmrobust.training.engine import Trainer
