@@ -123,6 +123,9 @@ def test_attack_arithmetic_stays_fp32_under_bf16():
     attack.loss_and_grad = spy  # type: ignore[method-assign]
     with model_precision(model, "bf16", "cpu"):
         adv, logits = attack.perturb(inputs, labels)
+        with torch.no_grad():
+            out = model(inputs, return_all=True)
+    assert all(f.dtype == torch.float32 for f in out["features"].values())  # every output leaves in fp32
     for h in handles:
         h.remove()
     assert torch.bfloat16 in conv_out  # the model's forward did run in bf16
