@@ -48,10 +48,10 @@ def _models(meta):
 
 def throughput(args: argparse.Namespace) -> dict:
     from mmrobust.attacks import PGDL2
+    from mmrobust.certify.lipschitz import lipschitz_batch
     from mmrobust.certify.runner import certify_model
     from mmrobust.data.registry import DataConfig, load_data
     from mmrobust.eval.robust import attack_predictions
-    from mmrobust.certify.lipschitz import lipschitz_batch
     from mmrobust.memory import input_gradient_plan
 
     bundle = load_data(DataConfig(args.data, 0))
@@ -124,8 +124,8 @@ def _full_model():
 
 def child(args: argparse.Namespace) -> None:
     """One full-size pass in this process; prints a JSON line with its peak RSS."""
-    from mmrobust.memory import _status, input_gradient_plan
     from mmrobust.certify.lipschitz import empirical_lipschitz, lipschitz_batch
+    from mmrobust.memory import _status, input_gradient_plan
 
     meta, model, Split = _full_model()
     n = args.samples

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 runners[f"mmrobust {v}"] = ours(method, size, v, batch, args.classes)
             slow = {k for k in runners if "bf16" in k} | (set(runners) if method == "crmt-at" else set())
             times: dict[str, list[float]] = {k: [] for k in runners}
-            for name, run in runners.items():  # warm-up (first-call allocations, oneDNN kernels)
+            for run in runners.values():  # warm-up (first-call allocations, oneDNN kernels)
                 run(0)
             for r in range(max(args.rounds, args.slow_rounds)):
                 for name, run in runners.items():
@@ -160,18 +160,23 @@ def main(argv: list[str] | None = None) -> int:
                                 "times_s": ts, "speedup_vs_official_fp32": ratio})  # fmt: skip
                 rows.append([size, method, name, f"{med:.3f}", str(len(ts)), "-" if ratio is None else f"{ratio:.2f}x"])
             print(f"done {size} {method}", file=sys.stderr, flush=True)
+            _write(args, have_official, results)  # after every method: a long run that is stopped keeps its rows
     note = "" if have_official else " — official code NOT available (--official / $CRMT_OFFICIAL): ours only"
     print_table(
         f"Step time, batch {args.batch_size}, {args.classes} classes, {args.threads} thread(s){note}",
         ["size", "method", "runner", "median s", "steps", "speed-up vs official fp32"],
         rows,
     )
+    _write(args, have_official, results)
+    return 0
+
+
+def _write(args: argparse.Namespace, have_official: bool, results: list[dict]) -> None:
     out = {"batch_size": args.batch_size, "classes": args.classes, "threads": args.threads,
            "official": args.official if have_official else None, "cpu": _cpu(), "torch": torch.__version__,
            "results": results}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, out)
-    return 0
 
 
 def _cpu() -> str:

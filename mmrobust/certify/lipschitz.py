@@ -19,7 +19,6 @@ from mmrobust.data.base import Batch, Split, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.memory import BatchPlan, jacobian_chunk, plan_batch
 
-
 #: largest automatic batch of the Lipschitz estimate, (CPU, CUDA)
 LIPSCHITZ_CAP = (16, 64)
 
