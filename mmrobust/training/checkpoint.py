@@ -121,7 +121,7 @@ def load_checkpoint(folder: Path) -> TrainingState:
 
 def config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     """The first setting that differs between two config dicts (dotted key), ignoring progress bars and
-    the memory budget (it sizes batches of passes whose results do not depend on it)."""
+    the memory budget (it only sizes the batches of the passes after training)."""
 
     def flat(d: Any, prefix: str = "") -> dict[str, str]:
         if isinstance(d, dict):
