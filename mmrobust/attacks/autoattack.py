@@ -130,8 +130,12 @@ class APGD(_AutoAttack):
         x_old = x.clone()
         checkpoints = set(_checkpoints(n_iter))
         last_check = 0
-        losses = [loss]
-        reduced_last = torch.zeros_like(loss, dtype=torch.bool)
+        # As in the reference: the first checkpoint compares the loss after the first step with 0
+        # (its zero-initialised loss buffer, read at index -1), not with the loss at the start; for
+        # the targeted DLR loss (< 0 until the target wins) that first comparison is never a rise.
+        # And no sample counts as "reduced without improvement" before the first checkpoint.
+        losses = [torch.zeros_like(loss)]
+        reduced_last = torch.ones_like(loss, dtype=torch.bool)
         loss_best_last = loss_best.clone()
         for i in range(n_iter):
             with torch.no_grad():
