@@ -196,6 +196,37 @@ def test_projection_is_exact_against_bisection():
         assert torch.allclose(got, exact, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_untargeted_fab_restarts_start_at_random_points_of_half_the_budget(monkeypatch, norm):
+    """The reference's FAB restarts: the first run starts at the clean input, every further one at
+    a fresh random point at distance eps/2; and the "plus" version runs 5 of them."""
+    from mmrobust.attacks.autoattack import FAB
+
+    model = Linear(torch.eye(3, 10) * 0.1, torch.tensor([5.0, 0.0, 0.0]))  # unbreakable at eps 0.3
+    x = {"v": torch.zeros(4, 10)}
+    y = torch.zeros(4, dtype=torch.long)
+    starts: list[torch.Tensor] = []
+    real = FAB._closest_boundary
+
+    def spy(self, packed, xs, labels):
+        starts.append((xs - packed.x0).detach().clone())
+        return real(self, packed, xs, labels)
+
+    monkeypatch.setattr(FAB, "_closest_boundary", spy)
+    adv = build_attack("fab", model, None, eps=0.3, norm=norm, steps=2, restarts=3)(x, y)
+    assert torch.equal(adv["v"], x["v"])  # nothing found within eps: the clean input is returned
+    assert len(starts) == 3 * 2  # 3 runs of 2 steps
+    first, second, third = starts[0], starts[2], starts[4]
+    assert torch.equal(first, torch.zeros_like(first))
+    for d in (second, third):
+        size = d.norm(dim=1) if norm == "l2" else d.abs().amax(1)
+        assert torch.allclose(size, torch.full_like(size, 0.15), atol=1e-6)
+    assert not torch.allclose(second, third)
+    res = run_autoattack(model, x, y, AutoAttackOptions(eps=0.3, norm=norm, version="plus", steps=2, queries=5,
+                                                        targets=2))  # fmt: skip
+    assert [(s.attack, s.restarts) for s in res.stages][:3] == [("apgd-ce", 5), ("apgd-dlr", 5), ("fab", 5)]
+
+
 # --- Square against a model with masked gradients ---------------------------------------------------
 
 
