@@ -27,10 +27,12 @@ STRENGTH = [
     ("pgd-linf", "linf", 0.5, {"steps": 10}),
     ("apgd-ce", "l2", 2.0, {"steps": 10}),
     ("apgd-ce", "linf", 0.5, {"steps": 10}),
+    ("apgd-dlr", "linf", 0.5, {"steps": 10}),
     ("apgd-t", "l2", 2.0, {"steps": 10, "targets": 3}),
     ("apgd-t", "linf", 0.5, {"steps": 10, "targets": 3}),
     ("fab-t", "l2", 2.0, {"steps": 10, "targets": 3}),
     ("fab-t", "linf", 0.5, {"steps": 10, "targets": 3}),
+    ("fab", "l2", 2.0, {"steps": 10}),
     ("square", "l2", 2.0, {"steps": 200}),
     ("square", "linf", 0.5, {"steps": 200}),
 ]
