@@ -152,7 +152,7 @@ def test_apgd_follows_the_reference_trajectory(monkeypatch, attack, norm, eps):
     monkeypatch.setattr(torch, "rand", lambda *s, **kw: torch.full(s[0] if len(s) == 1 else s, 0.75))
     monkeypatch.setattr(torch, "randn", lambda *s, **kw: torch.full(s[0] if len(s) == 1 else s, 1.0))
     gen = torch.Generator().manual_seed(1)
-    x = torch.empty(4, 1, 8, 8).uniform_(0, 1, generator=gen)
+    x = torch.empty(3, 1, 8, 8).uniform_(0, 1, generator=gen)
     with torch.no_grad():
         y = net.net(x).argmax(1)
     ta_norm = "Linf" if norm == "linf" else "L2"
@@ -179,4 +179,4 @@ def test_apgd_follows_the_reference_trajectory(monkeypatch, attack, norm, eps):
         compared += len(ta_calls)
         with torch.no_grad():
             assert bool(net.net(adv_ta).argmax(1) == yi) == bool(logits.argmax(1) == yi)
-    assert compared >= 4 * 11
+    assert compared >= 3 * 11
