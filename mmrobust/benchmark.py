@@ -53,7 +53,9 @@ CELL_SETTINGS = ("epochs", "suite", "eps", "samples", "recipe", "protocol", "cer
 class BenchmarkConfig:
     """What to run. Validated on construction: every name and value is checked before any training.
 
-    ``data``: dataset names or folder paths; ``methods``: names in ``mmrobust.training.METHODS``;
+    ``data``: dataset names or folder paths; ``methods``: names in ``mmrobust.training.METHODS``, or
+    variants ``METHOD@TAG`` (e.g. ``varmat@alpha100``: the same method under its own label, with its own
+    ``method_options`` entry, so one grid compares settings of a method side by side);
     ``seeds``: seeds 0..N-1 (each seeds both the data split and the training); ``epochs``: None =
     the training default; ``suite``: the robustness suite (``eps`` overrides its budgets);
     ``samples``: attack only the first N test samples; ``recipe``: a :data:`~mmrobust.config.RECIPES`
@@ -92,7 +94,10 @@ class BenchmarkConfig:
         if len(set(slugs)) != len(slugs):
             raise ConfigError(f"datasets {self.data} would share a folder name; rename a folder")
         for m in self.methods:
-            METHODS.get(m)  # unknown name -> one-line error listing the methods
+            base, at, tag = m.partition("@")
+            if at and not re.fullmatch(r"[A-Za-z0-9_.=-]+", tag):
+                raise ConfigError(f"method variant '{m}': the tag after '@' may use letters, digits and _ . = - only")
+            METHODS.get(base)  # unknown name -> one-line error listing the methods
         _check_int(self.seeds, "seeds", 1)
         _check_int(self.batch_size, "batch_size", 1)
         for name in ("epochs", "samples", "feature_dim"):
@@ -114,7 +119,9 @@ class BenchmarkConfig:
             if stray:
                 raise ConfigError(f"benchmark option '{key}' names {stray}, which are not in the grid ({names})")
         for m, opts in self.method_options.items():
-            options_dataclass(METHODS.get(m).Options, dict(opts), m)  # bad keys/values fail now, not mid-grid
+            options_dataclass(
+                METHODS.get(method_name(m)).Options, dict(opts), m
+            )  # bad keys/values fail now, not mid-grid
 
     def suite_options(self) -> dict[str, Any]:
         return {"eps": list(self.eps)} if self.eps is not None else {}
@@ -145,6 +152,11 @@ def _check_int(value: Any, name: str, low: int) -> None:
 def _check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"benchmark option '{name}': unknown value {value!r}; choose from: {', '.join(choices)}")
+
+
+def method_name(label: str) -> str:
+    """The training method of a grid label: ``varmat@alpha100`` -> ``varmat``."""
+    return label.partition("@")[0]
 
 
 def _slug(dataset: str) -> str:
@@ -380,7 +392,9 @@ def _check_cells(cfg: BenchmarkConfig, cells: Sequence[Cell], bundle: Callable[[
             continue
         seen.add((cell.dataset, cell.method))
         meta = bundle(cell.dataset, 0).meta
-        build_model(meta, ModelConfig(METHODS.get(cell.method).head, rc.model.feature_dim, dict(rc.model.encoders)))
+        build_model(
+            meta, ModelConfig(METHODS.get(method_name(cell.method)).head, rc.model.feature_dim, dict(rc.model.encoders))
+        )
 
 
 def _run_config(cell: Cell, cfg: BenchmarkConfig) -> RunConfig:
@@ -388,7 +402,7 @@ def _run_config(cell: Cell, cfg: BenchmarkConfig) -> RunConfig:
     rc.data = DataConfig(cell.dataset, cell.seed, dict(cfg.data_options.get(cell.dataset, {})))
     if cfg.feature_dim is not None:
         rc.model.feature_dim = cfg.feature_dim
-    rc.train.method, rc.train.seed, rc.train.batch_size = cell.method, cell.seed, cfg.batch_size
+    rc.train.method, rc.train.seed, rc.train.batch_size = method_name(cell.method), cell.seed, cfg.batch_size
     if cfg.epochs is not None:
         rc.train.epochs = cfg.epochs
     rc.train.optim = OptimConfig.from_recipe(cfg.recipe)

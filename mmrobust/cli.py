@@ -248,6 +248,98 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from mmrobust.config import parse_kv
+    from mmrobust.data.ondisk import convert
+    from mmrobust.data.registry import DataConfig, load_data
+    from mmrobust.report.console import out, progress_callback
+
+    uint8 = _names(args.uint8, "--uint8") if args.uint8 is not None else []
+    dst = Path(args.dst)
+    if dst.exists() and not args.force:
+        raise ConfigError(f"{dst}: already exists; pass --force to replace it")
+    cfg = DataConfig(args.src, args.seed, parse_kv(args.data_opt, "--data-opt"))
+    if Path(cfg.name).absolute() == dst.absolute():
+        raise ConfigError(f"{dst}: source and destination are the same folder")
+    bundle = load_data(cfg)
+    for m in uint8:
+        bundle.meta.spec(m)  # unknown modality -> one-line error before any work
+    info = {"converted_from": {"name": cfg.name, "seed": cfg.seed, "options": dict(cfg.options)}}
+    with progress_callback(not args.no_progress) as progress:
+        res = convert(bundle, dst, uint8=uint8, info=info, force=args.force, progress=progress)
+    stored = ", ".join(f"{m} {st.dtype}" for m, st in res.storage.items())
+    err = ", ".join(f"{m} {e:.2g}" for m, e in res.max_abs_error.items() if e > 0)
+    resumed = f", {res.resumed_rows} rows resumed" if res.resumed_rows else ""
+    out.print(f"wrote {res.path}: {'/'.join(str(n) for n in res.sizes.values())} samples (train/val/test), "
+              f"{stored}, {res.bytes / 2**20:.1f} MiB{resumed}" + (f"; max decode error {err}" if err else ""))  # fmt: skip
+    return 0
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """``mmrobust data SUBCOMMAND``: dataset conversion and import tools (one subparser each)."""
+    group = sub.add_parser("data", help="convert or import datasets into the streaming on-disk format")
+    data_sub = group.add_subparsers(dest="data_command", required=True)
+
+    p = data_sub.add_parser("convert", help="convert a dataset (registered name or npz folder) to the on-disk format")
+    p.add_argument("src", help="registered dataset name (e.g. avdigits) or a bring-your-own npz folder")
+    p.add_argument("dst", help="on-disk dataset folder to write (see docs/data.md)")
+    p.add_argument("--uint8", metavar="MOD,...", help="store these modalities as bytes over their valid range")
+    p.add_argument("--seed", type=int, default=0, help="split seed of the source (default 0)")
+    p.add_argument("--data-opt", action="append", metavar="KEY=VALUE", help="source dataset option (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new one is complete)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_convert)
+    _add_import_av(data_sub)
+
+
+def cmd_data_import_av(args: argparse.Namespace) -> int:
+    from mmrobust.data.importav import import_av, parse_options
+    from mmrobust.report.console import out, progress_callback
+
+    names = ("frames", "size", "spectrogram", "n_mels", "n_fft", "hop", "sample_rate", "seconds", "spec_dtype",
+             "frame_mean", "frame_std", "val", "test", "split_seed", "csv", "classes", "name", "workers")  # fmt: skip
+    opts = parse_options({k: getattr(args, k) for k in names} | {"skip_bad": args.skip_bad})
+    with progress_callback(not args.no_progress) as progress:
+        r = import_av(args.src, args.dst, opts, force=args.force, progress=progress)
+    for clip_id, reason in r.skipped[:10]:
+        out.print(f"skipped {clip_id}: {reason}", markup=False)
+    more = " (first 10 listed)" if len(r.skipped) > 10 else ""
+    resumed = f"; resumed after {r.resumed_rows} clips already written" if r.resumed_rows else ""
+    sizes = ", ".join(f"{s} {n}" for s, n in r.sizes.items())
+    out.print(f"imported {sum(r.sizes.values())} clips of {len(r.class_names)} classes ({sizes}; {len(r.skipped)} "
+              f"skipped{more}) into {r.dst} in {r.seconds:.1f} s{resumed}", markup=False, soft_wrap=True)  # fmt: skip
+    return 0
+
+
+def _add_import_av(data_sub: argparse._SubParsersAction) -> None:
+    p = data_sub.add_parser("import-av", help="import a folder of clips (frames + WAV) into the on-disk format")
+    p.add_argument("src", help="SRC/<class>/<clip_id>/ folders, or the clip folders SRC/<clip_id>/ of --csv; a "
+                   "clip's WAV lies inside its folder or beside it as <clip_id>.wav (see docs/data.md)")  # fmt: skip
+    p.add_argument("dst", help="dataset folder to write (rerunning an interrupted import resumes it)")
+    p.add_argument("--csv", help="CSV with a header clip_id,label[,split]; clip folders are SRC/<clip_id>/")
+    p.add_argument("--classes", help="comma list fixing the class order; other labels are refused")
+    p.add_argument("--frames", type=int, help="frames per clip, sampled evenly (default 3)")
+    p.add_argument("--size", type=int, help="frames are centre-cropped and resized to SIZE x SIZE (default 64)")
+    p.add_argument("--spectrogram", choices=["logmel", "linear"], help="log-mel (default) or log linear-frequency")
+    p.add_argument("--n-mels", type=int, help="mel bands (default 128)")
+    p.add_argument("--n-fft", type=int, help="STFT window and FFT size in samples (default 1024)")
+    p.add_argument("--hop", type=int, help="STFT hop in samples (default 160)")
+    p.add_argument("--sample-rate", type=int, help="audio is resampled to this rate (default 16000)")
+    p.add_argument("--seconds", type=_finite_float, help="audio duration; longer clips are cropped, shorter zero-padded (default 2)")  # fmt: skip
+    p.add_argument("--spec-dtype", choices=["float32", "float16"], help="stored spectrogram dtype (default float32)")
+    p.add_argument("--frame-mean", type=_finite_float, help="frames decode as (x/255 - mean) / std (default 0.45)")
+    p.add_argument("--frame-std", type=_finite_float, help="see --frame-mean (default 0.225)")
+    p.add_argument("--val", type=_finite_float, help="validation share per class (default 0.1)")
+    p.add_argument("--test", type=_finite_float, help="test share per class (default 0.1)")
+    p.add_argument("--split-seed", type=int, help="seed of the stratified split (default 0)")
+    p.add_argument("--name", help="dataset name (default: SRC's folder name)")
+    p.add_argument("--skip-bad", action="store_true", help="skip clips that fail the checks instead of stopping")
+    p.add_argument("--workers", type=int, help="threads decoding clips (default 0: none); same bytes either way")
+    p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new one is complete)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_import_av, interrupt_hint="; rerun the same command to continue")
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, like every other error (``mmrobust: error: ...``, exit 2)."""
 
@@ -356,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark", help="train, attack (and certify) every dataset x method x seed; tables mean ± std over seeds"
     )
     p.add_argument("--data", required=True, help="comma-separated dataset names or folder paths")
-    p.add_argument("--methods", required=True, help="comma-separated training methods (see `mmrobust datasets`)")
+    p.add_argument("--methods", required=True,
+                   help="comma-separated training methods (see `mmrobust datasets`); METHOD@TAG is a variant "
+                   "with its own --method-opt METHOD@TAG:KEY=VALUE")  # fmt: skip
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per (dataset, method) (default 3)")
     p.add_argument("--out", required=True, help="benchmark folder (re-running resumes it)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the training default)")
@@ -402,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_calibrate)
+
+    _add_data_commands(sub)
     return parser
 
 
@@ -430,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     except KeyboardInterrupt:
         hint = "; continue with the same command plus --resume" if getattr(args, "resume", None) is not None else ""
+        hint = getattr(args, "interrupt_hint", hint)
         print(f"mmrobust: interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -209,3 +209,25 @@ def test_cli_writes_tables_plots_and_json(tmp_path, capsys):
     summary = (out / "tables" / "synthetic_summary.md").read_text()
     assert "certified r=0.1 (sound: sound)" in summary
     assert "jt" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_method_variants_train_the_base_method_with_their_own_options(tmp_path, counted):
+    cfg = _cfg(methods=["gaussian@s0.1", "gaussian@s2"], seeds=1,
+               method_options={"gaussian@s0.1": {"sigma": 0.1}, "gaussian@s2": {"sigma": 2.0}})  # fmt: skip
+    result = run_benchmark(cfg, tmp_path / "b")
+    assert counted == [("gaussian", 0), ("gaussian", 0)]
+    saved = {
+        label: json.loads((tmp_path / f"b/runs/synthetic/{label}/seed0/config.json").read_text())["train"]
+        for label in cfg.methods
+    }
+    assert {k: (v["method"], v["method_options"]["sigma"]) for k, v in saved.items()} == {
+        "gaussian@s0.1": ("gaussian", 0.1), "gaussian@s2": ("gaussian", 2.0)}  # fmt: skip
+    summary = [t for t in result.tables() if t.name == "summary"][0]
+    assert list(summary.rows) == cfg.methods
+
+
+@pytest.mark.parametrize("label", ["nosuch@x", "gaussian@bad/tag"])
+def test_bad_method_variant_is_refused(label):
+    with pytest.raises(ConfigError, match="nosuch|tag after '@'"):
+        _cfg(methods=[label])

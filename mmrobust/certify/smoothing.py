@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from mmrobust.certify.base import CERTIFIERS, Certificate, Certifier, CertifyContext, Guarantee, Radii
-from mmrobust.data.base import Batch, DatasetMeta, Split
+from mmrobust.data.base import Batch, DatasetMeta, Split, chunk_rows, iterate_batches
 from mmrobust.errors import ConfigError
 
 
@@ -146,14 +146,21 @@ def smoothing_radii(
     model.eval()
     gen = torch.Generator().manual_seed(options.seed)
     names = meta.modality_names
-    pred, joint = smoothed_certify(model, split.inputs, names, options, gen)
-    correct = pred == split.labels
-    unimodal = {}
-    if options.unimodal:
-        for m in names:
-            pm, rm = smoothed_certify(model, split.inputs, [m], options, gen)
-            unimodal[m] = torch.where(pm == split.labels, rm, torch.zeros_like(rm))
-    return Radii(torch.where(correct, joint, torch.zeros_like(joint)), unimodal, correct)
+    joints, corrects, unimodal_parts = [], [], []
+    # in chunks of bounded memory (one chunk, hence the same draws, whenever the split fits)
+    for inputs, labels in iterate_batches(split, chunk_rows(meta)):
+        pred, joint = smoothed_certify(model, inputs, names, options, gen)
+        correct = pred == labels
+        joints.append(torch.where(correct, joint, torch.zeros_like(joint)))
+        corrects.append(correct)
+        part = {}
+        if options.unimodal:
+            for m in names:
+                pm, rm = smoothed_certify(model, inputs, [m], options, gen)
+                part[m] = torch.where(pm == labels, rm, torch.zeros_like(rm))
+        unimodal_parts.append(part)
+    unimodal = {m: torch.cat([p[m] for p in unimodal_parts]) for m in unimodal_parts[0]} if unimodal_parts else {}
+    return Radii(torch.cat(joints), unimodal, torch.cat(corrects))
 
 
 @CERTIFIERS.register("smoothing")

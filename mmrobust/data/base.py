@@ -6,6 +6,7 @@ label tensor. Nothing here assumes two modalities.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -145,8 +146,11 @@ class DataBundle:
         return getattr(self, name)
 
 
-def validate_split(meta: DatasetMeta, split: Split, where: str) -> None:
-    """Check a split against the metadata; every message names the offending array."""
+def validate_split(meta: DatasetMeta, split: Split, where: str, check_finite: bool = True) -> None:
+    """Check a split against the metadata; every message names the offending array.
+
+    ``check_finite=False`` skips the one pass over every value (for loaders that already made it).
+    """
     n = len(split)
     if split.labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise DataError(f"{where}: 'label' must be an integer array, got {split.labels.dtype}")
@@ -170,9 +174,20 @@ def validate_split(meta: DatasetMeta, split: Split, where: str) -> None:
             raise DataError(f"{where}: '{spec.name}' samples have shape {tuple(x.shape[1:])}, expected {spec.shape}")
         if not torch.is_floating_point(x):
             raise DataError(f"{where}: '{spec.name}' must be a float array, got {x.dtype}")
-        if not torch.isfinite(x).all():
+        if check_finite and not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
             raise DataError(f"{where}: '{spec.name}' contains NaN or inf values in {bad} sample(s)")
+
+
+#: code that needs many samples at once (AutoAttack's per-set protocol, smoothing) takes them in
+#: chunks of at most this many bytes of float32 inputs, so on-disk splits are never loaded whole
+CHUNK_BYTES = 256 << 20
+
+
+def chunk_rows(meta: DatasetMeta, budget_bytes: int = CHUNK_BYTES) -> int:
+    """How many samples' float32 inputs fit in ``budget_bytes`` (at least 1)."""
+    per_sample = sum(4 * math.prod(m.shape) for m in meta.modalities)
+    return max(1, budget_bytes // max(1, per_sample))
 
 
 def validate_batch(meta: DatasetMeta, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor | None = None) -> None:
@@ -197,6 +212,9 @@ def iterate_batches(
 ) -> Iterator[tuple[Batch, torch.Tensor]]:
     """Yield ``(inputs, labels)`` batches, gathering whole batches by index (fast on CPU).
 
+    An on-disk split streams the same batches, in the same order, through a
+    ``torch.utils.data.DataLoader`` (see :mod:`mmrobust.data.ondisk`).
+
     With ``world_size > 1`` each rank gets its own shard exactly as ``DistributedSampler`` does
     (same padding, same per-epoch shuffle), so single- and multi-process runs see the same data.
     """
@@ -219,6 +237,10 @@ def iterate_batches(
     else:
         order = torch.arange(n)
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
-    for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
+    batches = [order[start : start + batch_size] for start in range(0, stop, batch_size)]
+    stream = getattr(split, "stream", None)
+    if stream is not None:  # an on-disk split: whole batches read by a DataLoader (workers, prefetch)
+        yield from stream(batches)
+        return
+    for idx in batches:
         yield split.take(idx)

@@ -14,12 +14,14 @@ from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
+import torch
+
 from mmrobust.attacks.autoattack import check_applicable
 from mmrobust.attacks.base import build_attack
 from mmrobust.attacks.losses import LOSSES
 from mmrobust.attacks.missing import FILLS
 from mmrobust.attacks.protocol import AutoAttackOptions, run_autoattack
-from mmrobust.data.base import Split
+from mmrobust.data.base import Split, chunk_rows, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, macro_f1, predict
 from mmrobust.eval.results import Curves, EvalResult, EvalRow, ProgressFn
@@ -388,21 +390,31 @@ def _autoattack_protocol(
     notes: list[str] = []
     ticker = _Ticker(progress, "autoattack", len(grid))
     for e in grid:
-        res = run_autoattack(ev.model, ev.split.inputs, ev.labels, replace(options, eps=e), meta=ev.meta)
-        final = predict(ev.model, Split(res.adversarial, ev.labels), options.batch_size)
+        # the protocol runs on a set at once: chunks of bounded memory (one chunk whenever the split fits)
+        finals: list[torch.Tensor] = []
+        stages: dict[str, list[torch.Tensor]] = {}
+        start = 0
+        for inputs, labels in iterate_batches(ev.split, chunk_rows(ev.meta)):
+            res = run_autoattack(ev.model, inputs, labels, replace(options, eps=e), meta=ev.meta)
+            finals.append(predict(ev.model, Split(res.adversarial, labels), options.batch_size))
+            for stage in res.stages:
+                stages.setdefault(stage.attack, []).append(stage.broken_index + start)
+            notes += [w for w in res.skipped + res.warnings if w not in notes]
+            start += len(labels)
+        final = torch.cat(finals)
         preds = ev.clean_preds.clone()
         per_modality = isinstance(e, dict) and len(set(e.values())) > 1
         base = {"loss": None, "norm": options.norm, "modalities": mods, "eps": e if per_modality else (
                     next(iter(e.values())) if isinstance(e, dict) else e),
                 "budget": "per-modality" if per_modality else "joint", "steps": options.steps,
                 "version": options.version}  # fmt: skip
-        for stage in res.stages:  # cumulative: every sample broken so far takes its adversarial prediction
-            preds[stage.broken_index] = final[stage.broken_index]
-            results.append(result_row({**base, "attack": stage.attack, "cumulative": True, "broken": stage.broken},
+        for attack, parts in stages.items():  # cumulative: every sample broken so far takes its adversarial prediction
+            broken_index = torch.cat(parts)
+            preds[broken_index] = final[broken_index]
+            results.append(result_row({**base, "attack": attack, "cumulative": True, "broken": len(broken_index)},
                                       preds, ev.labels, ev.k))  # fmt: skip
         results.append(result_row({**base, "attack": "autoattack", "loss": "worst",
-                                   "components": [s.attack for s in res.stages]}, final, ev.labels, ev.k))  # fmt: skip
-        notes += [w for w in res.skipped + res.warnings if w not in notes]
+                                   "components": list(stages)}, final, ev.labels, ev.k))  # fmt: skip
         ticker.tick()
     protocol = {"version": options.version, "norm": options.norm, "eps": list(grid), "modalities": mods,
                 "steps": options.steps,
