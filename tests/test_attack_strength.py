@@ -129,6 +129,27 @@ def test_targeted_attacks_reach_their_target(name, norm):
     assert bool((model(untargeted).argmax(1) == 2).all())
 
 
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_apgd_t_breaks_through_its_second_target(norm):
+    """The runner-up class 1 is out of reach (slope 0.1: distance 5), the third class 4 is within
+    eps (slope 2: distance 0.5). APGD-T with 2 targets breaks every sample through class 4 on its
+    second target; an attack that follows the untargeted DLR loss keeps pushing the runner-up."""
+    w = torch.zeros(6, 100)
+    w[1, 0] = 0.1
+    if norm == "l2":
+        w[4, 2] = 2.0
+    else:  # spread over 50 coordinates, so that a random corner of the box does not reach class 4
+        w[4, 50:] = 0.04
+    model = Linear(w, torch.tensor([3.0, 2.5, -30.0, -30.0, 2.0, 1.0]))
+    x = {"v": 0.01 * torch.randn(8, 100, generator=torch.Generator().manual_seed(0))}
+    y = torch.zeros(8, dtype=torch.long)
+    assert bool((model(x).argsort(1)[:, -3] == 4).all())  # class 4 is the second target
+    adv = build_attack("apgd-t", model, None, eps=0.6, norm=norm, steps=20, targets=2)(x, y)
+    assert bool((model(adv).argmax(1) == 4).all())
+    dlr = build_attack("apgd-dlr", model, None, eps=0.6, norm=norm, steps=20)(x, y)
+    assert bool((model(dlr).argmax(1) == 0).all())
+
+
 # --- FAB: minimal-norm points on the decision boundary inside the box -----------------------------
 
 
