@@ -139,7 +139,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     options = {
         k: getattr(args, k)
         for k in ("eps", "unimodal_eps", "steps", "step_size", "restarts", "norm", "losses", "queries", "targets",
-                  "attacks", "seed", "max_samples", "version")
+                  "attacks", "seed", "max_samples", "version", "modalities")
         if getattr(args, k) is not None
     }  # fmt: skip
     if args.no_random_start:
@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="samples per batch (default: sized to --memory-budget, at most 256)")
     _add_scale_args(p)
     p.add_argument("--eps", help="eps list, e.g. 0.5,2,4 or 2/255,8/255 (paper: joint eps, default 0.5; curves: "
-                   "the sweep; autoattack: default 2/255,4/255,8/255 for linf)")  # fmt: skip
+                   "the sweep; autoattack: default 2/255,4/255,8/255 for linf, or one per-modality l-inf "
+                   "setting image=8/255,audio=0.1)")  # fmt: skip
     p.add_argument("--unimodal-eps", help="paper suite: eps list for single-modality attacks (default 1.0)")
     p.add_argument("--steps", type=int, help="attack iterations (paper/curves PGD default 10; autoattack 100)")
     p.add_argument("--step-size", type=_finite_float, help="PGD step size as a multiple of eps (default 2.5/steps)")
@@ -411,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", choices=["standard", "plus", "custom"], default=None,
                    help="autoattack: run the reference protocol (components in order, each on the points still "
                         "robust; custom takes --attacks) instead of every component on every sample")  # fmt: skip
+    p.add_argument("--modalities", help="autoattack: attack only these modalities, e.g. image or audio,image "
+                   "(default all); per-modality l-inf budgets: --eps image=8/255,audio=0.1 with --version")  # fmt: skip
     p.add_argument("--max-samples", type=int, help="evaluate only the first N samples of the split")
     p.add_argument("--seed", type=int, help="seed of the attacks' random starts (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -27,10 +27,12 @@ STRENGTH = [
     ("pgd-linf", "linf", 0.5, {"steps": 10}),
     ("apgd-ce", "l2", 2.0, {"steps": 10}),
     ("apgd-ce", "linf", 0.5, {"steps": 10}),
+    ("apgd-dlr", "linf", 0.5, {"steps": 10}),
     ("apgd-t", "l2", 2.0, {"steps": 10, "targets": 3}),
     ("apgd-t", "linf", 0.5, {"steps": 10, "targets": 3}),
     ("fab-t", "l2", 2.0, {"steps": 10, "targets": 3}),
     ("fab-t", "linf", 0.5, {"steps": 10, "targets": 3}),
+    ("fab", "l2", 2.0, {"steps": 10}),
     ("square", "l2", 2.0, {"steps": 200}),
     ("square", "linf", 0.5, {"steps": 200}),
 ]
@@ -127,6 +129,27 @@ def test_targeted_attacks_reach_their_target(name, norm):
     assert bool((model(untargeted).argmax(1) == 2).all())
 
 
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_apgd_t_breaks_through_its_second_target(norm):
+    """The runner-up class 1 is out of reach (slope 0.1: distance 5), the third class 4 is within
+    eps (slope 2: distance 0.5). APGD-T with 2 targets breaks every sample through class 4 on its
+    second target; an attack that follows the untargeted DLR loss keeps pushing the runner-up."""
+    w = torch.zeros(6, 100)
+    w[1, 0] = 0.1
+    if norm == "l2":
+        w[4, 2] = 2.0
+    else:  # spread over 50 coordinates, so that a random corner of the box does not reach class 4
+        w[4, 50:] = 0.04
+    model = Linear(w, torch.tensor([3.0, 2.5, -30.0, -30.0, 2.0, 1.0]))
+    x = {"v": 0.01 * torch.randn(8, 100, generator=torch.Generator().manual_seed(0))}
+    y = torch.zeros(8, dtype=torch.long)
+    assert bool((model(x).argsort(1)[:, -3] == 4).all())  # class 4 is the second target
+    adv = build_attack("apgd-t", model, None, eps=0.6, norm=norm, steps=20, targets=2)(x, y)
+    assert bool((model(adv).argmax(1) == 4).all())
+    dlr = build_attack("apgd-dlr", model, None, eps=0.6, norm=norm, steps=20)(x, y)
+    assert bool((model(dlr).argmax(1) == 0).all())
+
+
 # --- FAB: minimal-norm points on the decision boundary inside the box -----------------------------
 
 
@@ -194,6 +217,37 @@ def test_projection_is_exact_against_bisection():
         exact = _exact_box_distance(w[reach] * sign[reach, None], (r * sign)[reach], -x[reach], 1 - x[reach], norm)
         got = d[reach].norm(dim=1) if norm == "l2" else d[reach].abs().amax(1)
         assert torch.allclose(got, exact, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_untargeted_fab_restarts_start_at_random_points_of_half_the_budget(monkeypatch, norm):
+    """The reference's FAB restarts: the first run starts at the clean input, every further one at
+    a fresh random point at distance eps/2; and the "plus" version runs 5 of them."""
+    from mmrobust.attacks.autoattack import FAB
+
+    model = Linear(torch.eye(3, 10) * 0.1, torch.tensor([5.0, 0.0, 0.0]))  # unbreakable at eps 0.3
+    x = {"v": torch.zeros(4, 10)}
+    y = torch.zeros(4, dtype=torch.long)
+    starts: list[torch.Tensor] = []
+    real = FAB._closest_boundary
+
+    def spy(self, packed, xs, labels):
+        starts.append((xs - packed.x0).detach().clone())
+        return real(self, packed, xs, labels)
+
+    monkeypatch.setattr(FAB, "_closest_boundary", spy)
+    adv = build_attack("fab", model, None, eps=0.3, norm=norm, steps=2, restarts=3)(x, y)
+    assert torch.equal(adv["v"], x["v"])  # nothing found within eps: the clean input is returned
+    assert len(starts) == 3 * 2  # 3 runs of 2 steps
+    first, second, third = starts[0], starts[2], starts[4]
+    assert torch.equal(first, torch.zeros_like(first))
+    for d in (second, third):
+        size = d.norm(dim=1) if norm == "l2" else d.abs().amax(1)
+        assert torch.allclose(size, torch.full_like(size, 0.15), atol=1e-6)
+    assert not torch.allclose(second, third)
+    res = run_autoattack(model, x, y, AutoAttackOptions(eps=0.3, norm=norm, version="plus", steps=2, queries=5,
+                                                        targets=2))  # fmt: skip
+    assert [(s.attack, s.restarts) for s in res.stages][:3] == [("apgd-ce", 5), ("apgd-dlr", 5), ("fab", 5)]
 
 
 # --- Square against a model with masked gradients ---------------------------------------------------

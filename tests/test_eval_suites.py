@@ -149,3 +149,40 @@ def test_cli_rejects_bad_options(tiny_run, capsys):
     assert main(["evaluate", str(tiny_run), "--suite", "paper", "--losses", "ce,foo", "--no-progress"]) == 2
     assert main(["evaluate", str(tiny_run), "--suite", "basic", "--eps", "1"]) == 2
     assert "--eps does not apply to the 'basic' suite" in capsys.readouterr().err
+
+
+def test_autoattack_cli_single_modality_and_per_modality_linf(tiny_run, tmp_path, capsys):
+    run_dir = tmp_path / "aa_mod"
+    shutil.copytree(tiny_run, run_dir)
+    common = ["--suite", "autoattack", "--version", "custom", "--attacks", "apgd-ce,square", "--steps", "5",
+              "--queries", "30", "--max-samples", "40", "--no-progress"]  # fmt: skip
+    # one modality: only it is attacked, and it is named in every row
+    assert main(["evaluate", str(run_dir), *common, "--modalities", "weak", "--eps", "0.5"]) == 0
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert {tuple(r["modalities"]) for r in ev["results"]} == {("weak",)}
+    weak_only = next(r["accuracy"] for r in ev["results"] if r["attack"] == "autoattack")
+    # per-modality l-inf budgets: a per-modality row with both eps; a larger budget on the strong
+    # modality breaks more than the weak modality alone
+    assert main(["evaluate", str(run_dir), *common, "--eps", "strong=0.5,weak=0.1"]) == 0
+    ev = json.loads((run_dir / "eval.json").read_text())
+    row = next(r for r in ev["results"] if r["attack"] == "autoattack")
+    assert row["budget"] == "per-modality" and row["eps"] == {"strong": 0.5, "weak": 0.1}
+    assert sorted(row["modalities"]) == ["strong", "weak"]
+    assert row["accuracy"] < weak_only
+    # bad values: one line each, exit 2
+    bad = [
+        (["--modalities", "video", "--eps", "0.5"], "--modalities: unknown modality 'video'"),
+        (["--eps", "strong=0.5,video=0.1"], "--eps: unknown modality 'video'"),
+        (["--eps", "strong=0.5,0.1"], "mixes name=eps and bare values"),
+        (["--eps", "strong=abc"], "not a number"),
+        (["--eps", "strong=0.5", "--modalities", "weak"], "differ from the modalities in --eps"),
+    ]
+    for extra, msg in bad:
+        assert main(["evaluate", str(run_dir), *common, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    no_version = ["--suite", "autoattack", "--eps", "strong=0.5,weak=0.1", "--no-progress"]
+    assert main(["evaluate", str(run_dir), *no_version]) == 2
+    assert "need the protocol" in capsys.readouterr().err
+    assert main(["evaluate", str(run_dir), "--suite", "paper", "--modalities", "weak", "--no-progress"]) == 2
+    assert "--modalities does not apply to the 'paper' suite" in capsys.readouterr().err

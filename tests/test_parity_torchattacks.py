@@ -15,7 +15,7 @@ import torchattacks
 from torch import nn
 
 from benchmarks.attack_parity import UnitImage, compare
-from mmrobust.attacks import PGDL2
+from mmrobust.attacks import PGDL2, build_attack
 from mmrobust.data import DataConfig, load_data
 from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec, Split
 from mmrobust.eval.metrics import accuracy
@@ -117,3 +117,66 @@ def test_pgdl2_matches_torchattacks(setup, random_start):
     assert float(norms.max()) <= EPS + 1e-5
     assert float(adv["strong"].min()) >= 0 and float(adv["strong"].max()) <= 1
     assert torch.equal(adv["weak"], x["weak"])
+
+
+class _Recorder(nn.Module):
+    """A random ReLU net on one (1, 8, 8) image in [0, 1] (a dict with an ignored ``aux`` for us, the
+    tensor for torchattacks) that records the logits of every forward pass."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                                 nn.Linear(64, classes))  # fmt: skip
+        self.calls: list[torch.Tensor] = []
+
+    def forward(self, x):
+        out = self.net(x["image"] if isinstance(x, dict) else x)
+        self.calls.append(out.detach().clone())
+        return out
+
+
+@pytest.mark.parametrize(("attack", "norm", "eps"), [("apgd-t", "l2", 0.2), ("apgd-t", "linf", 0.01),
+                                                     ("apgd-ce", "l2", 0.1), ("apgd-ce", "linf", 0.01)])  # fmt: skip
+def test_apgd_follows_the_reference_trajectory(monkeypatch, attack, norm, eps):
+    """With the random start made deterministic (the same constant draw in both libraries), our
+    APGD-CE / APGD-T visit the same points as torchattacks' APGD / APGDT, step for step (logits of
+    every iterate within 1e-5). One sample at a time: torchattacks' l2 APGDT applies the first
+    sample's step size to the whole batch (a quirk the reference code has since dropped)."""
+    k = 10
+    net = _Recorder(k).eval()
+    meta = DatasetMeta("exact", [ModalitySpec("image", "image", (1, 8, 8), (0.0, 1.0)),
+                                 ModalitySpec("aux", "vector", (2,), None)], [str(i) for i in range(k)])  # fmt: skip
+    # torchattacks draws with the global generator, we with our own: both get the same constants
+    # (l-inf: 0.75 -> t = 0.5 -> the corner x + eps; l2: all-ones direction scaled to eps)
+    monkeypatch.setattr(torch, "rand", lambda *s, **kw: torch.full(s[0] if len(s) == 1 else s, 0.75))
+    monkeypatch.setattr(torch, "randn", lambda *s, **kw: torch.full(s[0] if len(s) == 1 else s, 1.0))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.empty(3, 1, 8, 8).uniform_(0, 1, generator=gen)
+    with torch.no_grad():
+        y = net.net(x).argmax(1)
+    ta_norm = "Linf" if norm == "linf" else "L2"
+    compared = 0
+    for i in range(len(y)):
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        if attack == "apgd-t":
+            ta = torchattacks.APGDT(net, norm=ta_norm, eps=eps, steps=10, n_classes=k, seed=0)
+            ours = build_attack("apgd-t", net, meta, eps=eps, norm=norm, steps=10, targets=k - 1, modalities=["image"])
+        else:
+            ta = torchattacks.APGD(net, norm=ta_norm, eps=eps, steps=10, loss="ce", seed=0)
+            ours = build_attack("apgd-ce", net, meta, eps=eps, norm=norm, steps=10, modalities=["image"])
+        net.calls.clear()
+        adv_ta = ta(xi, yi)
+        # torchattacks: one clean pass, then per target one more clean pass (to pick the target),
+        # the start and the 10 iterates; we: one clean pass, then per target the start and iterates
+        ta_calls = [c for j, c in enumerate(net.calls) if not (attack == "apgd-t" and j % 12 == 1)][1:]
+        net.calls.clear()
+        _, logits = ours.perturb({"image": xi, "aux": torch.zeros(1, 2)}, yi)
+        our_calls = net.calls[1 : 1 + len(ta_calls)]
+        assert len(our_calls) == len(ta_calls) >= 11
+        for step, (a, b) in enumerate(zip(ta_calls, our_calls, strict=True)):
+            assert torch.allclose(a, b, atol=1e-5), (i, step, (a - b).abs().max())
+        compared += len(ta_calls)
+        with torch.no_grad():
+            assert bool(net.net(adv_ta).argmax(1) == yi) == bool(logits.argmax(1) == yi)
+    assert compared >= 3 * 11

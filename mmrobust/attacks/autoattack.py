@@ -130,8 +130,12 @@ class APGD(_AutoAttack):
         x_old = x.clone()
         checkpoints = set(_checkpoints(n_iter))
         last_check = 0
-        losses = [loss]
-        reduced_last = torch.zeros_like(loss, dtype=torch.bool)
+        # As in the reference: the first checkpoint compares the loss after the first step with 0
+        # (its zero-initialised loss buffer, read at index -1), not with the loss at the start; for
+        # the targeted DLR loss (< 0 until the target wins) that first comparison is never a rise.
+        # And no sample counts as "reduced without improvement" before the first checkpoint.
+        losses = [torch.zeros_like(loss)]
+        reduced_last = torch.ones_like(loss, dtype=torch.bool)
         loss_best_last = loss_best.clone()
         for i in range(n_iter):
             with torch.no_grad():
@@ -230,13 +234,14 @@ class FABT(_AutoAttack):
         best = BestTracker(packed.x0, clean_logits, labels)
         order = clean_logits.sort(dim=1).indices
         for t in range(2, self.targets + 2):
-            idx = (~best.broken).nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            sub, y, target = packed.take(idx), labels[idx], order[idx, -t]
-            found = self._fab(sub, y, target)
-            with torch.no_grad():
-                best.update(found, self.forward(sub, found), idx)
+            for restart in range(self.restarts):
+                idx = (~best.broken).nonzero().squeeze(1)
+                if len(idx) == 0:
+                    return best.x, best.logits
+                sub, y, target = packed.take(idx), labels[idx], order[idx, -t]
+                found = self._fab(sub, y, target, random_start=restart > 0)
+                with torch.no_grad():
+                    best.update(found, self.forward(sub, found), idx)
         return best.x, best.logits
 
     def _closest_boundary(
@@ -259,11 +264,24 @@ class FABT(_AutoAttack):
         rows = torch.arange(len(labels))
         return f[rows, k], w[rows, k]
 
-    def _fab(self, packed: Packed, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    def _fab(
+        self, packed: Packed, labels: torch.Tensor, target: torch.Tensor | None, random_start: bool = False
+    ) -> torch.Tensor:
+        """One FAB run from the clean input or (``random_start``, the reference's restarts after
+        the first) from a random point at half the budget: l-inf ``eps/2 * t / max|t|`` with ``t``
+        uniform in [-1, 1], l2 a random direction of length ``eps/2``; clamped to the valid box."""
         x0 = packed.x0
         lo = packed.lo if packed.lo is not None else torch.full_like(x0, -math.inf)
         hi = packed.hi if packed.hi is not None else torch.full_like(x0, math.inf)
         x = x0.clone()
+        if random_start:
+            half = packed.expand(packed.eps) * 0.5
+            if self.norm == "linf":
+                t = 2 * torch.rand(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device) - 1
+                x = packed.clamp(x0 + half * t / t.abs().amax(1, keepdim=True).clamp_min(1e-12))
+            else:
+                t = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device)
+                x = packed.clamp(x0 + half * packed.normalize(t, "l2"))
         x_best = x0.clone()
         best_norm = torch.full((x0.shape[0],), math.inf, dtype=x0.dtype, device=x0.device)
 
@@ -296,17 +314,20 @@ class FABT(_AutoAttack):
 
 @ATTACKS.register("fab")
 class FAB(FABT):
-    """Untargeted FAB (AutoAttack "plus"): each step heads for the closest linearised boundary."""
+    """Untargeted FAB (AutoAttack "plus", 5 restarts there): each step heads for the closest
+    linearised boundary; restarts after the first start at a random point (see :meth:`FABT._fab`)."""
 
     name = "fab"
 
     def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             best = BestTracker(packed.x0, self.forward(packed, packed.x0), labels)
-        idx = (~best.broken).nonzero().squeeze(1)
-        if len(idx):
+        for restart in range(self.restarts):  # the reference ("plus") runs 5, all but the first randomly started
+            idx = (~best.broken).nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
             sub = packed.take(idx)
-            found = self._fab(sub, labels[idx], None)
+            found = self._fab(sub, labels[idx], None, random_start=restart > 0)
             with torch.no_grad():
                 best.update(found, self.forward(sub, found), idx)
         return best.x, best.logits

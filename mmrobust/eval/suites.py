@@ -9,7 +9,7 @@ broke it): that is the number to trust; the gap between the two is also a gradie
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from fractions import Fraction
 from typing import Any
@@ -66,6 +66,46 @@ def parse_eps(value: str | float | Sequence[float] | None, what: str = "--eps") 
         out.append(v)
     if not out:
         raise ConfigError(f"{what}: no eps value given")
+    return out
+
+
+def parse_modalities(value: str | Sequence[str] | None, known: Sequence[str]) -> list[str] | None:
+    """``"audio,image"`` -> ``["audio", "image"]`` (checked against the run's modalities); None stays None."""
+    if value is None:
+        return None
+    names = [s.strip() for s in (value.split(",") if isinstance(value, str) else value) if s.strip()]
+    if not names:
+        raise ConfigError("--modalities: no modality given")
+    for m in names:
+        if m not in known:
+            raise ConfigError(f"--modalities: unknown modality '{m}'; the run has: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--modalities: modality listed twice in {','.join(names)}")
+    return names
+
+
+def parse_modality_eps(value: Any, known: Sequence[str]) -> dict[str, float] | None:
+    """``"image=8/255,audio=0.1"`` -> ``{"image": 0.0313..., "audio": 0.1}``; None where ``value``
+    names no modality (a plain eps list). Mixing ``name=eps`` and bare numbers is an error."""
+    if isinstance(value, Mapping):
+        items = [(str(k), str(v)) for k, v in value.items()]
+    elif isinstance(value, str) and "=" in value:
+        parts = [t.strip() for t in value.split(",") if t.strip()]
+        if any("=" not in t for t in parts):
+            raise ConfigError(f"--eps: '{value}' mixes name=eps and bare values; give every modality as name=eps")
+        items = [(t.partition("=")[0].strip(), t.partition("=")[2].strip()) for t in parts]
+    else:
+        return None
+    out: dict[str, float] = {}
+    for name, text in items:
+        if name not in known:
+            raise ConfigError(f"--eps: unknown modality '{name}'; the run has: {', '.join(known)}")
+        if name in out:
+            raise ConfigError(f"--eps: modality '{name}' given twice")
+        values = parse_eps(text, f"--eps {name}")
+        if values is None or len(values) != 1:
+            raise ConfigError(f"--eps: '{name}' takes one eps, got '{text}'")
+        out[name] = values[0]
     return out
 
 
@@ -253,7 +293,7 @@ def autoattack_suite(
     run: Run,
     split: Split,
     *,
-    eps: str | Sequence[float] | None = None,
+    eps: str | Sequence[float] | Mapping[str, float] | None = None,
     norm: str = "linf",
     steps: int = 100,
     queries: int = 5000,
@@ -264,6 +304,7 @@ def autoattack_suite(
     seed: int = 0,
     progress: ProgressFn | None = None,
     version: str | None = None,
+    modalities: str | Sequence[str] | None = None,
     **_: Any,
 ) -> EvalResult:
     """APGD-CE, APGD-T (targeted DLR), FAB-T and Square on all modalities jointly, each alone and
@@ -271,22 +312,40 @@ def autoattack_suite(
     model (DLR with < 3 classes, too few classes for the targets) are skipped with a warning.
     With ``version`` (standard / plus / custom) the reference protocol runs instead (see
     :mod:`mmrobust.attacks.protocol`): components in order, each on the points still robust, one
-    row per component with the cumulative robust accuracy and a final ``autoattack`` row."""
+    row per component with the cumulative robust accuracy and a final ``autoattack`` row.
+
+    ``modalities`` (``"image"`` or ``"audio,image"``) attacks only those modalities (default: all);
+    ``eps="image=8/255,audio=0.1"`` is one per-modality l-inf setting (protocol only: needs
+    ``version``), which also sets the attacked modalities."""
     if norm not in AUTOATTACK_EPS:
         raise ConfigError(f"unknown norm '{norm}'; choose from: {', '.join(AUTOATTACK_EPS)}")
-    grid = parse_eps(eps, "--eps") or list(AUTOATTACK_EPS[norm])
+    mods = parse_modalities(modalities, run.meta.modality_names)
+    per_modality = parse_modality_eps(eps, run.meta.modality_names)
+    if per_modality is not None:
+        if version is None:
+            raise ConfigError(
+                "--eps: per-modality budgets (name=eps) need the protocol: add --version standard|plus|custom"
+            )
+        if norm != "linf":
+            raise ConfigError("--eps: per-modality budgets (name=eps) need --norm linf")
+        if mods is not None and set(mods) != set(per_modality):
+            raise ConfigError(f"--modalities {','.join(mods)} differ from the modalities in --eps "
+                              f"({','.join(per_modality)}); give one of them")  # fmt: skip
+        mods = list(per_modality)
+    grid: list[Any] = [per_modality] if per_modality is not None else (
+        parse_eps(None if isinstance(eps, Mapping) else eps, "--eps") or list(AUTOATTACK_EPS[norm]))  # fmt: skip
+    mods = mods or run.meta.modality_names
     if version is not None:
         custom = None if version != "custom" else tuple(
             s.strip() for s in (attacks.split(",") if isinstance(attacks, str) else attacks))  # fmt: skip
         return _autoattack_protocol(run, split, grid, AutoAttackOptions(
-            eps=grid[0], version=version, norm=norm, attacks=custom, steps=steps, queries=queries, targets=targets,
-            seed=seed, batch_size=batch_size), progress)  # fmt: skip
+            eps=grid[0], version=version, norm=norm, modalities=tuple(mods), attacks=custom, steps=steps,
+            queries=queries, targets=targets, seed=seed, batch_size=batch_size), progress)  # fmt: skip
     names = [s.strip() for s in attacks.split(",")] if isinstance(attacks, str) else list(attacks)
     for n in names:
         if n not in AUTOATTACK_ATTACKS:
             raise ConfigError(f"unknown AutoAttack component '{n}'; choose from: {', '.join(AUTOATTACK_ATTACKS)}")
     ev = _Evaluator(run, split, batch_size, seed)
-    mods = run.meta.modality_names
     skipped: list[str] = []
     runnable = []
     for n in names:
@@ -323,10 +382,10 @@ def autoattack_suite(
 
 
 def _autoattack_protocol(
-    run: Run, split: Split, grid: Sequence[float], options: AutoAttackOptions, progress: ProgressFn | None
+    run: Run, split: Split, grid: Sequence[Any], options: AutoAttackOptions, progress: ProgressFn | None
 ) -> EvalResult:
     ev = _Evaluator(run, split, options.batch_size, options.seed)
-    mods = run.meta.modality_names
+    mods = list(options.modalities or run.meta.modality_names)
     results: list[EvalRow] = []
     notes: list[str] = []
     ticker = _Ticker(progress, "autoattack", len(grid))
@@ -344,8 +403,11 @@ def _autoattack_protocol(
             start += len(labels)
         final = torch.cat(finals)
         preds = ev.clean_preds.clone()
-        base = {"loss": None, "norm": options.norm, "modalities": mods, "budget": "joint", "eps": e,
-                "steps": options.steps, "version": options.version}  # fmt: skip
+        per_modality = isinstance(e, dict) and len(set(e.values())) > 1
+        base = {"loss": None, "norm": options.norm, "modalities": mods, "eps": e if per_modality else (
+                    next(iter(e.values())) if isinstance(e, dict) else e),
+                "budget": "per-modality" if per_modality else "joint", "steps": options.steps,
+                "version": options.version}  # fmt: skip
         for attack, parts in stages.items():  # cumulative: every sample broken so far takes its adversarial prediction
             broken_index = torch.cat(parts)
             preds[broken_index] = final[broken_index]
@@ -354,7 +416,8 @@ def _autoattack_protocol(
         results.append(result_row({**base, "attack": "autoattack", "loss": "worst",
                                    "components": list(stages)}, final, ev.labels, ev.k))  # fmt: skip
         ticker.tick()
-    protocol = {"version": options.version, "norm": options.norm, "eps": list(grid), "steps": options.steps,
+    protocol = {"version": options.version, "norm": options.norm, "eps": list(grid), "modalities": mods,
+                "steps": options.steps,
                 "queries": options.queries, "targets": options.targets, "attacks": list(options.attacks or []),
                 "seed": options.seed}  # fmt: skip
     out = ev.finish("autoattack", results, protocol, check_masking=False)
