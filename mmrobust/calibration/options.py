@@ -71,12 +71,10 @@ class CalibrationOptions:
 class EvalOptions:
     """How calibrated and frozen models are evaluated.
 
-    Every component in ``attacks`` runs at every l-inf budget in ``eps`` (``steps`` iterations for
-    the gradient attacks, ``queries`` for Square, ``targets`` target classes for APGD-T and FAB-T);
-    the robust accuracy is the per-sample worst case over them. ``cascade``: each component attacks
-    only the samples no earlier component (nor a smaller budget) broke, as AutoAttack does: the same
-    worst case for far fewer attack runs, but the per-component accuracies are then cumulative
-    rather than each component alone. ``retrieval_k``: the k of recall@k.
+    At every l-inf budget in ``eps`` the AutoAttack protocol runs the components in ``attacks`` in
+    order, each on the samples the earlier ones left correct (``steps`` iterations for the gradient
+    attacks, ``queries`` for Square, ``targets`` target classes for APGD-T and FAB-T); the robust
+    accuracy is the per-sample worst case over them. ``retrieval_k``: the k of recall@k.
     """
 
     eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255)
@@ -84,8 +82,6 @@ class EvalOptions:
     steps: int = 100
     queries: int = 5000
     targets: int = 9
-    restarts: int = 1
-    cascade: bool = False
     retrieval_k: tuple[int, ...] = (1, 5)
     batch_size: int = 256
     seed: int = 0
@@ -104,7 +100,7 @@ class EvalOptions:
                 )
         if not self.attacks:
             raise ConfigError(f"{who}.attacks: give at least one of: {', '.join(AUTOATTACK_ATTACKS)}")
-        for name, minimum in (("steps", 1), ("queries", 1), ("targets", 1), ("restarts", 1), ("batch_size", 1),
+        for name, minimum in (("steps", 1), ("queries", 1), ("targets", 1), ("batch_size", 1),
                               ("seed", 0)):  # fmt: skip
             check_range(getattr(self, name), minimum, None, f"{who}.{name}")
         self.retrieval_k = tuple(self.retrieval_k)
