@@ -17,7 +17,7 @@ from mmrobust.calibration.evaluate import BudgetResult
 from mmrobust.calibration.metrics import recall_at_k
 from mmrobust.calibration.pipeline import ProjectionHead
 from mmrobust.calibration.store import load_heads, save_heads
-from mmrobust.calibration.train import distill, stage2_loss
+from mmrobust.calibration.train import distill, epoch_eps, stage2_loss
 from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.eval.metrics import macro_f1, macro_precision_recall_f1
@@ -130,6 +130,21 @@ def test_early_stopping_keeps_the_best_validation_epoch(setup, ce_result):
     assert len(h.history) <= FAST["epochs"] + 1
     assert h.trainable_parameters == sum(p.numel() for p in h.head.parameters())
     assert h.trainable_fraction == pytest.approx(h.trainable_parameters / (h.trainable_parameters + 8))
+
+
+def test_stage2_history_shows_the_training_attack_fools_the_head_and_gradients_reach_it(ce_result):
+    first = ce_result.heads["audio"].history[1]
+    assert first["train_eps"] == pytest.approx(8 / 255)
+    # on its own training examples the head starts far below its clean accuracy: the attack works
+    assert first["train_adv_acc"] < 0.8 < first["train_clean_acc"]
+    assert first["grad_norm"] > 0
+
+
+def test_eps_curriculum_grows_the_training_budget_linearly(setup):
+    opt = CalibrationOptions(loss="ce", eps=6 / 255, eps_warmup=2, **FAST)
+    assert [epoch_eps(opt, e) for e in (1, 2, 3, 4)] == pytest.approx([2 / 255, 4 / 255, 6 / 255, 6 / 255])
+    rows = calibrate(setup, opt, modalities=["audio"]).heads["audio"].history[1:]
+    assert [r["train_eps"] for r in rows] == pytest.approx([2 / 255, 4 / 255, 6 / 255])
 
 
 def test_l2_loss_pulls_adversarial_embeddings_to_the_stage1_clean_ones(setup):

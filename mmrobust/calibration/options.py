@@ -30,7 +30,9 @@ class CalibrationOptions:
     (``attack_steps`` iterations), regenerated every batch against the current head. ``lora_rank``
     > 0 trains rank-r LoRA adapters (scale ``lora_alpha / r``) on the stage-1 head instead of the
     whole head. Early stopping keeps the epoch with the best ``0.25 * clean + 0.75 * adversarial``
-    validation accuracy and stops after ``patience`` epochs without improvement.
+    validation accuracy and stops after ``patience`` epochs without improvement. ``eps_warmup``:
+    epochs over which the training budget grows linearly to ``eps`` (a curriculum; 0 = none);
+    ``clean_weight``: weight of the same loss on the clean input, added to the adversarial one.
     """
 
     loss: str = "ce"
@@ -48,6 +50,8 @@ class CalibrationOptions:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     patience: int = 2
+    eps_warmup: int = 0
+    clean_weight: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,11 +61,12 @@ class CalibrationOptions:
             raise ConfigError(f"{who}.loss: unknown loss '{self.loss}'; choose from: {', '.join(CALIBRATION_LOSSES)}")
         self.eps = check_eps(self.eps, f"{who}.eps")
         for name, minimum in (("attack_steps", 1), ("hidden", 1), ("stage1_epochs", 0), ("epochs", 0),
-                              ("batch_size", 1), ("lora_rank", 0), ("patience", 1), ("seed", 0)):  # fmt: skip
+                              ("batch_size", 1), ("lora_rank", 0), ("patience", 1), ("eps_warmup", 0), ("seed", 0)):  # fmt: skip
             check_range(getattr(self, name), minimum, None, f"{who}.{name}")
         for name in ("stage1_lr", "lr", "ce_temperature", "infonce_temperature", "lora_alpha"):
             check_range(getattr(self, name), 0.0, None, f"{who}.{name}", low_open=True)
         check_range(self.weight_decay, 0.0, None, f"{who}.weight_decay")
+        check_range(self.clean_weight, 0.0, None, f"{who}.clean_weight")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
