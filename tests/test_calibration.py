@@ -271,6 +271,21 @@ def test_an_encoder_returning_nan_is_refused(setup):
         CalibrationSetup(model, setup.meta, setup.data)
 
 
+def test_an_encoder_returning_nan_beyond_the_probe_samples_is_refused_before_training(setup):
+    encoder = setup.model.encoders["audio"]
+
+    def late_nan(x: torch.Tensor) -> torch.Tensor:  # fine on the 8 probe samples, NaN on larger batches
+        z = encoder(x)
+        return z if len(x) <= 8 else torch.full_like(z, float("nan"))
+
+    model = BindModel({"audio": late_nan}, setup.model.centres("audio"))
+    bad = CalibrationSetup(model, setup.meta, setup.data)  # the probe passes
+    with pytest.raises(DataError, match="encoder 'audio' returned NaN or inf embeddings for 64 of 64 evaluation"):
+        evaluate(model, setup.meta, setup.data.test, EVAL)
+    with pytest.raises(DataError, match="returned NaN or inf embeddings for 128 of 128 training"):
+        calibrate(bad, CalibrationOptions(**FAST))
+
+
 def test_a_modality_without_valid_range_is_refused(setup):
     meta = DatasetMeta("x", [ModalitySpec("audio", "vector", (8,)), ModalitySpec("image", "vector", (8,), (0.0, 1.0))],
                        setup.meta.class_names)  # fmt: skip

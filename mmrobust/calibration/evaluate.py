@@ -29,6 +29,7 @@ from mmrobust.attacks.protocol import AutoAttackOptions, run_autoattack
 from mmrobust.calibration.metrics import mean_cosine, recall_at_k
 from mmrobust.calibration.options import EvalOptions
 from mmrobust.calibration.pipeline import BindModel
+from mmrobust.calibration.setup import check_finite
 from mmrobust.data.base import DatasetMeta, Split, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, macro_precision_recall_f1
@@ -133,6 +134,7 @@ def evaluate(model: BindModel, meta: DatasetMeta, split: Split, options: EvalOpt
         x = split.inputs[m]
         clf = model.classifier(m)
         z = _embed(model, m, x, options.batch_size)
+        check_finite(z, m, "evaluation")
         clean_emb[m] = F.normalize(z, dim=1)
         clean_preds = model.cosine_logits(m, z).argmax(1)
         worst = clean_preds.clone()  # per sample: the prediction on its worst example so far

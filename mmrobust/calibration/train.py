@@ -36,7 +36,7 @@ from torch import nn
 from mmrobust.attacks import build_attack
 from mmrobust.calibration.options import CalibrationOptions
 from mmrobust.calibration.pipeline import BindModel, FrozenEncoder, ProjectionHead
-from mmrobust.calibration.setup import CalibrationSetup
+from mmrobust.calibration.setup import CalibrationSetup, check_finite
 from mmrobust.data.base import DatasetMeta, Split, iterate_batches
 from mmrobust.errors import ConfigError
 
@@ -119,6 +119,7 @@ def _calibrate_modality(
     torch.manual_seed(opt.seed)
     model, train, val = setup.model, setup.data.train, setup.data.val
     z_train = _features(model, m, train.inputs[m], opt.batch_size)
+    check_finite(z_train, m, "training")
     head = ProjectionHead(model.dim(m), opt.hidden)
     stage1 = distill(head, z_train, opt)
     teacher = copy.deepcopy(head).requires_grad_(False)
