@@ -4,6 +4,7 @@ after each stage-2 loss (l2, ce, infonce), with and without LoRA; trainable-para
 wall and CPU time (the machine may be shared: CPU time is the process's own).
 
     python benchmarks/calibration_matrix.py [--calib-opt eps=2/255 --calib-opt lr=0.001 ...] [--tag NAME]
+    python benchmarks/calibration_matrix.py --merge l2,ce,infonce --tag all   # runs split by loss, side by side
 
 Training options default to the example's (``EXAMPLE_DEFAULTS``), overridden by ``--calib-opt``
 (chosen on the validation split with ``calibration_sweep.py``, never on the test split); the
@@ -54,7 +55,11 @@ def main() -> None:
     p.add_argument("--eval-opt", action="append", default=[])
     p.add_argument("--example-opt", action="append", default=[])
     p.add_argument("--tag", default="avdigits_bind")
+    p.add_argument("--merge", help="comma list of tags of finished runs (e.g. one per loss) to join into one matrix")
     args = p.parse_args()
+    if args.merge:
+        merge(args.merge.split(","), args.tag)
+        return
     torch.set_num_threads(1)
     t0, c0 = time.perf_counter(), time.process_time()
     cal = _pairs(args.calib_opt)
@@ -69,8 +74,12 @@ def main() -> None:
     out = study.to_dict()
     out["timing"] = {"build_wall_s": build_wall, "build_cpu_s": build_cpu, "total_wall_s": time.perf_counter() - t0,
                      "total_cpu_s": time.process_time() - c0, "torch_threads": torch.get_num_threads()}  # fmt: skip
+    show(out, args.tag)
+
+
+def show(out: dict[str, Any], tag: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"calibration_matrix_{args.tag}.json"
+    path = RESULTS / f"calibration_matrix_{tag}.json"
     path.write_text(json.dumps(out, indent=1, default=str))
     eps = [b["eps"] for b in next(iter(out["frozen"]["modalities"].values()))["budgets"]]
     header = ["model", "modality", "clean", *[f"{round(e * 255)}/255" for e in eps], "trainable", "best epoch"]
@@ -80,6 +89,21 @@ def main() -> None:
     t = out["timing"]
     print(f"wall {t['total_wall_s']:.0f} s, CPU {t['total_cpu_s']:.0f} s (build {t['build_wall_s']:.0f} s wall); "
           f"wrote {path}")  # fmt: skip
+
+
+def merge(tags: list[str], tag: str) -> None:
+    """One matrix from runs split by loss: the frozen model must be the same in all (deterministic build)."""
+    runs = [json.loads((RESULTS / f"calibration_matrix_{t}.json").read_text()) for t in tags]
+    first = runs[0]
+    for t, r in zip(tags[1:], runs[1:], strict=True):
+        if r["frozen"]["modalities"] != first["frozen"]["modalities"]:
+            raise SystemExit(f"run '{t}' evaluated a different frozen model than '{tags[0]}': not mergeable")
+    out = dict(first)
+    out["variants"] = {n: v for r in runs for n, v in r["variants"].items()}
+    out["timing"] = {k: max(r["timing"][k] for r in runs) for k in first["timing"]}
+    out["timing"]["cpu_s_all_runs"] = sum(r["timing"]["total_cpu_s"] for r in runs)
+    out["merged_from"] = tags
+    show(out, tag)
 
 
 if __name__ == "__main__":
