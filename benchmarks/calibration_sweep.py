@@ -51,7 +51,7 @@ def parse_config(text: str) -> tuple[str, dict[str, Any]]:
         key, value = item.split("=", 1)
         if key == "eps":
             out[key] = (parse_eps(value, "eps") or [0.0])[0]
-        elif key == "loss":
+        elif key in ("loss", "train_attack"):
             out[key] = value
         else:
             num = float(value)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmrobust.attacks import build_attack
 from mmrobust.attacks.protocol import AutoAttackOptions, run_autoattack
 from mmrobust.calibration import BindModel, CalibrationOptions, CalibrationSetup, EvalOptions, calibrate, evaluate
 from mmrobust.calibration.evaluate import BudgetResult
@@ -147,6 +148,21 @@ def test_eps_curriculum_grows_the_training_budget_linearly(setup):
     assert [r["train_eps"] for r in rows] == pytest.approx([2 / 255, 4 / 255, 6 / 255])
 
 
+def test_the_training_attack_option_picks_the_attack_of_training_and_validation(setup, monkeypatch):
+    import mmrobust.calibration.train as train_module
+
+    used: list[str] = []
+
+    def spy(name: str, *args: Any, **kwargs: Any) -> Any:
+        used.append(name)
+        return build_attack(name, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_attack", spy)
+    opt = CalibrationOptions(loss="ce", train_attack="apgd-dlr", **{**FAST, "epochs": 1})
+    result = calibrate(setup, opt, modalities=["audio"])
+    assert used and set(used) == {"apgd-dlr"} and result.heads["audio"].history[1]["train_adv_acc"] < 1.0
+
+
 def test_l2_loss_pulls_adversarial_embeddings_to_the_stage1_clean_ones(setup):
     result = calibrate(setup, CalibrationOptions(loss="l2", **FAST), modalities=["image"])
     after = evaluate(result.model, setup.meta, setup.data.test, EVAL).modalities["image"]
@@ -239,7 +255,8 @@ def test_lora_without_peft_is_a_one_line_error(setup):
     "kwargs, match",
     [({"eps": 0.0}, "eps"), ({"eps": 1.5}, "eps"), ({"eps": float("nan")}, "eps"), ({"loss": "mse"}, "choose from"),
      ({"lora_rank": -1}, "lora_rank"), ({"epochs": True}, "epochs"), ({"lr": 0.0}, "lr"),
-     ({"ce_temperature": float("inf")}, "ce_temperature")],
+     ({"ce_temperature": float("inf")}, "ce_temperature"), ({"train_attack": "fab"}, "unknown attack 'fab'"),
+     ({"eps_warmup": -1}, "eps_warmup"), ({"clean_weight": -0.5}, "clean_weight")],
 )  # fmt: skip
 def test_calibration_options_validate_themselves(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -10,6 +10,8 @@ from mmrobust.errors import ConfigError
 from mmrobust.eval.suites import AUTOATTACK_ATTACKS
 from mmrobust.options import check_range, check_types
 
+#: attacks that can generate the stage-2 training examples (and the early-stopping validation ones)
+TRAIN_ATTACKS = ("apgd-ce", "apgd-dlr")
 #: stage-2 losses: l2 to the frozen stage-1 embedding, ce on cosine logits, infonce over clean/adv pairs
 CALIBRATION_LOSSES = ("l2", "ce", "infonce")
 
@@ -33,6 +35,8 @@ class CalibrationOptions:
     validation accuracy and stops after ``patience`` epochs without improvement. ``eps_warmup``:
     epochs over which the training budget grows linearly to ``eps`` (a curriculum; 0 = none);
     ``clean_weight``: weight of the same loss on the clean input, added to the adversarial one.
+    ``train_attack``: ``apgd-ce`` (the paper's) or ``apgd-dlr`` (scale-invariant DLR loss: no
+    gradient underflow when the cosine logits saturate the softmax), for training and validation.
     """
 
     loss: str = "ce"
@@ -52,6 +56,7 @@ class CalibrationOptions:
     patience: int = 2
     eps_warmup: int = 0
     clean_weight: float = 0.0
+    train_attack: str = "apgd-ce"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,6 +64,10 @@ class CalibrationOptions:
         check_types(self, who)
         if self.loss not in CALIBRATION_LOSSES:
             raise ConfigError(f"{who}.loss: unknown loss '{self.loss}'; choose from: {', '.join(CALIBRATION_LOSSES)}")
+        if self.train_attack not in TRAIN_ATTACKS:
+            raise ConfigError(
+                f"{who}.train_attack: unknown attack '{self.train_attack}'; choose from: {', '.join(TRAIN_ATTACKS)}"
+            )
         self.eps = check_eps(self.eps, f"{who}.eps")
         for name, minimum in (("attack_steps", 1), ("hidden", 1), ("stage1_epochs", 0), ("epochs", 0),
                               ("batch_size", 1), ("lora_rank", 0), ("patience", 1), ("eps_warmup", 0), ("seed", 0)):  # fmt: skip

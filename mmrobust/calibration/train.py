@@ -146,7 +146,7 @@ def _calibrate_modality(
     centres = model.centres(m)
     for epoch in range(1, opt.epochs + 1):
         eps = epoch_eps(opt, epoch)
-        attack = build_attack("apgd-ce", calibrated.classifier(m), setup.meta, eps=eps, norm="linf",
+        attack = build_attack(opt.train_attack, calibrated.classifier(m), setup.meta, eps=eps, norm="linf",
                               modalities=[m], steps=opt.attack_steps, seed=opt.seed)  # fmt: skip
         total, count, clean_hits, adv_hits, grad_sq = 0.0, 0, 0, 0, 0.0
         for inputs, labels in iterate_batches(indexed, opt.batch_size, shuffle=True, seed=opt.seed, epoch=epoch):
@@ -238,9 +238,9 @@ def _features(model: BindModel, m: str, x: torch.Tensor, batch_size: int) -> tor
 def _val_accuracy(
     model: BindModel, meta: DatasetMeta, m: str, val: Split, opt: CalibrationOptions
 ) -> tuple[float, float]:
-    """Clean and APGD-CE (the training attack) accuracy of modality ``m`` on the validation split."""
+    """Clean and adversarial accuracy (under the training attack) of modality ``m`` on the validation split."""
     clf = model.classifier(m)
-    attack = build_attack("apgd-ce", clf, meta, eps=opt.eps, norm="linf", modalities=[m], steps=opt.attack_steps,
+    attack = build_attack(opt.train_attack, clf, meta, eps=opt.eps, norm="linf", modalities=[m], steps=opt.attack_steps,
                           seed=opt.seed + 1)  # fmt: skip
     clean = adv = 0
     for inputs, labels in iterate_batches(val, 256):
