@@ -41,6 +41,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=["cosine", "step", "none"])
     p.add_argument("--weight-decay", type=_finite_float)
     p.add_argument("--feature-dim", type=int)
+    p.add_argument("--lipschitz-encoders", action=argparse.BooleanOptionalAction, default=None,
+                   help="encoders that are 1-Lipschitz in l2 by construction (AOL layers, MaxMin; see docs/certify.md); "
+                   "saved in the run config (model.lipschitz_encoders); --no-lipschitz-encoders overrides a config")  # fmt: skip
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu | cuda | auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,7 +68,7 @@ def build_run_config(args: argparse.Namespace):  # -> RunConfig
         ("epochs", cfg.train, "epochs"), ("batch_size", cfg.train, "batch_size"), ("seed", cfg.train, "seed"),
         ("device", cfg.train, "device"), ("lr", cfg.train.optim, "lr"), ("optimizer", cfg.train.optim, "name"),
         ("schedule", cfg.train.optim, "schedule"), ("weight_decay", cfg.train.optim, "weight_decay"),
-        ("feature_dim", cfg.model, "feature_dim"),
+        ("feature_dim", cfg.model, "feature_dim"), ("lipschitz_encoders", cfg.model, "lipschitz_encoders"),
     ):  # fmt: skip
         value = getattr(args, flag)
         if value is not None:
