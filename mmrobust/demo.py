@@ -60,7 +60,7 @@ class DemoConfig:
     #: no tighter than sound there) on its first ``cert_samples`` samples
     cert_samples: int = 100
     smoothing_options: dict[str, Any] = field(
-        default_factory=lambda: {"sigma": 0.25, "n0": 20, "n": 200, "alpha": 0.001, "unimodal": False}
+        default_factory=lambda: {"sigma": 0.25, "n0": 20, "n": 100, "alpha": 0.001, "unimodal": False}
     )
     crown_options: dict[str, Any] = field(default_factory=lambda: {"steps": 8, "unimodal": False})
     eval_samples: int | None = 300  # attack the first N test samples (keeps the demo < 10 min; the report says so)
