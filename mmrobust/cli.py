@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", help="comma-separated methods (default: jt,crmt-jt,crmt-at)")
     p.add_argument("--lipschitz-encoders", action="store_true",
-                   help="also train CRMT-JT with 1-Lipschitz encoders and certify it with CROWN (~3 more minutes)")  # fmt: skip
+                   help="also train CRMT-JT with 1-Lipschitz encoders and certify it with CROWN (about 6 more minutes)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
