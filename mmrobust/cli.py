@@ -41,6 +41,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=["cosine", "step", "none"])
     p.add_argument("--weight-decay", type=_finite_float)
     p.add_argument("--feature-dim", type=int)
+    p.add_argument("--lipschitz-encoders", action=argparse.BooleanOptionalAction, default=None,
+                   help="encoders that are 1-Lipschitz in l2 by construction (AOL layers, MaxMin; see docs/certify.md); "
+                   "saved in the run config (model.lipschitz_encoders); --no-lipschitz-encoders overrides a config")  # fmt: skip
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu | cuda | auto")
     _add_scale_args(p)
@@ -78,8 +81,8 @@ def build_run_config(args: argparse.Namespace):  # -> RunConfig
         ("epochs", cfg.train, "epochs"), ("batch_size", cfg.train, "batch_size"), ("seed", cfg.train, "seed"),
         ("device", cfg.train, "device"), ("lr", cfg.train.optim, "lr"), ("optimizer", cfg.train.optim, "name"),
         ("schedule", cfg.train.optim, "schedule"), ("weight_decay", cfg.train.optim, "weight_decay"),
-        ("feature_dim", cfg.model, "feature_dim"), ("precision", cfg.train, "precision"),
-        ("memory_budget", cfg.train, "memory_budget"),
+        ("feature_dim", cfg.model, "feature_dim"), ("lipschitz_encoders", cfg.model, "lipschitz_encoders"),
+        ("precision", cfg.train, "precision"), ("memory_budget", cfg.train, "memory_budget"),
     ):  # fmt: skip
         value = getattr(args, flag)
         if value is not None:
@@ -158,31 +161,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    from mmrobust.certify.runner import certify_run, parse_radii
-    from mmrobust.config import parse_kv
-    from mmrobust.report.certify import save_certify, show_certify
+    from mmrobust.certify import load_certifiers
+    from mmrobust.certify.base import CERTIFIERS
+    from mmrobust.certify.runner import build_certifier, certify_run_many, parse_radii
+    from mmrobust.report.certify import save_certify, save_certify_plot, show_certify
     from mmrobust.report.console import out
     from mmrobust.runs import check_writable, load_run
 
-    options: dict[str, object] = dict(parse_kv(args.cert_opt, "--cert-opt"))
-    # the older flags are shorthands for options of the Lipschitz certifiers
+    load_certifiers()
+    names = list(CERTIFIERS.names()) if args.lipschitz.strip() == "all" else _names(args.lipschitz, "--lipschitz")
+    # one certifier: --cert-opt KEY=VALUE; several: NAME:KEY=VALUE (KEY=VALUE goes to every one)
+    per_name = _per_name_options(args.cert_opt, "--cert-opt", names)
+    options: dict[str, dict[str, object]] = {n: dict(per_name.get(n, {})) for n in names}
+    # the older flags are shorthands for options of the Lipschitz certifiers (with several
+    # certifiers: of those that have the option)
     for flag, key in (("lipschitz_samples", "max_samples"), ("theorem", "theorem")):
         value = getattr(args, flag)
-        if value is not None:
-            if key in options:
+        if value is None:
+            continue
+        takers = names if len(names) == 1 else [n for n in names if hasattr(build_certifier(n).options, key)]
+        for n in takers or names:
+            if key in options[n]:
                 raise ConfigError(f"--{flag.replace('_', '-')} and --cert-opt {key}=... both given; keep one")
-            options[key] = value
+            options[n][key] = value
     radii = parse_radii(args.radii) if args.radii else None
     check_writable(args.run)  # refuse now rather than after the work
-    result = certify_run(
-        args.run, certifier=args.lipschitz, options=options, split=args.split, radii=radii,
+    results = certify_run_many(
+        args.run, [(n, options[n]) for n in names], split=args.split, radii=radii,
         fit_split=args.lipschitz_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
         attack_steps=args.attack_steps, allow_data_change=args.allow_data_change, tightness_samples=args.tightness,
         precision=args.precision or "fp32", memory_budget=args.memory_budget or "auto",
     )  # fmt: skip
     run = load_run(args.run, allow_data_change=args.allow_data_change)
-    show_certify(run, result)
-    out.print(f"wrote {save_certify(run, result)}")
+    for result in results:
+        show_certify(run, result)
+        path = save_certify(run, result)
+    out.print(f"wrote {path}")
+    if len(results) > 1:
+        out.print(f"wrote {save_certify_plot(run, results)}")
     return 0
 
 
@@ -234,7 +250,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmrobust.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    cfg = DemoConfig(epochs=args.epochs, seed=args.seed, progress=not args.no_progress,
+                     lipschitz_model=args.lipschitz_encoders)  # fmt: skip
     if args.methods:
         from mmrobust.training import METHODS
 
@@ -427,12 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--lipschitz",
         default="empirical",
         metavar="CERTIFIER",
-        help="certifier name (see `mmrobust datasets`); empirical: max gradient norm over data (an estimate, "
-        "not a guarantee); sound: a true upper bound",
+        help="certifier name (see `mmrobust datasets`), a comma list or `all` (several: every one in turn, "
+        "side by side in RUN/certify.json and RUN/certified_accuracy.png); empirical: max gradient norm over data "
+        "(an estimate, not a guarantee); sound: a true upper bound; crown: linear bound propagation (sound); "
+        "smoothing: randomized smoothing (probabilistic)",
     )
     p.add_argument(
         "--cert-opt", action="append", metavar="KEY=VALUE",
-        help="option of the chosen certifier (repeatable), e.g. max_samples=256 or theorem=3.3",
+        help="option of the chosen certifier (repeatable), e.g. max_samples=256 or theorem=3.3; with several "
+        "certifiers NAME:KEY=VALUE (e.g. crown:steps=8)",
     )  # fmt: skip
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--radii", help="comma-separated l2 radii for certified accuracy (default: 0 .. 5)")
@@ -495,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", help="comma-separated methods (default: jt,crmt-jt,crmt-at)")
+    p.add_argument("--lipschitz-encoders", action="store_true",
+                   help="also train CRMT-JT with 1-Lipschitz encoders and certify it with CROWN (about 6 more minutes)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 

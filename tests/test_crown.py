@@ -244,3 +244,28 @@ def test_cli_certifies_with_crown_and_smoothing(tmp_path, capsys):
     assert err[-1].startswith("mmrobust: error:") and "crown: unknown norm 'l3'" in err[-1]
     doc = json.loads((out / "certify.json").read_text())
     assert set(doc["estimators"]) >= {"crown", "smoothing"}
+
+
+def test_intermediate_crown_is_chunked_exactly_and_never_looser_than_interval_bounds():
+    """Unstable-neuron rows processed one at a time (tiny ``memory``) give the same bounds as all at
+    once; full intermediate CROWN is never looser than interval/Lipschitz bounds (``fast``), and
+    tightens them on a small CNN at a radius where many ReLUs are unstable."""
+    from mmrobust.models.fusion import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    meta = DatasetMeta(
+        "cnn", [ModalitySpec("img", "image", (1, 8, 8)), ModalitySpec("seq", "sequence", (2, 8))], ["0", "1", "2"]
+    )
+    model = build_model(meta, ModelConfig(feature_dim=8)).eval()  # untrained: the bounds need no training
+    x = {"img": torch.randn(6, 1, 8, 8), "seq": torch.randn(6, 2, 8)}
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    names = list(model.modalities)
+    r = torch.full((6,), 0.3, dtype=torch.float64)
+    one = ModelBounds(model, meta, CrownOptions(intermediate="crown", memory=1)).lower(x, y, r, names)
+    big = ModelBounds(model, meta, CrownOptions(intermediate="crown", memory=2**26)).lower(x, y, r, names)
+    fast = ModelBounds(model, meta, CrownOptions(intermediate="fast")).lower(x, y, r, names)
+    mask = torch.isfinite(big)
+    assert torch.allclose(one[mask], big[mask], rtol=1e-9, atol=1e-9)
+    assert (big[mask] >= fast[mask] - 1e-9).all()
+    assert (big[mask] > fast[mask] + 1e-6).any()

@@ -96,3 +96,19 @@ def test_cli_certify_tightness_writes_ratios(tiny_run, tmp_path, capsys):
     assert all(0 <= c <= a for c, a in zip(t["certified"], t["attack_radius"], strict=True))
     assert "median certified / smallest attack radius" in " ".join(capsys.readouterr().out.split())
     assert main(["certify", str(run), "--tightness", "-1"]) == 2
+
+
+def test_robust_at_a_fixed_eps_matches_the_exact_distance_on_a_linear_model():
+    from mmrobust.certify.tightness import robust_at
+
+    model, meta = _linear_model()
+    x = {"a": torch.randn(16, 5), "b": torch.randn(16, 3)}
+    labels = model(x).argmax(1)
+    dist = crown_radii(model, meta, Split(x, labels), CrownOptions(steps=40)).joint  # exact here
+    eps = float(dist.median())
+    ok = robust_at(model, x, labels, eps, ["a", "b"], FAST)
+    assert (ok[dist < 0.9 * eps] == 0).all() and (ok[dist > 1.1 * eps] == 1).all()
+    assert 0 < int(ok.sum()) < 16
+    wrong = labels.clone()
+    wrong[0] = (wrong[0] + 1) % 3  # a misclassified sample is never robust, at any eps
+    assert not robust_at(model, x, wrong, 1e-6, ["a", "b"], FAST)[0]

@@ -405,8 +405,11 @@ def _dual(a: torch.Tensor, norm: str) -> torch.Tensor:
 class EncoderBounds:
     """Bound propagation through one encoder: ``bound(x, r, spec)`` -> linear and interval bounds."""
 
-    def __init__(self, encoder: nn.Module, in_shape: tuple[int, ...], norm: str, intermediate: str, budget: int):
-        self.in_shape, self.norm = tuple(in_shape), norm
+    def __init__(
+        self, encoder: nn.Module, in_shape: tuple[int, ...], norm: str, intermediate: str, budget: int,
+        memory: int = 2**23,
+    ):  # fmt: skip
+        self.in_shape, self.norm, self.memory = tuple(in_shape), norm, memory
         self.ops = build_ops(encoder, in_shape)
         self.numel = math.prod(self.in_shape)
         # which top-level ReLUs get full CROWN pre-activation bounds (cost ~ 2N x widest earlier layer)
@@ -415,6 +418,7 @@ class EncoderBounds:
             widths.append((math.prod(shape), widest))
             shape = _shape_after([op], shape)
             widest = max(widest, math.prod(shape))
+        self.widest = [w for _, w in widths]  # largest tensor a backward pass from op i goes through
         # (the first nonlinearity needs none: an affine prefix already has exact bounds on the ball)
         first = next((i for i, op in enumerate(self.ops) if not isinstance(op, AffineOp)), len(self.ops))
         self.tighten = [
@@ -443,15 +447,37 @@ class EncoderBounds:
         return st
 
     def _crown_tighten(self, i: int, st: State, x: torch.Tensor, r: torch.Tensor) -> State:
-        """Intersect the bounds of the input of op ``i`` with CROWN run backwards from it."""
+        """Intersect the bounds of the input of op ``i`` (a ReLU) with CROWN run backwards from it.
+
+        Only the neurons still unstable (``lo < 0 < hi``) are bounded: a stable ReLU is exact in
+        every later relaxation whatever its bounds, and the bounds of later layers are intersections,
+        so skipping them never makes anything unsound. Rows are processed ``memory`` elements at a
+        time (one lower and one upper bound row per neuron and sample).
+        """
         b, shape = st.z.shape[0], st.z.shape[1:]
         n = math.prod(shape)
-        eye = torch.eye(n, dtype=torch.float64)
-        spec = torch.cat([eye, -eye]).view(1, 2 * n, *shape).expand(b, -1, *shape)
-        a, c = run_backward(self.ops[:i], spec)
-        bound = self._concretize(a, c, x, r)
-        lo, hi = bound[:, :n].view_as(st.lo), -bound[:, n:].view_as(st.hi)
-        lo, hi = _pad(torch.maximum(st.lo, lo), torch.minimum(st.hi, hi))
+        lo, hi = st.lo.reshape(b, n).clone(), st.hi.reshape(b, n).clone()
+        unstable = (lo < 0) & (hi > 0)
+        counts = unstable.sum(1)
+        kmax = int(counts.max()) if b else 0
+        if kmax == 0:
+            return st
+        order = unstable.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :kmax]  # unstable first
+        valid = torch.arange(kmax).unsqueeze(0) < counts.unsqueeze(1)
+        per = max(1, self.memory // (2 * b * self.widest[i]))
+        for s0 in range(0, kmax, per):
+            idx, ok = order[:, s0 : s0 + per], valid[:, s0 : s0 + per]
+            k = idx.shape[1]
+            spec = torch.zeros(b, 2 * k, n, dtype=torch.float64)
+            spec[:, :k].scatter_(2, idx.unsqueeze(2), 1.0)
+            spec[:, k:].scatter_(2, idx.unsqueeze(2), -1.0)
+            spec = spec * torch.cat([ok, ok], 1).unsqueeze(2)  # padding rows bound nothing
+            a, c = run_backward(self.ops[:i], spec.view(b, 2 * k, *shape))
+            bound = self._concretize(a, c, x, r)
+            old_lo, old_hi = lo.gather(1, idx), hi.gather(1, idx)
+            lo.scatter_(1, idx, torch.where(ok, torch.maximum(old_lo, bound[:, :k]), old_lo))
+            hi.scatter_(1, idx, torch.where(ok, torch.minimum(old_hi, -bound[:, k:]), old_hi))
+        lo, hi = _pad(lo.view_as(st.lo), hi.view_as(st.hi))
         return State(st.z, lo, hi, st.lip, st.g)
 
     def bound(self, x: torch.Tensor, r: torch.Tensor, spec: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -473,7 +499,8 @@ class CrownOptions:
     ``norm``: ``l2`` or ``linf`` ball; ``steps``: bisection rounds per sample (>= 1); ``start``:
     first radius tried (> 0); ``intermediate``: pre-activation bounds by full CROWN (``crown``),
     by interval/Lipschitz propagation only (``fast``) or CROWN where it fits ``budget`` elements per
-    sample (``auto``); ``chunk``: samples bounded at once (memory, see the module docstring);
+    sample (``auto``); ``memory``: elements of the largest backward tensor of one intermediate-bound
+    pass (rows are chunked to it); ``chunk``: samples bounded at once (memory, see the module docstring);
     ``unimodal``: also certify each modality alone.
     """
 
@@ -482,6 +509,7 @@ class CrownOptions:
     start: float = 0.5
     intermediate: str = "auto"
     budget: int = 500_000
+    memory: int = 2**23
     chunk: int = 32
     unimodal: bool = True
 
@@ -492,7 +520,7 @@ class CrownOptions:
             raise ConfigError(
                 f"crown: unknown intermediate '{self.intermediate}'; choose from: {', '.join(INTERMEDIATE)}"
             )
-        for key in ("steps", "budget", "chunk"):
+        for key in ("steps", "budget", "memory", "chunk"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"crown: {key} must be an integer >= 1, got {v!r}")
@@ -509,7 +537,14 @@ class ModelBounds:
         model.eval()
         self.names = list(model.modalities)
         self.enc = {
-            m: EncoderBounds(model.encoders[m], meta.spec(m).shape, options.norm, options.intermediate, options.budget)
+            m: EncoderBounds(
+                model.encoders[m],
+                meta.spec(m).shape,
+                options.norm,
+                options.intermediate,
+                options.budget,
+                options.memory,
+            )
             for m in self.names
         }
         self.w = {m: model.head.modality_weight(m).detach().double() for m in self.names}

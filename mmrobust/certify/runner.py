@@ -111,12 +111,37 @@ def certify_run(
     With ``soundness_samples > 0`` the radii of that many samples are attacked
     (:func:`~mmrobust.certify.soundness.soundness_check`) and the violation rates kept.
     """
+    return certify_run_many(path, [(certifier, options)], split, radii, fit_split, batch_size, soundness_samples,
+                            attack_steps, allow_data_change, tightness_samples, precision, memory_budget)[0]  # fmt: skip
+
+
+def certify_run_many(
+    path: str | Path,
+    certifiers: Sequence[tuple[str, Mapping[str, Any] | None]],
+    split: str = "test",
+    radii: Sequence[float] | None = None,
+    fit_split: str = "train",
+    batch_size: int | None = 256,
+    soundness_samples: int = 0,
+    attack_steps: int = 50,
+    allow_data_change: bool = False,
+    tightness_samples: int = 0,
+    precision: str = "fp32",
+    memory_budget: str | int | None = "auto",
+) -> list[CertifyResult]:
+    """:func:`certify_run` with several ``(certifier, options)`` on one loaded run, in order.
+
+    Every name and option is checked before any work; the tightness attack (the expensive part)
+    runs once and its radii are compared with every certifier's.
+    """
     from mmrobust.runs import load_run
 
     check_certify_precision(precision)
     if memory_budget is not None and memory_budget != "auto":
         parse_bytes(memory_budget, "--memory-budget")
-    cert = build_certifier(certifier, options)  # bad names/options fail before any work
+    certs = [build_certifier(name, options) for name, options in certifiers]  # fail before any work
+    if not certs:
+        raise ConfigError("give at least one certifier")
     grid = check_radii(radii)
     if tightness_samples < 0:
         raise ConfigError(f"--tightness must be >= 0, got {tightness_samples}")
@@ -127,22 +152,31 @@ def certify_run(
     run = load_run(path, allow_data_change=allow_data_change)
     bundle = run.data()
     data = bundle.split(split)
-    result = certify_model(run.model, run.meta, data, cert, bundle.split(fit_split), grid, batch_size,
-                           split_name=split, fit_split=fit_split, memory_budget=memory_budget)  # fmt: skip
-    if soundness_samples > 0:
-        from mmrobust.certify.soundness import soundness_check
+    results = []
+    attack = None
+    for cert in certs:
+        result = certify_model(run.model, run.meta, data, cert, bundle.split(fit_split), grid, batch_size,
+                               split_name=split, fit_split=fit_split, memory_budget=memory_budget)  # fmt: skip
+        if soundness_samples > 0:
+            from mmrobust.certify.soundness import soundness_check
 
-        r = result.certificate.radii
-        with full_precision():
-            result.soundness = soundness_check(run.model, run.meta, data, {"joint": r.joint, "unimodal": r.unimodal},
-                                               max_samples=soundness_samples, steps=attack_steps)  # fmt: skip
-    if tightness_samples > 0:
-        from mmrobust.certify.tightness import TightnessOptions, tightness
+            r = result.certificate.radii
+            with full_precision():
+                result.soundness = soundness_check(run.model, run.meta, data,
+                                                   {"joint": r.joint, "unimodal": r.unimodal},
+                                                   max_samples=soundness_samples, steps=attack_steps)  # fmt: skip
+        if tightness_samples > 0:
+            from mmrobust.certify.tightness import TightnessOptions, compare, tightness
 
-        with full_precision():
-            result.tightness = tightness(run.model, data, result.certificate.radii.joint, "joint",
-                                         TightnessOptions(samples=tightness_samples))  # fmt: skip
-    return result
+            joint = result.certificate.radii.joint
+            if attack is None:
+                with full_precision():
+                    attack = tightness(run.model, data, joint, "joint", TightnessOptions(samples=tightness_samples))
+                result.tightness = attack
+            else:
+                result.tightness = compare("joint", attack.indices, joint[attack.indices], attack.attack_radius)
+        results.append(result)
+    return results
 
 
 def check_certify_precision(precision: str) -> None:

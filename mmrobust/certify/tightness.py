@@ -94,6 +94,28 @@ def _attack(
     return success, norms
 
 
+def robust_at(
+    model: nn.Module, inputs: Batch, labels: torch.Tensor, eps: float, modalities: Sequence[str],
+    options: TightnessOptions | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Per sample, whether it is classified correctly and survives every attack of ``options.attacks``
+    at the joint l2 budget ``eps`` over ``modalities`` (the worst case over CE/CW PGD and APGD-CE)."""
+    o = options or TightnessOptions()
+    model.eval()
+    with torch.no_grad():
+        logits = model(inputs)
+    ok = logits.argmax(1) == labels
+    for a, name in enumerate(o.attacks):
+        idx = ok.nonzero().squeeze(1)  # the attacks run on samples still correct (each attack's survivors)
+        if idx.numel() == 0:
+            break
+        e = torch.full((idx.numel(),), float(eps))
+        sub = {m: v[idx] for m, v in inputs.items()}
+        success, _ = _attack(model, sub, labels[idx], e, modalities, name, o, o.seed + a, logits.shape[1])
+        ok[idx[success]] = False
+    return ok
+
+
 def attack_radius(
     model: nn.Module, inputs: Batch, labels: torch.Tensor, modalities: Sequence[str], options: TightnessOptions
 ) -> torch.Tensor:

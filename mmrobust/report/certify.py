@@ -34,6 +34,17 @@ def save_certify(run: Run, result: CertifyResult) -> Path:
     return target
 
 
+def save_certify_plot(run: Run, results: Sequence[CertifyResult]) -> Path:
+    """``RUN/certified_accuracy.png``: every result's certified-accuracy curves side by side
+    (sound solid, probabilistic dashed, estimates dotted)."""
+    from mmrobust.report.certify_plots import plot_certified_accuracy
+
+    entries = {r.key: r.to_json() for r in results}
+    return plot_certified_accuracy(
+        entries, run.path / "certified_accuracy.png", title=f"{run.path.name}: certified accuracy ({results[0].split})"
+    )
+
+
 def guarantee_label(result: CertifyResult) -> str:
     """How the radii may be read: a guarantee, a probabilistic certificate (with alpha) or an estimate."""
     c = result.certificate
@@ -55,6 +66,8 @@ def print_certify_table(title: str, result: CertifyResult, modalities: Sequence[
     joint = result.accuracy_curve("joint")
     rows: list[list[Any]] = [["joint"] + [joint[i] for i in cols]]
     for m in modalities:
+        if m not in result.certificate.radii.unimodal:  # certified jointly only (unimodal=false)
+            continue
         curve = result.accuracy_curve(m)
         rows.append([f"{m} only"] + [curve[i] for i in cols])
     print_table(title, headers, rows)

@@ -14,14 +14,60 @@ from typing import Any
 from mmrobust.errors import ConfigError
 from mmrobust.report.plots import plt, save_figure
 
+#: line style per kind of certificate: a sound (deterministic) bound solid, a probabilistic one
+#: (randomized smoothing, holds except with probability alpha) dashed, an estimate dotted
+STYLES = {"sound": "-", "probabilistic": "--", "estimate": ":"}
+KIND_LABELS = {"sound": "", "probabilistic": "probabilistic", "estimate": "estimate"}
+MARKERS = "osD^vP*X"
+
+
+def certificate_kind(entry: Mapping[str, Any]) -> str:
+    """``sound``, ``probabilistic`` or ``estimate`` for a ``certify.json`` entry (older entries have
+    only the ``guarantee`` flag: true is sound, false an estimate)."""
+    kind = entry.get("guarantee_kind")
+    if kind in STYLES:
+        return str(kind)
+    return "sound" if entry.get("guarantee") else "estimate"
+
+
+def curve_styles(
+    results: Mapping[str, Mapping[str, Any]], groups: Mapping[str, str] | None = None
+) -> dict[str, dict[str, str]]:
+    """Matplotlib style per label: line style by kind of certificate, colour by model group, marker
+    by certifier, and the legend text (which names probabilistic curves with their alpha and
+    estimates as such)."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    keys = {label: groups.get(label, label) if groups else label for label in results}
+    colour = {k: cycle[i % len(cycle)] for i, k in enumerate(dict.fromkeys(keys.values()))}
+    names = list(dict.fromkeys(str(e.get("estimator", "")) for e in results.values()))
+    out = {}
+    for label, entry in results.items():
+        kind = certificate_kind(entry)
+        note = KIND_LABELS[kind]
+        if kind == "probabilistic" and entry.get("alpha") is not None:
+            note += f", alpha={entry['alpha']:g}"
+        out[label] = {
+            "ls": STYLES[kind],
+            "color": colour[keys[label]],
+            "marker": MARKERS[names.index(str(entry.get("estimator", ""))) % len(MARKERS)],
+            "label": f"{label} ({note})" if note else label,
+        }
+    return out
+
 
 def plot_certified_accuracy(
-    results: Mapping[str, Mapping[str, Any]], path: str | Path, title: str | None = None
+    results: Mapping[str, Mapping[str, Any]],
+    path: str | Path,
+    title: str | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> Path:
     """Certified accuracy vs l2 radius, one panel per threat (joint, each modality alone).
 
-    ``results`` maps a legend label (e.g. ``"JT (sound)"``) to a ``certify.json`` estimator entry.
-    Entries that are not guarantees (empirical estimator) are drawn dashed; the legend says so.
+    ``results`` maps a legend label (e.g. ``"JT (sound)"``) to a ``certify.json`` estimator entry;
+    every certifier can be drawn side by side. The line style says what kind of statement a curve
+    is: solid for a sound (deterministic) certificate, dashed for a probabilistic one (the legend
+    gives its alpha), dotted for an estimate that is not a guarantee. ``groups`` maps labels to a
+    model name: the curves of one model share a colour (default: one colour per label).
     """
     if not results:
         raise ConfigError("plot_certified_accuracy: nothing to plot")
@@ -31,23 +77,26 @@ def plot_certified_accuracy(
             if m not in modalities:
                 modalities.append(m)
     panels = ["joint", *modalities]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
     positive = [r for e in results.values() for r in e["certified_accuracy"]["radii"] if r > 0]
     linthresh = min(positive) if positive else 1e-3
-    for ax, panel in zip(axes, panels, strict=True):
+    styles = curve_styles(results, groups)
+    for ax, panel in zip(axes[0], panels, strict=True):
         for label, entry in results.items():
             ca = entry["certified_accuracy"]
             ys = ca["joint"] if panel == "joint" else ca["unimodal"].get(panel)
-            if ys is None:
-                continue
-            sound = bool(entry.get("guarantee"))
-            ax.plot(ca["radii"], ys, marker="o", ms=3, ls="-" if sound else "--", label=label)
+            if ys is not None:
+                ax.plot(ca["radii"], ys, ms=3, **styles[label])
         ax.set_xscale("symlog", linthresh=linthresh)
         ax.set(xlabel="l2 radius", title="joint perturbation" if panel == "joint" else f"{panel} only", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("certified accuracy")
-    axes[-1].legend(
-        fontsize=8, title="solid: sound bound (guarantee)\ndashed: estimate, not a guarantee", title_fontsize=7
+    axes[0][0].set_ylabel("certified accuracy")
+    axes[0][-1].legend(
+        fontsize=7,
+        title="solid: sound certificate\ndashed: probabilistic (fails w.p. alpha)\ndotted: estimate, no guarantee",
+        title_fontsize=7,
+        loc="center left",
+        bbox_to_anchor=(1.02, 0.5),
     )
     if title:
         fig.suptitle(title, y=1.03)
