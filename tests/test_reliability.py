@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mmrobust.cli import main
 from mmrobust.errors import RunError
@@ -134,7 +135,9 @@ def test_concurrent_writers_never_both_succeed(tmp_path):
 
 def _train_until_checkpoint(out: Path, epochs: int, min_epoch: int, sig: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mmrobust.cli", "train", *SLOW, "--epochs", str(epochs), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the same thread count as this process: float sums split over other thread counts differ in the last bits
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ck = out.with_name(f".{out.name}.partial") / "checkpoint.json"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
