@@ -43,10 +43,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-dim", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu | cuda | auto")
+    _add_scale_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing run folder (all of it)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+
+
+def _add_scale_args(p: argparse.ArgumentParser, precision: bool = True, layout: bool = True) -> None:
+    """--precision / --channels-last / --memory-budget (see docs/scale.md)."""
+    if precision:
+        p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                       help="model forwards: fp32 (default), bf16 autocast, fp16 (CUDA AMP); attack steps stay fp32")  # fmt: skip
+    if layout:
+        p.add_argument("--channels-last", action="store_true", help="image/video inputs in NHWC order for the convs")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="memory for the heavy passes' batches: auto (default, 60%% of the available memory) or "
+                   "a size such as 8GB")  # fmt: skip
 
 
 def build_run_config(args: argparse.Namespace):  # -> RunConfig
@@ -65,7 +78,8 @@ def build_run_config(args: argparse.Namespace):  # -> RunConfig
         ("epochs", cfg.train, "epochs"), ("batch_size", cfg.train, "batch_size"), ("seed", cfg.train, "seed"),
         ("device", cfg.train, "device"), ("lr", cfg.train.optim, "lr"), ("optimizer", cfg.train.optim, "name"),
         ("schedule", cfg.train.optim, "schedule"), ("weight_decay", cfg.train.optim, "weight_decay"),
-        ("feature_dim", cfg.model, "feature_dim"),
+        ("feature_dim", cfg.model, "feature_dim"), ("precision", cfg.train, "precision"),
+        ("memory_budget", cfg.train, "memory_budget"),
     ):  # fmt: skip
         value = getattr(args, flag)
         if value is not None:
@@ -74,6 +88,8 @@ def build_run_config(args: argparse.Namespace):  # -> RunConfig
         cfg.data.seed = args.seed
     if args.no_progress:
         cfg.train.progress = False
+    if args.channels_last:
+        cfg.train.channels_last = True
     cfg.validate()
     return cfg
 
@@ -87,6 +103,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
     rows = [(name, (DATASETS.get(name).__doc__ or "").strip().splitlines()[0]) for name in DATASETS.names()]
     rows.append(("PATH", "a folder with train.npz, test.npz [, val.npz, meta.json] (see docs/data.md)"))
+    rows.append(("PATH", "an on-disk folder written by `mmrobust data convert`: streamed, never loaded whole"))
     print_table("Datasets", ["name", "description"], rows)
     mrows = [(name, (METHODS.get(name).__doc__ or "").strip().splitlines()[0]) for name in METHODS.names()]
     print_table("Training methods", ["method", "description"], mrows)
@@ -131,7 +148,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with progress_callback(not args.no_progress) as progress:
         result = evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill,
                               batch_size=args.batch_size, progress=progress,
-                              allow_data_change=args.allow_data_change, **options)  # fmt: skip
+                              allow_data_change=args.allow_data_change, precision=args.precision or "fp32",
+                              channels_last=args.channels_last, memory_budget=args.memory_budget or "auto",
+                              **options)  # fmt: skip
     print_eval_table(result, f"{args.run} — {result.suite} suite on {result.split} ({result.samples} samples)")
     print_warnings(result.warnings)
     save_eval(args.run, result)
@@ -159,6 +178,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         args.run, certifier=args.lipschitz, options=options, split=args.split, radii=radii,
         fit_split=args.lipschitz_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
         attack_steps=args.attack_steps, allow_data_change=args.allow_data_change, tightness_samples=args.tightness,
+        precision=args.precision or "fp32", memory_budget=args.memory_budget or "auto",
     )  # fmt: skip
     run = load_run(args.run, allow_data_change=args.allow_data_change)
     show_certify(run, result)
@@ -288,7 +308,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-opt", action="append", metavar="KEY=VALUE", help="source dataset option (repeatable)")
     p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_data_convert)
+    p.set_defaults(func=cmd_data_convert, interrupt_hint="; rerun the same command to resume")
     _add_import_av(data_sub)
 
 
@@ -374,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--fill", default="zero", choices=["zero", "mean", "noise"], help="missing-modality fill")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, help="samples per batch (default: sized to --memory-budget, at most 256)")
+    _add_scale_args(p)
     p.add_argument("--eps", help="eps list, e.g. 0.5,2,4 or 2/255,8/255 (paper: joint eps, default 0.5; curves: "
                    "the sweep; autoattack: default 2/255,4/255,8/255 for linf, or one per-modality l-inf "
                    "setting image=8/255,audio=0.1)")  # fmt: skip
@@ -441,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="empirical/sound: auto (default): 3.5 for an orthogonal head, else 3.3; 3.3 also works (tighter) on "
         "orthogonal heads",
     )
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, help="samples per batch (default: sized to --memory-budget, at most 256)")
+    _add_scale_args(p, layout=False)  # --precision is accepted only to refuse anything but fp32
     p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser(

@@ -11,8 +11,10 @@ import yaml
 
 from mmrobust.data.registry import DataConfig
 from mmrobust.errors import ConfigError
+from mmrobust.memory import check_budget
 from mmrobust.models.fusion import ModelConfig
 from mmrobust.options import build_options, check_range, check_types
+from mmrobust.precision import check_precision
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "step", "none")
@@ -85,6 +87,11 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     method_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    #: model forwards in fp32 | bf16 (autocast) | fp16 (CUDA AMP + grad scaler); see mmrobust.precision
+    precision: str = "fp32"
+    channels_last: bool = False  # image/video inputs in NHWC order for the convolutions
+    #: memory budget of the heavy passes after training (Lipschitz estimate, attack check): auto or e.g. 8GB
+    memory_budget: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -99,6 +106,8 @@ class TrainConfig:
         check_range(self.seed, 0, 2**63 - 1, f"{where}.seed")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ConfigError(f"option '{where}.device' must be cpu, cuda, cuda:N or auto, got '{self.device}'")
+        check_precision(self.precision, self.device, f"{where}.precision")
+        check_budget(self.memory_budget, f"{where}.memory_budget")
 
 
 @dataclass

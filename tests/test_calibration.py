@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmrobust.attacks import build_attack
+from mmrobust.attacks.protocol import AutoAttackOptions, run_autoattack
 from mmrobust.calibration import BindModel, CalibrationOptions, CalibrationSetup, EvalOptions, calibrate, evaluate
 from mmrobust.calibration.evaluate import BudgetResult
 from mmrobust.calibration.metrics import recall_at_k
 from mmrobust.calibration.pipeline import ProjectionHead
 from mmrobust.calibration.store import load_heads, save_heads
-from mmrobust.calibration.train import distill, stage2_loss
+from mmrobust.calibration.train import distill, epoch_eps, stage2_loss
 from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.eval.metrics import macro_f1, macro_precision_recall_f1
@@ -131,6 +133,36 @@ def test_early_stopping_keeps_the_best_validation_epoch(setup, ce_result):
     assert h.trainable_fraction == pytest.approx(h.trainable_parameters / (h.trainable_parameters + 8))
 
 
+def test_stage2_history_shows_the_training_attack_fools_the_head_and_gradients_reach_it(ce_result):
+    first = ce_result.heads["audio"].history[1]
+    assert first["train_eps"] == pytest.approx(8 / 255)
+    # on its own training examples the head starts far below its clean accuracy: the attack works
+    assert first["train_adv_acc"] < 0.8 < first["train_clean_acc"]
+    assert first["grad_norm"] > 0
+
+
+def test_eps_curriculum_grows_the_training_budget_linearly(setup):
+    opt = CalibrationOptions(loss="ce", eps=6 / 255, eps_warmup=2, **FAST)
+    assert [epoch_eps(opt, e) for e in (1, 2, 3, 4)] == pytest.approx([2 / 255, 4 / 255, 6 / 255, 6 / 255])
+    rows = calibrate(setup, opt, modalities=["audio"]).heads["audio"].history[1:]
+    assert [r["train_eps"] for r in rows] == pytest.approx([2 / 255, 4 / 255, 6 / 255])
+
+
+def test_the_training_attack_option_picks_the_attack_of_training_and_validation(setup, monkeypatch):
+    import mmrobust.calibration.train as train_module
+
+    used: list[str] = []
+
+    def spy(name: str, *args: Any, **kwargs: Any) -> Any:
+        used.append(name)
+        return build_attack(name, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_attack", spy)
+    opt = CalibrationOptions(loss="ce", train_attack="apgd-dlr", **{**FAST, "epochs": 1})
+    result = calibrate(setup, opt, modalities=["audio"])
+    assert used and set(used) == {"apgd-dlr"} and result.heads["audio"].history[1]["train_adv_acc"] < 1.0
+
+
 def test_l2_loss_pulls_adversarial_embeddings_to_the_stage1_clean_ones(setup):
     result = calibrate(setup, CalibrationOptions(loss="l2", **FAST), modalities=["image"])
     after = evaluate(result.model, setup.meta, setup.data.test, EVAL).modalities["image"]
@@ -223,7 +255,8 @@ def test_lora_without_peft_is_a_one_line_error(setup):
     "kwargs, match",
     [({"eps": 0.0}, "eps"), ({"eps": 1.5}, "eps"), ({"eps": float("nan")}, "eps"), ({"loss": "mse"}, "choose from"),
      ({"lora_rank": -1}, "lora_rank"), ({"epochs": True}, "epochs"), ({"lr": 0.0}, "lr"),
-     ({"ce_temperature": float("inf")}, "ce_temperature")],
+     ({"ce_temperature": float("inf")}, "ce_temperature"), ({"train_attack": "fab"}, "unknown attack 'fab'"),
+     ({"eps_warmup": -1}, "eps_warmup"), ({"clean_weight": -0.5}, "clean_weight")],
 )  # fmt: skip
 def test_calibration_options_validate_themselves(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -253,6 +286,21 @@ def test_an_encoder_returning_nan_is_refused(setup):
     model = BindModel({"audio": broken, "image": setup.model.encoders["image"]}, setup.model.centres("audio"))
     with pytest.raises(DataError, match="encoder 'audio' returned NaN"):
         CalibrationSetup(model, setup.meta, setup.data)
+
+
+def test_an_encoder_returning_nan_beyond_the_probe_samples_is_refused_before_training(setup):
+    encoder = setup.model.encoders["audio"]
+
+    def late_nan(x: torch.Tensor) -> torch.Tensor:  # fine on the 8 probe samples, NaN on larger batches
+        z = encoder(x)
+        return z if len(x) <= 8 else torch.full_like(z, float("nan"))
+
+    model = BindModel({"audio": late_nan}, setup.model.centres("audio"))
+    bad = CalibrationSetup(model, setup.meta, setup.data)  # the probe passes
+    with pytest.raises(DataError, match="encoder 'audio' returned NaN or inf embeddings for 64 of 64 evaluation"):
+        evaluate(model, setup.meta, setup.data.test, EVAL)
+    with pytest.raises(DataError, match="returned NaN or inf embeddings for 128 of 128 training"):
+        calibrate(bad, CalibrationOptions(**FAST))
 
 
 def test_a_modality_without_valid_range_is_refused(setup):
@@ -298,14 +346,32 @@ def test_pca_2d_projects_on_the_leading_principal_axes():
     torch.testing.assert_close(xy.var(0), top, rtol=1e-4, atol=1e-4)
 
 
-def test_cascade_gives_the_same_worst_case_with_cumulative_components(setup):
+def test_robust_accuracy_is_the_autoattack_protocol_carried_over_budgets(setup):
     opts = EvalOptions(eps=(2 / 255, 4 / 255), steps=5, queries=30, targets=3)
-    alone = evaluate(setup.model, setup.meta, setup.data.test, opts).modalities["image"]
-    cascade = evaluate(setup.model, setup.meta, setup.data.test, dataclasses.replace(opts, cascade=True))
-    casc = cascade.modalities["image"]
-    for a, c in zip(alone.budgets, casc.budgets, strict=True):
-        assert abs(a.worst.accuracy - c.worst.accuracy) <= 2 / len(setup.data.test)
-        steps = list(c.by_attack.values())
-        assert steps == sorted(steps, reverse=True) and steps[-1] == c.worst.accuracy
-        assert c.embedding_cosine == a.embedding_cosine  # APGD-CE, the first component, runs on every sample
-    assert casc.budgets[1].worst.accuracy <= casc.budgets[0].worst.accuracy
+    test = setup.data.test
+    image = evaluate(setup.model, setup.meta, test, opts).modalities["image"]
+    clf = setup.model.classifier("image")
+
+    def direct(eps: float) -> float:
+        aa_opts = AutoAttackOptions(
+            eps=eps,
+            version="custom",
+            attacks=opts.attacks,
+            modalities=("image",),
+            steps=opts.steps,
+            queries=opts.queries,
+            targets=opts.targets,
+            seed=opts.seed,
+        )
+        return run_autoattack(
+            clf, {"image": test.inputs["image"]}, test.labels, aa_opts, meta=setup.meta
+        ).robust_accuracy
+
+    small, large = image.budgets
+    assert small.worst.accuracy == pytest.approx(direct(2 / 255))
+    # a sample broken at 2/255 stays broken at 4/255 (its example is inside the larger ball)
+    assert large.worst.accuracy <= min(direct(4 / 255), small.worst.accuracy) + 1e-9
+    for b in image.budgets:
+        steps = list(b.by_attack.values())  # cumulative: after each component
+        assert steps == sorted(steps, reverse=True) and steps[-1] == pytest.approx(b.worst.accuracy)
+    assert small.worst.accuracy <= 0.6  # the stand-in is fragile: the protocol really attacked

@@ -20,9 +20,9 @@ from mmrobust.data.importav import (
     import_av,
     load_clip,
     load_frame,
-    partial_path,
     plan_import,
 )
+from mmrobust.data.ondisk import partial_path
 from mmrobust.errors import ConfigError, DataError
 
 SR = 16000

@@ -205,6 +205,11 @@ def _fault(disk: Path, tmp_path: Path, how: str) -> Path:
     elif how == "truncated":
         with (bad / "test" / "label.npy").open("r+b") as fh:
             fh.truncate(200)
+    elif how == "labels":
+        labels = np.load(bad / "train" / "label.npy", mmap_mode="r+")
+        labels[5] = 99
+        labels.flush()
+        del labels
     elif how == "dtype":
         meta["storage"]["strong"]["dtype"] = "float16"
     (bad / "meta.json").write_text(json.dumps(meta))
@@ -215,7 +220,8 @@ def _fault(disk: Path, tmp_path: Path, how: str) -> Path:
     ("how", "message"),
     [("version", "version 99 is not supported"), ("format", "format is 'zarr'"),
      ("incomplete", "incomplete \\(interrupted write\\); rerun the import/convert to resume"),
-     ("missing", "weak.npy: file missing"), ("truncated", "truncated"), ("dtype", "dtype float32, expected float16")],
+     ("missing", "weak.npy: file missing"), ("truncated", "truncated"), ("dtype", "dtype float32, expected float16"),
+     ("labels", "label.npy: values must be in 0..3, found 0..99")],
 )  # fmt: skip
 def test_bad_folders_one_line_errors_via_cli(disk, tmp_path, capsys, how, message):
     bad = _fault(disk, tmp_path, how)
@@ -258,10 +264,26 @@ def test_train_evaluate_certify_from_disk_via_cli(tmp_path, capsys, monkeypatch)
     opts = [x for k, v in TINY.items() for x in ("--data-opt", f"{k}={v}")]
     assert main(["data", "convert", "synthetic", str(dst), *opts, "--no-progress"]) == 0
     run = tmp_path / "run"
-    assert main(["train", "--data", str(dst), "--data-opt", "workers=1", "--epochs", "2", "--batch-size", "32",
+    assert main(["train", "--data", str(dst), "--data-opt", "workers=1", "--epochs", "1", "--batch-size", "32",
                  "--feature-dim", "16", "--out", str(run), "--no-progress"]) == 0  # fmt: skip
     assert json.loads((run / "config.json").read_text())["data"]["name"] == str(dst)
     assert main(["evaluate", str(run), "--suite", "paper", "--steps", "2", "--no-progress"]) == 0
     assert main(["certify", str(run), "--lipschitz", "smoothing", "--cert-opt", "n=20", "--cert-opt", "n0=5"]) == 0
     assert (run / "eval.json").is_file() and (run / "certify.json").is_file()
     capsys.readouterr()
+
+
+def test_training_from_disk_gives_the_same_weights(disk, tmp_path):
+    """Same config, data in memory vs streamed from disk (float32): bit-identical trained weights."""
+    from mmrobust.io import load_tensors
+    from mmrobust.training import train
+    from tests.conftest import tiny_config
+
+    weights = {}
+    for where, name in (("memory", "synthetic"), ("disk", str(disk))):
+        cfg = tiny_config(epochs=1)
+        cfg.data = DataConfig(name, 0, dict(TINY) if name == "synthetic" else {})
+        train(cfg, out=tmp_path / where)
+        weights[where] = load_tensors(tmp_path / where / "model.safetensors")
+    assert weights["memory"].keys() == weights["disk"].keys()
+    assert all(torch.equal(weights["memory"][k], weights["disk"][k]) for k in weights["memory"])

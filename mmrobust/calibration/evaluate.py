@@ -1,13 +1,17 @@
 """Evaluation of a (frozen or calibrated) zero-shot model, one modality at a time.
 
-Per modality: clean accuracy and macro precision / recall / F1; at every l-inf budget, the accuracy
-under each AutoAttack component (APGD-CE, APGD-T, FAB-T, Square; a component that does not apply to
-the class count is skipped and the reason recorded) and under their per-sample worst case, with the
-worst case's macro precision / recall / F1; the mean cosine similarity between clean and adversarial
-(APGD-CE) embeddings. With ``cascade`` (as AutoAttack runs), each component attacks only the samples
-that the components before it, and the smaller budgets, left correctly classified: the same
-worst case for far fewer attack runs, but ``by_attack`` is then cumulative. Across modalities: class-level retrieval recall@k from each modality's
-queries (clean and APGD-CE-perturbed at the largest budget) into each other modality's clean items.
+Per modality: clean accuracy and macro precision / recall / F1; at every l-inf budget, the robust
+accuracy of the AutoAttack protocol (:func:`mmrobust.attacks.protocol.run_autoattack`: APGD-CE,
+APGD-T, FAB-T, Square in that order, each on the samples the earlier ones left correct, on the
+modality's valid input range; a component that does not apply to the class count is skipped and the
+reason recorded), the accuracy after each component (cumulative, as AutoAttack logs it) and the
+worst case's macro precision / recall / F1. Budgets are visited from the smallest: a sample broken
+at a smaller budget stays broken at a larger one (its example lies inside the larger ball), so only
+the samples still robust are attacked again. The mean cosine similarity between clean and
+adversarial embeddings uses APGD-CE examples of *every* sample (a measure of how far the attack
+moves the embedding, independent of which samples the protocol attacked). Across modalities:
+class-level retrieval recall@k from each modality's queries (clean and APGD-CE-perturbed at the
+largest budget) into each other modality's clean items.
 """
 
 from __future__ import annotations
@@ -17,18 +21,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mmrobust.attacks.autoattack import check_applicable
 from mmrobust.attacks.base import Attack, build_attack
+from mmrobust.attacks.protocol import AutoAttackOptions, run_autoattack
 from mmrobust.calibration.metrics import mean_cosine, recall_at_k
 from mmrobust.calibration.options import EvalOptions
 from mmrobust.calibration.pipeline import BindModel
+from mmrobust.calibration.setup import check_finite
 from mmrobust.data.base import DatasetMeta, Split, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, macro_precision_recall_f1
-from mmrobust.eval.robust import worst_predictions
 
-#: the component whose adversarial examples feed the embedding-cosine and retrieval numbers
+#: the attack whose examples (of every sample) feed the embedding-cosine and retrieval numbers
 EMBEDDING_ATTACK = "apgd-ce"
 
 
@@ -48,13 +54,13 @@ class Scores:
 
 @dataclass
 class BudgetResult:
-    """One l-inf budget: accuracy per component, their per-sample worst case, and the mean cosine
-    between clean and adversarial embeddings (None when APGD-CE was not run)."""
+    """One l-inf budget: the accuracy after each AutoAttack component (cumulative), the per-sample
+    worst case, and the mean cosine between clean and APGD-CE embeddings."""
 
     eps: float
     by_attack: dict[str, float]
     worst: Scores
-    embedding_cosine: float | None
+    embedding_cosine: float
 
 
 @dataclass
@@ -63,6 +69,7 @@ class ModalityEvaluation:
     clean: Scores
     budgets: list[BudgetResult]
     skipped: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +101,7 @@ class Evaluation:
                         for b in e.budgets
                     ],  # fmt: skip
                     "skipped": e.skipped,
+                    "warnings": e.warnings,
                 }
                 for m, e in self.modalities.items()
             },
@@ -126,39 +134,23 @@ def evaluate(model: BindModel, meta: DatasetMeta, split: Split, options: EvalOpt
         x = split.inputs[m]
         clf = model.classifier(m)
         z = _embed(model, m, x, options.batch_size)
+        check_finite(z, m, "evaluation")
         clean_emb[m] = F.normalize(z, dim=1)
         clean_preds = model.cosine_logits(m, z).argmax(1)
+        worst = clean_preds.clone()  # per sample: the prediction on its worst example so far
+        warnings: list[str] = []
         budgets = []
-        carried = clean_preds  # cascade: the worst-case predictions at the previous (smaller) budget
         for eps in options.eps:
-            current = carried if options.cascade else clean_preds  # worst case so far at this budget
-            cosine = None
-            by_attack: dict[str, float] = {}
-            for name in names:
-                kw: dict[str, Any] = {"steps": options.queries if name == "square" else options.steps,
-                                      "restarts": options.restarts}  # fmt: skip
-                if name in ("apgd-t", "fab-t"):
-                    kw["targets"] = options.targets
-                attack = build_attack(name, clf, meta, eps=eps, norm="linf", modalities=[m], seed=options.seed, **kw)
-                if options.cascade and name != EMBEDDING_ATTACK:
-                    # only the samples no earlier component (nor a smaller budget) broke: an example
-                    # inside a smaller ball is inside this one, so they stay broken
-                    p = current.clone()
-                    idx = (current == labels).nonzero().squeeze(1)
-                    if len(idx):
-                        p[idx] = _attack(attack, m, x[idx], labels[idx], options.batch_size)[1]
-                else:
-                    x_adv, p = _attack(attack, m, x, labels, options.batch_size)
-                    if name == EMBEDDING_ATTACK:
-                        za = F.normalize(_embed(model, m, x_adv, options.batch_size), dim=1)
-                        cosine = mean_cosine(clean_emb[m], za)
-                        if eps == options.eps[-1]:
-                            adv_emb[m] = za  # retrieval under attack uses the largest budget
-                current = worst_predictions([current, p], labels)
-                by_attack[name] = accuracy(current if options.cascade else p, labels)
-            carried = current
-            budgets.append(BudgetResult(eps, by_attack, Scores.of(current, labels, k), cosine))
-        results[m] = ModalityEvaluation(m, Scores.of(clean_preds, labels, k), budgets, list(skipped))
+            by_attack, found = _autoattack(clf, meta, m, x, labels, worst, eps, names, options)
+            warnings += [w for w in found if w not in warnings]
+            embedding = build_attack(EMBEDDING_ATTACK, clf, meta, eps=eps, norm="linf", modalities=[m],
+                                     steps=options.steps, seed=options.seed)  # fmt: skip
+            za = F.normalize(_embed(model, m, _attack(embedding, m, x, labels, options.batch_size), options.batch_size),
+                             dim=1)  # fmt: skip
+            if eps == options.eps[-1]:
+                adv_emb[m] = za  # retrieval under attack uses the largest budget
+            budgets.append(BudgetResult(eps, by_attack, Scores.of(worst, labels, k), mean_cosine(clean_emb[m], za)))
+        results[m] = ModalityEvaluation(m, Scores.of(clean_preds, labels, k), budgets, list(skipped), warnings)
     retrieval = []
     for q in model.modalities:
         for g in model.modalities:
@@ -166,11 +158,44 @@ def evaluate(model: BindModel, meta: DatasetMeta, split: Split, options: EvalOpt
                 continue
             row: dict[str, Any] = {"query": q, "gallery": g, "clean": recall_at_k(clean_emb[q], labels, clean_emb[g],
                                                                                  labels, options.retrieval_k)}  # fmt: skip
-            if q in adv_emb:
-                row["adversarial"] = recall_at_k(adv_emb[q], labels, clean_emb[g], labels, options.retrieval_k)
-                row["adversarial_eps"] = max(options.eps)
+            row["adversarial"] = recall_at_k(adv_emb[q], labels, clean_emb[g], labels, options.retrieval_k)
+            row["adversarial_eps"] = max(options.eps)
             retrieval.append(row)
     return Evaluation(options, results, retrieval, len(split), clean_emb, labels)
+
+
+def _autoattack(
+    clf: nn.Module,
+    meta: DatasetMeta,
+    m: str,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    worst: torch.Tensor,
+    eps: float,
+    names: list[str],
+    options: EvalOptions,
+) -> tuple[dict[str, float], list[str]]:
+    """AutoAttack at one budget on the samples ``worst`` still gets right; updates ``worst`` in place
+    with the predictions on the examples found and returns the accuracy after each component and
+    the protocol's warnings."""
+    n = len(labels)
+    idx = (worst == labels).nonzero().squeeze(1)
+    if not names or not len(idx):
+        return dict.fromkeys(names, len(idx) / max(n, 1)), []
+    aa = run_autoattack(
+        clf, {m: x[idx]}, labels[idx],
+        AutoAttackOptions(eps=eps, version="custom", attacks=tuple(names), modalities=(m,), steps=options.steps,
+                          queries=options.queries, targets=options.targets, seed=options.seed,
+                          batch_size=options.batch_size),
+        meta=meta,
+    )  # fmt: skip
+    with torch.no_grad():
+        adv = aa.adversarial[m]
+        worst[idx] = torch.cat([clf({m: adv[i : i + options.batch_size]}).argmax(1)
+                                for i in range(0, len(adv), options.batch_size)])  # fmt: skip
+    # the protocol's accuracies are over the attacked subset; the rest was broken before
+    by_attack = {s.attack: s.robust_accuracy * len(idx) / n for s in aa.stages}
+    return by_attack, aa.warnings
 
 
 @torch.no_grad()
@@ -178,13 +203,9 @@ def _embed(model: BindModel, m: str, x: torch.Tensor, batch_size: int) -> torch.
     return torch.cat([model.embed(m, x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def _attack(
-    attack: Attack, m: str, x: torch.Tensor, labels: torch.Tensor, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adversarial inputs and the predictions on them, batch by batch."""
-    xs, preds = [], []
+def _attack(attack: Attack, m: str, x: torch.Tensor, labels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Adversarial inputs of ``attack``, batch by batch."""
+    xs = []
     for inputs, y in iterate_batches(Split({m: x}, labels), batch_size):
-        adv, logits = attack.perturb(inputs, y)
-        xs.append(adv[m])
-        preds.append(logits.argmax(1))
-    return torch.cat(xs), torch.cat(preds)
+        xs.append(attack.perturb(inputs, y)[0][m])
+    return torch.cat(xs)

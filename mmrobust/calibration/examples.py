@@ -52,7 +52,7 @@ EXTRA_MODULES = (
 )
 ALIGN_TEMPERATURE = 0.07
 #: per example, option defaults that keep ``mmrobust calibrate --example NAME`` CPU-feasible
-#: (reduced attack budgets, cascaded components; flags override them and the report states the protocol used)
+#: (reduced attack budgets; flags override them and the report states the protocol used)
 EXAMPLE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "avdigits-bind": {
         "calibration": {
@@ -63,7 +63,7 @@ EXAMPLE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
             "lr": 3e-3,
             "batch_size": 16,
         },
-        "evaluation": {"steps": 10, "queries": 100, "targets": 3, "cascade": True},
+        "evaluation": {"steps": 10, "queries": 100, "targets": 3},
     }
 }
 

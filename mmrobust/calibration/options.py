@@ -10,6 +10,8 @@ from mmrobust.errors import ConfigError
 from mmrobust.eval.suites import AUTOATTACK_ATTACKS
 from mmrobust.options import check_range, check_types
 
+#: attacks that can generate the stage-2 training examples (and the early-stopping validation ones)
+TRAIN_ATTACKS = ("apgd-ce", "apgd-dlr")
 #: stage-2 losses: l2 to the frozen stage-1 embedding, ce on cosine logits, infonce over clean/adv pairs
 CALIBRATION_LOSSES = ("l2", "ce", "infonce")
 
@@ -30,7 +32,11 @@ class CalibrationOptions:
     (``attack_steps`` iterations), regenerated every batch against the current head. ``lora_rank``
     > 0 trains rank-r LoRA adapters (scale ``lora_alpha / r``) on the stage-1 head instead of the
     whole head. Early stopping keeps the epoch with the best ``0.25 * clean + 0.75 * adversarial``
-    validation accuracy and stops after ``patience`` epochs without improvement.
+    validation accuracy and stops after ``patience`` epochs without improvement. ``eps_warmup``:
+    epochs over which the training budget grows linearly to ``eps`` (a curriculum; 0 = none);
+    ``clean_weight``: weight of the same loss on the clean input, added to the adversarial one.
+    ``train_attack``: ``apgd-ce`` (the paper's) or ``apgd-dlr`` (scale-invariant DLR loss: no
+    gradient underflow when the cosine logits saturate the softmax), for training and validation.
     """
 
     loss: str = "ce"
@@ -48,6 +54,9 @@ class CalibrationOptions:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     patience: int = 2
+    eps_warmup: int = 0
+    clean_weight: float = 0.0
+    train_attack: str = "apgd-ce"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,13 +64,18 @@ class CalibrationOptions:
         check_types(self, who)
         if self.loss not in CALIBRATION_LOSSES:
             raise ConfigError(f"{who}.loss: unknown loss '{self.loss}'; choose from: {', '.join(CALIBRATION_LOSSES)}")
+        if self.train_attack not in TRAIN_ATTACKS:
+            raise ConfigError(
+                f"{who}.train_attack: unknown attack '{self.train_attack}'; choose from: {', '.join(TRAIN_ATTACKS)}"
+            )
         self.eps = check_eps(self.eps, f"{who}.eps")
         for name, minimum in (("attack_steps", 1), ("hidden", 1), ("stage1_epochs", 0), ("epochs", 0),
-                              ("batch_size", 1), ("lora_rank", 0), ("patience", 1), ("seed", 0)):  # fmt: skip
+                              ("batch_size", 1), ("lora_rank", 0), ("patience", 1), ("eps_warmup", 0), ("seed", 0)):  # fmt: skip
             check_range(getattr(self, name), minimum, None, f"{who}.{name}")
         for name in ("stage1_lr", "lr", "ce_temperature", "infonce_temperature", "lora_alpha"):
             check_range(getattr(self, name), 0.0, None, f"{who}.{name}", low_open=True)
         check_range(self.weight_decay, 0.0, None, f"{who}.weight_decay")
+        check_range(self.clean_weight, 0.0, None, f"{who}.clean_weight")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,12 +85,10 @@ class CalibrationOptions:
 class EvalOptions:
     """How calibrated and frozen models are evaluated.
 
-    Every component in ``attacks`` runs at every l-inf budget in ``eps`` (``steps`` iterations for
-    the gradient attacks, ``queries`` for Square, ``targets`` target classes for APGD-T and FAB-T);
-    the robust accuracy is the per-sample worst case over them. ``cascade``: each component attacks
-    only the samples no earlier component (nor a smaller budget) broke, as AutoAttack does: the same
-    worst case for far fewer attack runs, but the per-component accuracies are then cumulative
-    rather than each component alone. ``retrieval_k``: the k of recall@k.
+    At every l-inf budget in ``eps`` the AutoAttack protocol runs the components in ``attacks`` in
+    order, each on the samples the earlier ones left correct (``steps`` iterations for the gradient
+    attacks, ``queries`` for Square, ``targets`` target classes for APGD-T and FAB-T); the robust
+    accuracy is the per-sample worst case over them. ``retrieval_k``: the k of recall@k.
     """
 
     eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255)
@@ -84,8 +96,6 @@ class EvalOptions:
     steps: int = 100
     queries: int = 5000
     targets: int = 9
-    restarts: int = 1
-    cascade: bool = False
     retrieval_k: tuple[int, ...] = (1, 5)
     batch_size: int = 256
     seed: int = 0
@@ -104,7 +114,7 @@ class EvalOptions:
                 )
         if not self.attacks:
             raise ConfigError(f"{who}.attacks: give at least one of: {', '.join(AUTOATTACK_ATTACKS)}")
-        for name, minimum in (("steps", 1), ("queries", 1), ("targets", 1), ("restarts", 1), ("batch_size", 1),
+        for name, minimum in (("steps", 1), ("queries", 1), ("targets", 1), ("batch_size", 1),
                               ("seed", 0)):  # fmt: skip
             check_range(getattr(self, name), minimum, None, f"{who}.{name}")
         self.retrieval_k = tuple(self.retrieval_k)

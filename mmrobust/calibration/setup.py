@@ -46,10 +46,15 @@ def check_setup(model: BindModel, meta: DatasetMeta, data: DataBundle) -> None:
         x = data.train.inputs[m][:PROBE_SAMPLES]
         with torch.no_grad():
             z = model.features(m, x)
-        bad = int((~torch.isfinite(z)).flatten(1).any(1).sum())
-        if bad:
-            raise DataError(f"encoder '{m}' returned NaN or inf embeddings for {bad} of {len(x)} probe sample(s)")
+        check_finite(z, m, "probe")
         if z.shape[1] != model.dim(m):
             raise ConfigError(
                 f"centres for '{m}' have dimension {model.dim(m)} but encoder '{m}' returns {z.shape[1]}-d embeddings"
             )
+
+
+def check_finite(z: torch.Tensor, m: str, what: str) -> None:
+    """A one-line error when encoder ``m`` returned NaN or inf for some of the ``what`` samples."""
+    bad = int((~torch.isfinite(z)).flatten(1).any(1).sum())
+    if bad:
+        raise DataError(f"encoder '{m}' returned NaN or inf embeddings for {bad} of {len(z)} {what} sample(s)")

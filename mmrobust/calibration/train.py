@@ -11,6 +11,12 @@ against the *current* pipeline, then one AdamW step on one of
 * ``infonce``: InfoNCE of the pairs ``(g(f(x_adv_i)), g1(f(x_i)))`` against the batch's other clean
   anchors, ``-log softmax_j(cos(a_i, t_j) / 0.07)[i]``.
 
+Optional: ``eps_warmup`` epochs of a linear eps curriculum (``eps * epoch / (warmup + 1)``) and
+``clean_weight`` times the same loss on the clean input added to the adversarial one. Every
+epoch's history row records the training budget, the head's accuracy on the attack's examples and
+on the clean inputs (before each step: 0 adversarial accuracy means the attack fools the current
+pipeline) and the root-mean-square gradient norm of the trainable parameters.
+
 Early stopping keeps the epoch (0 = the stage-1 head) with the best
 ``0.25 * clean + 0.75 * adversarial`` accuracy on the *validation* split.
 """
@@ -30,7 +36,7 @@ from torch import nn
 from mmrobust.attacks import build_attack
 from mmrobust.calibration.options import CalibrationOptions
 from mmrobust.calibration.pipeline import BindModel, FrozenEncoder, ProjectionHead
-from mmrobust.calibration.setup import CalibrationSetup
+from mmrobust.calibration.setup import CalibrationSetup, check_finite
 from mmrobust.data.base import DatasetMeta, Split, iterate_batches
 from mmrobust.errors import ConfigError
 
@@ -113,6 +119,7 @@ def _calibrate_modality(
     torch.manual_seed(opt.seed)
     model, train, val = setup.model, setup.data.train, setup.data.val
     z_train = _features(model, m, train.inputs[m], opt.batch_size)
+    check_finite(z_train, m, "training")
     head = ProjectionHead(model.dim(m), opt.hidden)
     stage1 = distill(head, z_train, opt)
     teacher = copy.deepcopy(head).requires_grad_(False)
@@ -122,10 +129,10 @@ def _calibrate_modality(
     calibrated = model.with_heads({m: trainable})
     n_trainable = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
 
-    def evaluate(epoch: int, loss: float) -> dict[str, float]:
+    def evaluate(epoch: int, loss: float, diagnostics: dict[str, float] | None = None) -> dict[str, float]:
         clean, adv = _val_accuracy(calibrated, setup.meta, m, val, opt)
         row = {"epoch": epoch, "train_loss": loss, "val_clean": clean, "val_adv": adv,
-               "val_score": CLEAN_WEIGHT * clean + ADV_WEIGHT * adv}  # fmt: skip
+               "val_score": CLEAN_WEIGHT * clean + ADV_WEIGHT * adv, **(diagnostics or {})}  # fmt: skip
         if on_epoch is not None:
             on_epoch(m, row)
         return row
@@ -135,24 +142,38 @@ def _calibrate_modality(
     optimiser = torch.optim.AdamW(
         [p for p in trainable.parameters() if p.requires_grad], lr=opt.lr, weight_decay=opt.weight_decay
     )
-    attack = build_attack("apgd-ce", calibrated.classifier(m), setup.meta, eps=opt.eps, norm="linf",
-                          modalities=[m], steps=opt.attack_steps, seed=opt.seed)  # fmt: skip
     indexed = Split({m: train.inputs[m], "index": torch.arange(len(train)).float()}, train.labels)
+    centres = model.centres(m)
     for epoch in range(1, opt.epochs + 1):
-        total, count = 0.0, 0
+        eps = epoch_eps(opt, epoch)
+        attack = build_attack(opt.train_attack, calibrated.classifier(m), setup.meta, eps=eps, norm="linf",
+                              modalities=[m], steps=opt.attack_steps, seed=opt.seed)  # fmt: skip
+        total, count, clean_hits, adv_hits, grad_sq = 0.0, 0, 0, 0, 0.0
         for inputs, labels in iterate_batches(indexed, opt.batch_size, shuffle=True, seed=opt.seed, epoch=epoch):
             x, idx = inputs[m], inputs["index"].long()
             x_adv = attack({m: x}, labels)[m]
             with torch.no_grad():
                 z_adv = model.features(m, x_adv)
             trainable.train()
-            loss = stage2_loss(opt, trainable(z_adv), anchors[idx], labels, model.centres(m))
+            out = trainable(z_adv)
+            loss = stage2_loss(opt, out, anchors[idx], labels, centres)
+            if opt.clean_weight > 0:
+                loss = loss + opt.clean_weight * stage2_loss(
+                    opt, trainable(z_train[idx]), anchors[idx], labels, centres
+                )
+            with torch.no_grad():  # accuracy of the head *before* this step, on the attack's examples and clean
+                adv_hits += int(((F.normalize(out, dim=1) @ centres.T).argmax(1) == labels).sum())
+                clean_hits += int((model.cosine_logits(m, trainable(z_train[idx])).argmax(1) == labels).sum())
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            grad_sq += sum(float(p.grad.pow(2).sum()) for p in trainable.parameters() if p.grad is not None)
             optimiser.step()
             total += float(loss.detach()) * len(labels)
             count += len(labels)
-        row = evaluate(epoch, total / max(count, 1))
+        steps = max(1, -(-count // opt.batch_size))
+        diagnostics = {"train_eps": eps, "train_adv_acc": adv_hits / max(count, 1),
+                       "train_clean_acc": clean_hits / max(count, 1), "grad_norm": (grad_sq / steps) ** 0.5}  # fmt: skip
+        row = evaluate(epoch, total / max(count, 1), diagnostics)
         history.append(row)
         if row["val_score"] > history[best_epoch]["val_score"]:
             best_state, best_epoch, stale = copy.deepcopy(trainable.state_dict()), epoch, 0
@@ -169,6 +190,12 @@ def _calibrate_modality(
         m, final, stage1, history, best_epoch, n_trainable,
         sum(p.numel() for p in head.parameters()), encoder.num_parameters(),
     )  # fmt: skip
+
+
+def epoch_eps(opt: CalibrationOptions, epoch: int) -> float:
+    """The training budget of stage-2 epoch ``epoch`` (1-based): ``eps`` once the curriculum of
+    ``eps_warmup`` epochs is over, growing linearly towards it before (``eps * epoch / (warmup + 1)``)."""
+    return opt.eps * min(1.0, epoch / (opt.eps_warmup + 1))
 
 
 def distill(head: nn.Module, z: torch.Tensor, opt: CalibrationOptions) -> list[float]:
@@ -211,9 +238,9 @@ def _features(model: BindModel, m: str, x: torch.Tensor, batch_size: int) -> tor
 def _val_accuracy(
     model: BindModel, meta: DatasetMeta, m: str, val: Split, opt: CalibrationOptions
 ) -> tuple[float, float]:
-    """Clean and APGD-CE (the training attack) accuracy of modality ``m`` on the validation split."""
+    """Clean and adversarial accuracy (under the training attack) of modality ``m`` on the validation split."""
     clf = model.classifier(m)
-    attack = build_attack("apgd-ce", clf, meta, eps=opt.eps, norm="linf", modalities=[m], steps=opt.attack_steps,
+    attack = build_attack(opt.train_attack, clf, meta, eps=opt.eps, norm="linf", modalities=[m], steps=opt.attack_steps,
                           seed=opt.seed + 1)  # fmt: skip
     clean = adv = 0
     for inputs, labels in iterate_batches(val, 256):

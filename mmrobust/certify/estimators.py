@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from mmrobust.certify.base import CERTIFIERS, Certificate, Certifier, CertifyContext, Guarantee, Radii
-from mmrobust.certify.lipschitz import empirical_lipschitz, score_jacobian
+from mmrobust.certify.lipschitz import empirical_lipschitz, lipschitz_batch, score_jacobian
 from mmrobust.certify.radius import (
     certified_radii,
     concat_pair_lipschitz,
@@ -189,13 +189,15 @@ class EmpiricalOptions:
 
     max_samples: int | None = 512
     theorem: str = "auto"
-    batch_size: int = 64  # samples per Jacobian batch (memory: batch x classes x input size)
+    batch_size: int = 0  # samples per Jacobian batch; 0 = sized to the memory budget (mmrobust.memory)
 
     def __post_init__(self) -> None:
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             raise ConfigError(f"certifier 'empirical': max_samples must be an integer >= 1, got {self.max_samples!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"certifier 'empirical': batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 0:
+            raise ConfigError(
+                f"certifier 'empirical': batch_size must be an integer >= 0 (0 = auto), got {self.batch_size!r}"
+            )
         _check_theorem(self.theorem)
 
 
@@ -219,12 +221,15 @@ class EmpiricalCertifier(LipschitzCertifier):
         tau: dict[str, torch.Tensor]
         if orth:
             rows = {m: _orth_head(model).basis(m).detach() for m in model.modalities}
-            tau = {m: t.double() for m, t in empirical_lipschitz(model, data, rows, batch_size=bs).items()}
+            tau = {m: t.double() for m, t in empirical_lipschitz(model, data, rows, batch_size=bs or None).items()}
         else:
             # One Jacobian of the K head rows per sample gives every pair: grad of the normalised pair
             # margin is (G_y - G_k) / c_yk with G = W J; its norm comes from the Gram matrix of G.
             head = _head(model)
             tau = {m: torch.zeros(k, k, dtype=torch.float64) for m in model.modalities}
+            if not bs:
+                weights = {m: head.modality_weight(m).detach() for m in model.modalities}
+                bs = lipschitz_batch(model, data, weights)[0].batch_size
             for inputs, _ in iterate_batches(data, bs):
                 for m in model.modalities:
                     g = score_jacobian(model, inputs, m, head.modality_weight(m).detach()).flatten(2).double()

@@ -21,7 +21,9 @@ from mmrobust.certify.results import DEFAULT_RADII, CertifyResult
 from mmrobust.data.base import DatasetMeta, Split
 from mmrobust.errors import ConfigError
 from mmrobust.io import read_json
+from mmrobust.memory import input_gradient_plan, parse_bytes
 from mmrobust.options import build_options
+from mmrobust.precision import full_precision
 
 CERTIFY_FILE = "certify.json"
 
@@ -48,26 +50,37 @@ def certify_model(
     certifier: str | Certifier = "empirical",
     fit_data: Split | None = None,
     radii: Sequence[float] | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = 256,
     options: Mapping[str, Any] | None = None,
     split_name: str = "test",
     fit_split: str | None = None,
+    memory_budget: str | int | None = "auto",
 ) -> CertifyResult:
     """Certify every sample of ``split`` with ``certifier`` (a name and ``options``, or an instance).
 
     ``fit_data`` is what a certifier may fit on (the empirical estimator maximises over it; the CLI
     passes the training split so the test split is never used to fit anything). Radii are l2 norms
-    in the model's input space; misclassified samples get radius 0.
+    in the model's input space; misclassified samples get radius 0. ``batch_size`` None sizes the
+    forward batches to ``memory_budget`` (:mod:`mmrobust.memory`).
+
+    Certification always computes in float32: the model's weights must be float32 and any autocast
+    active around the call is switched off (a radius computed in bf16/fp16 is not a certificate).
     """
     grid = check_radii(radii)
+    low = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if low:
+        raise ConfigError(f"certification needs float32 weights, the model has {', '.join(low)}; load it in float32")
     if isinstance(certifier, Certifier):
         if options:
             raise ConfigError("give certifier options either in the Certifier instance or as options, not both")
         cert = certifier
     else:
         cert = build_certifier(certifier, options)
+    if batch_size is None:
+        batch_size = input_gradient_plan(model, split, memory_budget, _device(model)).batch_size
     ctx = CertifyContext(fit_data=fit_data, batch_size=batch_size)
-    certificate = cert.certify(model, meta, split, ctx)
+    with full_precision():
+        certificate = cert.certify(model, meta, split, ctx)
     opts = cert.options
     used = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) and not isinstance(opts, type) else {}
     reads_fit = getattr(cert, "uses_fit_data", False) and fit_data is not None
@@ -81,11 +94,13 @@ def certify_run(
     split: str = "test",
     radii: Sequence[float] | None = None,
     fit_split: str = "train",
-    batch_size: int = 256,
+    batch_size: int | None = 256,
     soundness_samples: int = 0,
     attack_steps: int = 50,
     allow_data_change: bool = False,
     tightness_samples: int = 0,
+    precision: str = "fp32",
+    memory_budget: str | int | None = "auto",
 ) -> CertifyResult:
     """Certify a run folder's ``split``; ``fit_split`` is the data a certifier may fit on.
 
@@ -98,6 +113,9 @@ def certify_run(
     """
     from mmrobust.runs import load_run
 
+    check_certify_precision(precision)
+    if memory_budget is not None and memory_budget != "auto":
+        parse_bytes(memory_budget, "--memory-budget")
     cert = build_certifier(certifier, options)  # bad names/options fail before any work
     grid = check_radii(radii)
     if tightness_samples < 0:
@@ -110,19 +128,33 @@ def certify_run(
     bundle = run.data()
     data = bundle.split(split)
     result = certify_model(run.model, run.meta, data, cert, bundle.split(fit_split), grid, batch_size,
-                           split_name=split, fit_split=fit_split)  # fmt: skip
+                           split_name=split, fit_split=fit_split, memory_budget=memory_budget)  # fmt: skip
     if soundness_samples > 0:
         from mmrobust.certify.soundness import soundness_check
 
         r = result.certificate.radii
-        result.soundness = soundness_check(run.model, run.meta, data, {"joint": r.joint, "unimodal": r.unimodal},
-                                           max_samples=soundness_samples, steps=attack_steps)  # fmt: skip
+        with full_precision():
+            result.soundness = soundness_check(run.model, run.meta, data, {"joint": r.joint, "unimodal": r.unimodal},
+                                               max_samples=soundness_samples, steps=attack_steps)  # fmt: skip
     if tightness_samples > 0:
         from mmrobust.certify.tightness import TightnessOptions, tightness
 
-        result.tightness = tightness(run.model, data, result.certificate.radii.joint, "joint",
-                                     TightnessOptions(samples=tightness_samples))  # fmt: skip
+        with full_precision():
+            result.tightness = tightness(run.model, data, result.certificate.radii.joint, "joint",
+                                         TightnessOptions(samples=tightness_samples))  # fmt: skip
     return result
+
+
+def check_certify_precision(precision: str) -> None:
+    """Certification runs in float32 only: anything else is a one-line error."""
+    if precision != "fp32":
+        raise ConfigError(
+            f"certification is always fp32 (a radius computed in {precision} is not a certificate); drop --precision"
+        )
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def parse_radii(text: str) -> list[float]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec, Split
+from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec, Split, stratified_split
 from mmrobust.data.fetch import WheelFile, cache_dir, read_member
 from mmrobust.data.registry import DATASETS
 from mmrobust.data.transforms import fit_normalizer, normalize, normalized_range
@@ -89,18 +89,6 @@ def _raw_arrays() -> dict[str, np.ndarray]:
     return arrays
 
 
-def _stratified_split(labels: np.ndarray, fractions: tuple[float, float], rng: np.random.Generator) -> list[np.ndarray]:
-    """Indices of train/val/test, the same fractions within every class."""
-    parts: list[list[np.ndarray]] = [[], [], []]
-    for k in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == k))
-        n_val, n_test = round(len(idx) * fractions[0]), round(len(idx) * fractions[1])
-        parts[0].append(idx[n_val + n_test :])
-        parts[1].append(idx[:n_val])
-        parts[2].append(idx[n_val : n_val + n_test])
-    return [np.sort(np.concatenate(p)) for p in parts]
-
-
 @dataclass
 class AVDigitsOptions:
     """Options of ``avdigits`` (``--data-opt KEY=VALUE``)."""
@@ -131,8 +119,8 @@ def load_avdigits(seed: int = 0, **options: Any) -> DataBundle:
     offsets = np.concatenate([[0], np.cumsum(raw["mfcc_lengths"])])
     clips = [raw["mfcc_frames"][offsets[i] : offsets[i + 1]] for i in range(len(raw["mfcc_lengths"]))]
     fr = (val_fraction, test_fraction)
-    audio_idx = _stratified_split(raw["audio_label"], fr, rng)
-    image_idx = _stratified_split(raw["image_label"], fr, rng)
+    audio_idx = stratified_split(raw["audio_label"], fr, rng)
+    image_idx = stratified_split(raw["image_label"], fr, rng)
 
     train_frames = np.concatenate([clips[i] for i in audio_idx[0]])
     a_mean = train_frames.mean(0).astype(np.float32)

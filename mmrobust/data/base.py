@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from mmrobust.errors import DataError
@@ -244,3 +245,15 @@ def iterate_batches(
         return
     for idx in batches:
         yield split.take(idx)
+
+
+def stratified_split(labels: np.ndarray, fractions: tuple[float, float], rng: np.random.Generator) -> list[np.ndarray]:
+    """Indices of train/val/test, the same fractions within every class."""
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for k in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        n_val, n_test = round(len(idx) * fractions[0]), round(len(idx) * fractions[1])
+        parts[0].append(idx[n_val + n_test :])
+        parts[1].append(idx[:n_val])
+        parts[2].append(idx[n_val : n_val + n_test])
+    return [np.sort(np.concatenate(p)) for p in parts]

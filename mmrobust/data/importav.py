@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -40,9 +39,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmrobust.data import audio
-from mmrobust.data.avdigits import _stratified_split
-from mmrobust.data.base import DatasetMeta, ModalitySpec
-from mmrobust.data.ondisk import SPLITS, DiskWriter, Storage
+from mmrobust.data.base import DatasetMeta, ModalitySpec, stratified_split
+from mmrobust.data.ondisk import SPLITS, DiskWriter, Storage, partial_path, publish
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.options import check_range
 
@@ -398,7 +396,7 @@ def plan_import(src: str | Path, opts: ImportOptions) -> ImportPlan:
     else:
         labels = np.array([c.label for c, _ in good])
         # one stratified assignment in a fixed clip order: the same seed gives the same splits
-        parts = _stratified_split(labels, (opts.val, opts.test), np.random.default_rng(opts.split_seed))
+        parts = stratified_split(labels, (opts.val, opts.test), np.random.default_rng(opts.split_seed))
         split_of = [""] * len(good)
         for split, idx in zip(("train", "val", "test"), parts, strict=True):
             for i in idx:
@@ -460,11 +458,6 @@ def build_meta(plan: ImportPlan, audio_mean: float, audio_std: float) -> tuple[D
     return DatasetMeta(name, specs, plan.class_names, info), storage
 
 
-def partial_path(dst: Path) -> Path:
-    """Where an import (like ``data convert``) writes until it is complete: ``.<name>.partial`` beside DST."""
-    return dst.parent / f".{dst.name}.partial"
-
-
 def _open_writer(plan: ImportPlan, partial: Path) -> tuple[DiskWriter, int]:
     """A writer for the partial folder: resumed when it holds an interrupted import of the same plan."""
     if partial.exists():
@@ -480,18 +473,6 @@ def _open_writer(plan: ImportPlan, partial: Path) -> tuple[DiskWriter, int]:
         shutil.rmtree(partial)
     meta, storage = build_meta(plan, *_audio_stats(plan, _filterbank(plan.options)))
     return DiskWriter.create(partial, meta, plan.sizes, storage), 0
-
-
-def _publish(partial: Path, dst: Path) -> None:
-    """Move the complete partial folder to DST; an existing DST (``force``) goes only now."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(partial, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, dst)
 
 
 def import_av(
@@ -556,7 +537,7 @@ def import_av(
         writer.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    _publish(partial, dst)
+    publish(partial, dst)
     return ImportResult(dst, plan.sizes, plan.class_names, plan.skipped, resumed, written, time.perf_counter() - t0)
 
 

@@ -658,6 +658,10 @@ def open_ondisk(path: str | Path, seed: int = 0, **options: Any) -> DataBundle:
         }
         handles = _Handles(files)
         label = _read_rows(handles.fd("label"), files["label"], np.arange(sizes[split]))
+        if label.min() < 0 or label.max() >= meta.num_classes:  # the labels are read anyway: a cheap check
+            raise DataError(
+                f"{files['label'].path}: values must be in 0..{meta.num_classes - 1}, found {label.min()}..{label.max()}"
+            )
         splits[split] = DiskSplit(f"{root}/{split}", meta, storage, handles, torch.from_numpy(label), None, opts)
     return DataBundle(meta, splits["train"], splits["val"], splits["test"], source={"format": FORMAT})
 
@@ -708,8 +712,21 @@ def _encode(x: torch.Tensor, st: Storage) -> np.ndarray:
     return ((a.astype(np.float64) * st.std + st.mean) / st.scale).astype(st.dtype)
 
 
-def _partial_path(dst: Path) -> Path:
+def partial_path(dst: Path) -> Path:
+    """Where a conversion or an import writes until it is complete: ``.<name>.partial`` beside DST."""
     return dst.parent / f".{dst.name}.partial"
+
+
+def publish(partial: Path, dst: Path) -> None:
+    """Move the complete partial folder to DST; an existing DST (``force``) goes only now."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(partial, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, dst)
 
 
 def convert(
@@ -745,7 +762,7 @@ def convert(
                for m in meta.modalities}  # fmt: skip
     out_meta = DatasetMeta(meta.name, list(meta.modalities), list(meta.class_names), {**meta.info, **(info or {})})
     sizes = {s: len(bundle.split(s)) for s in SPLITS}
-    partial = _partial_path(dst)
+    partial = partial_path(dst)
     writer = None
     if partial.exists():
         try:
@@ -782,13 +799,6 @@ def convert(
                 if progress is not None:
                     progress("convert", done, total)
     writer.finish(progress)
-    if dst.exists():  # --force: the old folder goes only once the new one is complete
-        old = dst.parent / f".{dst.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(partial, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, dst)
+    publish(partial, dst)
     nbytes = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
     return ConvertResult(dst, sizes, storage, nbytes, errors, resumed, time.perf_counter() - t0)

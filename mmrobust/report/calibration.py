@@ -63,7 +63,7 @@ def summary_rows(study: dict[str, Any], modality: str) -> tuple[list[str], list[
 
 
 def attack_rows(study: dict[str, Any], modality: str) -> tuple[list[str], list[list[Any]]]:
-    """Accuracy under each component alone, per model and eps."""
+    """Accuracy after each AutoAttack component (cumulative), per model and eps."""
     frozen = study["frozen"]["modalities"][modality]
     attacks = list(frozen["budgets"][0]["by_attack"])
     headers = ["model", "eps", *attacks, "worst case"]
@@ -89,6 +89,10 @@ def retrieval_rows(study: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
+def _evaluations(study: dict[str, Any]) -> list[dict[str, Any]]:
+    return [study["frozen"], *[v["evaluation"] for v in study["variants"].values()]]
+
+
 def study_markdown(study: dict[str, Any], plot: str | None = None) -> str:
     """The report: setup, per-modality summary and per-attack tables, retrieval, plot, wall times."""
     setup, proto = study["setup"], study["frozen"]["protocol"]
@@ -98,17 +102,19 @@ def study_markdown(study: dict[str, Any], plot: str | None = None) -> str:
         f"wall time {study['wall_time_s']:.0f} s.", "",
         f"Attacks (l-inf, on each modality's valid range): {', '.join(proto['attacks'])} at eps "
         f"{', '.join(fmt_eps(e) for e in proto['eps'])}; {proto['steps']} steps, {proto['queries']} Square queries, "
-        f"{proto['targets']} target classes, {proto['restarts']} restart(s). Robust accuracy is the per-sample worst "
-        "case over the components (cross-entropy, targeted DLR, FAB and the margin loss of Square). "
-        + ("Components were cascaded (each attacked only the samples that the earlier components and the smaller "
-           "budgets left correct), so the second table is cumulative: the accuracy after each component."
-           if proto.get("cascade") else "The second table shows each component alone."), "",
+        f"{proto['targets']} target classes. Robust accuracy is AutoAttack's per-sample worst case over the "
+        "components (cross-entropy, targeted DLR, FAB and the margin loss of Square), each run on the samples the "
+        "earlier ones and the smaller budgets left correct; the second table is cumulative: the accuracy after "
+        "each component.", "",
     ]  # fmt: skip
     for m in study["frozen"]["modalities"]:
         skipped = study["frozen"]["modalities"][m]["skipped"]
         lines += [f"## {m}", "", md_table(*summary_rows(study, m)), ""]
         if skipped:
             lines += [f"Skipped: {'; '.join(skipped)}", ""]
+        warned = sorted({w for ev in _evaluations(study) for w in ev["modalities"][m].get("warnings", [])})
+        if warned:
+            lines += [f"AutoAttack warnings: {'; '.join(warned)}", ""]
         lines += [md_table(*attack_rows(study, m)), ""]
     lines += ["## Cross-modal retrieval", "",
               "Class-level recall@k through the shared space: a query counts as a hit if one of its k nearest "

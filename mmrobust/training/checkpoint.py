@@ -120,7 +120,8 @@ def load_checkpoint(folder: Path) -> TrainingState:
 
 
 def config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """The first setting that differs between two config dicts (dotted key), ignoring progress bars."""
+    """The first setting that differs between two config dicts (dotted key), ignoring progress bars and
+    the memory budget (it only sizes the batches of the passes after training)."""
 
     def flat(d: Any, prefix: str = "") -> dict[str, str]:
         if isinstance(d, dict):
@@ -132,7 +133,7 @@ def config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | N
 
     a, b = flat(saved), flat(current)
     for key in sorted(set(a) | set(b)):
-        if key == "train.progress":
+        if key in ("train.progress", "train.memory_budget"):
             continue
         if a.get(key) != b.get(key):
             return key

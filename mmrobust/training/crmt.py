@@ -240,7 +240,7 @@ class CRMTBase(Strategy):
         pick = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(trainer.cfg.train.seed))
         tau = empirical_lipschitz(
             model, bundle.train.subset(pick[:n_tau]), {m: head.basis(m).detach() for m in model.modalities},  # type: ignore[operator]
-            batch_size=64, device=trainer.device,
+            batch_size=None, device=trainer.device, memory_budget=trainer.cfg.train.memory_budget,
         )  # fmt: skip
         tau = {m: t.to(trainer.device) for m, t in tau.items()}
         val_scores, val_labels = raw_scores_of(model, bundle.val, trainer.device)
@@ -295,8 +295,11 @@ class CRMTBase(Strategy):
         it with a real attack at the scale the certificate talks about.
         """
         from mmrobust.attacks import PGDL2
+        from mmrobust.memory import input_gradient_plan
 
         model, head = trainer.model, trainer.model.head
+        val = trainer.bundle.val
+        batch_size = input_gradient_plan(model, val, trainer.cfg.train.memory_budget, trainer.device).batch_size
         bound = orthogonal_bound(val_scores, a_step1, head.bias.detach(), val_labels, tau)
         pos = bound[bound > 0]
         if not len(pos):
@@ -309,11 +312,12 @@ class CRMTBase(Strategy):
                     p.copy_(a[m])
             attack = PGDL2(model, eps, steps=self.options.step2_check_steps, loss="cw", meta=self.meta, seed=0)
             correct = 0
-            for inputs, y in iterate_batches(trainer.bundle.val, 256):
+            for inputs, y in iterate_batches(val, batch_size):
                 inputs, y = {k: v.to(trainer.device) for k, v in inputs.items()}, y.to(trainer.device)
-                with torch.no_grad():
-                    correct += int((model(attack(inputs, y)).argmax(1) == y).sum())
-            accs[name] = correct / len(trainer.bundle.val)
+                # perturb returns the logits of exactly the examples it returns: no second forward
+                _, logits = attack.perturb(inputs, y)
+                correct += int((logits.argmax(1) == y).sum())
+            accs[name] = correct / len(val)
         return {"eps": eps, **accs}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,14 +25,46 @@ class DistInfo:
         return self.world_size > 1
 
 
+def backend_for(device: torch.device) -> str:
+    """The collective backend for ``device``: NCCL for CUDA tensors, gloo for CPU tensors."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def setup_distributed(device: torch.device) -> DistInfo:
-    """Initialise the process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    """Initialise the process group if launched by torchrun (gloo on CPU, nccl on CUDA).
+
+    On CUDA each process first binds its own GPU (``cuda:LOCAL_RANK``, see :func:`resolve_device`), so
+    NCCL's communicators and every default-device allocation land on it.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend_for(device))
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def ddp_options(device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of ``DistributedDataParallel`` for a module on ``device``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return {"device_ids": [index], "output_device": index}
+    return {}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a batch to ``device``; to CUDA through pinned host memory with ``non_blocking`` copies
+    (the copy overlaps the GPU's work; tensors a DataLoader already pinned are not copied twice)."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        if v.device.type == "cpu" and not v.is_pinned():
+            v = v.pin_memory()
+        out[k] = v.to(device, non_blocking=True)
+    return out
 
 
 def teardown_distributed(info: DistInfo) -> None:

@@ -25,9 +25,17 @@ from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, predict
 from mmrobust.io import atomic_write_bytes
 from mmrobust.models.fusion import LateFusionModel, build_model
+from mmrobust.precision import grad_scaler, model_precision
 from mmrobust.report.console import console, progress
 from mmrobust.training.base import METHODS, StepContext, Strategy
-from mmrobust.training.distributed import DistInfo, resolve_device, setup_distributed, teardown_distributed
+from mmrobust.training.distributed import (
+    DistInfo,
+    ddp_options,
+    resolve_device,
+    setup_distributed,
+    teardown_distributed,
+    to_device,
+)
 
 if TYPE_CHECKING:
     from mmrobust.runs import RunFolder
@@ -108,13 +116,19 @@ class Trainer:
         correct, total = 0, 0.0
         for inputs, labels in iterate_batches(self.bundle.val, 256):
             labels = labels.to(self.device)
-            logits = self.model({k: v.to(self.device) for k, v in inputs.items()})
+            logits = self.model(to_device(inputs, self.device))
             correct += int((logits.argmax(1) == labels).sum())
             total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         return correct / len(self.bundle.val), total / len(self.bundle.val)
 
     def _train_epoch(
-        self, epoch: int, opt: torch.optim.Optimizer, bar: Any, task: Any, gen: torch.Generator
+        self,
+        epoch: int,
+        opt: torch.optim.Optimizer,
+        bar: Any,
+        task: Any,
+        gen: torch.Generator,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> dict[str, float]:
         t = self.cfg.train
         self._wrapped.train()
@@ -124,21 +138,29 @@ class Trainer:
             rank=self.dist.rank, world_size=self.dist.world_size,
         )  # fmt: skip
         for step, (inputs, labels) in enumerate(batches):
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            labels = labels.to(self.device)
+            inputs = to_device(inputs, self.device)
+            labels = labels.to(self.device, non_blocking=True)
             ctx = StepContext(epoch, step, gen)
             loss, logits = self.strategy.loss(self._wrapped, inputs, labels, ctx)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at epoch {epoch}, step {step}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.strategy.after_backward(self._wrapped, ctx)
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                self.strategy.after_backward(self._wrapped, ctx)
+                opt.step()
+            else:  # fp16: scaled backward; the method sees (and the optimiser steps on) unscaled gradients
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                self.strategy.after_backward(self._wrapped, ctx)
+                scaler.step(opt)
+                scaler.update()
             total_loss += float(loss.detach()) * len(labels)
             correct += int((logits.detach().argmax(1) == labels).sum())
             seen += len(labels)
             bar.advance(task)
-        totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
+        # on the training device: NCCL reduces CUDA tensors only
+        totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=self.device)
         if self.dist.active:  # report the global epoch statistics, not rank 0's shard
             torch.distributed.all_reduce(totals)
         total_loss, correct, seen = totals.tolist()
@@ -172,7 +194,10 @@ class Trainer:
         )
 
         t = self.cfg.train
-        self._wrapped: nn.Module = DistributedDataParallel(self.model) if self.dist.active else self.model
+        self._wrapped: nn.Module = (
+            DistributedDataParallel(self.model, **ddp_options(self.device)) if self.dist.active else self.model
+        )
+        scaler = grad_scaler(t.precision, self.device)
         opt = build_optimizer(self.strategy.parameters(self.model), t.optim)
         sched = build_scheduler(opt, t.optim, t.epochs)
         gen = torch.Generator().manual_seed(t.seed * 1000 + self.dist.rank)
@@ -202,12 +227,14 @@ class Trainer:
         start = time.perf_counter()
         show = t.progress and self.dist.is_main
         self.strategy.on_train_start(self)
-        with progress(show) as bar:
+        # only the model's forwards are autocast (hooks on the model; DDP calls it); the selected
+        # weights are float32 and everything after training (test accuracy, CRMT step 2) runs in fp32
+        with progress(show) as bar, model_precision(self.model, t.precision, self.device, t.channels_last):
             task = bar.add_task(f"{t.method} train", total=t.epochs * steps, completed=first_epoch * steps)
             for epoch in range(first_epoch, t.epochs):
                 e0 = time.perf_counter()
                 self.strategy.on_epoch_start(self, epoch)
-                stats = self._train_epoch(epoch, opt, bar, task, gen)
+                stats = self._train_epoch(epoch, opt, bar, task, gen, scaler)
                 stats.update(self.strategy.on_epoch_end(self, epoch))
                 lr = opt.param_groups[0]["lr"]
                 if sched is not None:
