@@ -68,6 +68,14 @@ class _AutoAttack(Attack):
         if k is not None:
             check_applicable(self.name, int(k), targets)
 
+    def _random_point(self, packed: Packed, x0: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """A random point at distance ``radius`` (per column) from ``x0`` in the attack's norm, in the box."""
+        if self.norm == "linf":
+            t = 2 * torch.rand(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device) - 1
+            return packed.clamp(x0 + radius * t / t.abs().amax(1, keepdim=True).clamp_min(1e-12))
+        t = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device)
+        return packed.clamp(x0 + radius * packed.normalize(t, "l2"))
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "steps": self.steps, "restarts": self.restarts}
 
@@ -116,13 +124,7 @@ class APGD(_AutoAttack):
     def _apgd(self, packed: Packed, labels: torch.Tensor, loss_fn: Any, best: BestTracker, index: torch.Tensor) -> None:
         n_iter = self.steps
         x0 = packed.x0
-        eps_cols = packed.expand(packed.eps)
-        if self.norm == "linf":
-            t = 2 * torch.rand(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device) - 1
-            x = packed.clamp(x0 + eps_cols * t / t.abs().amax(1, keepdim=True).clamp_min(1e-12))
-        else:
-            t = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device)
-            x = packed.clamp(x0 + eps_cols * packed.normalize(t, "l2"))
+        x = self._random_point(packed, x0, packed.expand(packed.eps))
         step = 2 * packed.eps.expand(x0.shape[0], -1)[:, :1].clone()  # (N, 1)
         loss, grad, logits = self.loss_and_grad(packed, x, labels, loss_fn)
         best.update(x, logits, index)
@@ -275,13 +277,7 @@ class FABT(_AutoAttack):
         hi = packed.hi if packed.hi is not None else torch.full_like(x0, math.inf)
         x = x0.clone()
         if random_start:
-            half = packed.expand(packed.eps) * 0.5
-            if self.norm == "linf":
-                t = 2 * torch.rand(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device) - 1
-                x = packed.clamp(x0 + half * t / t.abs().amax(1, keepdim=True).clamp_min(1e-12))
-            else:
-                t = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device)
-                x = packed.clamp(x0 + half * packed.normalize(t, "l2"))
+            x = self._random_point(packed, x0, packed.expand(packed.eps) * 0.5)
         x_best = x0.clone()
         best_norm = torch.full((x0.shape[0],), math.inf, dtype=x0.dtype, device=x0.device)
 
