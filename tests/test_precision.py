@@ -187,3 +187,37 @@ def test_cpu_and_gpu_training_agree():
         with torch.no_grad():
             results[device] = trainer.model.cpu()(inputs)
     torch.testing.assert_close(results["cuda"], results["cpu"], rtol=1e-3, atol=1e-3)
+
+
+def test_resume_keeps_the_gradient_scalers_loss_scale(tmp_path, monkeypatch):
+    """An fp16 run resumed after an interruption continues at its loss scale, as an uninterrupted run does.
+
+    The scaler here is a CPU GradScaler growing every step (CUDA fp16 uses the same state); a resume
+    that started from the initial scale would end with a scale 2^steps_done smaller."""
+    import mmrobust.training.checkpoint as checkpoint
+    import mmrobust.training.engine as engine
+
+    made: list[torch.amp.GradScaler] = []
+
+    def scaler(precision, device):
+        made.append(torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1))
+        return made[-1]
+
+    monkeypatch.setattr(engine, "grad_scaler", scaler)
+    train = engine.train
+    train(tiny_config(epochs=2), out=tmp_path / "full")
+    full_scale = made[-1].get_scale()
+    assert full_scale > 2.0**4  # the scaler was used and grew
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_stop(folder, state):
+        real_save(folder, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(epochs=2), out=tmp_path / "r")
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    train(tiny_config(epochs=2), out=tmp_path / "r", resume=True)
+    assert made[-1].get_scale() == full_scale

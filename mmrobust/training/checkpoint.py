@@ -43,6 +43,7 @@ class TrainingState:
     strategy: dict[str, torch.Tensor]
     history: list[dict[str, Any]]
     config: dict[str, Any]
+    scaler: dict[str, Any] | None = None  # fp16 gradient scaler (loss scale and growth tracker)
 
 
 def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -83,6 +84,7 @@ def save_checkpoint(folder: Path, state: TrainingState) -> None:
         "rng": _split_tensors(state.rng, "rng", tensors),
         "generator": _split_tensors(state.generator, "gen", tensors),
         "strategy": _split_tensors(state.strategy, "strategy", tensors),
+        "scaler": _split_tensors(state.scaler, "scaler", tensors) if state.scaler is not None else None,
     }
     name = f"checkpoint-{state.epoch}.safetensors"
     doc["tensors"] = name
@@ -101,6 +103,7 @@ def load_checkpoint(folder: Path) -> TrainingState:
         tensors = load_tensors(folder / doc["tensors"])
         best = doc["best_model"]
         sched = doc["scheduler"]
+        scaler = doc.get("scaler")
         return TrainingState(
             epoch=int(doc["epoch"]),
             model=_join_tensors(doc["model"], tensors),
@@ -114,6 +117,7 @@ def load_checkpoint(folder: Path) -> TrainingState:
             strategy=_join_tensors(doc["strategy"], tensors),
             history=list(doc["history"]),
             config=dict(doc["config"]),
+            scaler=_join_tensors(scaler, tensors) if scaler is not None else None,
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise RunError(f"{folder / CHECKPOINT_JSON}: corrupt checkpoint ({exc})") from None

@@ -217,6 +217,8 @@ class Trainer:
             opt.load_state_dict(ck.optimizer)
             if sched is not None and ck.scheduler is not None:
                 sched.load_state_dict(ck.scheduler)
+            if scaler is not None and ck.scaler:
+                scaler.load_state_dict(ck.scaler)  # fp16 resumes at its loss scale, not the initial one
             torch.set_rng_state(ck.rng)
             gen.set_state(ck.generator)
             self.strategy.load_state_dict(ck.strategy)
@@ -265,6 +267,7 @@ class Trainer:
                             epoch + 1, self.model.state_dict(), best_state, best_key, best_epoch, opt.state_dict(),
                             sched.state_dict() if sched is not None else None, torch.get_rng_state(), gen.get_state(),
                             self.strategy.state_dict(), self.history, config,
+                            scaler.state_dict() if scaler is not None else None,
                         ),
                     )  # fmt: skip
         if best_state is not None:
