@@ -55,3 +55,24 @@ def test_cli_certify_several_certifiers_side_by_side(tmp_path, capsys):
     # an option no chosen certifier has is still a one-line error, before any work
     assert main(["certify", str(out), "--lipschitz", "sound,crown", "--cert-opt", "crown:stepz=3"]) == 2
     assert "certifier 'crown': unknown option(s) ['stepz']" in capsys.readouterr().err
+
+
+def test_legend_names_curves_drawn_only_in_the_joint_panel(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from mmrobust.report.certify_plots import plot_certified_accuracy
+
+    with_unimodal = _entry("sound", "sound", guarantee=True)
+    with_unimodal["certified_accuracy"]["unimodal"] = {"a": [1, 0], "b": [1, 0]}
+    results = {"m (sound)": with_unimodal, "m (smoothing)": _entry("smoothing", "probabilistic", alpha=0.001)}
+    seen: list[list[str]] = []
+    real = matplotlib.axes.Axes.legend
+
+    def legend(self, *args, **kwargs):
+        leg = real(self, *args, **kwargs)
+        seen.append([t.get_text() for t in leg.get_texts()])
+        return leg
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", legend)
+    plot_certified_accuracy(results, tmp_path / "p.png")
+    assert len(seen) == 1 and any("smoothing" in t for t in seen[0]) and any("sound" in t for t in seen[0])

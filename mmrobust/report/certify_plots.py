@@ -91,7 +91,15 @@ def plot_certified_accuracy(
         ax.set(xlabel="l2 radius", title="joint perturbation" if panel == "joint" else f"{panel} only", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("certified accuracy")
+    # one legend for every panel: a curve drawn only in some panels (e.g. a joint-only smoothing run)
+    # must still be named
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
     axes[0][-1].legend(
+        list(handles.values()),
+        list(handles),
         fontsize=7,
         title="solid: sound certificate\ndashed: probabilistic (fails w.p. alpha)\ndotted: estimate, no guarantee",
         title_fontsize=7,
