@@ -16,7 +16,7 @@ per sample. The attack is unconstrained (no valid-range clamp), like the certifi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -86,26 +86,47 @@ def min_adversarial_norm(
     success. Misclassified samples get 0. Only still-open samples are attacked in each round.
     """
     model.eval()
-    n = labels.shape[0]
     with torch.no_grad():
         clean_ok = model(inputs).argmax(1) == labels
-    best = torch.full((n,), math.inf, dtype=torch.float64)
-    best[~clean_ok] = 0.0
-    lo = torch.zeros(n, dtype=torch.float64)
-    eps = start.double().clamp_min(1e-12).clone()
 
-    def attack(idx: torch.Tensor, e: torch.Tensor, rnd: int) -> torch.Tensor:
+    def attack(idx: torch.Tensor, e: torch.Tensor, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:
         sub = {k: v[idx] for k, v in inputs.items()}
-        ok, norms = _attack_at(model, sub, labels[idx], e.float(), modalities, steps, restarts, seed + rnd)
+        return _attack_at(model, sub, labels[idx], e.float(), modalities, steps, restarts, seed + rnd)
+
+    return search_min_norm(clean_ok, start.double().clamp_min(1e-12), attack, search_rounds, bisect_rounds)
+
+
+def search_min_norm(
+    clean_ok: torch.Tensor,
+    start: torch.Tensor,
+    attack: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+    search_rounds: int,
+    bisect_rounds: int,
+) -> torch.Tensor:
+    """The eps search shared by :func:`min_adversarial_norm` and the tightness attack radius.
+
+    ``attack(idx, eps, round)`` attacks samples ``idx`` at per-sample l2 budgets ``eps`` and returns
+    ``(success, norm of the successful perturbation)``. Phase 1 doubles each open sample's eps from
+    ``start`` until an attack succeeds; phase 2 bisects between the largest failed eps and the
+    smallest successful norm. Returns the smallest successful norm per sample (``inf``: none found;
+    0 where ``clean_ok`` is False).
+    """
+    n = clean_ok.shape[0]
+    best = torch.where(clean_ok, math.inf, 0.0).double()
+    lo = torch.zeros(n, dtype=torch.float64)
+    eps = start.double().clone()
+
+    def run(idx: torch.Tensor, e: torch.Tensor, rnd: int) -> torch.Tensor:
+        ok, norms = attack(idx, e, rnd)
         hit = idx[ok]
-        best[hit] = torch.minimum(best[hit], norms[ok])
+        best[hit] = torch.minimum(best[hit], norms[ok].double())
         return ok
 
     for rnd in range(search_rounds):
         open_ = (clean_ok & torch.isinf(best)).nonzero().squeeze(1)
         if open_.numel() == 0:
             break
-        ok = attack(open_, eps[open_], rnd)
+        ok = run(open_, eps[open_], rnd)
         lo[open_[~ok]] = eps[open_[~ok]]
         eps[open_[~ok]] *= 2.0
     for rnd in range(bisect_rounds):
@@ -113,7 +134,7 @@ def min_adversarial_norm(
         if idx.numel() == 0:
             break
         mid = (lo[idx] + best[idx]) / 2
-        ok = attack(idx, mid, search_rounds + rnd)
+        ok = run(idx, mid, search_rounds + rnd)
         lo[idx[~ok]] = mid[~ok]
     return best
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmrobust.certify.soundness import _Rescaled
+from mmrobust.certify.soundness import _Rescaled, search_min_norm
 from mmrobust.data.base import Batch, Split
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import LateFusionModel
@@ -125,36 +125,21 @@ def attack_radius(
     model.eval()
     with torch.no_grad():
         logits = model(inputs)
-    k, n = logits.shape[1], labels.shape[0]
-    ok = logits.argmax(1) == labels
-    best = torch.where(ok, math.inf, 0.0).double()
-    lo = torch.zeros(n, dtype=torch.float64)
-    eps = torch.full((n,), float(o.start), dtype=torch.float64)
+    k = logits.shape[1]
 
-    def run(idx: torch.Tensor, e: torch.Tensor, rnd: int) -> torch.Tensor:
+    def run(idx: torch.Tensor, e: torch.Tensor, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every attack at ``e``: success of any, and the smallest successful norm (inf: none)."""
         sub = {m: v[idx] for m, v in inputs.items()}
         hit = torch.zeros(idx.numel(), dtype=torch.bool)
+        smallest = torch.full((idx.numel(),), math.inf, dtype=torch.float64)
         for a, name in enumerate(o.attacks):
             s, nrm = _attack(model, sub, labels[idx], e.float(), modalities, name, o, o.seed + 97 * rnd + a, k)
-            best[idx[s]] = torch.minimum(best[idx[s]], nrm[s])
+            smallest[s] = torch.minimum(smallest[s], nrm[s])
             hit |= s
-        return hit
+        return hit, smallest
 
-    for rnd in range(o.search_rounds):
-        idx = (ok & torch.isinf(best)).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        hit = run(idx, eps[idx], rnd)
-        lo[idx[~hit]] = eps[idx[~hit]]
-        eps[idx[~hit]] *= 2
-    for rnd in range(o.bisect_rounds):
-        idx = (ok & torch.isfinite(best)).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        mid = (lo[idx] + best[idx]) / 2
-        hit = run(idx, mid, o.search_rounds + rnd)
-        lo[idx[~hit]] = mid[~hit]
-    return best
+    start = torch.full((labels.shape[0],), float(o.start), dtype=torch.float64)
+    return search_min_norm(logits.argmax(1) == labels, start, run, o.search_rounds, o.bisect_rounds)
 
 
 def tightness(
