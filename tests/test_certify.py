@@ -270,3 +270,31 @@ def test_concat_form_on_an_orthogonal_head_is_never_looser_than_theorem_3_5(tiny
     with pytest.raises(ConfigError, match="orthogonal head"):
         certify_model(build_model(tiny_bundle.meta, ModelConfig(feature_dim=16)), tiny_bundle.meta, tiny_bundle.test,
                       "sound", options={"theorem": "3.5"})  # fmt: skip
+
+
+def test_python_api_sizes_certification_batches_to_the_memory_budget(monkeypatch):
+    """certify_model/certify_run size their batches like the CLI unless given ``batch_size``."""
+    import mmrobust.certify.runner as runner
+    from mmrobust.certify.base import CertifyContext
+    from mmrobust.certify.estimators import SoundCertifier
+    from mmrobust.memory import BatchPlan
+
+    probes: list[str | int | None] = []
+
+    def plan(model, split, budget, device):
+        probes.append(budget)
+        return BatchPlan(3, 1, 1, 0, "given")
+
+    class Recording(SoundCertifier):
+        def certify(self, model, meta, split, ctx: CertifyContext):
+            seen.append(ctx.batch_size)
+            return super().certify(model, meta, split, ctx)
+
+    monkeypatch.setattr(runner, "input_gradient_plan", plan)
+    model, meta = _linear_model(2)
+    split = Split({"a": torch.randn(10, 5), "b": torch.randn(10, 3)}, torch.zeros(10, dtype=torch.long))
+    seen: list[int] = []
+    certify_model(model, meta, split, Recording(), memory_budget="1GB")
+    assert seen == [3] and probes == ["1GB"]  # sized by the probe, with the caller's budget
+    certify_model(model, meta, split, Recording(), batch_size=5)
+    assert seen == [3, 5] and probes == ["1GB"]  # an explicit batch skips the probe

@@ -50,7 +50,7 @@ def certify_model(
     certifier: str | Certifier = "empirical",
     fit_data: Split | None = None,
     radii: Sequence[float] | None = None,
-    batch_size: int | None = 256,
+    batch_size: int | None = None,
     options: Mapping[str, Any] | None = None,
     split_name: str = "test",
     fit_split: str | None = None,
@@ -60,8 +60,9 @@ def certify_model(
 
     ``fit_data`` is what a certifier may fit on (the empirical estimator maximises over it; the CLI
     passes the training split so the test split is never used to fit anything). Radii are l2 norms
-    in the model's input space; misclassified samples get radius 0. ``batch_size`` None sizes the
-    forward batches to ``memory_budget`` (:mod:`mmrobust.memory`).
+    in the model's input space; misclassified samples get radius 0. ``batch_size`` None (the
+    default) sizes the forward batches to ``memory_budget`` (:mod:`mmrobust.memory`); an integer is
+    used as given.
 
     Certification always computes in float32: the model's weights must be float32 and any autocast
     active around the call is switched off (a radius computed in bf16/fp16 is not a certificate).
@@ -76,11 +77,10 @@ def certify_model(
         cert = certifier
     else:
         cert = build_certifier(certifier, options)
-    if batch_size is None:
-        batch_size = input_gradient_plan(model, split, memory_budget, _device(model)).batch_size
-    ctx = CertifyContext(fit_data=fit_data, batch_size=batch_size)
-    with full_precision():
-        certificate = cert.certify(model, meta, split, ctx)
+    with full_precision():  # the probe too: it sizes float32 passes
+        if batch_size is None:
+            batch_size = input_gradient_plan(model, split, memory_budget, _device(model)).batch_size
+        certificate = cert.certify(model, meta, split, CertifyContext(fit_data=fit_data, batch_size=batch_size))
     opts = cert.options
     used = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) and not isinstance(opts, type) else {}
     reads_fit = getattr(cert, "uses_fit_data", False) and fit_data is not None
@@ -94,7 +94,7 @@ def certify_run(
     split: str = "test",
     radii: Sequence[float] | None = None,
     fit_split: str = "train",
-    batch_size: int | None = 256,
+    batch_size: int | None = None,
     soundness_samples: int = 0,
     attack_steps: int = 50,
     allow_data_change: bool = False,
@@ -121,7 +121,7 @@ def certify_run_many(
     split: str = "test",
     radii: Sequence[float] | None = None,
     fit_split: str = "train",
-    batch_size: int | None = 256,
+    batch_size: int | None = None,
     soundness_samples: int = 0,
     attack_steps: int = 50,
     allow_data_change: bool = False,
@@ -152,6 +152,9 @@ def certify_run_many(
     run = load_run(path, allow_data_change=allow_data_change)
     bundle = run.data()
     data = bundle.split(split)
+    if batch_size is None:  # one probe for all certifiers
+        with full_precision():
+            batch_size = input_gradient_plan(run.model, data, memory_budget, _device(run.model)).batch_size
     results = []
     attack = None
     for cert in certs:
