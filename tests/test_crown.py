@@ -15,7 +15,7 @@ from mmrobust.certify.runner import certify_model
 from mmrobust.certify.soundness import min_adversarial_norm
 from mmrobust.data.base import DatasetMeta, ModalitySpec, Split
 from mmrobust.errors import ConfigError
-from mmrobust.models.encoders import BasicBlock, MLPEncoder, SmallCNN, TemporalCNN
+from mmrobust.models.encoders import BasicBlock, MLPEncoder, SmallCNN, SmallCNNAvgPool, TemporalCNN
 from mmrobust.models.fusion import LateFusionModel
 from mmrobust.models.heads import ConcatHead
 
@@ -163,6 +163,7 @@ ENCODERS = {
     "mlp": (lambda: MLPEncoder(ModalitySpec("v", "vector", (7,)), 5, hidden=9), (7,)),
     "tcn": (lambda: TemporalCNN(ModalitySpec("a", "sequence", (3, 12)), 6, width=4), (3, 12)),
     "smallcnn": (lambda: SmallCNN(ModalitySpec("i", "image", (1, 9, 9)), 6, width=4), (1, 9, 9)),
+    "smallcnn-avgpool": (lambda: SmallCNNAvgPool(ModalitySpec("i", "image", (1, 9, 9)), 6, width=4), (1, 9, 9)),
     "basic block": (lambda: BasicBlock(2, 3, 2), (2, 6, 6)),
     "basic block identity": (lambda: BasicBlock(2, 2, 1), (2, 5, 5)),
 }
@@ -194,6 +195,29 @@ def test_operators_reproduce_the_encoder_and_bound_it_on_random_points(name):
         assert (out >= st.lo[i] - 1e-5).all() and (out <= st.hi[i] + 1e-5).all()
         vals = out.flatten(1) @ spec[i].flatten(1).T  # (200, 4)
         assert (vals >= (lin[i] - r[i] * dual[i]) - 1e-5).all() and (vals >= ibp[i] - 1e-5).all()
+
+
+def test_average_pooling_is_exact_where_max_pooling_ties_cost_a_constant():
+    """At a radius so small that no ReLU is unstable, CROWN through average pooling is the first-order
+    bound ``f(x) - r ||grad f||``; a max-pool window whose elements tie at the centre (a constant
+    image) has no linear bound and pays a constant per window, many times the gradient's share."""
+    torch.manual_seed(0)
+    r, shape = 1e-6, (1, 8, 8)
+    drops = {}
+    for name, cls in (("avg", SmallCNNAvgPool), ("max", SmallCNN)):
+        enc = cls(ModalitySpec("i", "image", shape), 5, width=4).eval()
+        with torch.no_grad():
+            for conv in (m for m in enc.modules() if isinstance(m, nn.Conv2d)):
+                conv.bias.uniform_(0.5, 1.0)  # every ReLU active on a constant image
+        x = torch.full((1, *shape), 0.3, dtype=torch.float64)
+        spec = torch.randn(1, 1, 5, dtype=torch.float64)
+        lin, dual, _ = EncoderBounds(enc, shape, "l2", "fast", 1).bound(x, torch.tensor([r]).double(), spec)
+        xg = x.clone().requires_grad_(True)
+        val = (enc.double()(xg) * spec[0]).sum()
+        (grad,) = torch.autograd.grad(val, xg)
+        drops[name] = float(val - (lin - r * dual)) / (r * float(grad.norm()))
+    assert drops["avg"] == pytest.approx(1.0, abs=1e-3)  # exact to first order
+    assert drops["max"] > 2  # the tie constants (3.6 here)
 
 
 def test_unsupported_layers_are_one_line_errors():

@@ -50,17 +50,31 @@ class TemporalCNN(nn.Sequential):
 class SmallCNN(nn.Sequential):
     """Three-block CNN for small ``(C, H, W)`` images (MNIST-sized)."""
 
+    pool: type[nn.Module] = nn.MaxPool2d
+
     def __init__(self, spec: ModalitySpec, feature_dim: int = 128, width: int = 32) -> None:
         if spec.kind not in ("image", "spectrogram"):
-            raise ConfigError(f"encoder 'smallcnn' needs an image modality, '{spec.name}' is {spec.kind}")
+            raise ConfigError(f"encoder {type(self).__name__} needs an image modality, '{spec.name}' is {spec.kind}")
         c = spec.shape[0]
         super().__init__(
-            nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), self.pool(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), self.pool(2),
             nn.Conv2d(2 * width, feature_dim, 3, padding=1), nn.BatchNorm2d(feature_dim), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )  # fmt: skip
         self.out_dim = feature_dim
+
+
+@ENCODERS.register("smallcnn-avgpool")
+class SmallCNNAvgPool(SmallCNN):
+    """:class:`SmallCNN` with 2x2 average instead of max pooling, for models to be certified.
+
+    Why: a max-pool window whose elements tie at the input (a constant background makes most of
+    them tie) has no linear bound tighter than a constant, and linear bound propagation (CROWN)
+    pays that constant in every such window; an average is linear and costs nothing.
+    """
+
+    pool = nn.AvgPool2d
 
 
 class BasicBlock(nn.Module):
