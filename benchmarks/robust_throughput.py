@@ -5,8 +5,10 @@ memory of full-size robustness passes.
 CRMT model (orthogonal head) built from seed 0 are attacked with the paper suite's joint-l2 PGD (CE
 and CW, 10 steps) and certified with the empirical certifier (Lipschitz estimate over 512 training
 samples), at the batch size chosen by ``mmrobust.memory`` for ``--memory-budget`` and at fixed
-sizes. Runs are interleaved over ``--rounds``; samples/s are medians. The data are in memory: the
-streaming DataLoader (workers) is not part of this branch, so no worker rows are reported.
+sizes. Runs are interleaved over ``--rounds``; samples/s are medians. With ``--workers 0,2`` the
+same passes also run at the automatic batch on an on-disk copy of the data (uint8 images, written
+to a temporary folder and deleted afterwards) streamed through the DataLoader with that many
+workers, to compare with the in-memory rows.
 
 ``memory``: the paper's full-size shapes (3 frames of 3x224x224, a 1x1024x128 spectrogram, ResNet18
 encoders, 31 classes, orthogonal head). Each pass runs in a child process that reports its peak
@@ -57,6 +59,22 @@ def throughput(args: argparse.Namespace) -> dict:
     bundle = load_data(DataConfig(args.data, 0))
     test = bundle.test.subset(slice(0, args.samples))
     fit = bundle.train.subset(slice(0, 512))
+    disk: dict[str, tuple] = {}  # label -> (test, fit) streamed from disk
+    scratch = None
+    if args.workers:
+        import tempfile
+
+        from mmrobust.data.ondisk import convert
+
+        scratch = Path(tempfile.mkdtemp(prefix="mmrobust-throughput-"))
+        images = [m.name for m in bundle.meta.modalities if m.kind == "image" and m.valid_range is not None]
+        convert(bundle, scratch / "data", uint8=images)
+        for w in (int(v) for v in args.workers.split(",")):
+            on_disk = load_data(DataConfig(str(scratch / "data"), 0, {"workers": w}))
+            disk[f"disk, {w} workers"] = (
+                on_disk.test.subset(slice(0, args.samples)),
+                on_disk.train.subset(slice(0, 512)),
+            )
     jt, crmt = _models(bundle.meta)
     t0 = time.perf_counter()
     attack_plan = input_gradient_plan(jt, test, args.memory_budget)
@@ -67,26 +85,37 @@ def throughput(args: argparse.Namespace) -> dict:
     probe_lip_s = time.perf_counter() - t0
     fixed = [int(b) for b in args.fixed.split(",")]
 
-    def pgd(bs: int) -> float:
+    def pgd(bs: int, data=None) -> float:
+        split = data[0] if data else test
         t = time.perf_counter()
         for loss in ("ce", "cw"):
-            attack_predictions(PGDL2(jt, 0.5, steps=10, loss=loss, meta=bundle.meta), test, bs)
-        return 2 * len(test) / (time.perf_counter() - t)  # attacked samples per second
+            attack_predictions(PGDL2(jt, 0.5, steps=10, loss=loss, meta=bundle.meta), split, bs)
+        return 2 * len(split) / (time.perf_counter() - t)  # attacked samples per second
 
-    def cert(bs: int) -> float:
+    def cert(bs: int, data=None) -> float:
+        split, fit_split = data if data else (test, fit)
         t = time.perf_counter()
-        certify_model(crmt, bundle.meta, test, "empirical", fit, batch_size=256, options={"batch_size": bs})
-        return len(test) / (time.perf_counter() - t)
+        certify_model(crmt, bundle.meta, split, "empirical", fit_split, batch_size=256, options={"batch_size": bs})
+        return len(split) / (time.perf_counter() - t)
 
     sizes = {"attack": [("auto", attack_plan.batch_size), *[(str(b), b) for b in fixed]],
              "certify": [("auto", lip_plan.batch_size), *[(str(b), b) for b in fixed]]}  # fmt: skip
+    for label in disk:  # the streamed rows run at the automatic batch
+        sizes["attack"].append((label, attack_plan.batch_size))
+        sizes["certify"].append((label, lip_plan.batch_size))
     runs: dict[tuple[str, str], list[float]] = {}
     pgd(64), cert(16)  # warm-up: first-call costs (functorch, oneDNN kernels) are not throughput
-    for _ in range(args.rounds):
-        for label, bs in sizes["attack"]:
-            runs.setdefault(("attack (PGD-l2 CE+CW, 10 steps)", label), []).append(pgd(bs))
-        for label, bs in sizes["certify"]:
-            runs.setdefault(("certify (empirical, 512 fit samples)", label), []).append(cert(bs))
+    try:
+        for _ in range(args.rounds):
+            for label, bs in sizes["attack"]:
+                runs.setdefault(("attack (PGD-l2 CE+CW, 10 steps)", label), []).append(pgd(bs, disk.get(label)))
+            for label, bs in sizes["certify"]:
+                runs.setdefault(("certify (empirical, 512 fit samples)", label), []).append(cert(bs, disk.get(label)))
+    finally:
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
     rows, out = [], []
     for (what, label), v in runs.items():
         bs = dict(sizes["attack" if what.startswith("attack") else "certify"])[label]
@@ -95,8 +124,7 @@ def throughput(args: argparse.Namespace) -> dict:
         rows.append([what, f"{label} ({bs})", f"{med:.1f}", f"{med / auto:.2f}"])
         out.append({"pass": what, "batch": label, "batch_size": bs, "samples_per_s": med, "all": v})
     print_table(
-        f"Throughput on {args.data} ({len(test)} test samples, in memory, no DataLoader workers; "
-        f"budget {args.memory_budget})",
+        f"Throughput on {args.data} ({len(test)} test samples; in memory unless 'disk'; budget {args.memory_budget})",
         ["pass", "batch (size)", "samples/s", "relative to auto"],
         rows,
     )
@@ -199,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--child", choices=["lipschitz", "pgd"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", default="", help="throughput: also stream from disk with these worker counts, e.g. 0,2")
     p.add_argument("--out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
