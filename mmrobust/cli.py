@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from mmrobust.errors import ConfigError, MMRobustError
+from mmrobust.errors import ConfigError, DataError, MMRobustError
 
 
 def _finite_float(text: str) -> float:
@@ -312,6 +312,22 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from mmrobust.data.ondisk import verify_ondisk
+    from mmrobust.report.console import out, progress_callback
+
+    with progress_callback(not args.no_progress) as progress:
+        res = verify_ondisk(args.path, progress=progress)
+    if res.mismatched:
+        raise DataError(
+            f"{res.path}: {len(res.mismatched)} of {res.arrays} arrays differ from the sha256 in meta.json "
+            f"({', '.join(res.mismatched)}); the data changed or are corrupt: convert or import them again"
+        )
+    out.print(f"{res.path}: all {res.arrays} arrays match meta.json ({res.bytes / 2**20:.1f} MiB in {res.seconds:.1f} s)",
+              markup=False)  # fmt: skip
+    return 0
+
+
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     """``mmrobust data SUBCOMMAND``: dataset conversion and import tools (one subparser each)."""
     group = sub.add_parser("data", help="convert or import datasets into the streaming on-disk format")
@@ -327,6 +343,10 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_convert, interrupt_hint="; rerun the same command to resume")
     _add_import_av(data_sub)
+    p = data_sub.add_parser("verify", help="re-hash every array of an on-disk dataset against its meta.json")
+    p.add_argument("path", help="on-disk dataset folder (written by data convert or data import-av)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_verify)
 
 
 def cmd_data_import_av(args: argparse.Namespace) -> int:

@@ -232,6 +232,24 @@ def test_bad_folders_one_line_errors_via_cli(disk, tmp_path, capsys, how, messag
     assert not (tmp_path / "run").exists()
 
 
+def test_verify_rehashes_every_array_and_names_the_changed_ones(disk, tmp_path, capsys):
+    assert main(["data", "verify", str(disk), "--no-progress"]) == 0
+    assert "all 9 arrays match meta.json" in capsys.readouterr().out
+    bad = tmp_path / "edited"
+    shutil.copytree(disk, bad)
+    for split in ("val", "test"):  # a silent edit: still finite, same shape, so opening cannot see it
+        arr = np.load(bad / split / "weak.npy", mmap_mode="r+")
+        arr[0, 0] += 1.0
+        arr.flush()
+        del arr
+    before = sorted(p.name for p in bad.rglob("*"))
+    assert main(["data", "verify", str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 of 9 arrays differ from the sha256 in meta.json (val/weak, test/weak)" in err
+    assert sorted(p.name for p in bad.rglob("*")) == before  # nothing written
+    load_data(DataConfig(str(bad)))  # opening stays cheap: it does not hash
+
+
 def test_convert_cli_refusals(tmp_path, capsys):
     out = tmp_path / "x"
     out.mkdir()
