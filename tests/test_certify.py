@@ -185,18 +185,22 @@ def test_soundness_check_counts_violations_of_an_inflated_certificate(tiny_bundl
     assert bad["joint"]["violation_rate"] > 0.5  # a 100x radius is refuted by the attack
 
 
-def test_small_cnn_sound_radii_survive_attacks():
+def small_cnn_data(n: int) -> tuple[DatasetMeta, Split]:
+    """A learnable 3-class image (1x8x8) + sequence (2x8) set; seeds torch with 0 first."""
     torch.manual_seed(0)
     meta = DatasetMeta(
         "cnn", [ModalitySpec("img", "image", (1, 8, 8)), ModalitySpec("seq", "sequence", (2, 8))], ["0", "1", "2"]
     )
-    n = 90
     labels = torch.arange(n) % 3
     img = torch.randn(n, 1, 8, 8) * 0.5
     img[:, 0, :4, :4] += (labels == 0).float()[:, None, None] * 2
     img[:, 0, 4:, 4:] += (labels == 1).float()[:, None, None] * 2
     seq = torch.randn(n, 2, 8) * 0.5 + (labels == 2).float()[:, None, None]
-    split = Split({"img": img, "seq": seq}, labels)
+    return meta, Split({"img": img, "seq": seq}, labels)
+
+
+def test_small_cnn_sound_radii_survive_attacks():
+    meta, split = small_cnn_data(90)
     model = build_model(meta, ModelConfig(feature_dim=8, encoders={"img": "smallcnn", "seq": "tcn"}))
     model = _fit(model, split, epochs=40)
     res = certify_model(model, meta, split, "sound", radii=[0, 0.01])

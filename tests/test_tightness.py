@@ -8,11 +8,11 @@ import torch
 from mmrobust.certify.crown import CrownOptions, crown_radii
 from mmrobust.certify.runner import certify_model
 from mmrobust.certify.tightness import TightnessOptions, tightness
-from mmrobust.data.base import DatasetMeta, ModalitySpec, Split
+from mmrobust.data.base import Split
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import ModelConfig, build_model
 
-from .test_certify import _fit, _linear_model, _trained
+from .test_certify import _fit, _linear_model, _trained, small_cnn_data
 
 FAST = TightnessOptions(samples=12, steps=15, search_rounds=6, bisect_rounds=5)
 
@@ -33,17 +33,7 @@ def test_attack_radius_matches_the_exact_distance_on_a_linear_model_and_flags_in
 
 
 def _small_cnn() -> tuple:
-    torch.manual_seed(0)
-    meta = DatasetMeta(
-        "cnn", [ModalitySpec("img", "image", (1, 8, 8)), ModalitySpec("seq", "sequence", (2, 8))], ["0", "1", "2"]
-    )
-    n = 60
-    labels = torch.arange(n) % 3
-    img = torch.randn(n, 1, 8, 8) * 0.5
-    img[:, 0, :4, :4] += (labels == 0).float()[:, None, None] * 2
-    img[:, 0, 4:, 4:] += (labels == 1).float()[:, None, None] * 2
-    seq = torch.randn(n, 2, 8) * 0.5 + (labels == 2).float()[:, None, None]
-    split = Split({"img": img, "seq": seq}, labels)
+    meta, split = small_cnn_data(60)
     return _fit(build_model(meta, ModelConfig(feature_dim=8)), split, epochs=40), meta, split.subset(slice(0, 10))
 
 
