@@ -118,11 +118,12 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmrobust.report.console import out
+    from mmrobust.report.console import echo, out, progress_callback
     from mmrobust.training import train
 
     cfg = build_run_config(args)
-    result = train(cfg, out=args.out, force=args.force, resume=args.resume)
+    with progress_callback(cfg.train.progress) as progress:
+        result = train(cfg, out=args.out, force=args.force, resume=args.resume, on_epoch=echo, progress=progress)
     if result.out is not None:
         m = result.metrics
         out.print(

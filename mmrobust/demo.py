@@ -23,7 +23,7 @@ from mmrobust.io import atomic_write_bytes
 from mmrobust.report.benchmark import LEGEND, table_markdown
 from mmrobust.report.certify import save_certify
 from mmrobust.report.certify_plots import plot_certified_accuracy, plot_eta_heatmaps
-from mmrobust.report.console import console, progress_callback
+from mmrobust.report.console import console, echo, progress_callback
 from mmrobust.report.markdown import md_table
 from mmrobust.report.plots import plot_grouped_bars, plot_training_curves
 from mmrobust.report.robustness import plot_robustness_curves, save_eval
@@ -89,7 +89,8 @@ def _train_all(cfg: DemoConfig, out: Path, bundle: Any) -> dict[str, dict[str, A
             rc.model.lipschitz_encoders = True
             rc.train.optim.lr = cfg.lipschitz_lr
         console.print(f"== training {name} on {cfg.data.name} ({epochs} epochs)", markup=False)
-        metrics[name] = train(rc, out=out / name, bundle=bundle).metrics
+        with progress_callback(cfg.progress) as progress:
+            metrics[name] = train(rc, out=out / name, bundle=bundle, on_epoch=echo, progress=progress).metrics
     return metrics
 
 

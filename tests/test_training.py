@@ -101,3 +101,18 @@ def test_torchrun_two_processes_equals_one(tmp_path):
 def test_write_json_turns_non_finite_values_into_null_inside_tensors_too(tmp_path):
     write_json(tmp_path / "x.json", {"t": torch.tensor([1.0, float("nan")]), "f": float("inf")})
     assert json.loads((tmp_path / "x.json").read_text()) == {"t": [1.0, None], "f": None}
+
+
+def test_the_engine_prints_nothing_and_reports_epochs_and_steps_to_callbacks(tmp_path, capsys):
+    from mmrobust.training import train
+
+    lines: list[str] = []
+    steps: list[tuple[str, int, int]] = []
+    cfg = tiny_config(epochs=2)
+    result = train(cfg, tmp_path / "run", on_epoch=lines.append, progress=lambda *a: steps.append(a))
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""  # presentation is the caller's
+    assert [line.split("  ")[0] for line in lines] == ["[jt] epoch 1/2", "[jt] epoch 2/2"]
+    assert (tmp_path / "run" / "train.log").read_text().splitlines() == lines
+    per_epoch = -(-len(result.bundle.train) // cfg.train.batch_size)
+    assert steps == [("jt train", i, 2 * per_epoch) for i in range(1, 2 * per_epoch + 1)]

@@ -23,6 +23,11 @@ console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
 
+def echo(line: str) -> None:
+    """One plain line on stderr (no rich markup): training's epoch lines, status lines."""
+    console.print(line, markup=False)
+
+
 class _NullProgress:
     def add_task(self, *args: object, **kwargs: object) -> TaskID:
         return TaskID(0)

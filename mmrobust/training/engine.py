@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,10 +23,10 @@ from mmrobust.data.base import DataBundle, iterate_batches
 from mmrobust.data.registry import load_data
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, predict
+from mmrobust.eval.results import ProgressFn
 from mmrobust.io import atomic_write_bytes
 from mmrobust.models.fusion import LateFusionModel, build_model
 from mmrobust.precision import grad_scaler, model_precision
-from mmrobust.report.console import console, progress
 from mmrobust.training.base import METHODS, StepContext, Strategy
 from mmrobust.training.distributed import (
     DistInfo,
@@ -78,8 +78,15 @@ class FitResult:
     out: Path | None
 
 
+#: receives each epoch's log line (the line also written to ``train.log``)
+EpochFn = Callable[[str], None]
+
+
 class Trainer:
     """Trains one model with one strategy; select on validation accuracy, never on test.
+
+    The engine prints nothing: ``fit(on_epoch=..., progress=...)`` hands each epoch's log line and
+    the step count to the caller (the CLI and the demo print them).
 
     Under ``torchrun`` the global batch ``batch_size`` is split evenly over the processes, gradients
     are averaged by DDP, and only rank 0 writes files.
@@ -125,8 +132,7 @@ class Trainer:
         self,
         epoch: int,
         opt: torch.optim.Optimizer,
-        bar: Any,
-        task: Any,
+        tick: Callable[[], None],
         gen: torch.Generator,
         scaler: torch.amp.GradScaler | None = None,
     ) -> dict[str, float]:
@@ -158,7 +164,7 @@ class Trainer:
             total_loss += float(loss.detach()) * len(labels)
             correct += int((logits.detach().argmax(1) == labels).sum())
             seen += len(labels)
-            bar.advance(task)
+            tick()
         # on the training device: NCCL reduces CUDA tensors only
         totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=self.device)
         if self.dist.active:  # report the global epoch statistics, not rank 0's shard
@@ -166,22 +172,35 @@ class Trainer:
         total_loss, correct, seen = totals.tolist()
         return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
-    def fit(self, out: str | Path | None = None, *, force: bool = False, resume: bool = False) -> FitResult:
+    def fit(
+        self,
+        out: str | Path | None = None,
+        *,
+        force: bool = False,
+        resume: bool = False,
+        on_epoch: EpochFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> FitResult:
         """Train; with ``out``, write the run folder transactionally (see :class:`~mmrobust.runs.RunFolder`).
 
         A checkpoint is kept after every epoch while the run is in progress; ``resume`` continues
-        from it and gives the same model as an uninterrupted run.
+        from it and gives the same model as an uninterrupted run. Rank 0 reports each epoch's log
+        line to ``on_epoch`` and the training steps done to ``progress``.
         """
         from mmrobust.runs import RunFolder
 
+        if not self.dist.is_main:
+            on_epoch = progress = None
         if out is None or not self.dist.is_main:
             if resume and out is not None:  # non-main ranks read the checkpoint rank 0 keeps
-                return self._fit(RunFolder(out, resume=True).partial, None)
-            return self._fit(None, None)
+                return self._fit(RunFolder(out, resume=True).partial, None, on_epoch, progress)
+            return self._fit(None, None, on_epoch, progress)
         with RunFolder(out, force=force, resume=resume) as folder, _terminate_as_interrupt():
-            return self._fit(folder.partial, folder)
+            return self._fit(folder.partial, folder, on_epoch, progress)
 
-    def _fit(self, resume_from: Path | None, folder: RunFolder | None) -> FitResult:
+    def _fit(
+        self, resume_from: Path | None, folder: RunFolder | None, on_epoch: EpochFn | None, progress: ProgressFn | None
+    ) -> FitResult:
         """Train, continuing from the checkpoint in ``resume_from`` if there is one; ``folder``: the run
         folder this process writes (checkpoints, log, the run), or None."""
         from mmrobust.runs import save_run
@@ -227,16 +246,22 @@ class Trainer:
         per_rank = t.batch_size // self.dist.world_size
         steps = math.ceil(math.ceil(len(self.train_split) / self.dist.world_size) / per_rank)
         start = time.perf_counter()
-        show = t.progress and self.dist.is_main
+        done, total, label = first_epoch * steps, t.epochs * steps, f"{t.method} train"
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(label, min(done, total), total)
+
         self.strategy.on_train_start(self)
         # only the model's forwards are autocast (hooks on the model; DDP calls it); the selected
         # weights are float32 and everything after training (test accuracy, CRMT step 2) runs in fp32
-        with progress(show) as bar, model_precision(self.model, t.precision, self.device, t.channels_last):
-            task = bar.add_task(f"{t.method} train", total=t.epochs * steps, completed=first_epoch * steps)
+        with model_precision(self.model, t.precision, self.device, t.channels_last):
             for epoch in range(first_epoch, t.epochs):
                 e0 = time.perf_counter()
                 self.strategy.on_epoch_start(self, epoch)
-                stats = self._train_epoch(epoch, opt, bar, task, gen, scaler)
+                stats = self._train_epoch(epoch, opt, tick, gen, scaler)
                 stats.update(self.strategy.on_epoch_end(self, epoch))
                 lr = opt.param_groups[0]["lr"]
                 if sched is not None:
@@ -255,8 +280,8 @@ class Trainer:
                 if (val_acc, -val_loss) > best_key:
                     best_key, best_epoch = (val_acc, -val_loss), epoch + 1
                     best_state = copy.deepcopy(self.model.state_dict())
-                if self.dist.is_main:
-                    console.print(_epoch_line(t.method, t.epochs, row), markup=False)
+                if on_epoch is not None:
+                    on_epoch(_epoch_line(t.method, t.epochs, row))
                 if folder is not None:
                     # the log is derived from the history, so after a resume it lists each epoch once
                     log = "".join(_epoch_line(t.method, t.epochs, r) + "\n" for r in self.history)
@@ -329,14 +354,16 @@ def train(
     *,
     force: bool = False,
     resume: bool = False,
+    on_epoch: EpochFn | None = None,
+    progress: ProgressFn | None = None,
 ) -> FitResult:
     """Train a model from a :class:`RunConfig`; write the run folder to ``out`` if given.
 
     An existing ``out`` is refused unless ``force`` (replace it) or ``resume`` (continue an
-    interrupted run from its last epoch checkpoint).
+    interrupted run from its last epoch checkpoint). ``on_epoch``/``progress``: see :meth:`Trainer.fit`.
     """
     if out is not None and int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 owns the folder
         from mmrobust.runs import RunFolder
 
         RunFolder(out, force=force, resume=resume)._check_target()  # refuse before loading data
-    return Trainer(cfg, bundle).fit(out, force=force, resume=resume)
+    return Trainer(cfg, bundle).fit(out, force=force, resume=resume, on_epoch=on_epoch, progress=progress)
