@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = json.loads((run / "metrics.json").read_text())
         out["metrics"] = {k: metrics.get(k) for k in ("val_accuracy", "test_accuracy", "train_time_s", "crmt")}
         ev = json.loads((run / "eval.json").read_text())
-        out["eval"] = {"clean_accuracy": ev.get("clean_accuracy"), "protocol": ev.get("protocol"),
-                       "rows": len(ev.get("rows", []))}  # fmt: skip
+        out["eval"] = {k: ev.get(k) for k in ("clean_accuracy", "worst_case", "protocol")}
+        out["eval"]["results"] = len(ev.get("results", []))
         out["certify_files"] = sorted(f.name for f in run.iterdir() if f.name.startswith("certif"))
     finally:
         if not args.keep:
