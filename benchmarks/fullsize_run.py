@@ -74,6 +74,25 @@ def make_fullsize(root: Path, sizes: dict[str, int], classes: int, seed: int = 0
     return {"sizes": sizes, "classes": classes, "disk_mb": nbytes / 2**20, "write_s": time.perf_counter() - t0}
 
 
+def summarise(run: Path) -> dict:
+    """What the run folder records: accuracies, CRMT's step 1/2 record, the paper suite, the certifiers."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    ev = json.loads((run / "eval.json").read_text())
+    cert = json.loads((run / "certify.json").read_text())["estimators"]
+    keys = ("guarantee_kind", "theorem", "n", "clean_accuracy", "summary", "timing")
+    return {
+        "metrics": {k: metrics.get(k) for k in ("val_accuracy", "test_accuracy", "train_time_s", "crmt")},
+        "eval": {**{k: ev.get(k) for k in ("clean_accuracy", "worst_case", "protocol")}, "results": len(ev["results"])},
+        "certify": {
+            name: {
+                **{k: e.get(k) for k in keys},
+                "encoder_lipschitz": e["lipschitz"].get("info", {}).get("encoder_lipschitz"),
+            }
+            for name, e in cert.items()
+        },
+    }
+
+
 def _one_line_error(text: str) -> bool:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return len(lines) == 1 and "Traceback" not in text
@@ -133,12 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec["one_line_error"] = _one_line_error(text)
                 if not rec["one_line_error"]:
                     raise SystemExit(f"{name}: the refusal is not a one-line error:\n{text[-3000:]}")
-        metrics = json.loads((run / "metrics.json").read_text())
-        out["metrics"] = {k: metrics.get(k) for k in ("val_accuracy", "test_accuracy", "train_time_s", "crmt")}
-        ev = json.loads((run / "eval.json").read_text())
-        out["eval"] = {k: ev.get(k) for k in ("clean_accuracy", "worst_case", "protocol")}
-        out["eval"]["results"] = len(ev.get("results", []))
-        out["certify_files"] = sorted(f.name for f in run.iterdir() if f.name.startswith("certif"))
+        out.update(summarise(run))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
