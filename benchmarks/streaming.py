@@ -12,8 +12,14 @@ Three parts (each measurement runs in a fresh child process so that its peak RSS
    and of its workers are reported; memory must not grow with the dataset.
 3. **Larger than RAM** (``--big-gb``, e.g. 36 on a 24 GB machine; 0 skips it): the same child on a
    dataset of that size, then the dataset is deleted. Target: completes with peak RSS < 4 GB.
+4. **A whole training run on it** (``--big-train``, with ``--big-gb``): a real ``mmrobust train``
+   (CLI subprocess) over one full epoch of the larger-than-RAM dataset, with MLP encoders
+   (``--big-feature-dim``) so that the epoch is cheap enough to finish, batch ``--big-batch``. The
+   child's wall time, samples/s and peak RSS (``os.wait4``: the train process and, when workers are
+   used, the largest of its workers) are recorded. ``--skip-stream`` skips part 3's streaming child.
 
     python benchmarks/streaming.py [--epochs 3] [--rss-gb 1] [--big-gb 36] [--dir /tmp/mmrobust-stream]
+    python benchmarks/streaming.py --epochs 0 --rss-gb 0 --big-gb 36 --big-train --skip-stream
 """
 
 from __future__ import annotations
@@ -121,6 +127,33 @@ def _run_child(kind: str, **kw) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict:
+    """Run ``cmd`` as a child process (stdout + stderr to ``log``): exit code, wall time and the peak RSS
+    of that child alone (``os.wait4``; on Linux it includes the descendants it reaped, e.g. workers)."""
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def run_train_cli(root: Path, run: Path, epochs: int, batch_size: int, feature_dim: int, workers: int) -> dict:
+    """``mmrobust train`` (JT, MLP encoders) on the folder ``root`` in a child process: wall time, peak RSS."""
+    cfg = run.parent / "big-train-config.json"
+    write_json(cfg, {"model": {"encoders": {"image": "mlp", "spec": "mlp"}, "feature_dim": feature_dim}})
+    cmd = [sys.executable, "-m", "mmrobust.cli", "train", "--config", str(cfg), "--data", str(root), "--method",
+           "jt", "--epochs", str(epochs), "--batch-size", str(batch_size), "--no-progress", "--out", str(run),
+           "--data-opt", f"workers={workers}"]  # fmt: skip
+    log = run.parent / "big-train.log"
+    res = run_measured(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, log)
+    text = log.read_text()
+    if res["rc"] != 0:
+        raise SystemExit(f"mmrobust train failed (exit {res['rc']}):\n{text[-3000:]}")
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {"cmd": ["mmrobust", *cmd[3:]], **res, "last_line": text.strip().splitlines()[-1], "metrics": metrics}
+
+
 # -- data -----------------------------------------------------------------------------------------
 
 
@@ -162,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-gb", type=float, default=0.0, help="size of the larger-than-RAM dataset; 0 skips it")
     p.add_argument("--steps", type=int, default=50, help="shuffled training steps in parts 2 and 3")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers of parts 2 and 3")
+    p.add_argument("--big-train", action="store_true", help="part 4: `mmrobust train`, one epoch over --big-gb")
+    p.add_argument("--big-batch", type=int, default=512, help="batch size of the part 4 training run")
+    p.add_argument("--big-feature-dim", type=int, default=16, help="feature_dim of part 4's MLP encoders")
+    p.add_argument("--big-workers", type=int, default=0, help="DataLoader workers of the part 4 training run")
+    p.add_argument("--skip-stream", action="store_true", help="no streaming child for --big-gb (part 3)")
     p.add_argument("--dir", default=None, help="scratch folder for the datasets (deleted afterwards)")
     p.add_argument("--out", default="benchmarks/results/streaming.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -178,53 +216,86 @@ def main(argv: list[str] | None = None) -> int:
                  * os.sysconf("SC_PAGE_SIZE") / 2**30}  # fmt: skip
     try:
         # 1. throughput on avdigits
-        av = load_data(DataConfig("avdigits", 0))
-        convert(av, scratch / "avd-f32")
-        convert(av, scratch / "avd-u8", uint8=["image"])
-        sources = {
-            "memory": ["avdigits", {}],
-            "disk float32": [str(scratch / "avd-f32"), {}],
-            "disk uint8 image": [str(scratch / "avd-u8"), {}],
-            "disk uint8, 2 workers": [str(scratch / "avd-u8"), {"workers": 2}],
-        }
-        tp = _run_child("throughput", sources=sources, epochs=args.epochs, batch_size=args.batch_size)
-        base = tp["samples_per_s"]["memory"]
-        out["throughput"] = {**tp, "ratio_to_memory": {k: v / base for k, v in tp["samples_per_s"].items()}}
-        print_table(
-            f"JT training throughput on avdigits ({len(av.train)} train samples, batch {args.batch_size}, "
-            f"median of {args.epochs} interleaved epochs, 1 thread)",
-            ["source", "samples/s", "vs memory"],
-            [[k, f"{v:.0f}", f"{v / base:.2f}"] for k, v in tp["samples_per_s"].items()],
-        )
-        # 2. memory vs dataset size, 3. larger than RAM
-        rows, out["rss"] = [], {}
-        sizes = [("1x", args.rss_gb), ("4x", 4 * args.rss_gb)] if args.rss_gb > 0 else []
-        if args.big_gb > 0:
-            sizes.append(("larger than RAM", args.big_gb))
-        for label, gb in sizes:
-            root = scratch / f"syn-{gb:g}"
-            made = make_synthetic(root, gb)
-            res = _run_child("stream", root=str(root), steps=args.steps, batch_size=args.batch_size,
-                             workers=args.workers)  # fmt: skip
-            shutil.rmtree(root)
-            out["rss"][label] = {"gb": gb, **made, **res}
-            rows.append([label, f"{made['disk_gb']:.2f} GiB", f"{made['train_samples']:,}", f"{res['epoch_s']:.0f} s",
-                         f"{res['epoch_mb_per_s']:.0f}", f"{res['train_samples_per_s']:.0f}",
-                         f"{res['rss_mb']['main']:.0f}", f"{res['rss_mb']['workers']:.0f}"])  # fmt: skip
-            print(f"{label}: {json.dumps(out['rss'][label])}", file=sys.stderr, flush=True)
-        if rows:
-            print_table(
-                f"Streaming from disk: one sequential epoch ({args.workers} workers, batch 256) + {args.steps} "
-                f"shuffled JT steps (batch {args.batch_size}); RAM {out['ram_gb']:.1f} GiB",
-                ["dataset", "on disk", "train samples", "epoch", "MiB/s", "train samples/s",
-                 "peak RSS main MiB", "peak RSS worker MiB"],
-                rows,
-            )  # fmt: skip
+        if args.epochs > 0:
+            throughput(args, scratch, out)
+        # 2. memory vs dataset size, 3. larger than RAM, 4. a training run on it
+        streaming(args, scratch, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, out)
     return 0
+
+
+def throughput(args: argparse.Namespace, scratch: Path, out: dict) -> None:
+    av = load_data(DataConfig("avdigits", 0))
+    convert(av, scratch / "avd-f32")
+    convert(av, scratch / "avd-u8", uint8=["image"])
+    sources = {
+        "memory": ["avdigits", {}],
+        "disk float32": [str(scratch / "avd-f32"), {}],
+        "disk uint8 image": [str(scratch / "avd-u8"), {}],
+        "disk uint8, 2 workers": [str(scratch / "avd-u8"), {"workers": 2}],
+    }
+    tp = _run_child("throughput", sources=sources, epochs=args.epochs, batch_size=args.batch_size)
+    base = tp["samples_per_s"]["memory"]
+    out["throughput"] = {**tp, "ratio_to_memory": {k: v / base for k, v in tp["samples_per_s"].items()}}
+    print_table(
+        f"JT training throughput on avdigits ({len(av.train)} train samples, batch {args.batch_size}, "
+        f"median of {args.epochs} interleaved epochs, 1 thread)",
+        ["source", "samples/s", "vs memory"],
+        [[k, f"{v:.0f}", f"{v / base:.2f}"] for k, v in tp["samples_per_s"].items()],
+    )
+
+
+def streaming(args: argparse.Namespace, scratch: Path, out: dict) -> None:
+    rows, out["rss"] = [], {}
+    sizes = [("1x", args.rss_gb), ("4x", 4 * args.rss_gb)] if args.rss_gb > 0 else []
+    if args.big_gb > 0:
+        sizes.append(("larger than RAM", args.big_gb))
+    for label, gb in sizes:
+        root = scratch / f"syn-{gb:g}"
+        made = make_synthetic(root, gb)
+        print(f"{label}: wrote {json.dumps(made)}", file=sys.stderr, flush=True)
+        big = label == "larger than RAM"
+        if big and args.big_train:
+            out["big_train"] = train = {"gb": gb, **made, "load_before": os.getloadavg()}
+            train.update(run_train_cli(root, scratch / "big-run", 1, args.big_batch, args.big_feature_dim,
+                                       args.big_workers))  # fmt: skip
+            train["load_after"] = os.getloadavg()
+            train["samples_per_s"] = made["train_samples"] / train["wall_s"]
+            train["train_samples_per_s"] = made["train_samples"] / train["metrics"]["train_time_s"]
+            print(f"big train: {json.dumps(train)}", file=sys.stderr, flush=True)
+        if big and args.skip_stream:
+            shutil.rmtree(root)
+            continue
+        res = _run_child("stream", root=str(root), steps=args.steps, batch_size=args.batch_size,
+                         workers=args.workers)  # fmt: skip
+        shutil.rmtree(root)
+        out["rss"][label] = {"gb": gb, **made, **res}
+        rows.append([label, f"{made['disk_gb']:.2f} GiB", f"{made['train_samples']:,}", f"{res['epoch_s']:.0f} s",
+                     f"{res['epoch_mb_per_s']:.0f}", f"{res['train_samples_per_s']:.0f}",
+                     f"{res['rss_mb']['main']:.0f}", f"{res['rss_mb']['workers']:.0f}"])  # fmt: skip
+        print(f"{label}: {json.dumps(out['rss'][label])}", file=sys.stderr, flush=True)
+    if rows:
+        print_table(
+            f"Streaming from disk: one sequential epoch ({args.workers} workers, batch 256) + {args.steps} "
+            f"shuffled JT steps (batch {args.batch_size}); RAM {out['ram_gb']:.1f} GiB",
+            ["dataset", "on disk", "train samples", "epoch", "MiB/s", "train samples/s",
+             "peak RSS main MiB", "peak RSS worker MiB"],
+            rows,
+        )  # fmt: skip
+    if "big_train" in out:
+        t = out["big_train"]
+        print_table(
+            f"`mmrobust train` (JT, MLP encoders, feature_dim {args.big_feature_dim}, batch {args.big_batch}, "
+            f"{args.big_workers} workers), one whole epoch streamed from disk; RAM {out['ram_gb']:.1f} GiB",
+            ["dataset", "train samples", "wall time (whole command)", "training time", "train samples/s",
+             "peak RSS MiB"],
+            [[f"{t['disk_gb']:.2f} GiB", f"{t['train_samples']:,}", f"{t['wall_s']:.0f} s",
+              f"{t['metrics']['train_time_s']:.0f} s", f"{t['train_samples_per_s']:.0f}",
+              f"{t['peak_rss_mb']:.0f}"]],
+        )  # fmt: skip
 
 
 if __name__ == "__main__":
