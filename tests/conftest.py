@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,11 @@ def tiny_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def avdigits():
     return load_data(DataConfig("avdigits", 0))
+
+
+def free_port() -> str:
+    """A TCP port free right now, for torchrun's rendezvous (a fixed port collides with any other
+    test run on the same machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

@@ -16,7 +16,7 @@ from mmrobust.certify.soundness import min_adversarial_norm
 from mmrobust.data.base import DatasetMeta, ModalitySpec, Split
 from mmrobust.errors import ConfigError
 from mmrobust.models.encoders import BasicBlock, MLPEncoder, SmallCNN, SmallCNNAvgPool, TemporalCNN
-from mmrobust.models.fusion import LateFusionModel
+from mmrobust.models.fusion import LateFusionModel, ModelConfig, build_model
 from mmrobust.models.heads import ConcatHead
 
 from .test_certify import _linear_model, _trained
@@ -218,6 +218,17 @@ def test_average_pooling_is_exact_where_max_pooling_ties_cost_a_constant():
         drops[name] = float(val - (lin - r * dual)) / (r * float(grad.norm()))
     assert drops["avg"] == pytest.approx(1.0, abs=1e-3)  # exact to first order
     assert drops["max"] > 2  # the tie constants (3.6 here)
+
+
+def test_an_unsupported_encoder_is_named_by_its_modality():
+    meta = DatasetMeta(
+        "v", [ModalitySpec("clip", "video", (2, 3, 8, 8)), ModalitySpec("x", "vector", (4,))], ["a", "b"]
+    )
+    model = build_model(meta, ModelConfig(feature_dim=8))
+    with pytest.raises(ConfigError, match=r"video ResNet18 'encoders\.clip' \(frame folding\); use --lipschitz sound"):
+        crown_radii(
+            model, meta, Split({"clip": torch.zeros(1, 2, 3, 8, 8), "x": torch.zeros(1, 4)}, torch.zeros(1).long())
+        )
 
 
 def test_unsupported_layers_are_one_line_errors():

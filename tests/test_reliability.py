@@ -20,6 +20,7 @@ from mmrobust.cli import main
 from mmrobust.errors import RunError
 from mmrobust.runs import load_run
 from mmrobust.training import Trainer
+from tests.conftest import free_port
 
 TINY = ["--data", "synthetic", "--data-opt", "n_train=120", "--data-opt", "n_val=40", "--data-opt", "n_test=40",
         "--data-opt", "dim=8", "--data-opt", "classes=3", "--feature-dim", "8", "--no-progress"]  # fmt: skip
@@ -253,7 +254,7 @@ def test_resume_restores_strategy_state(tmp_path, monkeypatch, method):
 
 
 def test_torchrun_kill_then_resume_is_bit_identical(tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port()]
     args = [*launcher, "-m", "mmrobust.cli", "train", *SLOW, "--epochs", "5"]
     done = subprocess.run([*args, "--out", str(tmp_path / "full")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

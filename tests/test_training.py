@@ -11,7 +11,7 @@ from mmrobust.io import write_json
 from mmrobust.report.robustness import save_eval
 from mmrobust.runs import load_run
 from mmrobust.training import train
-from tests.conftest import tiny_config
+from tests.conftest import free_port, tiny_config
 
 
 def test_jt_learns_and_selects_on_validation(tiny_run):
@@ -82,7 +82,7 @@ def test_torchrun_two_processes_equals_one(tmp_path):
     args = ["--data", "synthetic", "--epochs", "2", "--batch-size", "32", "--feature-dim", "16", "--no-progress"]
     for k, v in {"n_train": "240", "n_val": "80", "n_test": "120", "dim": "12", "classes": "4"}.items():
         args += ["--data-opt", f"{k}={v}"]
-    env_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
+    env_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port()]
     proc = subprocess.run(
         [*env_cmd, "-m", "mmrobust.cli", "train", *args, "--out", str(tmp_path / "ddp")],
         capture_output=True, text=True, timeout=300,

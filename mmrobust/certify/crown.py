@@ -407,10 +407,10 @@ class EncoderBounds:
 
     def __init__(
         self, encoder: nn.Module, in_shape: tuple[int, ...], norm: str, intermediate: str, budget: int,
-        memory: int = 2**23,
+        memory: int = 2**23, name: str = "",
     ):  # fmt: skip
         self.in_shape, self.norm, self.memory = tuple(in_shape), norm, memory
-        self.ops = build_ops(encoder, in_shape)
+        self.ops = build_ops(encoder, in_shape, name)  # ``name``: prefix of the layer names in errors
         self.numel = math.prod(self.in_shape)
         # which top-level ReLUs get full CROWN pre-activation bounds (cost ~ 2N x widest earlier layer)
         widths, shape, widest = [], self.in_shape, math.prod(self.in_shape)
@@ -544,6 +544,7 @@ class ModelBounds:
                 options.intermediate,
                 options.budget,
                 options.memory,
+                f"encoders.{m}",  # the model's own parameter names: errors say which modality
             )
             for m in self.names
         }
