@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--tightness", type=int, default=40, help="test samples attacked (<= --samples)")
     ap.add_argument("--radii", default="0.1,0.5,1,2")
     ap.add_argument("--crown-steps", type=int, default=8)
-    ap.add_argument("--chunk", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=8, help="crown: samples bounded at once (its default)")
     ap.add_argument("--sigma", type=float, default=0.25)
     ap.add_argument("--smoothing-n0", type=int, default=50)
     ap.add_argument("--smoothing-n", type=int, default=500)
