@@ -635,12 +635,10 @@ class DiskSplit(Split):
             yield batch, labels
 
 
-def open_ondisk(path: str | Path, seed: int = 0, **options: Any) -> DataBundle:
-    """Open a complete on-disk dataset folder; checks meta.json and every array header, reads no inputs."""
-    from mmrobust.options import build_options
-
-    opts = build_options(OnDiskOptions, options, "data option")
-    root = Path(path)
+def _open_complete(
+    root: Path,
+) -> tuple[dict[str, Any], DatasetMeta, dict[str, Storage], dict[str, int], dict[str, dict[str, _ArrayFile]]]:
+    """meta.json of a complete folder, parsed, and every array file's header checked against it."""
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     d = _read_meta(root)
@@ -650,12 +648,26 @@ def open_ondisk(path: str | Path, seed: int = 0, **options: Any) -> DataBundle:
     digests = d.get("sha256")
     if not isinstance(digests, dict) or set(digests) != set(SPLITS):
         raise DataError(f"{root / 'meta.json'}: missing or malformed 'sha256' digests")
-    splits = {}
-    for split in SPLITS:
-        files = {
+    arrays = {
+        split: {
             name: _array_file(root / split / f"{name}.npy", *_expected(meta, storage, sizes[split], name))
             for name in _array_names(meta)
         }
+        for split in SPLITS
+    }
+    return d, meta, storage, sizes, arrays
+
+
+def open_ondisk(path: str | Path, seed: int = 0, **options: Any) -> DataBundle:
+    """Open a complete on-disk dataset folder; checks meta.json and every array header, reads no inputs."""
+    from mmrobust.options import build_options
+
+    opts = build_options(OnDiskOptions, options, "data option")
+    root = Path(path)
+    _, meta, storage, sizes, arrays = _open_complete(root)
+    splits = {}
+    for split in SPLITS:
+        files = arrays[split]
         handles = _Handles(files)
         label = _read_rows(handles.fd("label"), files["label"], np.arange(sizes[split]))
         if label.min() < 0 or label.max() >= meta.num_classes:  # the labels are read anyway: a cheap check
@@ -689,14 +701,11 @@ def verify_ondisk(path: str | Path, progress: ProgressFn | None = None) -> Verif
 
     t0 = time.perf_counter()
     root = Path(path)
-    bundle = open_ondisk(root)  # meta.json, headers and sizes first: a malformed folder fails here
-    d = _read_meta(root)
-    meta, storage, sizes = _parse(root, d)
+    d, meta, _, sizes, arrays = _open_complete(root)  # a malformed folder fails before any hashing
     names = _array_names(meta)
     total, done, nbytes, mismatched = sum(sizes.values()) * len(names), 0, 0, []
     for split in SPLITS:
-        for name in names:
-            f = _array_file(root / split / f"{name}.npy", *_expected(meta, storage, sizes[split], name))
+        for name, f in arrays[split].items():
             fd = os.open(f.path, os.O_RDONLY)
             try:
                 digest = _digest_and_check(fd, f, name, meta.num_classes)
@@ -708,7 +717,6 @@ def verify_ondisk(path: str | Path, progress: ProgressFn | None = None) -> Verif
             done += sizes[split]
             if progress is not None:
                 progress("verify", done, total)
-    del bundle
     return VerifyResult(root, len(SPLITS) * len(names), nbytes, mismatched, time.perf_counter() - t0)
 
 
