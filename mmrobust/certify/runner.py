@@ -88,31 +88,11 @@ def certify_model(
 
 
 def certify_run(
-    path: str | Path,
-    certifier: str = "empirical",
-    options: Mapping[str, Any] | None = None,
-    split: str = "test",
-    radii: Sequence[float] | None = None,
-    fit_split: str = "train",
-    batch_size: int | None = None,
-    soundness_samples: int = 0,
-    attack_steps: int = 50,
-    allow_data_change: bool = False,
-    tightness_samples: int = 0,
-    precision: str = "fp32",
-    memory_budget: str | int | None = "auto",
+    path: str | Path, certifier: str = "empirical", options: Mapping[str, Any] | None = None, **settings: Any
 ) -> CertifyResult:
-    """Certify a run folder's ``split``; ``fit_split`` is the data a certifier may fit on.
-
-    ``allow_data_change``: see :func:`~mmrobust.runs.load_run`. With ``tightness_samples > 0`` the
-    smallest adversarial joint-l2 radius of that many correctly classified samples is searched
-    (:func:`~mmrobust.certify.tightness.tightness`) and compared with their certified radii.
-
-    With ``soundness_samples > 0`` the radii of that many samples are attacked
-    (:func:`~mmrobust.certify.soundness.soundness_check`) and the violation rates kept.
-    """
-    return certify_run_many(path, [(certifier, options)], split, radii, fit_split, batch_size, soundness_samples,
-                            attack_steps, allow_data_change, tightness_samples, precision, memory_budget)[0]  # fmt: skip
+    """Certify a run folder with one certifier: :func:`certify_run_many` with ``[(certifier, options)]``;
+    ``settings`` are its keyword arguments (``split``, ``radii``, ``fit_split``, ``batch_size``, ...)."""
+    return certify_run_many(path, [(certifier, options)], **settings)[0]
 
 
 def certify_run_many(
@@ -129,10 +109,15 @@ def certify_run_many(
     precision: str = "fp32",
     memory_budget: str | int | None = "auto",
 ) -> list[CertifyResult]:
-    """:func:`certify_run` with several ``(certifier, options)`` on one loaded run, in order.
+    """Certify a run folder's ``split`` with several ``(certifier, options)``, in order, on one loaded run;
+    ``fit_split`` is the data a certifier may fit on.
 
-    Every name and option is checked before any work; the tightness attack (the expensive part)
-    runs once and its radii are compared with every certifier's.
+    Every name and option is checked before any work. ``allow_data_change``: see
+    :func:`~mmrobust.runs.load_run`. With ``tightness_samples > 0`` the smallest adversarial joint-l2
+    radius of that many correctly classified samples is searched once
+    (:func:`~mmrobust.certify.tightness.tightness`: the expensive part) and compared with every
+    certifier's radii. With ``soundness_samples > 0`` the radii of that many samples are attacked
+    (:func:`~mmrobust.certify.soundness.soundness_check`) and the violation rates kept.
     """
     from mmrobust.runs import load_run
 
