@@ -1,15 +1,34 @@
 """User-facing errors.
 
-Anything the user can fix (a bad flag, a malformed file, a missing dataset) raises a subclass of
-:class:`MMRobustError`. The CLI prints its message on one line and exits with code 2, without a
-traceback; any other exception is a bug in mmrobust and keeps its traceback.
+Anything the user can fix (a bad option, a malformed file, a missing dataset) raises a subclass of
+:class:`MMRobustError`. The library speaks Python: a message names the Python parameter (e.g.
+``max_samples must be >= 1, got 0``) and carries its name as data in ``param``; the CLI maps that
+name to its flag (``--max-samples must be >= 1, got 0``), prints the message on one line and exits
+with code 2, without a traceback. Any other exception is a bug in mmrobust and keeps its traceback.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MMRobustError(Exception):
-    """Base class of errors caused by user input or the environment, not by a bug."""
+    """Base class of errors caused by user input or the environment, not by a bug.
+
+    ``param`` is the name of the Python parameter or option the message is about (as written in
+    the message), or None; front ends use it to speak their own words (a CLI flag).
+    """
+
+    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep ``param`` across pickling (worker processes)
+        return (_rebuild, (type(self), str(self), self.param))
+
+
+def _rebuild(cls: type[MMRobustError], message: str, param: str | None) -> MMRobustError:
+    return cls(message, param=param)
 
 
 class ConfigError(MMRobustError, ValueError):

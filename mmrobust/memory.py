@@ -214,7 +214,7 @@ def input_gradient_plan(
     """Batch size for gradient attacks (and anything lighter: clean or certified forwards): the probe
     is one eval-mode forward and a backward to the inputs, plus 12 copies of each sample's inputs
     for the attack's own state (clean, current and best iterate, gradient, bounds, steps)."""
-    from mmrobust.attacks.base import eval_mode
+    from mmrobust.torchutil import eval_mode
 
     def probe(n: int) -> None:
         inputs, labels = split.take(slice(0, n))

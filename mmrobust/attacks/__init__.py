@@ -6,7 +6,7 @@ adversarial inputs with the untouched modalities bit-identical.
 """
 
 from mmrobust.attacks import autoattack as _autoattack  # noqa: F401  (registers the AutoAttack suite)
-from mmrobust.attacks.base import ATTACKS, BUDGETS, NORMS, Attack, build_attack, eval_mode
+from mmrobust.attacks.base import ATTACKS, BUDGETS, NORMS, Attack, build_attack
 from mmrobust.attacks.gradient import FGM, FGSM, PGD, PGDL2, PGDLinf
 from mmrobust.attacks.losses import LOSSES, ce_loss, cw_loss, dlr_loss, dlr_targeted_loss, margin
 from mmrobust.attacks.missing import FILLS, MissingModality
@@ -29,6 +29,5 @@ __all__ = [
     "cw_loss",
     "dlr_loss",
     "dlr_targeted_loss",
-    "eval_mode",
     "margin",
 ]

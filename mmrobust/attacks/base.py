@@ -13,8 +13,7 @@ modality's perturbation by its own eps (a float for all, or ``{modality: eps}``)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,6 +24,7 @@ from mmrobust.attacks.losses import get_loss, margin
 from mmrobust.data.base import Batch, DatasetMeta
 from mmrobust.errors import ConfigError
 from mmrobust.registry import Registry
+from mmrobust.torchutil import eval_mode
 
 NORMS = ("l2", "linf")
 BUDGETS = ("joint", "per-modality")
@@ -32,17 +32,6 @@ BUDGETS = ("joint", "per-modality")
 TINY = 1e-12
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode (BN statistics untouched) and restore its previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @dataclass

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from mmrobust.attacks.autoattack import check_applicable
-from mmrobust.attacks.base import NORMS, build_attack, eval_mode
+from mmrobust.attacks.base import NORMS, build_attack
 from mmrobust.data.base import Batch, DatasetMeta
 from mmrobust.errors import ConfigError
+from mmrobust.torchutil import eval_mode
 
 VERSIONS = ("standard", "plus", "custom")
 COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")

@@ -40,7 +40,7 @@ fit smaller machines. Larger chunks are slower, not faster: tensors above glibc'
 arithmetic (avdigits JT, 96 samples, 1 thread: 32.7 s at chunk 32 of which 12.1 s system time,
 21.4 s and no system time at chunk 8).
 
-Layers without a CROWN rule (see :mod:`mmrobust.certify.layers`) raise a one-line error naming the
+Layers without a CROWN rule (see :mod:`mmrobust.layer_rules`) raise a one-line error naming the
 layer; ``--lipschitz sound`` handles more layer types.
 """
 
@@ -58,10 +58,10 @@ from torch import nn
 from torch.nn import grad as nn_grad
 
 from mmrobust.certify.base import CERTIFIERS, Certificate, Certifier, CertifyContext, Guarantee, Radii
-from mmrobust.certify.layers import Unit, find_rule, register_layer
 from mmrobust.certify.sound import _vjp, chain_units, sequential_parts, sound_row_lipschitz
 from mmrobust.data.base import Batch, DatasetMeta, Split, iterate_batches
 from mmrobust.errors import ConfigError
+from mmrobust.layer_rules import Unit, find_rule, register_layer
 from mmrobust.models.encoders import BasicBlock, ResNet18
 from mmrobust.models.fusion import LateFusionModel
 from mmrobust.models.lipschitz import MaxMin

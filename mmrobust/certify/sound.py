@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmrobust.certify.layers import Unit, find_rule, register_layer
 from mmrobust.errors import ConfigError
+from mmrobust.layer_rules import Unit, find_rule, register_layer
 from mmrobust.models.encoders import BasicBlock, ResNet18
 
 #: Relative pad on norms obtained from an SVD (float64) to cover rounding.
@@ -359,7 +359,7 @@ def chain_units(module: nn.Module, in_shape: tuple[int, ...], prefix: str = "") 
     """Decompose ``module`` into a chain of :class:`Unit` s whose product bounds its Lipschitz constant.
 
     Sequentials are flattened (a Linear/Conv followed by a BatchNorm is fused); every other layer
-    is looked up in :data:`~mmrobust.certify.layers.LAYER_RULES` (residual blocks and ResNets
+    is looked up in :data:`~mmrobust.layer_rules.LAYER_RULES` (residual blocks and ResNets
     become single ``"other"`` units with their own composed bound).
     """
     shape = tuple(int(s) for s in in_shape)
@@ -374,7 +374,7 @@ def chain_units(module: nn.Module, in_shape: tuple[int, ...], prefix: str = "") 
     if rule is None:
         raise ConfigError(
             f"the sound Lipschitz bound does not support layer '{name}' ({type(module).__name__}); "
-            "use --lipschitz empirical, or register a bound for it with mmrobust.certify.layers.register_layer"
+            "use --lipschitz empirical, or register a bound for it with mmrobust.layer_rules.register_layer"
         )
     return rule(name, module, shape)
 

@@ -45,7 +45,7 @@ from mmrobust.errors import ConfigError, DataError
 from mmrobust.options import check_range
 
 if TYPE_CHECKING:
-    from mmrobust.eval.results import ProgressFn
+    from mmrobust.progress import ProgressFn
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: training clips (evenly spaced) whose spectrograms give the audio mean/std

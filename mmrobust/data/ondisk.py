@@ -33,7 +33,7 @@ from mmrobust.errors import ConfigError, DataError
 from mmrobust.io import write_json
 
 if TYPE_CHECKING:
-    from mmrobust.eval.results import ProgressFn
+    from mmrobust.progress import ProgressFn
 
 FORMAT = "mmrobust-ondisk"
 VERSION = 1

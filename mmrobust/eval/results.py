@@ -8,12 +8,9 @@ readable) and :meth:`EvalResult.from_json` reads one back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-#: called by long computations as ``progress(description, done, total)``; the CLI draws a bar from it
-ProgressFn = Callable[[str, int, int], None]
 
 #: what identifies a threat setting (everything but the loss and the numbers)
 KEY_FIELDS = ("attack", "norm", "modalities", "budget", "eps", "steps", "fill")

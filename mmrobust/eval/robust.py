@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmrobust.attacks.base import Attack, eval_mode
+from mmrobust.attacks.base import Attack
 from mmrobust.attacks.losses import ce_loss
 from mmrobust.attacks.missing import MissingModality
 from mmrobust.data.base import Split, iterate_batches
 from mmrobust.eval.metrics import accuracy, macro_f1, predict
 from mmrobust.eval.results import EvalRow, MaskingGap, MaskingReport, Underflow
+from mmrobust.torchutil import eval_mode
 
 #: a CE-vs-CW accuracy gap above this on the same setting flags gradient masking
 GAP_THRESHOLD = 0.05

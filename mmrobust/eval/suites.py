@@ -24,7 +24,7 @@ from mmrobust.attacks.protocol import AutoAttackOptions, run_autoattack
 from mmrobust.data.base import Split, chunk_rows, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, macro_f1, predict
-from mmrobust.eval.results import Curves, EvalResult, EvalRow, ProgressFn
+from mmrobust.eval.results import Curves, EvalResult, EvalRow
 from mmrobust.eval.robust import (
     attack_predictions,
     ce_gradient_underflow,
@@ -33,6 +33,7 @@ from mmrobust.eval.robust import (
     result_row,
     worst_predictions,
 )
+from mmrobust.progress import ProgressFn
 from mmrobust.registry import Registry
 from mmrobust.runs import Run
 

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmrobust.certify.layers import Unit, register_layer
 from mmrobust.data.base import ModalitySpec
 from mmrobust.errors import ConfigError
+from mmrobust.layer_rules import Unit, register_layer
 from mmrobust.models.encoders import ENCODERS
 
 #: relative pad on the constant 1 of an AOL layer: the model computes its rescaling in float32
@@ -181,7 +181,7 @@ def lipschitz_encoder(spec: ModalitySpec) -> str:
     return LIPSCHITZ_ENCODERS[spec.kind]
 
 
-# --- bound rules (the extension point of mmrobust.certify.layers) ---
+# --- bound rules (the extension point of mmrobust.layer_rules) ---
 
 
 def _aol_units(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:

@@ -17,7 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mmrobust.eval.results import ProgressFn
+from mmrobust.progress import ProgressFn
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)

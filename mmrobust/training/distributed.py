@@ -54,19 +54,6 @@ def ddp_options(device: torch.device) -> dict[str, Any]:
     return {}
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Move a batch to ``device``; to CUDA through pinned host memory with ``non_blocking`` copies
-    (the copy overlaps the GPU's work; tensors a DataLoader already pinned are not copied twice)."""
-    if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    out = {}
-    for k, v in batch.items():
-        if v.device.type == "cpu" and not v.is_pinned():
-            v = v.pin_memory()
-        out[k] = v.to(device, non_blocking=True)
-    return out
-
-
 def teardown_distributed(info: DistInfo) -> None:
     if info.active and dist.is_initialized():
         dist.barrier()

@@ -23,10 +23,11 @@ from mmrobust.data.base import DataBundle, iterate_batches
 from mmrobust.data.registry import load_data
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, predict
-from mmrobust.eval.results import ProgressFn
 from mmrobust.io import atomic_write_bytes
 from mmrobust.models.fusion import LateFusionModel, build_model
 from mmrobust.precision import grad_scaler, model_precision
+from mmrobust.progress import ProgressFn
+from mmrobust.torchutil import to_device
 from mmrobust.training.base import METHODS, StepContext, Strategy
 from mmrobust.training.distributed import (
     DistInfo,
@@ -34,7 +35,6 @@ from mmrobust.training.distributed import (
     resolve_device,
     setup_distributed,
     teardown_distributed,
-    to_device,
 )
 
 if TYPE_CHECKING:
