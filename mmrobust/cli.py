@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from mmrobust.errors import ConfigError, DataError, MMRobustError
 
@@ -399,10 +400,61 @@ def _add_import_av(data_sub: argparse._SubParsersAction) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, like every other error (``mmrobust: error: ...``, exit 2)."""
+    """Usage errors as one line, like every other error (``mmrobust: error: ...``, exit 2); the
+    innermost (sub)command's parser is recorded in the namespace so that errors can name its flags."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"mmrobust: error: {self.prog}: {message} (see {self.prog} --help)\n")
+        command = self.prog.removeprefix("mmrobust").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"mmrobust: error: {where}{message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        ns, rest = super().parse_known_args(args, namespace)
+        if not hasattr(ns, "_command_parser"):  # the innermost subcommand returns first
+            ns._command_parser = self
+        return ns, rest
+
+
+#: Python parameter names whose flag is not ``--`` + the name with ``-`` for ``_``
+_FLAG_ALIASES = {
+    "certifiers": "certifier",
+    "losses": "loss",
+    "lora_ranks": "lora_rank",
+    "example_options": "example_opt",
+    "calibration_options": "calib_opt",
+    "eval_options": "eval_opt",
+}
+
+
+def _flag_of(parser: argparse.ArgumentParser | None, param: str) -> str | None:
+    """The flag of ``parser`` that sets the Python parameter ``param`` (None if it has none)."""
+    if parser is None:
+        return None
+    wanted = {param, _FLAG_ALIASES.get(param, param)}
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs:
+            continue
+        if action.dest in wanted or any(o[2:].replace("-", "_") in wanted for o in longs):
+            return longs[0]
+    return None
+
+
+def error_message(exc: MMRobustError, parser: argparse.ArgumentParser | None = None) -> str:
+    """``exc`` in the CLI's words, on one line: each of its parameters is replaced by the command's
+    flag (``name=True`` by the bare flag, else the first mention of the name; unmentioned: a prefix)."""
+    text = " ".join(str(exc).splitlines())
+    for param in exc.params:
+        flag = _flag_of(parser, param)
+        if flag is None:
+            continue
+        switch = re.compile(rf"(?<![\w-]){re.escape(param)}=True\b")
+        if switch.search(text):
+            text = switch.sub(flag, text)
+            continue
+        pattern = re.compile(rf"(?<![\w.-]){re.escape(param)}(?![\w-])")
+        text = pattern.sub(flag, text, count=1) if pattern.search(text) else f"{flag}: {text}"
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -574,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MMRobustError as exc:
         if args.debug:
             raise
-        print("mmrobust: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)  # always one line
+        print("mmrobust: error: " + error_message(exc, getattr(args, "_command_parser", None)), file=sys.stderr)
         return 2
     except (OSError, MemoryError) as exc:
         # the environment, not a bug: a full disk, a read-only folder, too little memory

@@ -16,18 +16,26 @@ class MMRobustError(Exception):
     """Base class of errors caused by user input or the environment, not by a bug.
 
     ``param`` is the name of the Python parameter or option the message is about (as written in
-    the message), or None; front ends use it to speak their own words (a CLI flag).
+    the message), a tuple of names when it is about several, or None; front ends use it to speak
+    their own words (a CLI flag). ``name=True`` in a message reads as "pass ``name``".
     """
 
-    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+    def __init__(self, message: str = "", *, param: str | tuple[str, ...] | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The parameter names the message is about (empty when none)."""
+        if self.param is None:
+            return ()
+        return (self.param,) if isinstance(self.param, str) else tuple(self.param)
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep ``param`` across pickling (worker processes)
         return (_rebuild, (type(self), str(self), self.param))
 
 
-def _rebuild(cls: type[MMRobustError], message: str, param: str | None) -> MMRobustError:
+def _rebuild(cls: type[MMRobustError], message: str, param: str | tuple[str, ...] | None) -> MMRobustError:
     return cls(message, param=param)
 
 

@@ -53,7 +53,9 @@ class RunFolder:
 
     def __init__(self, out: str | Path, *, force: bool = False, resume: bool = False) -> None:
         if force and resume:
-            raise ConfigError("--force and --resume exclude each other: replace the run or continue it")
+            raise ConfigError(
+                "force and resume exclude each other: replace the run or continue it", param=("force", "resume")
+            )
         self.out = Path(out).absolute()
         self.force, self.resume = force, resume
         self.partial = self.out.with_name(f".{self.out.name}.partial")
@@ -63,28 +65,35 @@ class RunFolder:
     def _check_target(self) -> None:
         out = self.out
         if out.exists() and not out.is_dir():
-            raise RunError(f"{out}: exists and is not a folder; choose another --out")
+            raise RunError(f"{out}: exists and is not a folder; choose another out folder", param="out")
         parent = out.parent
         if not parent.is_dir():
             try:
                 parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise RunError(f"{parent}: cannot create the folder for --out ({exc.strerror})") from None
+                raise RunError(f"{parent}: cannot create the parent of out ({exc.strerror})", param="out") from None
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise RunError(f"{parent}: not writable; choose another --out")
+            raise RunError(f"{parent}: not writable; choose another out folder", param="out")
         owner = self._lock_owner()
         if owner is not None and owner != os.getpid():
             raise RunError(f"{out}: another mmrobust process (pid {owner}) is writing this run")
         if not (self.force or self.resume) and (self.partial / "checkpoint.json").is_file():
             raise RunError(
-                f"{out}: an interrupted run of this folder has a checkpoint; use --resume to continue it "
-                "or --force to start over"
+                f"{out}: an interrupted run of this folder has a checkpoint; pass resume=True to continue it "
+                "or force=True to start over",
+                param=("resume", "force"),
             )
         if out.is_dir() and any(out.iterdir()) and not (self.force or self.resume):
-            raise RunError(f"{out}: already exists; use --force to replace it or --resume to continue it")
+            raise RunError(
+                f"{out}: already exists; pass force=True to replace it or resume=True to continue it",
+                param=("force", "resume"),
+            )
         if self.resume and not (self.partial / "checkpoint.json").is_file():
             if (out / MANIFEST_FILE).is_file():
-                raise RunError(f"{out}: this run is already complete; nothing to resume (use --force to retrain)")
+                raise RunError(
+                    f"{out}: this run is already complete; nothing to resume (pass force=True to retrain)",
+                    param="force",
+                )
             raise RunError(f"{out}: no interrupted run to resume (no checkpoint in {self.partial.name})")
 
     def _lock_owner(self) -> int | None:
@@ -214,7 +223,8 @@ class Run:
             if self.data_fingerprint is not None and got != self.data_fingerprint and not self.allow_data_change:
                 raise RunError(
                     f"{self.path}: the data of '{self.config.data.name}' changed since training (fingerprint "
-                    f"{str(got)[:12]} != {self.data_fingerprint[:12]}); pass --allow-data-change to use them anyway"
+                    f"{str(got)[:12]} != {self.data_fingerprint[:12]}); pass allow_data_change=True to use them anyway",
+                    param="allow_data_change",
                 )
             self._bundle = bundle
         return self._bundle

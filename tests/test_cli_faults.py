@@ -38,7 +38,7 @@ CASES = [
     ),
     (["train", "--data", "synthetic", "--feature-dim", str(10**9), "--out", "{tmp}/new"], "'model.feature_dim'"),
     (["train", "--data", "synthetic", "--optimizer", "lbfgs", "--out", "{tmp}/new"], "invalid choice: 'lbfgs'"),
-    (["train", "--data", "synthetic", "--out", "{tmp}/run"], "already exists; use --force"),
+    (["train", "--data", "synthetic", "--out", "{tmp}/run"], "already exists; pass --force"),
     (["train", "--data", "synthetic", "--force", "--resume", "--out", "{tmp}/run"], "exclude each other"),
     (["train", "--data", "synthetic", "--resume", "--out", "{tmp}/run"], "already complete; nothing to resume"),
     (["train", "--data", "synthetic", "--method", "nosuch", "--out", "{tmp}/new"], "unknown training method"),

@@ -52,7 +52,7 @@ def test_existing_run_is_refused_then_replaced_whole_with_force(tmp_path, capsys
     before = _sha(out / "model.safetensors")
     capsys.readouterr()
     assert main(["train", *TINY, "--epochs", "2", "--out", str(out)]) == 2
-    assert "already exists; use --force to replace it or --resume" in _err_line(capsys)
+    assert "already exists; pass --force to replace it or --resume" in _err_line(capsys)
     assert _sha(out / "model.safetensors") == before
     assert main(["train", *TINY, "--epochs", "2", "--force", "--out", str(out)]) == 0
     assert not (out / "eval.json").exists()  # replaced whole
@@ -176,7 +176,7 @@ def test_sigterm_keeps_a_checkpoint_and_resume_refuses_changed_settings(tmp_path
     assert "Traceback" not in stopped.stderr
     assert not (tmp_path / ".r.lock").exists()  # released on the way out
     assert main(["train", *SLOW, "--epochs", "5", "--out", str(out)]) == 2
-    assert "an interrupted run of this folder has a checkpoint; use --resume" in _err_line(capsys)
+    assert "an interrupted run of this folder has a checkpoint; pass --resume" in _err_line(capsys)
     assert main(["train", *SLOW, "--epochs", "5", "--lr", "0.01", "--resume", "--out", str(out)]) == 2
     assert "setting 'train.optim.lr' differs from the interrupted run" in _err_line(capsys)
     assert main(["train", *SLOW, "--epochs", "5", "--resume", "--out", str(out)]) == 0
@@ -205,7 +205,7 @@ def test_folder_data_are_found_from_anywhere_and_fingerprinted(tmp_path, monkeyp
         arrays = dict(z)
     arrays["a"][0, 0] += 1.0  # edited after training
     np.savez(data / "test.npz", **arrays)
-    with pytest.raises(RunError, match="changed since training .* --allow-data-change"):
+    with pytest.raises(RunError, match="changed since training .* allow_data_change=True"):
         load_run(tmp_path / "run").data()
     assert len(load_run(tmp_path / "run", allow_data_change=True).data().test) == 20
 

@@ -30,9 +30,11 @@ def parse_losses(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     for n in names:
         if n not in CALIBRATION_LOSSES:
-            raise ConfigError(f"--loss: unknown loss '{n}'; choose from: {', '.join(CALIBRATION_LOSSES)}")
+            raise ConfigError(
+                f"losses: unknown loss '{n}'; choose from: {', '.join(CALIBRATION_LOSSES)}", param="losses"
+            )
     if not names:
-        raise ConfigError(f"--loss: give at least one of: {', '.join(CALIBRATION_LOSSES)}")
+        raise ConfigError(f"losses: give at least one of: {', '.join(CALIBRATION_LOSSES)}", param="losses")
     return names
 
 
@@ -42,18 +44,21 @@ def parse_ranks(text: str) -> list[int]:
         try:
             r = int(item)
         except ValueError:
-            raise ConfigError(f"--lora-rank: '{item}' is not an integer (0 = no LoRA)") from None
+            raise ConfigError(f"lora_ranks: '{item}' is not an integer (0 = no LoRA)", param="lora_ranks") from None
         if r < 0:
-            raise ConfigError(f"--lora-rank: must be >= 0 (0 = no LoRA), got {r}")
+            raise ConfigError(f"lora_ranks: must be >= 0 (0 = no LoRA), got {r}", param="lora_ranks")
         ranks.append(r)
     if not ranks:
-        raise ConfigError("--lora-rank: give at least one rank (0 = no LoRA)")
+        raise ConfigError("lora_ranks: give at least one rank (0 = no LoRA)", param="lora_ranks")
     return ranks
 
 
 def parse_budget(text: str, what: str) -> list[float]:
-    """An eps list like ``2/255,8/255``, each in (0, 1]."""
-    return [check_eps(e, what) for e in parse_eps(text, what) or []]
+    """An eps list like ``2/255,8/255``, each in (0, 1]; errors name the parameter ``what``."""
+    try:
+        return [check_eps(e, what) for e in parse_eps(text, what) or []]
+    except ConfigError as exc:
+        raise ConfigError(str(exc), param=what) from None
 
 
 def plan(
@@ -79,7 +84,10 @@ def plan(
 
         factory = EXAMPLES.get(example)
         if encoders or centres or data:
-            raise ConfigError("--example runs a bundled setup: --encoders, --centres and --data do not apply")
+            raise ConfigError(
+                "example runs a bundled setup: encoders, centres and data do not apply",
+                param=("example", "encoders", "centres", "data"),
+            )
         defaults = EXAMPLE_DEFAULTS.get(example, defaults)
         opts = dict(example_options)
 
@@ -87,9 +95,12 @@ def plan(
             return factory(**opts)
     else:
         if example_options:
-            raise ConfigError("--example-opt applies only with --example")
+            raise ConfigError("example_options apply only with example", param=("example_options", "example"))
         if not (encoders and centres and data):
-            raise ConfigError("give --example NAME, or all of --encoders SPEC, --centres FILE and --data DATA")
+            raise ConfigError(
+                "give example NAME, or all of encoders SPEC, centres FILE and data DATA",
+                param=("example", "encoders", "centres", "data"),
+            )
         spec, centres_path, data_name = encoders, centres, data
 
         def build() -> CalibrationSetup:
@@ -97,15 +108,15 @@ def plan(
 
     cal: dict[str, Any] = {**defaults["calibration"], **calibration_options}
     if eps is not None:
-        budgets = parse_budget(eps, "--eps")
+        budgets = parse_budget(eps, "eps")
         if len(budgets) != 1:
-            raise ConfigError(f"--eps: calibration trains at one budget, got {len(budgets)}")
+            raise ConfigError(f"eps: calibration trains at one budget, got {len(budgets)}", param="eps")
         cal["eps"] = budgets[0]
     if epochs is not None:
         cal["epochs"] = epochs
     ev: dict[str, Any] = {**defaults["evaluation"], **eval_options}
     if eval_eps is not None:
-        ev["eps"] = tuple(parse_budget(eval_eps, "--eval-eps"))
+        ev["eps"] = tuple(parse_budget(eval_eps, "eval_eps"))
     for key in ("attacks", "retrieval_k"):
         if isinstance(ev.get(key), str):
             items = [s.strip() for s in ev[key].split(",") if s.strip()]
@@ -116,7 +127,7 @@ def plan(
 
 
 def user_setup(spec: str, centres_path: str, data_name: str) -> CalibrationSetup:
-    """A setup from ``--encoders SPEC --centres FILE --data DATA`` (see :mod:`mmrobust.calibration.spec`)."""
+    """A setup from encoders ``SPEC``, a centres file and a dataset (see :mod:`mmrobust.calibration.spec`)."""
     from mmrobust.calibration.spec import load_centres, load_encoders
     from mmrobust.data import DataConfig, load_data
 

@@ -1,4 +1,4 @@
-"""User encoders from the command line: ``--encoders SPEC --centres FILE --data DATA``.
+"""User encoders given as text (the ``calibrate`` command's encoders SPEC, centres FILE and data).
 
 SPEC is a comma-separated list of ``MODALITY=MODULE:FACTORY`` entries, e.g.
 ``audio=mypkg.enc:make_audio,image=mypkg.enc:make_image``: ``FACTORY`` is called with no
@@ -26,16 +26,16 @@ def parse_encoder_spec(spec: str) -> dict[str, tuple[str, str]]:
         if not item:
             continue
         if "=" not in item or ":" not in item.split("=", 1)[1]:
-            raise ConfigError(f"--encoders: '{item}' must look like MODALITY=MODULE:FACTORY")
+            raise ConfigError(f"encoders: '{item}' must look like MODALITY=MODULE:FACTORY", param="encoders")
         m, target = (s.strip() for s in item.split("=", 1))
         module, factory = (s.strip() for s in target.rsplit(":", 1))
         if not m or not module or not factory:
-            raise ConfigError(f"--encoders: '{item}' must look like MODALITY=MODULE:FACTORY")
+            raise ConfigError(f"encoders: '{item}' must look like MODALITY=MODULE:FACTORY", param="encoders")
         if m in out:
-            raise ConfigError(f"--encoders: modality '{m}' given twice")
+            raise ConfigError(f"encoders: modality '{m}' given twice", param="encoders")
         out[m] = (module, factory)
     if not out:
-        raise ConfigError("--encoders: no MODALITY=MODULE:FACTORY entry given")
+        raise ConfigError("encoders: no MODALITY=MODULE:FACTORY entry given", param="encoders")
     return out
 
 
@@ -46,9 +46,11 @@ def load_encoders(spec: str) -> dict[str, Any]:
         try:
             fn = getattr(importlib.import_module(module), factory)
         except ImportError as exc:
-            raise ConfigError(f"--encoders: cannot import module '{module}' for '{m}' ({exc})") from None
+            raise ConfigError(
+                f"encoders: cannot import module '{module}' for '{m}' ({exc})", param="encoders"
+            ) from None
         except AttributeError:
-            raise ConfigError(f"--encoders: module '{module}' has no '{factory}' (for '{m}')") from None
+            raise ConfigError(f"encoders: module '{module}' has no '{factory}' (for '{m}')", param="encoders") from None
         encoders[m] = fn()
     return encoders
 
@@ -58,17 +60,19 @@ def load_centres(path: str | Path, modalities: list[str]) -> torch.Tensor | dict
     try:
         tensors = load_tensors(path)
     except RunError as exc:
-        raise ConfigError(f"--centres: {exc}") from None
+        raise ConfigError(f"centres: {exc}", param="centres") from None
     if "centres" in tensors:
         extra = sorted(set(tensors) - {"centres"})
         if extra:
             raise ConfigError(
-                f"--centres {path}: holds 'centres' and also {extra}; give one shared or one per modality"
+                f"centres {path}: holds 'centres' and also {extra}; give one shared or one per modality",
+                param="centres",
             )
         return tensors["centres"]
     missing = [m for m in modalities if m not in tensors]
     if missing:
         raise ConfigError(
-            f"--centres {path}: no tensor 'centres' nor one for modality {missing}; it has {sorted(tensors)}"
+            f"centres {path}: no tensor 'centres' nor one for modality {missing}; it has {sorted(tensors)}",
+            param="centres",
         )
     return {m: tensors[m] for m in modalities}

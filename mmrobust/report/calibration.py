@@ -157,9 +157,9 @@ def check_out_folder(out: str | Path, *, force: bool = False) -> None:
     """Refuse, before any work, an ``--out`` that is a file or a non-empty folder (unless ``force``)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise RunError(f"{path}: exists and is not a folder; choose another --out")
+        raise RunError(f"{path}: exists and is not a folder; choose another out folder", param="out")
     if path.is_dir() and any(path.iterdir()) and not force:
-        raise RunError(f"{path}: already exists; use --force to replace it")
+        raise RunError(f"{path}: already exists; pass force=True to replace it", param="force")
 
 
 def write_study_folder(out: str | Path, study: CalibrationStudy, *, force: bool = False) -> Path:
