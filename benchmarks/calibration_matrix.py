@@ -70,7 +70,7 @@ def main() -> None:
     setup = pl.build_setup()
     build_wall, build_cpu = time.perf_counter() - t0, time.process_time() - c0
     study = run_study(setup, pl.losses, pl.lora_ranks, pl.calibration, pl.evaluation,
-                      on_event=lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True))  # fmt: skip
+                      on_message=lambda msg: print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True))  # fmt: skip
     out = study.to_dict()
     out["timing"] = {"build_wall_s": build_wall, "build_cpu_s": build_cpu, "total_wall_s": time.perf_counter() - t0,
                      "total_cpu_s": time.process_time() - c0, "torch_threads": torch.get_num_threads()}  # fmt: skip

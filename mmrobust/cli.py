@@ -114,7 +114,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     load_certifiers()
     crows = [(name, CERTIFIERS.get(name).guarantee.value, (CERTIFIERS.get(name).__doc__ or "").strip().splitlines()[0])
              for name in CERTIFIERS.names()]  # fmt: skip
-    print_table("Certifiers (mmrobust certify --lipschitz NAME)", ["certifier", "guarantee", "description"], crows)
+    print_table("Certifiers (mmrobust certify --certifier NAME)", ["certifier", "guarantee", "description"], crows)
     return 0
 
 
@@ -171,13 +171,13 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from mmrobust.runs import check_writable, load_run
 
     load_certifiers()
-    names = list(CERTIFIERS.names()) if args.lipschitz.strip() == "all" else _names(args.lipschitz, "--lipschitz")
+    names = list(CERTIFIERS.names()) if args.certifier.strip() == "all" else _names(args.certifier, "--certifier")
     # one certifier: --cert-opt KEY=VALUE; several: NAME:KEY=VALUE (KEY=VALUE goes to every one)
     per_name = _per_name_options(args.cert_opt, "--cert-opt", names)
     options: dict[str, dict[str, object]] = {n: dict(per_name.get(n, {})) for n in names}
     # the older flags are shorthands for options of the Lipschitz certifiers (with several
     # certifiers: of those that have the option)
-    for flag, key in (("lipschitz_samples", "max_samples"), ("theorem", "theorem")):
+    for flag, key in (("fit_samples", "max_samples"), ("theorem", "theorem")):
         value = getattr(args, flag)
         if value is None:
             continue
@@ -190,7 +190,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     check_writable(args.run)  # refuse now rather than after the work
     results = certify_run_many(
         args.run, [(n, options[n]) for n in names], split=args.split, radii=radii,
-        fit_split=args.lipschitz_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
+        fit_split=args.fit_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
         attack_steps=args.attack_steps, allow_data_change=args.allow_data_change, tightness_samples=args.tightness,
         precision=args.precision or "fp32", memory_budget=args.memory_budget or "auto",
     )  # fmt: skip
@@ -232,7 +232,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     data, methods = _names(args.data, "--data"), _names(args.methods, "--methods")
     cfg = BenchmarkConfig(
         data=data, methods=methods, seeds=args.seeds, epochs=args.epochs, suite=args.suite,
-        eps=args.eps, samples=args.samples, recipe=args.recipe, protocol=args.protocol, certify=args.certify,
+        eps=args.eps, samples=args.max_samples, recipe=args.recipe, protocol=args.protocol, certify=args.certifier,
         feature_dim=args.feature_dim, data_options=_per_name_options(args.data_opt, "--data-opt", data),
         method_options=_per_name_options(args.method_opt, "--method-opt", methods),
     )  # fmt: skip
@@ -281,7 +281,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_out_folder(args.out, force=args.force)
     setup = p.build_setup()
     study = run_study(setup, p.losses, p.lora_ranks, p.calibration, p.evaluation,
-                      on_event=None if args.quiet else out.print)  # fmt: skip
+                      on_message=None if args.no_progress else out.print)  # fmt: skip
     folder = write_study_folder(args.out, study, force=args.force)
     out.print(f"wrote {folder / 'calibration.json'} and {folder / 'report.md'} ({study.wall_time_s:.0f} s)")
     return 0
@@ -514,7 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-data-change", action="store_true",
                    help="accept data whose fingerprint differs from the one recorded at training")  # fmt: skip
     p.add_argument(
+        "--certifier",
         "--lipschitz",
+        dest="certifier",
         default="empirical",
         metavar="CERTIFIER",
         help="certifier name (see `mmrobust datasets`), a comma list or `all` (several: every one in turn, "
@@ -530,13 +532,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--radii", help="comma-separated l2 radii for certified accuracy (default: 0 .. 5)")
     p.add_argument(
+        "--fit-split",
         "--lipschitz-split",
+        dest="fit_split",
         default="train",
         choices=["train", "val", "test"],
         help="data a certifier may fit on (the empirical estimator maximises over it)",
     )
     p.add_argument(
-        "--lipschitz-samples", type=int, help="empirical: samples to maximise over (default 512; = max_samples)"
+        "--fit-samples",
+        "--lipschitz-samples",
+        dest="fit_samples",
+        type=int,
+        help="empirical: samples to maximise over (default 512; = max_samples)",
     )
     p.add_argument(
         "--check-soundness",
@@ -571,11 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="training epochs (default: the training default)")
     p.add_argument("--suite", default="paper", choices=["paper", "curves", "autoattack"], help="robustness suite")
     p.add_argument("--eps", help="the suite's eps list (paper: joint eps, default 0.5; curves: the sweep)")
-    p.add_argument("--samples", type=int, help="attack only the first N test samples (default: all)")
+    p.add_argument("--max-samples", "--samples", dest="max_samples", type=int,
+                   help="attack only the first N test samples (default: all)")  # fmt: skip
     p.add_argument("--recipe", default="tuned", help="training recipe for every method: tuned (default) or paper")
     p.add_argument("--protocol", default="strong", choices=["strong", "paper"],
                    help="paper: also report the paper's CE-only 4-step PGD beside the strong worst-case attack")  # fmt: skip
-    p.add_argument("--certify", metavar="CERTIFIER", help="also certify every cell with this certifier")
+    p.add_argument("--certifier", "--certify", dest="certifier", metavar="NAME",
+                   help="also certify every cell with this certifier")  # fmt: skip
     p.add_argument("--feature-dim", type=int, help="encoder feature dimension (default: the model default)")
     p.add_argument("--data-opt", action="append", metavar="[DATASET:]KEY=VALUE", help="dataset option (repeatable)")
     p.add_argument("--method-opt", action="append", metavar="[METHOD:]KEY=VALUE", help="method option (repeatable)")
@@ -611,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-eps", help="l-inf evaluation budgets (default 2/255,4/255,8/255)")
     p.add_argument("--eval-opt", action="append", metavar="KEY=VALUE", help="evaluation option (repeatable)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_calibrate)
 
     _add_data_commands(sub)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ from mmrobust.calibration.options import CALIBRATION_LOSSES, CalibrationOptions,
 from mmrobust.calibration.setup import CalibrationSetup
 from mmrobust.calibration.train import CalibrationResult, calibrate
 from mmrobust.errors import ConfigError
+from mmrobust.progress import MessageFn
 
 
 @dataclass
@@ -58,7 +59,7 @@ def run_study(
     lora_ranks: Sequence[int] = (0,),
     calibration: CalibrationOptions | None = None,
     evaluation: EvalOptions | None = None,
-    on_event: Callable[[str], None] | None = None,
+    on_message: MessageFn | None = None,
 ) -> CalibrationStudy:
     """Evaluate the frozen model, then calibrate and evaluate one variant per (loss, LoRA rank).
 
@@ -75,7 +76,7 @@ def run_study(
         for loss in losses
         for r in lora_ranks
     ]
-    notify = on_event or (lambda _msg: None)
+    notify = on_message or (lambda _msg: None)
     start = time.perf_counter()
     notify("evaluating the frozen model")
     frozen = evaluate(setup.model, setup.meta, setup.data.test, ev_opts)
