@@ -79,6 +79,12 @@ def _clean_floats(obj: Any) -> Any:
     return obj
 
 
+#: the version of the layout of every JSON file mmrobust writes (``"schema_version"`` at the top);
+#: 2: one name per concept (renamed keys are written beside their old names for one release).
+#: A file without the field is version 1 and stays readable.
+SCHEMA_VERSION = 2
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Serialise ``obj`` as indented JSON and write it atomically."""
     text = json.dumps(_clean_floats(obj), indent=2, default=_json_default, sort_keys=False)

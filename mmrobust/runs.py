@@ -22,7 +22,7 @@ from mmrobust.config import RunConfig
 from mmrobust.data.base import DataBundle, DatasetMeta
 from mmrobust.data.registry import load_data
 from mmrobust.errors import ConfigError, RunError
-from mmrobust.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from mmrobust.io import SCHEMA_VERSION, load_tensors, read_json, save_tensors, sha256_file, write_json
 from mmrobust.models.fusion import LateFusionModel, build_model
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.json", "metrics.json"
@@ -176,6 +176,7 @@ def save_run(
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / MODEL_FILE, model.state_dict())
     config = {
+        "schema_version": SCHEMA_VERSION,
         "mmrobust_version": __version__,
         **cfg.to_dict(),
         "dataset": bundle.meta.to_dict(),

@@ -14,7 +14,7 @@ from mmrobust.calibration.store import save_heads
 from mmrobust.calibration.study import CalibrationStudy
 from mmrobust.errors import RunError
 from mmrobust.eval.results import fmt_eps
-from mmrobust.io import atomic_write_bytes, write_json
+from mmrobust.io import SCHEMA_VERSION, atomic_write_bytes, write_json
 from mmrobust.report.markdown import md_table
 from mmrobust.report.plots import plt, save_figure
 
@@ -134,7 +134,7 @@ def study_markdown(study: dict[str, Any], plot: str | None = None) -> str:
 def write_study(folder: str | Path, study: CalibrationStudy) -> list[Path]:
     """``calibration.json``, ``report.md``, ``embeddings.png`` and each variant's heads under ``heads/``."""
     folder = Path(folder)
-    data = study.to_dict()
+    data = {"schema_version": SCHEMA_VERSION, **study.to_dict()}
     written = []
     for v in study.variants:
         written += save_heads(folder / "heads", v.name.replace("+", "_"), v.result)
