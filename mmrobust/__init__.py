@@ -3,7 +3,7 @@
 The most used entry points are importable from the top level (loaded lazily, so that
 ``import mmrobust`` and the CLI stay fast)::
 
-    from mmrobust import RunConfig, train, load_run, load_data, DataConfig, build_model
+    from mmrobust import RunConfig, train, load_run, evaluate_run, certify_run, run_benchmark
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ _API = {
     "train": "mmrobust.training",
     "load_run": "mmrobust.runs",
     "evaluate_run": "mmrobust.eval.runner",
+    "certify_run": "mmrobust.certify.runner",
+    "certify_model": "mmrobust.certify.runner",
+    "BenchmarkConfig": "mmrobust.benchmark",
+    "run_benchmark": "mmrobust.benchmark",
 }
 
 

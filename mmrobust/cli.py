@@ -28,7 +28,10 @@ def _finite_float(text: str) -> float:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML/JSON run config; flags given here override it")
+    p.add_argument("--config", help="YAML/JSON run config; --set and the other flags override it")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", dest="set",
+                   help="override any config field, nested ones too (repeatable): e.g. train.optim.lr=0.01, "
+                   "model.encoders.image=cnn, train.method_options.rho=2; validated like the YAML file")  # fmt: skip
     p.add_argument("--data", help="dataset name (see `mmrobust datasets`) or a folder path")
     p.add_argument("--data-opt", action="append", metavar="KEY=VALUE", help="dataset option (repeatable)")
     p.add_argument("--method", help="training method (see `mmrobust datasets`)")
@@ -68,8 +71,11 @@ def _add_scale_args(p: argparse.ArgumentParser, precision: bool = True, layout: 
 
 def build_run_config(args: argparse.Namespace):  # -> RunConfig
     from mmrobust.config import OptimConfig, RunConfig, parse_kv
+    from mmrobust.options import apply_overrides
 
     cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
+    if args.set:
+        cfg = RunConfig.from_dict(apply_overrides(cfg.to_dict(), args.set, ("data", "model", "train")))
     if args.data is not None:
         cfg.data.name = args.data
     cfg.data.options.update(parse_kv(args.data_opt, "--data-opt"))
@@ -102,19 +108,29 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     from mmrobust.certify import load_certifiers
     from mmrobust.certify.base import CERTIFIERS
     from mmrobust.data import DATASETS
+    from mmrobust.report.listing import summary
     from mmrobust.report.tables import print_table
     from mmrobust.training import METHODS
 
-    rows = [(name, (DATASETS.get(name).__doc__ or "").strip().splitlines()[0]) for name in DATASETS.names()]
+    rows = [(name, summary(DATASETS.get(name))) for name in DATASETS.names()]
     rows.append(("PATH", "a folder with train.npz, test.npz [, val.npz, meta.json] (see docs/data.md)"))
     rows.append(("PATH", "an on-disk folder written by `mmrobust data convert`: streamed, never loaded whole"))
     print_table("Datasets", ["name", "description"], rows)
-    mrows = [(name, (METHODS.get(name).__doc__ or "").strip().splitlines()[0]) for name in METHODS.names()]
+    mrows = [(name, summary(METHODS.get(name))) for name in METHODS.names()]
     print_table("Training methods", ["method", "description"], mrows)
     load_certifiers()
-    crows = [(name, CERTIFIERS.get(name).guarantee.value, (CERTIFIERS.get(name).__doc__ or "").strip().splitlines()[0])
-             for name in CERTIFIERS.names()]  # fmt: skip
+    crows = [(name, CERTIFIERS.get(name).guarantee.value, summary(CERTIFIERS.get(name))) for name in CERTIFIERS.names()]
     print_table("Certifiers (mmrobust certify --certifier NAME)", ["certifier", "guarantee", "description"], crows)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mmrobust.report.listing import KINDS, listing
+
+    unknown = [k for k in args.kind if k not in KINDS]
+    if unknown:
+        raise ConfigError(f"list: unknown kind(s) {unknown}; choose from: {', '.join(KINDS)}")
+    sys.stdout.write(listing(args.kind or None))
     return 0
 
 
@@ -465,7 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("datasets", help="list datasets, training methods and certifiers")
+    p = sub.add_parser("list", help="what can be chosen by name, with each item's options and defaults")
+    p.add_argument("kind", nargs="*", metavar="KIND",
+                   help="any of: datasets, encoders, methods, attacks, suites, certifiers (default: all)")  # fmt: skip
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("datasets", help="list datasets, training methods and certifiers (short form of `list`)")
     p.set_defaults(func=cmd_datasets)
 
     p = sub.add_parser("train", help="train a multi-modal model")

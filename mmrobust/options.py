@@ -9,6 +9,7 @@ wrong type are refused rather than coerced (``true`` is not an int, ``1.5`` is n
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -123,3 +124,52 @@ def check_range(value: float, low: float | None, high: float | None, what: str, 
         hi = "inf" if high is None else f"{high:g}"
         bracket = "(" if low_open else "["
         raise ConfigError(f"option '{what}' must be in {bracket}{lo}, {hi}], got {value}")
+
+
+def parse_scalar(text: str) -> Any:
+    """A command-line value as YAML would type it, minus YAML's surprises: ``true``/``false`` ->
+    bool, ``none``/``null`` -> None, an integer -> int, any other number (``1e-3`` too) -> float,
+    anything else -> the string. Non-finite numbers are returned as floats for the checks to refuse."""
+    value = text.strip()
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def apply_overrides(
+    tree: dict[str, Any], items: list[str] | None, sections: tuple[str, ...], what: str = "set"
+) -> dict[str, Any]:
+    """``tree`` (a config as nested dicts) with each ``SECTION.KEY[.KEY...]=VALUE`` of ``items`` set.
+
+    The first part must be one of ``sections``; intermediate parts must be mappings (or absent: a
+    new mapping, e.g. a method option); values are typed by :func:`parse_scalar`. The result goes
+    through the config's own strict validation (unknown keys and wrong types are refused there).
+    """
+    out = copy.deepcopy(tree)
+    for item in items or []:
+        path, sep, text = item.partition("=")
+        keys = [k.strip() for k in path.split(".")]
+        if not sep or len(keys) < 2 or not all(keys):
+            raise ConfigError(
+                f"{what} '{item}' must look like SECTION.KEY=VALUE (e.g. train.optim.lr=0.01)", param=what
+            )
+        if keys[0] not in sections:
+            raise ConfigError(
+                f"{what} '{item}': unknown section '{keys[0]}'; choose from: {', '.join(sections)}", param=what
+            )
+        node = out
+        for i, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{what} '{item}': '{'.'.join(keys[: i + 1])}' is a value, not a section", param=what)
+            node = child
+        node[keys[-1]] = parse_scalar(text)
+    return out

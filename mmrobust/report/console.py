@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -19,8 +20,19 @@ from rich.progress import (
 
 from mmrobust.progress import ProgressFn
 
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+
+def _console(stream: TextIO, stderr: bool) -> Console:
+    """A console that never wraps a line when the stream is not a terminal (a log file or a pipe gets
+    paths and table rows whole; a terminal keeps rich's layout at its own width)."""
+    if stream.isatty():
+        return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
+
+
+#: the layout width when output goes to a file or a pipe (tables take only the width they need)
+_PIPE_WIDTH = 1000
+console = _console(sys.stderr, stderr=True)
+out = _console(sys.stdout, stderr=False)
 
 
 def echo(line: str) -> None:
