@@ -15,6 +15,7 @@ from mmrobust.eval.robust import GAP_THRESHOLD
 from mmrobust.io import atomic_write_bytes, write_json
 from mmrobust.report.console import console, out, progress
 from mmrobust.report.markdown import md_table
+from mmrobust.report.paper import plot_certified_curves, spread, table_latex, tidy_csv
 from mmrobust.report.plots import plt, save_figure
 
 LEGEND = (
@@ -27,10 +28,11 @@ LEGEND = (
 
 
 def cell_text(s: Stat | None, digits: int = 3) -> str:
-    """``0.812 ± 0.010`` (``0.812`` for one seed; ``–`` where there is no number)."""
+    """``0.812 ± 0.010`` (``0.812`` for one seed or identical values; ``–`` where there is no number)."""
     if s is None:
         return "–"
-    return f"{s.mean:.{digits}f}" + (f" ± {s.std:.{digits}f}" if s.std is not None else "")
+    sd = spread(s)
+    return f"{s.mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
 def table_markdown(table: ComparisonTable, digits: int = 3, transposed: bool = False) -> str:
@@ -66,7 +68,11 @@ def table_csv(table: ComparisonTable) -> str:
 def plot_table(table: ComparisonTable, path: str | Path) -> Path:
     """Bars per accuracy column (clean, worst-case, paper protocol, plain accuracies; the CE/CW columns
     and non-accuracies such as times are left to the table) and method, std as error bars."""
-    idx = [i for i, c in enumerate(table.columns) if c.kind in ("worst", "paper", "value") and c.unit == "accuracy"]
+    idx = [
+        i
+        for i, c in enumerate(table.columns)
+        if c.kind in ("worst", "paper", "value") and c.unit == "accuracy" and not c.setting.startswith("certified")
+    ]  # certified accuracy is a curve over the radius (plot_certified_curves), not bars
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(idx) * max(1, len(table.rows)) / 1.5), 4.2))
     width = 0.8 / max(1, len(table.rows))
     for j, (method, stats) in enumerate(table.rows.items()):
@@ -83,18 +89,33 @@ def plot_table(table: ComparisonTable, path: str | Path) -> Path:
 
 
 def write_benchmark(out_dir: str | Path, result: BenchmarkResult) -> list[Path]:
-    """Write ``tables/<dataset>_<table>.{md,csv,png}``, ``tables/README.md`` (all tables) and
-    ``benchmark.json`` under ``out_dir``; returns the paths written."""
+    """Write ``tables/<dataset>_<table>.{md,csv,tex,png}``, ``tables/<dataset>_certified.png`` (with a
+    certifier), ``tables/tables.tex`` and ``tables/README.md`` (all tables), ``results.csv`` (every
+    number, one per row) and ``benchmark.json`` under ``out_dir``; returns the paths written."""
     out_dir = Path(out_dir)
     written = []
     sections = ["# Benchmark", LEGEND]
+    latex = []
     for t in result.tables():
         stem = out_dir / "tables" / f"{Path(t.dataset).name}_{t.name}"
-        md = table_markdown(t)
+        md, tex = table_markdown(t), table_latex(t)
         atomic_write_bytes(stem.with_suffix(".md"), (md + "\n").encode())
         atomic_write_bytes(stem.with_suffix(".csv"), table_csv(t).encode())
-        written += [stem.with_suffix(".md"), stem.with_suffix(".csv"), plot_table(t, stem.with_suffix(".png"))]
+        atomic_write_bytes(stem.with_suffix(".tex"), tex.encode())
+        latex.append(tex)
+        written += [stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".tex")]
+        written.append(plot_table(t, stem.with_suffix(".png")))
         sections += [md, f"![{t.title}]({stem.name}.png)"]
+    for d in result.config.data:
+        curves = plot_certified_curves(result, d, out_dir / "tables" / f"{Path(d).name}_certified.png")
+        if curves is not None:
+            written.append(curves)
+            sections.append(f"![certified accuracy — {Path(d).name}]({curves.name})")
+    all_tex = out_dir / "tables" / "tables.tex"
+    header = "% paper-ready tables of one mmrobust benchmark; needs \\usepackage{booktabs}\n"
+    atomic_write_bytes(all_tex, (header + "\n".join(latex)).encode())
+    atomic_write_bytes(out_dir / "results.csv", tidy_csv(result).encode())
+    written += [all_tex, out_dir / "results.csv"]
     warnings = [f"{c.cell.label}: {w}" for c in result.cells for w in c.evaluation.warnings]
     if warnings:
         sections += ["## Warnings", "\n".join(f"* {w}" for w in warnings)]

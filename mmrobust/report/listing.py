@@ -7,7 +7,6 @@ import dataclasses
 import inspect
 import re
 import typing
-from collections.abc import Callable
 from typing import Any
 
 #: the registries a user picks from, in the order they are listed: kind -> (module, registry, what it is)
@@ -75,11 +74,10 @@ def options_of(obj: Any) -> list[tuple[str, str, str]]:
                 default = "(required)"
             out.append((f.name, _type_text(hints.get(f.name, f.type)), default))
         return out
-    target: Callable[..., Any] | None = obj.__init__ if isinstance(obj, type) else obj if callable(obj) else None
-    if target is None:
+    if not callable(obj):
         return []
     try:
-        params = inspect.signature(target).parameters.values()
+        params = inspect.signature(obj).parameters.values()  # a class: its constructor's parameters
     except (TypeError, ValueError):
         return []
     return [
