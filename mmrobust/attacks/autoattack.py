@@ -46,7 +46,7 @@ VERSION_COMPONENTS: dict[str, tuple[tuple[str, int], ...]] = {
 }
 #: every component (the "plus" version runs them all)
 COMPONENTS = tuple(sorted(name for name, _ in VERSION_COMPONENTS["plus"]))
-#: the components of the standard version, in order (the default of ``version="custom"`` callers)
+#: the components of the standard version, in order (the autoattack suite's default components)
 STANDARD_COMPONENTS = tuple(name for name, _ in VERSION_COMPONENTS["standard"])
 
 
@@ -89,34 +89,45 @@ class AutoAttackOptions:
 
     def __post_init__(self) -> None:
         if self.version not in VERSIONS:
-            raise ConfigError(f"autoattack: unknown version '{self.version}'; choose from: {', '.join(VERSIONS)}")
+            raise ConfigError(
+                f"autoattack: unknown version '{self.version}'; choose from: {', '.join(VERSIONS)}", param="version"
+            )
         if self.norm not in NORMS:
-            raise ConfigError(f"autoattack: unknown norm '{self.norm}'; choose from: {', '.join(NORMS)}")
+            raise ConfigError(f"autoattack: unknown norm '{self.norm}'; choose from: {', '.join(NORMS)}", param="norm")
         if self.version == "custom":
             if not self.attacks:
-                raise ConfigError(f"autoattack: version 'custom' needs attacks (from: {', '.join(COMPONENTS)})")
+                raise ConfigError(
+                    f"autoattack: version 'custom' needs attacks (from: {', '.join(COMPONENTS)})", param="attacks"
+                )
             for a in self.attacks:
                 if a not in COMPONENTS:
-                    raise ConfigError(f"autoattack: unknown component '{a}'; choose from: {', '.join(COMPONENTS)}")
+                    raise ConfigError(
+                        f"autoattack: unknown component '{a}'; choose from: {', '.join(COMPONENTS)}", param="attacks"
+                    )
         elif self.attacks is not None:
-            raise ConfigError(f"autoattack: attacks apply to version 'custom' only, not '{self.version}'")
+            raise ConfigError(
+                f"autoattack: attacks apply to version 'custom' only, not '{self.version}'", param="attacks"
+            )
         values = list(self.eps.values()) if isinstance(self.eps, Mapping) else [self.eps]
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"autoattack: eps must be a finite number >= 0, got {v!r}")
+                raise ConfigError(f"autoattack: eps must be a finite number >= 0, got {v!r}", param="eps")
         if isinstance(self.eps, Mapping):
             if not self.eps:
-                raise ConfigError("autoattack: eps dict is empty")
+                raise ConfigError("autoattack: eps dict is empty", param="eps")
             if self.norm != "linf" and len(set(values)) > 1:
-                raise ConfigError("autoattack: per-modality budgets need norm 'linf' (l2 takes one joint eps)")
+                raise ConfigError(
+                    "autoattack: per-modality budgets need norm 'linf' (l2 takes one joint eps)", param="norm"
+                )
             if self.modalities is not None and set(self.modalities) != set(self.eps):
                 raise ConfigError(
-                    f"autoattack: modalities {list(self.modalities)} differ from the eps keys {list(self.eps)}"
+                    f"autoattack: modalities {list(self.modalities)} differ from the eps keys {list(self.eps)}",
+                    param="modalities",
                 )
         for key in ("steps", "queries", "targets", "batch_size"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"autoattack: {key} must be an integer >= 1, got {v!r}")
+                raise ConfigError(f"autoattack: {key} must be an integer >= 1, got {v!r}", param=key)
 
     def components(self) -> list[tuple[str, int]]:
         if self.version == "custom":
