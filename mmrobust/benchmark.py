@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +27,33 @@ from mmrobust.config import RECIPES, OptimConfig, RunConfig, options_dataclass
 from mmrobust.data.base import DataBundle
 from mmrobust.data.registry import DATASETS, DataConfig, load_data
 from mmrobust.errors import ConfigError, RunError
+from mmrobust.eval.api import check_options, evaluate_model
 from mmrobust.eval.compare import Column, ComparisonTable, Stat, comparison_tables, stat
 from mmrobust.eval.results import EvalResult
-from mmrobust.eval.runner import check_options, evaluate
 from mmrobust.eval.suites import SUITES, parse_eps
 from mmrobust.io import read_json, sha256_file, write_json
 from mmrobust.models.fusion import ModelConfig, build_model
-from mmrobust.runs import Run, RunFolder
+from mmrobust.runs import RunFolder, load_run
 from mmrobust.training import METHODS, FitResult, train
 from mmrobust.training.checkpoint import CHECKPOINT_JSON
 
 SETTINGS_FILE, MANIFEST_FILE = "settings.json", "cell.json"
+#: a cell's evaluation under :data:`PAPER_ATTACK` (file name kept from the first releases: cell manifests list it)
+PAPER_ATTACK_FILE = "eval_paper_protocol.json"
 BENCH_SUITES = ("paper", "curves", "autoattack")
-PROTOCOLS = ("strong", "paper")
-#: the CRMT paper's attack protocol: l2-PGD with the CE loss only, 4 steps of eps/3, no random start
-PAPER_PROTOCOL: dict[str, Any] = {"losses": ("ce",), "steps": 4, "step_size": 1 / 3, "random_start": False}
+#: ``attack_strength``: ``strong`` (our suite only) or ``paper`` (also the paper's weaker attack settings)
+ATTACK_STRENGTHS = ("strong", "paper")
+#: the CRMT paper's attack settings: l2-PGD with the CE loss only, 4 steps of eps/3, no random start
+PAPER_ATTACK: dict[str, Any] = {"losses": ("ce",), "steps": 4, "step_size": 1 / 3, "random_start": False}
+#: version of the ``benchmark.json`` document (:meth:`BenchmarkResult.to_json`)
+SCHEMA_VERSION = 2
 #: settings that change what a cell computes (the grid lists -- data, methods, seeds -- do not)
 #: certified-accuracy radii of the benchmark's summary table (l2, input space)
 CERTIFY_RADII = (0.0, 0.01, 0.1, 0.5, 1.0, 2.0)
-CELL_SETTINGS = ("epochs", "suite", "eps", "samples", "recipe", "protocol", "certify", "batch_size",
+#: (the hash keeps the key ``protocol`` for ``attack_strength``, so cells finished before the rename stay valid)
+CELL_SETTINGS = ("epochs", "suite", "eps", "samples", "recipe", "attack_strength", "certify", "batch_size",
                  "feature_dim", "data_options", "method_options")  # fmt: skip
+_HASH_KEYS = {"attack_strength": "protocol"}
 
 
 @dataclass
@@ -59,8 +66,8 @@ class BenchmarkConfig:
     ``seeds``: seeds 0..N-1 (each seeds both the data split and the training); ``epochs``: None =
     the training default; ``suite``: the robustness suite (``eps`` overrides its budgets);
     ``samples``: attack only the first N test samples; ``recipe``: a :data:`~mmrobust.config.RECIPES`
-    name applied to every method; ``protocol="paper"`` also evaluates the paper's CE-only 4-step
-    PGD; ``certify``: a certifier name; ``data_options`` / ``method_options``: per dataset / method.
+    name applied to every method; ``attack_strength="paper"`` also evaluates the paper's CE-only
+    4-step PGD (:data:`PAPER_ATTACK`; ``protocol=`` is its old name, still accepted); ``certify``: a certifier name; ``data_options`` / ``method_options``: per dataset / method.
     """
 
     data: list[str]
@@ -71,14 +78,19 @@ class BenchmarkConfig:
     eps: list[float] | None = None
     samples: int | None = None
     recipe: str = "tuned"
-    protocol: str = "strong"
+    attack_strength: str = "strong"
     certify: str | None = None
     batch_size: int = 64
     feature_dim: int | None = None
     data_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    protocol: InitVar[str | None] = None  # old name of attack_strength
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, protocol: str | None) -> None:
+        if protocol is not None:
+            if self.attack_strength not in ("strong", protocol):
+                raise ConfigError("give attack_strength or its old name protocol, not both", param="attack_strength")
+            self.attack_strength = protocol
         for name in ("data", "methods"):
             value = getattr(self, name)
             if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
@@ -105,9 +117,9 @@ class BenchmarkConfig:
                 _check_int(getattr(self, name), name, 1)
         _check_choice(self.suite, "suite", BENCH_SUITES)
         _check_choice(self.recipe, "recipe", tuple(RECIPES))
-        _check_choice(self.protocol, "protocol", PROTOCOLS)
+        _check_choice(self.attack_strength, "attack_strength", ATTACK_STRENGTHS)
         if self.eps is not None:
-            self.eps = parse_eps(self.eps, "--eps")
+            self.eps = parse_eps(self.eps, "eps")
         check_options(self.suite, SUITES.get(self.suite), self.suite_options())
         if self.certify is not None:
             build_certifier(self.certify)
@@ -127,17 +139,20 @@ class BenchmarkConfig:
         return {"eps": list(self.eps)} if self.eps is not None else {}
 
     def cell_settings(self) -> dict[str, Any]:
-        """What a finished cell depends on (its hash decides whether it can be reused), fixed protocol
-        constants included."""
-        fixed = {"paper_protocol": PAPER_PROTOCOL, "certify_radii": CERTIFY_RADII}
-        return {**{k: _plain(getattr(self, k)) for k in CELL_SETTINGS}, "constants": _plain(fixed)}
+        """What a finished cell depends on (its hash decides whether it can be reused), fixed attack
+        constants included. The keys are those of the first cell manifests (``protocol`` for
+        ``attack_strength``, ``paper_protocol`` for :data:`PAPER_ATTACK`), so old cells stay valid."""
+        fixed = {"paper_protocol": PAPER_ATTACK, "certify_radii": CERTIFY_RADII}
+        return {**{_HASH_KEYS.get(k, k): _plain(getattr(self, k)) for k in CELL_SETTINGS}, "constants": _plain(fixed)}
 
     def cells(self) -> list[Cell]:
         """The grid in run order: per dataset, per seed, every method (all methods of seed 0 come first)."""
         return [Cell(d, m, s) for d in self.data for s in range(self.seeds) for m in self.methods]
 
     def to_json(self) -> dict[str, Any]:
-        return _plain(asdict(self))
+        """The config as JSON; ``attack_strength`` is also written under its old key ``protocol``."""
+        d = _plain(asdict(self))
+        return {**d, "protocol": d["attack_strength"]}
 
 
 def _plain(v: Any) -> Any:
@@ -200,7 +215,7 @@ class CellResult:
     cell: Cell
     metrics: dict[str, Any]
     evaluation: EvalResult
-    paper_protocol: EvalResult | None
+    paper_attack: EvalResult | None
     certificate: CertifySummary | None
     seconds: dict[str, float]
     resumed: bool = False
@@ -215,7 +230,8 @@ class CellResult:
             "train_time_s": self.metrics.get("train_time_s"),
             "seconds": self.seconds,
             "evaluation": self.evaluation.to_json(),
-            "paper_protocol": self.paper_protocol.to_json() if self.paper_protocol else None,
+            "paper_attack": self.paper_attack.to_json() if self.paper_attack else None,
+            "paper_protocol": self.paper_attack.to_json() if self.paper_attack else None,  # old key
             "certify": asdict(self.certificate) if self.certificate else None,
         }
 
@@ -234,7 +250,7 @@ class BenchmarkResult:
         """Per dataset the multi-modal and uni-modal tables (mean ± std over seeds) and the training table."""
         cfg = self.config
         notes = [
-            f"recipe: {cfg.recipe}; protocol: {cfg.protocol}; suite: {cfg.suite}; "
+            f"recipe: {cfg.recipe}; attack strength: {cfg.attack_strength}; suite: {cfg.suite}; "
             f"epochs: {cfg.epochs or RunConfig().train.epochs}; seeds: {cfg.seeds}; attacked test samples: "
             + (str(cfg.samples) if cfg.samples else "all")
         ]
@@ -242,10 +258,8 @@ class BenchmarkResult:
         for d in cfg.data:
             cells = [c for c in self.cells if c.cell.dataset == d]
             evals = {m: [c.evaluation for c in cells if c.cell.method == m] for m in cfg.methods}
-            paper = {
-                m: [c.paper_protocol for c in cells if c.cell.method == m and c.paper_protocol] for m in cfg.methods
-            }
-            out += comparison_tables(d, evals, paper if cfg.protocol == "paper" else None, notes)
+            paper = {m: [c.paper_attack for c in cells if c.cell.method == m and c.paper_attack] for m in cfg.methods}
+            out += comparison_tables(d, evals, paper if cfg.attack_strength == "paper" else None, notes)
             out.append(self._summary_table(d, cells, notes))
         return out
 
@@ -274,6 +288,7 @@ class BenchmarkResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "schema_version": SCHEMA_VERSION,
             "config": self.config.to_json(),
             "seconds": self.seconds,
             "resumed_cells": self.resumed,
@@ -354,12 +369,13 @@ def run_benchmark(
     """Run (or resume) the grid into ``out``; see the module docstring."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
+        raise ConfigError(f"out {out}: exists and is not a folder", param="out")
     plan = plan_benchmark(cfg, out)
     if plan.invalidated and not force:
         raise ConfigError(
             f"{out}: {len(plan.invalidated)} finished cell(s) were run with other settings "
-            f"(changed: {_describe_change(plan)}); use --force to redo them, or another --out"
+            f"(changed: {_describe_change(plan)}); pass force=True to redo them, or choose another out",
+            param="force",
         )
     t0 = time.perf_counter()
     todo = plan.todo
@@ -431,27 +447,26 @@ def _run_cell(cell: Cell, out: Path, cfg: BenchmarkConfig, bundle: DataBundle) -
     t = time.perf_counter()
     fit = _train_cell(_run_config(cell, cfg), folder, bundle)
     seconds["train"] = time.perf_counter() - t
-    run = Run(folder, fit.config, bundle.meta, fit.model, fit.metrics, _bundle=bundle)
     test = bundle.test if cfg.samples is None else bundle.test.subset(slice(0, cfg.samples))
     files = ["model.safetensors", "config.json", "metrics.json"]
 
     t = time.perf_counter()
-    evaluation = evaluate(run, test, cfg.suite, **cfg.suite_options())
+    evaluation = evaluate_model(fit.model, bundle.meta, test, cfg.suite, **cfg.suite_options())
     write_json(folder / f"eval_{cfg.suite}.json", evaluation.to_json())
     files.append(f"eval_{cfg.suite}.json")
     paper = None
-    if cfg.protocol == "paper":
+    if cfg.attack_strength == "paper":
         paper_eps = cfg.suite_options() if cfg.suite == "paper" else {}
-        paper = evaluate(run, test, "paper", **paper_eps, **PAPER_PROTOCOL)
-        write_json(folder / "eval_paper_protocol.json", paper.to_json())
-        files.append("eval_paper_protocol.json")
+        paper = evaluate_model(fit.model, bundle.meta, test, "paper", **paper_eps, **PAPER_ATTACK)
+        write_json(folder / PAPER_ATTACK_FILE, paper.to_json())
+        files.append(PAPER_ATTACK_FILE)
     seconds["evaluate"] = time.perf_counter() - t
 
     summary = None
     if cfg.certify is not None:
         t = time.perf_counter()
         res = certify_model(fit.model, bundle.meta, test, cfg.certify, bundle.train, CERTIFY_RADII, fit_split="train")
-        write_json(folder / CERTIFY_FILE, res.document(run))
+        write_json(folder / CERTIFY_FILE, res.document(load_run(folder)))  # the cell's sealed run folder
         files.append(CERTIFY_FILE)
         summary = _certify_summary(res.to_json())
         seconds["certify"] = time.perf_counter() - t
@@ -477,13 +492,13 @@ def _certify_summary(entry: dict[str, Any]) -> CertifySummary:
 def _read_cell(cell: Cell, out: Path, cfg: BenchmarkConfig) -> CellResult:
     folder = cell.folder(out)
     m = read_json(folder / MANIFEST_FILE)
-    paper = folder / "eval_paper_protocol.json"
+    paper = folder / PAPER_ATTACK_FILE
     cert = folder / CERTIFY_FILE
     return CellResult(
         cell,
         read_json(folder / "metrics.json"),
         EvalResult.from_json(read_json(folder / f"eval_{cfg.suite}.json")),
-        EvalResult.from_json(read_json(paper)) if cfg.protocol == "paper" else None,
+        EvalResult.from_json(read_json(paper)) if cfg.attack_strength == "paper" else None,
         _certify_summary(next(iter(read_json(cert)["estimators"].values()))) if cfg.certify is not None else None,
         dict(m.get("seconds", {})),
         resumed=True,

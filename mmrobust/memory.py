@@ -11,6 +11,9 @@ returns the largest batch whose predicted peak, with a 25% margin, fits the budg
 The budget is ``auto`` (a fraction of the memory available now: ``MemAvailable`` on CPU, free GPU
 memory on CUDA) or a size such as ``8GB`` (``--memory-budget``). An explicit ``--batch-size`` skips
 the probe.
+
+Floor: this module imports :mod:`mmrobust.data` (the samples a probe runs on) and the ground floor
+only; never evaluation, certification, runs or configs (they import it).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from mmrobust.data.base import Split
 from mmrobust.errors import ConfigError
+from mmrobust.torchutil import eval_mode, to_device
 
 #: share of the currently available memory an ``auto`` budget takes
 AUTO_FRACTION = 0.6
@@ -36,18 +40,23 @@ MARGIN = 1.25
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
-def parse_bytes(text: str | int, what: str = "memory budget") -> int:
-    """``"8GB"``, ``"512MiB"``, ``"1.5g"`` or a plain byte count -> bytes (K/M/G/T are powers of 1024)."""
+def parse_bytes(text: str | int, what: str = "memory budget", param: str | None = None) -> int:
+    """``"8GB"``, ``"512MiB"``, ``"1.5g"`` or a plain byte count -> bytes (K/M/G/T are powers of 1024).
+
+    ``what`` names the value in messages; ``param`` is the parameter an error is about (default:
+    ``what`` where it is an identifier such as ``memory_budget``)."""
+    if param is None and what.isidentifier():
+        param = what
     if isinstance(text, int) and not isinstance(text, bool):
         value, unit = float(text), ""
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", str(text))
         if m is None:
-            raise ConfigError(f"{what}: expected a size such as 8GB, 512MB or a byte count, got '{text}'")
+            raise ConfigError(f"{what}: expected a size such as 8GB, 512MB or a byte count, got '{text}'", param=param)
         value, unit = float(m.group(1)), m.group(2).lower()
     size = int(value * _UNITS[unit])
     if size < 1:
-        raise ConfigError(f"{what}: must be more than 0 bytes, got '{text}'")
+        raise ConfigError(f"{what}: must be more than 0 bytes, got '{text}'", param=param)
     return size
 
 
@@ -188,10 +197,10 @@ def plan_batch(
     return BatchPlan(n, total, int(per), int(fixed), method)
 
 
-def given_batch(batch_size: int, what: str = "--batch-size") -> BatchPlan:
+def given_batch(batch_size: int, what: str = "batch_size") -> BatchPlan:
     """A user-given batch size (no probe)."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ConfigError(f"{what} must be an integer >= 1, got {batch_size!r}")
+        raise ConfigError(f"{what} must be an integer >= 1, got {batch_size!r}", param="batch_size")
     return BatchPlan(batch_size, 0, 0, 0, "given")
 
 
@@ -214,11 +223,10 @@ def input_gradient_plan(
     """Batch size for gradient attacks (and anything lighter: clean or certified forwards): the probe
     is one eval-mode forward and a backward to the inputs, plus 12 copies of each sample's inputs
     for the attack's own state (clean, current and best iterate, gradient, bounds, steps)."""
-    from mmrobust.torchutil import eval_mode
 
     def probe(n: int) -> None:
         inputs, labels = split.take(slice(0, n))
-        x = {k: v.to(device).detach().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
+        x = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in to_device(inputs, device).items()}
         with eval_mode(model), torch.enable_grad():
             loss = torch.nn.functional.cross_entropy(model(x), labels.to(device))
             torch.autograd.grad(loss, [v for v in x.values() if v.requires_grad])

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from mmrobust.attacks import build_attack
+from mmrobust.attacks.autoattack import AutoAttackOptions, run_autoattack
 from mmrobust.attacks.projection import project_onto_hyperplane_in_box
-from mmrobust.attacks.protocol import AutoAttackOptions, run_autoattack
 from mmrobust.errors import ConfigError
 from mmrobust.runs import load_run
 
@@ -223,7 +223,7 @@ def test_projection_is_exact_against_bisection():
 def test_untargeted_fab_restarts_start_at_random_points_of_half_the_budget(monkeypatch, norm):
     """The reference's FAB restarts: the first run starts at the clean input, every further one at
     a fresh random point at distance eps/2; and the "plus" version runs 5 of them."""
-    from mmrobust.attacks.autoattack import FAB
+    from mmrobust.attacks.fab import FAB
 
     model = Linear(torch.eye(3, 10) * 0.1, torch.tensor([5.0, 0.0, 0.0]))  # unbreakable at eps 0.3
     x = {"v": torch.zeros(4, 10)}

@@ -148,7 +148,7 @@ def test_changed_settings_are_refused_unless_forced(tmp_path, counted, capsys):
     out = tmp_path / "bench"
     run_benchmark(_cfg(methods=["jt"], seeds=1), out)
     with pytest.raises(ConfigError, match=r"1 finished cell\(s\) were run with other settings \(changed: epochs, "
-                                          r"recipe\); use --force"):  # fmt: skip
+                                          r"recipe\); pass force=True"):  # fmt: skip
         run_benchmark(_cfg(methods=["jt"], seeds=1, epochs=2, recipe="paper"), out)
     assert plan_benchmark(_cfg(methods=["jt"], seeds=1, epochs=2), out).invalidated
     counted.clear()

@@ -1,518 +1,402 @@
-"""AutoAttack-style attacks (Croce & Hein 2020) on the packed modality vector: APGD-CE, APGD-T
-(targeted DLR), FAB-T and Square, for l-inf and l2, under a joint budget.
+"""AutoAttack (Croce & Hein 2020) as an attack over a dict of modalities, registered as ``autoattack``.
 
-Our own implementations, written for a dict of modalities (no torchattacks, no [0, 1] assumption:
-a modality is clamped to its declared valid range, or not at all). FAB-T's step is the exact
-minimal-norm projection onto the linearised boundary inside the valid box, Square's proposals are
-the reference's (l-inf windows of +-eps, l2 mass-preserving windows, the same p schedule). The one
-structural departure, documented in docs/attacks.md: Square's windows are squares on image-like
-modalities and segments on the others, in a modality drawn with probability proportional to its
-size.
+``build_attack("autoattack", model, meta, eps=8/255, version="standard")`` returns an
+:class:`AutoAttack`; ``attack(inputs, labels)`` returns the adversarial inputs: per sample, the
+example of the first component that broke it (the clean input where none did), i.e. the
+per-sample worst case over the components. The components run in order, each only on the samples
+every previous component left correctly classified. :meth:`AutoAttack.detailed` returns the whole
+:class:`AutoAttackResult` (clean and robust accuracy, a log per component that ran, the components
+skipped and why, warnings from the reference's sanity checks); the last one is also kept in
+``attack.result``. Nothing here prints.
+
+Versions (the reference's settings, :data:`VERSION_COMPONENTS`, the one list of the components):
+
+* ``standard``: APGD-CE, APGD-T (targeted DLR, 9 targets), FAB-T (9 targets), Square (5000 queries);
+* ``plus``: APGD-CE, APGD-DLR and FAB (5 restarts each), Square, APGD-T, FAB-T;
+* ``custom``: the components listed in ``attacks``.
+
+Components that do not apply (DLR with < 3 classes, more targets than wrong classes) are skipped
+and the reason is recorded in ``skipped``. Per-modality l-inf budgets ``eps={"image": 8/255,
+"audio": 0.1}`` are exact: each attacked modality is divided by its eps, so the per-modality box
+becomes the unit l-inf ball every component handles, and the result is mapped back.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from mmrobust.attacks.base import ATTACKS, TINY, Attack, BestTracker, Packed
-from mmrobust.attacks.losses import ce_loss, dlr_loss, dlr_targeted_loss, margin
-from mmrobust.attacks.projection import project_onto_hyperplane_in_box
-from mmrobust.data.base import DatasetMeta
+from mmrobust.attacks.base import ATTACKS, NORMS, Attack, build_attack
+from mmrobust.attacks.component import AutoAttackComponent, check_applicable
+from mmrobust.data.base import Batch, DatasetMeta
 from mmrobust.errors import ConfigError
+from mmrobust.torchutil import eval_mode
+
+VERSIONS = ("standard", "plus", "custom")
+#: (component, restarts) per version, in the reference's order: the one list of the components
+VERSION_COMPONENTS: dict[str, tuple[tuple[str, int], ...]] = {
+    "standard": (("apgd-ce", 1), ("apgd-t", 1), ("fab-t", 1), ("square", 1)),
+    "plus": (("apgd-ce", 5), ("apgd-dlr", 5), ("fab", 5), ("square", 1), ("apgd-t", 1), ("fab-t", 1)),
+}
+#: every component (the "plus" version runs them all)
+COMPONENTS = tuple(sorted(name for name, _ in VERSION_COMPONENTS["plus"]))
+#: the components of the standard version, in order (the autoattack suite's default components)
+STANDARD_COMPONENTS = tuple(name for name, _ in VERSION_COMPONENTS["standard"])
 
 
-class _AutoAttack(Attack):
-    """Shared constructor: joint budget only, a fixed loss, an iteration count."""
+def component_settings(name: str, *, steps: int, queries: int, restarts: int, targets: int) -> dict[str, Any]:
+    """The keyword settings of component ``name``: ``queries`` for a query-based one (Square) in
+    place of ``steps``, ``targets`` for the targeted ones."""
+    cls = ATTACKS.get(name)
+    query_based = issubclass(cls, AutoAttackComponent) and cls.query_based
+    kw: dict[str, Any] = {"steps": queries if query_based else steps, "restarts": restarts}
+    if issubclass(cls, AutoAttackComponent) and cls.targeted:
+        kw["targets"] = targets
+    return kw
 
-    budgets = ("joint",)
-    fixed_loss = "ce"
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.losses = (cls.fixed_loss,)
+#: share of correctly classified samples whose softmax is exactly one-hot above which we warn
+SATURATION_THRESHOLD = 0.05
+
+
+@dataclass(frozen=True)
+class AutoAttackOptions:
+    """Settings of one AutoAttack evaluation (validated on construction).
+
+    ``eps`` is one float (a joint budget over ``modalities``) or, for l-inf, ``{modality: eps}``;
+    ``modalities`` defaults to the keys of an eps dict, else to every modality of the model.
+    ``steps`` are APGD/FAB iterations, ``queries`` Square's budget, ``targets`` the target classes
+    of APGD-T/FAB-T, ``attacks`` the components of ``version="custom"`` (ignored otherwise: an
+    error if given). ``batch_size`` bounds the samples attacked at once.
+    """
+
+    eps: float | Mapping[str, float]
+    version: str = "standard"
+    norm: str = "linf"
+    modalities: tuple[str, ...] | None = None
+    attacks: tuple[str, ...] | None = None
+    steps: int = 100
+    queries: int = 5000
+    targets: int = 9
+    seed: int = 0
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.version not in VERSIONS:
+            raise ConfigError(
+                f"autoattack: unknown version '{self.version}'; choose from: {', '.join(VERSIONS)}", param="version"
+            )
+        if self.norm not in NORMS:
+            raise ConfigError(f"autoattack: unknown norm '{self.norm}'; choose from: {', '.join(NORMS)}", param="norm")
+        if self.version == "custom":
+            if not self.attacks:
+                raise ConfigError(
+                    f"autoattack: version 'custom' needs attacks (from: {', '.join(COMPONENTS)})", param="attacks"
+                )
+            for a in self.attacks:
+                if a not in COMPONENTS:
+                    raise ConfigError(
+                        f"autoattack: unknown component '{a}'; choose from: {', '.join(COMPONENTS)}", param="attacks"
+                    )
+        elif self.attacks is not None:
+            raise ConfigError(
+                f"autoattack: attacks apply to version 'custom' only, not '{self.version}'", param="attacks"
+            )
+        values = list(self.eps.values()) if isinstance(self.eps, Mapping) else [self.eps]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"autoattack: eps must be a finite number >= 0, got {v!r}", param="eps")
+        if isinstance(self.eps, Mapping):
+            if not self.eps:
+                raise ConfigError("autoattack: eps dict is empty", param="eps")
+            if self.norm != "linf" and len(set(values)) > 1:
+                raise ConfigError(
+                    "autoattack: per-modality budgets need norm 'linf' (l2 takes one joint eps)", param="norm"
+                )
+            if self.modalities is not None and set(self.modalities) != set(self.eps):
+                raise ConfigError(
+                    f"autoattack: modalities {list(self.modalities)} differ from the eps keys {list(self.eps)}",
+                    param="modalities",
+                )
+        for key in ("steps", "queries", "targets", "batch_size"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"autoattack: {key} must be an integer >= 1, got {v!r}", param=key)
+
+    def components(self) -> list[tuple[str, int]]:
+        if self.version == "custom":
+            assert self.attacks is not None
+            return [(a, 1) for a in self.attacks]
+        return list(VERSION_COMPONENTS[self.version])
+
+
+@dataclass
+class StageLog:
+    """One component's line in the log: ``robust_accuracy`` is cumulative (after this component
+    and all before it); ``broken`` counts the samples this component broke first, ``broken_index``
+    lists them (positions in the batch)."""
+
+    attack: str
+    restarts: int
+    attacked: int
+    broken: int
+    robust_accuracy: float
+    seconds: float
+    broken_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+
+@dataclass
+class AutoAttackResult:
+    """What :meth:`AutoAttack.detailed` returns: ``robust`` marks the samples no component broke (always
+    False where the clean prediction is wrong); ``adversarial`` holds, per sample, the example of
+    the component that broke it (the clean input where none did)."""
+
+    options: AutoAttackOptions
+    modalities: list[str]
+    eps: dict[str, float]
+    clean_accuracy: float
+    robust_accuracy: float
+    robust: torch.Tensor
+    adversarial: Batch
+    stages: list[StageLog] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Rescaled(nn.Module):
+    """``model`` seen in coordinates ``u_m = x_m / eps_m`` of the attacked modalities."""
+
+    def __init__(self, model: nn.Module, scale: Mapping[str, float]) -> None:
+        super().__init__()
+        self.model, self.scale = model, dict(scale)
+
+    def forward(self, inputs: Batch) -> torch.Tensor:
+        return self.model({k: v * self.scale[k] if k in self.scale else v for k, v in inputs.items()})
+
+
+def sanity_checks(model: nn.Module, inputs: Batch, labels: torch.Tensor) -> list[str]:
+    """The reference's checks, as warnings: randomness in the forward pass, probabilities instead
+    of logits, softmax saturated on many samples (CE gradients underflow: gradient masking)."""
+    out: list[str] = []
+    with eval_mode(model), torch.no_grad():
+        a, b = model(inputs), model(inputs)
+    if not torch.equal(a, b):
+        out.append("the model's output differs between two identical forward passes (randomness in forward?): "
+                   "AutoAttack's numbers assume a deterministic model")  # fmt: skip
+    if bool((a >= 0).all()) and torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-5):
+        out.append("the model seems to output probabilities (rows sum to 1): attack logits, not softmax outputs")
+    correct = a.argmax(1) == labels
+    if bool(correct.any()):
+        saturated = (torch.softmax(a[correct].float(), 1).amax(1) == 1.0).float().mean().item()
+        if saturated > SATURATION_THRESHOLD:
+            out.append(f"softmax saturated (exactly one-hot) on {saturated:.0%} of the correctly classified samples: "
+                       "cross-entropy gradients underflow; trust the DLR/targeted and Square rows")  # fmt: skip
+    return out
+
+
+@ATTACKS.register("autoattack")
+class AutoAttack(Attack):
+    """The AutoAttack protocol as an attack: ``attack(inputs, labels)`` returns the per-sample worst
+    case over the components of ``version`` (see the module doc).
+
+    Args:
+        model: ``model(inputs) -> logits`` (run in eval mode).
+        eps: one float (a joint budget over ``modalities``) or, for l-inf, ``{modality: eps}``.
+        version: ``standard``, ``plus`` or ``custom`` (then ``attacks`` lists the components).
+        steps: APGD/FAB iterations; ``queries``: Square's budget; ``targets``: target classes of
+            APGD-T/FAB-T; ``batch_size``: samples attacked at once.
+        modalities: the attacked modalities (default: the eps keys, else every modality of
+            ``meta``, of ``model.modalities`` or, failing both, of the batch).
+        meta, valid_range, seed: as for every :class:`~mmrobust.attacks.base.Attack`.
+    """
+
+    default_norm = "linf"
+    losses = ("worst",)
 
     def __init__(
         self,
         model: nn.Module,
-        eps: float,
+        eps: float | Mapping[str, float],
         *,
-        steps: int = 100,
-        restarts: int = 1,
+        version: str = "standard",
+        attacks: Sequence[str] | None = None,
         norm: str | None = None,
-        loss: str | None = None,
+        steps: int = 100,
+        queries: int = 5000,
+        targets: int = 9,
         modalities: Sequence[str] | None = None,
-        budget: str = "joint",
         meta: DatasetMeta | None = None,
         valid_range: Mapping[str, tuple[float, float] | None] | None = None,
         seed: int = 0,
-        targets: int = 9,
-        num_classes: int | None = None,
+        batch_size: int = 256,
     ) -> None:
-        if budget != "joint":
-            raise ConfigError(
-                f"{self.name}: only a joint budget is supported (l-inf joint = the same eps per modality)"
-            )
-        if loss is not None and loss != self.fixed_loss:
-            raise ConfigError(f"{self.name}: uses the {self.fixed_loss} loss; loss='{loss}' does not apply")
-        super().__init__(model, eps, norm=norm, loss=self.fixed_loss, modalities=modalities, budget=budget, meta=meta,
-                         valid_range=valid_range, seed=seed)  # fmt: skip
-        if steps < 1 or restarts < 1:
-            raise ConfigError(f"{self.name}: steps and restarts must be >= 1, got {steps} and {restarts}")
-        self.steps, self.restarts, self.targets = steps, restarts, targets
-        k = num_classes or (meta.num_classes if meta is not None else getattr(model, "num_classes", None))
-        if k is not None:
-            check_applicable(self.name, int(k), targets)
+        options = AutoAttackOptions(
+            eps=dict(eps) if isinstance(eps, Mapping) else eps, version=version, norm=norm or self.default_norm,
+            modalities=None if modalities is None else tuple(modalities),
+            attacks=None if attacks is None else tuple(attacks), steps=steps, queries=queries, targets=targets,
+            seed=seed, batch_size=batch_size,
+        )  # fmt: skip
+        self._setup(model, options, meta, valid_range)
 
-    def _random_point(self, packed: Packed, x0: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-        """A random point at distance ``radius`` (per column) from ``x0`` in the attack's norm, in the box."""
-        if self.norm == "linf":
-            t = 2 * torch.rand(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device) - 1
-            return packed.clamp(x0 + radius * t / t.abs().amax(1, keepdim=True).clamp_min(1e-12))
-        t = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device)
-        return packed.clamp(x0 + radius * packed.normalize(t, "l2"))
+    @classmethod
+    def from_options(
+        cls,
+        model: nn.Module,
+        options: AutoAttackOptions,
+        *,
+        meta: DatasetMeta | None = None,
+        valid_range: Mapping[str, tuple[float, float] | None] | None = None,
+    ) -> AutoAttack:
+        """The attack of a validated :class:`AutoAttackOptions`."""
+        self = cls.__new__(cls)
+        self._setup(model, options, meta, valid_range)
+        return self
+
+    def _setup(
+        self,
+        model: nn.Module,
+        options: AutoAttackOptions,
+        meta: DatasetMeta | None,
+        valid_range: Mapping[str, tuple[float, float] | None] | None,
+    ) -> None:
+        self.model, self.options, self.meta = model, options, meta
+        self.norm, self.loss, self.seed = options.norm, "worst", options.seed
+        self.generator = torch.Generator().manual_seed(options.seed)
+        self.range_override = dict(valid_range or {})
+        #: the result of the last call (which components ran, which were skipped and why)
+        self.result: AutoAttackResult | None = None
+        known = meta.modality_names if meta is not None else list(getattr(model, "modalities", []))
+        self.modalities, self.eps = self._budget(known)
+        ranges = {s.name: s.valid_range for s in meta.modalities} if meta is not None else {}
+        ranges.update(self.range_override)
+        self.valid_range = {m: ranges.get(m) for m in self.modalities}
+        self.budget = "per-modality" if len(set(self.eps.values())) > 1 else "joint"
+
+    def _budget(self, known: Sequence[str]) -> tuple[list[str], dict[str, float]]:
+        """The attacked modalities (possibly none yet: the batch names them) and their eps."""
+        o = self.options
+        mods = list(o.modalities or (o.eps if isinstance(o.eps, Mapping) else known))
+        eps = {m: float(o.eps[m]) for m in mods} if isinstance(o.eps, Mapping) else dict.fromkeys(
+            mods, float(o.eps))  # fmt: skip
+        return mods, eps
+
+    @property
+    def components(self) -> list[str]:
+        """The components of the version, in order (some may be skipped on a given model)."""
+        return [name for name, _ in self.options.components()]
+
+    def perturb(self, inputs: Batch, labels: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        """Adversarial inputs (the per-sample worst case over the components) and their logits."""
+        res = self.detailed(inputs, labels)
+        with eval_mode(self.model), torch.no_grad():
+            logits = self.model(res.adversarial)
+        return res.adversarial, logits.detach()
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "steps": self.steps, "restarts": self.restarts}
+        o = self.options
+        eps: Any = self.eps if self.budget == "per-modality" else next(iter(self.eps.values()), o.eps)
+        return {"attack": self.name, "loss": self.loss, "norm": self.norm, "modalities": list(self.modalities),
+                "budget": self.budget, "eps": eps, "steps": o.steps, "version": o.version,
+                "components": self.components, "queries": o.queries, "targets": o.targets}  # fmt: skip
 
+    def detailed(self, inputs: Batch, labels: torch.Tensor) -> AutoAttackResult:
+        """Run the protocol on ``(inputs, labels)``; the whole result (also kept in ``self.result``)."""
+        model, options, meta = self.model, self.options, self.meta
+        known = self.modalities or list(inputs)
+        mods, eps = self._budget(known)
+        for m in mods:
+            if m not in inputs:
+                raise ConfigError(f"autoattack: unknown modality '{m}'; the batch has: {', '.join(inputs)}")
+        ranges = {s.name: s.valid_range for s in meta.modalities} if meta is not None else {}
+        ranges.update(self.range_override)
+        mods = [m for m in mods if eps[m] > 0]  # an eps of 0 leaves the modality untouched
 
-def check_applicable(name: str, num_classes: int, targets: int = 9) -> None:
-    """Raise a clear :class:`ConfigError` where an AutoAttack component does not apply."""
-    if name in ("apgd-t", "apgd-dlr") and num_classes < 3:
-        raise ConfigError(f"{name}: the DLR loss needs >= 3 classes, this model has {num_classes}")
-    if name in ("apgd-t", "fab-t") and targets > num_classes - 1:
-        need = targets + 1
-        raise ConfigError(
-            f"{name}: {targets} target classes need >= {need} classes, this model has {num_classes} "
-            f"(lower the number of targets to <= {num_classes - 1})"
-        )
-    if name in ("apgd-t", "fab-t") and targets < 1:
-        raise ConfigError(f"{name}: needs at least 1 target class, got {targets}")
+        with eval_mode(model), torch.no_grad():
+            clean_logits = model(inputs)
+        num_classes = int(clean_logits.shape[1])
+        robust = clean_logits.argmax(1) == labels
+        n = len(labels)
+        result = AutoAttackResult(options, mods, eps, float(robust.float().mean()), 0.0, robust,
+                                  {k: v.clone() for k, v in inputs.items()},
+                                  warnings=sanity_checks(model, inputs, labels))  # fmt: skip
+        if not mods:
+            result.robust_accuracy = result.clean_accuracy
+            self.result = result
+            return result
 
+        # exact per-modality l-inf boxes: divide each attacked modality by its eps (a joint budget of 1)
+        scale = eps if len(set(eps[m] for m in mods)) > 1 else {}
+        target_model = _Rescaled(model, scale) if scale else model
+        u_ranges: dict[str, tuple[float, float] | None] = {}
+        for m in mods:
+            r = ranges.get(m)
+            s = scale.get(m, 1.0)
+            u_ranges[m] = None if r is None else (r[0] / s, r[1] / s)
+        attack_eps = 1.0 if scale else eps[mods[0]]
+        square_broke_alone = 0
 
-def _checkpoints(n_iter: int) -> list[int]:
-    """APGD's step-size checkpoints, as the reference code computes them in whole iterations: the
-    first after ``floor(0.22 n)``, then intervals shrinking by ``floor(0.03 n)`` down to
-    ``floor(0.06 n)`` (each at least 1). For small ``n`` this is denser than ``ceil(p_j n)``."""
-    first, decrement, least = max(int(0.22 * n_iter), 1), max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
-    points, at, span = [], first, first
-    while at < n_iter:
-        points.append(at)
-        span = max(span - decrement, least)
-        at += span
-    return points
-
-
-class APGD(_AutoAttack):
-    """Auto-PGD: momentum 0.75, step size halved at checkpoints where the loss stopped rising."""
-
-    def _untargeted(
-        self, packed: Packed, labels: torch.Tensor, loss_fn: Any, best: BestTracker
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``restarts`` runs of APGD on ``loss_fn``, each only on the samples no earlier run has broken."""
-        for _ in range(self.restarts):
-            idx = (~best.broken).nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            self._apgd(packed.take(idx), labels[idx], loss_fn, best, idx)
-        return best.x, best.logits
-
-    def _apgd(self, packed: Packed, labels: torch.Tensor, loss_fn: Any, best: BestTracker, index: torch.Tensor) -> None:
-        n_iter = self.steps
-        x0 = packed.x0
-        x = self._random_point(packed, x0, packed.expand(packed.eps))
-        step = 2 * packed.eps.expand(x0.shape[0], -1)[:, :1].clone()  # (N, 1)
-        loss, grad, logits = self.loss_and_grad(packed, x, labels, loss_fn)
-        best.update(x, logits, index)
-        x_best, loss_best, grad_best = x.clone(), loss.clone(), grad.clone()
-        x_old = x.clone()
-        checkpoints = set(_checkpoints(n_iter))
-        last_check = 0
-        # As in the reference: the first checkpoint compares the loss after the first step with 0
-        # (its zero-initialised loss buffer, read at index -1), not with the loss at the start; for
-        # the targeted DLR loss (< 0 until the target wins) that first comparison is never a rise.
-        # And no sample counts as "reduced without improvement" before the first checkpoint.
-        losses = [torch.zeros_like(loss)]
-        reduced_last = torch.ones_like(loss, dtype=torch.bool)
-        loss_best_last = loss_best.clone()
-        for i in range(n_iter):
-            with torch.no_grad():
-                a = 0.75 if i > 0 else 1.0
-                x1 = packed.step_to(x - x0 + step * packed.normalize(grad, self.norm), self.norm)
-                x1 = packed.step_to(x - x0 + (x1 - x) * a + (x - x_old) * (1 - a), self.norm)
-                x_old, x = x, x1
-            loss, grad, logits = self.loss_and_grad(packed, x, labels, loss_fn)
-            best.update(x, logits, index)
-            losses.append(loss)
-            improved = loss > loss_best
-            x_best[improved], grad_best[improved], loss_best[improved] = x[improved], grad[improved], loss[improved]
-            if i + 1 in checkpoints and i + 1 < n_iter:
-                span = i + 1 - last_check
-                rises = sum((losses[j] > losses[j - 1]).float() for j in range(len(losses) - span, len(losses)))
-                reduce = (rises <= 0.75 * span) | (~reduced_last & (loss_best_last >= loss_best))
-                reduced_last, loss_best_last, last_check = reduce, loss_best.clone(), i + 1
-                step[reduce] /= 2
-                x[reduce], grad[reduce] = x_best[reduce], grad_best[reduce]
-
-
-@ATTACKS.register("apgd-ce")
-class APGDCE(APGD):
-    """APGD on the cross-entropy loss (untargeted)."""
-
-    name = "apgd-ce"
-    default_norm = "linf"
-
-    def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            best = BestTracker(packed.x0, self.forward(packed, packed.x0), labels)
-        return self._untargeted(packed, labels, ce_loss, best)
-
-
-@ATTACKS.register("apgd-dlr")
-class APGDDLR(APGD):
-    """APGD on the untargeted DLR loss (AutoAttack "plus"); needs >= 3 classes."""
-
-    name = "apgd-dlr"
-    default_norm = "linf"
-    fixed_loss = "dlr"
-
-    def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            clean_logits = self.forward(packed, packed.x0)
-        check_applicable(self.name, clean_logits.shape[1], self.targets)
-        return self._untargeted(packed, labels, dlr_loss, BestTracker(packed.x0, clean_logits, labels))
-
-
-@ATTACKS.register("apgd-t")
-class APGDT(APGD):
-    """APGD on the targeted DLR loss, over the ``targets`` highest-scoring wrong classes."""
-
-    name = "apgd-t"
-    default_norm = "linf"
-    fixed_loss = "dlr"
-
-    def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            clean_logits = self.forward(packed, packed.x0)
-        check_applicable(self.name, clean_logits.shape[1], self.targets)
-        best = BestTracker(packed.x0, clean_logits, labels)
-        order = clean_logits.sort(dim=1).indices
-        for t in range(2, self.targets + 2):
-            for _ in range(self.restarts):
-                idx = (~best.broken).nonzero().squeeze(1)
-                if len(idx) == 0:
-                    return best.x, best.logits
-                target = order[idx, -t]
-
-                def loss_fn(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor = target) -> torch.Tensor:
-                    return dlr_targeted_loss(logits, y, target)
-
-                self._apgd(packed.take(idx), labels[idx], loss_fn, best, idx)
-        return best.x, best.logits
-
-
-@ATTACKS.register("fab-t")
-class FABT(_AutoAttack):
-    """Targeted FAB (Croce & Hein 2020): at each step, linearise ``z_target - z_y`` and take the
-    minimal-norm step onto its zero set *inside the valid box*
-    (:func:`~mmrobust.attacks.projection.project_onto_hyperplane_in_box`), both from the current
-    point and from the clean input, mix the two with weight ``a = min(|d_cur| / (|d_cur| +
-    |d_orig|), alpha_max)``, overshoot by ``eta`` and, after each success, step back towards the clean
-    input (x ``beta``). Keeps the smallest adversarial perturbation and counts it only within eps."""
-
-    name = "fab-t"
-    default_norm = "linf"
-    fixed_loss = "ce"  # not used for optimisation; FAB is loss-free
-    alpha_max, eta, beta = 0.1, 1.05, 0.9
-
-    def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            clean_logits = self.forward(packed, packed.x0)
-        check_applicable(self.name, clean_logits.shape[1], self.targets)
-        best = BestTracker(packed.x0, clean_logits, labels)
-        order = clean_logits.sort(dim=1).indices
-        for t in range(2, self.targets + 2):
-            for restart in range(self.restarts):
-                idx = (~best.broken).nonzero().squeeze(1)
-                if len(idx) == 0:
-                    return best.x, best.logits
-                sub, y, target = packed.take(idx), labels[idx], order[idx, -t]
-                found = self._fab(sub, y, target, random_start=restart > 0)
-                with torch.no_grad():
-                    best.update(found, self.forward(sub, found), idx)
-        return best.x, best.logits
-
-    def _closest_boundary(
-        self, packed: Packed, x: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Untargeted FAB: ``z_k - z_y`` and its gradient for the wrong class ``k`` whose linearised
-        boundary is closest, ``|z_k - z_y| / ||grad||_dual`` (one backward pass per class)."""
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = self.forward(packed, x)
-            grads = torch.stack([torch.autograd.grad(logits[:, k].sum(), x, retain_graph=True)[0]
-                                 for k in range(logits.shape[1])], 1)  # fmt: skip
-        logits = logits.detach()
-        f = logits - logits.gather(1, labels[:, None])
-        w = grads - grads[torch.arange(len(labels)), labels][:, None]
-        dual = w.abs().sum(2) if self.norm == "linf" else w.norm(dim=2)
-        dist = f.abs() / (dual + 1e-12)
-        dist[torch.arange(len(labels)), labels] = math.inf
-        k = dist.argmin(1)
-        rows = torch.arange(len(labels))
-        return f[rows, k], w[rows, k]
-
-    def _fab(
-        self, packed: Packed, labels: torch.Tensor, target: torch.Tensor | None, random_start: bool = False
-    ) -> torch.Tensor:
-        """One FAB run from the clean input or (``random_start``, the reference's restarts after
-        the first) from a random point at half the budget: l-inf ``eps/2 * t / max|t|`` with ``t``
-        uniform in [-1, 1], l2 a random direction of length ``eps/2``; clamped to the valid box."""
-        x0 = packed.x0
-        lo = packed.lo if packed.lo is not None else torch.full_like(x0, -math.inf)
-        hi = packed.hi if packed.hi is not None else torch.full_like(x0, math.inf)
-        x = x0.clone()
-        if random_start:
-            x = self._random_point(packed, x0, packed.expand(packed.eps) * 0.5)
-        x_best = x0.clone()
-        best_norm = torch.full((x0.shape[0],), math.inf, dtype=x0.dtype, device=x0.device)
-
-        def gap(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # > 0 when the target wins
-            assert target is not None
-            return logits.gather(1, target[:, None]).squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)
-
-        for _ in range(self.steps):
-            f, w = self._closest_boundary(packed, x, labels) if target is None else self.loss_and_grad(
-                packed, x, labels, gap)[:2]  # fmt: skip
-            with torch.no_grad():
-                # the linearised boundary {z: f + w.(z - x) = 0}, reached inside the valid box
-                d_cur = project_onto_hyperplane_in_box(w, -f, lo - x, hi - x, self.norm)
-                d_orig = project_onto_hyperplane_in_box(w, -f - (w * (x0 - x)).sum(1), lo - x0, hi - x0, self.norm)
-                n_cur = packed.group_norms(d_cur, self.norm)[:, 0]
-                n_orig = packed.group_norms(d_orig, self.norm)[:, 0]
-                # bias towards the clean input when it is (relatively) close to the boundary
-                a = (n_cur / (n_cur + n_orig + 1e-12)).clamp(0, self.alpha_max)[:, None]
-                x = packed.clamp((x + self.eta * d_cur) * (1 - a) + (x0 + self.eta * d_orig) * a)
-                logits = self.forward(packed, x)
-                adv = logits.argmax(1) != labels
-                dist = packed.group_norms(x - x0, self.norm)[:, 0]
-                better = adv & (dist < best_norm)
-                x_best[better], best_norm[better] = x[better], dist[better]
-                # after a success, step back towards x0 to look for a closer adversarial example
-                x = torch.where(adv[:, None], x0 + (x - x0) * self.beta, x)
-        within = best_norm <= packed.eps[0] * (1 + 1e-6)
-        return torch.where(within[:, None], x_best, x0)
-
-
-@ATTACKS.register("fab")
-class FAB(FABT):
-    """Untargeted FAB (AutoAttack "plus", 5 restarts there): each step heads for the closest
-    linearised boundary; restarts after the first start at a random point (see :meth:`FABT._fab`)."""
-
-    name = "fab"
-
-    def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            best = BestTracker(packed.x0, self.forward(packed, packed.x0), labels)
-        for restart in range(self.restarts):  # the reference ("plus") runs 5, all but the first randomly started
-            idx = (~best.broken).nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            sub = packed.take(idx)
-            found = self._fab(sub, labels[idx], None, random_start=restart > 0)
-            with torch.no_grad():
-                best.update(found, self.forward(sub, found), idx)
-        return best.x, best.logits
-
-
-@ATTACKS.register("square")
-class Square(_AutoAttack):
-    """Square attack (Andriushchenko et al. 2020): score-based random search on the margin loss.
-
-    No gradients: each query changes the perturbation inside one window (a square on image-like
-    modalities, a segment on the others) of one modality, drawn with probability proportional to
-    its size, at the same place for every sample still correctly classified, and keeps the
-    proposal where the margin ``z_y - max_{k != y} z_k`` drops. The window covers a share ``p`` of
-    the modality, halved on the reference schedule (rescaled to ``steps`` = queries).
-
-    * l-inf: start from vertical stripes ``x0 +- eps``; a proposal sets the window to
-      ``x0 + eps * sign`` (one random sign per channel), redrawn if it would not change anything.
-    * l2: start from a grid of ``+-eta`` blocks scaled to norm eps; a proposal moves the mass of a
-      second window and of the first into the first (mass-preserving), with a fresh ``+-eta``
-      pattern (two centred halves of opposite sign, weights ``1/(k+1)^2`` on the k-th ring), and
-      renormalises the whole perturbation to norm eps.
-    """
-
-    name = "square"
-    default_norm = "linf"
-    fixed_loss = "cw"
-    p_init = 0.8
-
-    def __init__(self, model: nn.Module, eps: float, *, steps: int = 5000, **kwargs: Any) -> None:
-        super().__init__(model, eps, steps=steps, **kwargs)
-
-    def _p(self, it: int) -> float:
-        """The reference's piecewise-constant schedule of the window share, on a 10000-query scale."""
-        i = int(it / self.steps * 10000)
-        for j, edge in enumerate((10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)):
-            if i <= edge:
-                return self.p_init / 2**j
-        return self.p_init / 2**9
-
-    def _rand_sign(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        return (torch.randint(0, 2, shape, generator=self.generator) * 2 - 1).to(like)
-
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(0, high, (1,), generator=self.generator))
-
-    def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            best = BestTracker(packed.x0, self.forward(packed, packed.x0), labels)
-            x = self._init(packed)
-            logits = self.forward(packed, x)
-            best.update(x, logits)
-            cur = -margin(logits, labels)  # z_y - max_{k != y} z_k, minimised: <= 0 means broken
-            sizes = torch.tensor([stop - start for _, start, stop, _ in packed.slices], dtype=torch.float)
-            for it in range(self.steps - 1):
-                active = (cur > 0).nonzero().squeeze(1)
-                if len(active) == 0:
-                    break
-                mi = int(torch.multinomial(sizes, 1, generator=self.generator))
-                sub = packed.take(active)
-                propose = self._propose_linf if self.norm == "linf" else self._propose_l2
-                new = propose(sub, x[active], mi, self._p(it))
-                logits = self.forward(sub, new)
-                m_new = -margin(logits, labels[active])
-                better = m_new < cur[active]
-                rows = active[better]
-                x[rows], cur[rows] = new[better], m_new[better]
-                best.update(new, logits, active)
-        return best.x, best.logits
-
-    def _init(self, packed: Packed) -> torch.Tensor:
-        x0, eps = packed.x0, float(packed.eps[0])
-        n = x0.shape[0]
-        parts = []
-        for *_, shape in packed.slices:
-            c, h, w = _view(shape)
-            if self.norm == "linf":  # vertical stripes: one sign per (channel, column)
-                parts.append(self._rand_sign((n, c, 1, w), x0).expand(n, c, h, w).reshape(n, -1))
+        for name, restarts in options.components():
+            try:
+                check_applicable(name, num_classes, options.targets)
+            except ConfigError as exc:
+                result.skipped.append(f"{name} skipped: {exc}")
                 continue
-            delta = torch.zeros(n, c, h, w, dtype=x0.dtype, device=x0.device)
-            sh, sw = (1, max(w // 5, 1)) if h == 1 else (max(h // 5, 1), max(h // 5, 1))
-            top0, left0 = (h - sh * (h // sh)) // 2, (w - sw * (w // sw)) // 2
-            for top in range(top0, h - sh + 1, sh):
-                for left in range(left0, w - sw + 1, sw):
-                    pattern = _eta(sh, sw, self._randint(2) == 1).to(x0)
-                    delta[:, :, top : top + sh, left : left + sw] = pattern * self._rand_sign((n, c, 1, 1), x0)
-            parts.append(delta.reshape(n, -1))
-        if self.norm == "linf":
-            return packed.clamp(x0 + eps * torch.cat(parts, 1))
-        delta = torch.cat(parts, 1)
-        return packed.clamp(x0 + eps * delta / (delta.norm(dim=1, keepdim=True) + TINY))
-
-    def _window_size(self, view: tuple[int, int, int], p: float) -> tuple[int, int]:
-        """Side(s) of a window covering a share ``p`` (at least 1 for l-inf, 3 and odd for l2)."""
-        _, h, w = view
-        least = 1 if self.norm == "linf" else 3
-        if h == 1:
-            s = max(round(p * w), least)
-            s = s + 1 if self.norm == "l2" and s % 2 == 0 else s
-            return 1, max(1, min(s, w - 1 if w > 1 else 1))
-        s = max(round(math.sqrt(p * h * w)), least)
-        s = s + 1 if self.norm == "l2" and s % 2 == 0 else s
-        s = max(1, min(s, min(h, w) - 1 if min(h, w) > 1 else 1))
-        return s, s
-
-    def _propose_linf(self, sub: Packed, x: torch.Tensor, mi: int, p: float) -> torch.Tensor:
-        _, start, stop, shape = sub.slices[mi]
-        c, h, w = view = _view(shape)
-        sh, sw = self._window_size(view, p)
-        top, left = self._randint(h - sh + 1), self._randint(w - sw + 1)
-        n, eps = x.shape[0], float(sub.eps[0])
-        win = (slice(None), slice(None), slice(top, top + sh), slice(left, left + sw))
-        cur = x[:, start:stop].reshape(n, c, h, w)
-        base = sub.x0[:, start:stop].reshape(n, c, h, w)[win]
-        signs = self._rand_sign((n, c, 1, 1), x)
-        new_m = cur.clone()
-        new_m[win] = base + eps * signs
-        new = x.clone()
-        new[:, start:stop] = new_m.reshape(n, -1)
-        new = sub.clamp(new)
-        # a proposal identical to the current point wastes a query: flip its signs (as redrawing would)
-        same = (new[:, start:stop] == x[:, start:stop]).all(1)
-        if bool(same.any()):
-            new_m[win] = torch.where(same[:, None, None, None], base - eps * signs, new_m[win])
-            new[:, start:stop] = new_m.reshape(n, -1)
-            new = sub.clamp(new)
-        return new
-
-    def _propose_l2(self, sub: Packed, x: torch.Tensor, mi: int, p: float) -> torch.Tensor:
-        _, start, stop, shape = sub.slices[mi]
-        c, h, w = view = _view(shape)
-        sh, sw = self._window_size(view, p)
-        n, eps = x.shape[0], float(sub.eps[0])
-        t1, l1 = self._randint(h - sh + 1), self._randint(w - sw + 1)
-        t2, l2 = self._randint(h - sh + 1), self._randint(w - sw + 1)
-        win1 = (slice(None), slice(None), slice(t1, t1 + sh), slice(l1, l1 + sw))
-        win2 = (slice(None), slice(None), slice(t2, t2 + sh), slice(l2, l2 + sw))
-        delta = x - sub.x0
-        dm = delta[:, start:stop].reshape(n, c, h, w)
-        both = torch.zeros(1, 1, h, w, dtype=torch.bool, device=x.device)
-        both[win1] = True
-        both[win2] = True
-        mass_windows = dm.masked_fill(~both, 0).flatten(1).norm(dim=1)  # (n,) mass of both windows
-        total = delta.norm(dim=1)  # (n,) the joint norm (< eps where clamping ate some of it)
-        old = dm[win1]
-        fresh = _eta(sh, sw, self._randint(2) == 1).to(x) * self._rand_sign((n, c, 1, 1), x)
-        new_win = fresh + old / (old.flatten(2).norm(dim=2)[..., None, None] + TINY)
-        # per channel: the window's share of the freed mass plus whatever the budget has left
-        scale = ((eps**2 - total**2).clamp_min(0) / c + mass_windows**2).sqrt()
-        new_win = new_win / (new_win.flatten(2).norm(dim=2)[..., None, None] + TINY) * scale[:, None, None, None]
-        dm_new = dm.clone()
-        dm_new[win2] = 0.0
-        dm_new[win1] = new_win
-        new_delta = delta.clone()
-        new_delta[:, start:stop] = dm_new.reshape(n, -1)
-        return sub.clamp(sub.x0 + eps * new_delta / (new_delta.norm(dim=1, keepdim=True) + TINY))
+            idx = robust.nonzero().squeeze(1)
+            t0 = time.perf_counter()
+            broken_rows: list[torch.Tensor] = []
+            kw = component_settings(
+                name, steps=options.steps, queries=options.queries, restarts=restarts, targets=options.targets
+            )
+            attack = build_attack(name, target_model, None, eps=attack_eps, norm=options.norm, modalities=mods,
+                                  valid_range=u_ranges, seed=options.seed, num_classes=num_classes, **kw)  # fmt: skip
+            for chunk in idx.split(options.batch_size) if len(idx) else ():
+                sub = {k: v[chunk] / scale[k] if k in scale else v[chunk] for k, v in inputs.items()}
+                adv_u, logits = attack.perturb(sub, labels[chunk])
+                hit = logits.argmax(1) != labels[chunk]
+                rows = chunk[hit]
+                for m in mods:
+                    back = adv_u[m][hit] * scale[m] if scale else adv_u[m][hit]
+                    # the rescaling round trip may move a coordinate by an ulp: keep the box exact
+                    lo, hi = inputs[m][rows] - eps[m], inputs[m][rows] + eps[m]
+                    result.adversarial[m][rows] = back.clamp(lo, hi) if options.norm == "linf" and scale else back
+                robust[rows] = False
+                broken_rows.append(rows)
+            broken_index = torch.cat(broken_rows) if broken_rows else torch.zeros(0, dtype=torch.long)
+            if name == "square":
+                square_broke_alone = len(broken_index)
+            result.stages.append(StageLog(name, restarts, len(idx), len(broken_index), float(robust.float().mean()),
+                                          time.perf_counter() - t0, broken_index))  # fmt: skip
+        if scale:
+            # what we report is what the model does on the mapped-back inputs
+            with eval_mode(model), torch.no_grad():
+                robust &= model(result.adversarial).argmax(1) == labels
+        result.robust = robust
+        result.robust_accuracy = float(robust.float().mean()) if n else 0.0
+        if square_broke_alone > 0 and any(s.attack != "square" for s in result.stages):
+            result.warnings.append(f"Square (no gradients) broke {square_broke_alone} sample(s) every gradient attack "
+                                   "before it missed: possible gradient masking")  # fmt: skip
+        self.result = result
+        return result
 
 
-def _eta(sh: int, sw: int, transpose: bool) -> torch.Tensor:
-    """Square's l2 proposal pattern on a ``(sh, sw)`` window, unit norm: the window's two halves
-    (along its longer side, or along rows for a square drawn with ``transpose``) carry centred
-    nested rectangles of opposite signs, the k-th ring weighted ``sum_{j >= k} 1/(j+1)^2``."""
-    along_cols = sw > sh or (sh == sw and transpose)
-    length = sw if along_cols else sh
-    if length < 2:
-        out = torch.ones(sh, sw)
-        return out / out.norm()
-    half = length // 2
-
-    def rings(a: int, b: int) -> torch.Tensor:
-        ca, cb = a // 2, b // 2
-        ring = torch.maximum((torch.arange(a)[:, None] - ca).abs(), (torch.arange(b)[None, :] - cb).abs())
-        weights = 1.0 / (torch.arange(max(ca, cb) + 1, dtype=torch.float) + 1) ** 2
-        tail = weights.flip(0).cumsum(0).flip(0)  # tail[k] = sum_{j >= k} weights[j]
-        block = tail[ring]
-        return block / block.norm()
-
-    if along_cols:
-        out = torch.cat([rings(sh, half), -rings(sh, sw - half)], dim=1)
-    else:
-        out = torch.cat([rings(half, sw), -rings(sh - half, sw)], dim=0)
-    return out / out.norm()
+def run_autoattack(
+    model: nn.Module,
+    inputs: Batch,
+    labels: torch.Tensor,
+    options: AutoAttackOptions,
+    *,
+    meta: DatasetMeta | None = None,
+    valid_range: Mapping[str, tuple[float, float] | None] | None = None,
+) -> AutoAttackResult:
+    """Run the AutoAttack protocol of ``options`` on ``(inputs, labels)``: :meth:`AutoAttack.detailed`."""
+    return AutoAttack.from_options(model, options, meta=meta, valid_range=valid_range).detailed(inputs, labels)
 
 
-def _view(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """A ``(C, H, W)`` view of a modality sample: squares on images, segments on the rest."""
-    if len(shape) == 3:
-        return shape[0], shape[1], shape[2]
-    if len(shape) == 4:
-        return shape[0] * shape[1], shape[2], shape[3]
-    if len(shape) == 2:
-        return shape[0], 1, shape[1]
-    return 1, 1, int(math.prod(shape))
+# compatibility: mmrobust.certify.tightness imports APGDCE from here (it lives in mmrobust.attacks.apgd)
+from mmrobust.attacks.apgd import APGDCE  # noqa: E402, F401

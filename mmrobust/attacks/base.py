@@ -31,7 +31,10 @@ BUDGETS = ("joint", "per-modality")
 #: added to norms before dividing by them (zero gradients then give zero steps, not NaN)
 TINY = 1e-12
 
-ATTACKS: Registry[type[Attack]] = Registry("attack")
+ATTACKS: Registry[type[Attack]] = Registry(
+    "attack",
+    modules=[f"mmrobust.attacks.{m}" for m in ("gradient", "apgd", "fab", "square", "autoattack")],
+)
 
 
 @dataclass

@@ -18,7 +18,6 @@ class FGM(Attack):
     """Fast gradient method: one step of size eps along the (jointly or per-modality) normalised
     gradient of the loss; the l-inf version (``fgsm``) steps along its sign."""
 
-    name = "fgm"
     rescore = False
 
     def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +34,6 @@ class FGM(Attack):
 class FGSM(FGM):
     """FGM under an l-inf budget (the sign of the gradient)."""
 
-    name = "fgsm"
     default_norm = "linf"
 
 
@@ -111,7 +109,6 @@ def _offer(best: BestTracker | None, x: torch.Tensor, logits: torch.Tensor, labe
 class PGDL2(PGD):
     """l2 PGD (the CRMT paper's attack)."""
 
-    name = "pgd-l2"
     default_norm = "l2"
 
 
@@ -119,5 +116,4 @@ class PGDL2(PGD):
 class PGDLinf(PGD):
     """l-inf PGD."""
 
-    name = "pgd-linf"
     default_norm = "linf"

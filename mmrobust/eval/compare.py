@@ -139,13 +139,13 @@ def stat(values: Sequence[float | None]) -> Stat | None:
 def comparison_tables(
     dataset: str,
     evals: Mapping[str, Sequence[EvalResult]],
-    paper_protocol: Mapping[str, Sequence[EvalResult]] | None = None,
+    paper_attack: Mapping[str, Sequence[EvalResult]] | None = None,
     notes: Sequence[str] = (),
 ) -> list[ComparisonTable]:
     """The ``multimodal`` and ``unimodal`` tables (a table without columns is left out).
 
     ``evals`` maps a method to its evaluations, one per seed (all from the same suite and settings);
-    ``paper_protocol`` the same for the paper's CE-only protocol (its PGD rows become columns).
+    ``paper_attack`` the same under the paper's CE-only attack settings (its PGD rows become columns).
     """
     every = [r for rs in evals.values() for r in rs]
     if not every:
@@ -163,7 +163,7 @@ def comparison_tables(
     for r in every:
         for s in r.settings():
             (joint if is_joint(s) else single).setdefault(s.row.key, s)
-    for r in (r for rs in (paper_protocol or {}).values() for r in rs):
+    for r in (r for rs in (paper_attack or {}).values() for r in rs):
         for s in r.settings():
             if s.row.attack.startswith("pgd"):  # the protocol's FGM equals the strong suite's CE column
                 (paper_joint if is_joint(s) else paper_single).setdefault(s.row.key, s)
@@ -178,7 +178,7 @@ def comparison_tables(
         if len(cols) <= (1 if with_clean else 0):
             continue
         rows = {
-            method: [_cell((paper_protocol or {}).get(method, ()) if c.kind == "paper" else evals[method], c)
+            method: [_cell((paper_attack or {}).get(method, ()) if c.kind == "paper" else evals[method], c)
                      for c in cols]
             for method in evals
         }  # fmt: skip

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mmrobust.data.base import Batch, Split, iterate_batches
+from mmrobust.torchutil import eval_mode, to_device
 
 
 @torch.no_grad()
@@ -19,17 +20,13 @@ def predict(
     transform: Callable[[Batch, torch.Tensor], Batch] | None = None,
 ) -> torch.Tensor:
     """Predicted labels for a split in eval mode; ``transform`` may alter each batch first."""
-    was_training = model.training
-    model.eval()
     preds = []
-    try:
+    with eval_mode(model):
         for inputs, labels in iterate_batches(split, batch_size):
-            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs = to_device(inputs, device)
             if transform is not None:
                 inputs = transform(inputs, labels.to(device))
             preds.append(model(inputs).argmax(1).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(preds)
 
 

@@ -4,6 +4,10 @@ A suite returns an :class:`EvalResult`: one :class:`EvalRow` per (threat setting
 per-setting worst case (:class:`WorstCase`), the gradient-masking report and the warnings.
 :meth:`EvalResult.to_json` writes the ``eval.json`` document (the keys are stable: older files stay
 readable) and :meth:`EvalResult.from_json` reads one back.
+
+``eval.json`` schema version 2 (:data:`SCHEMA_VERSION`) adds the top-level ``schema_version`` and
+names the suite's settings ``parameters``; the same block is still written under its old key
+``protocol`` as well, and files without ``schema_version`` (version 1: ``protocol`` only) are read.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmrobust.errors import RunError
+
+#: version of the ``eval.json`` document written by :meth:`EvalResult.to_json`
+SCHEMA_VERSION = 2
 #: what identifies a threat setting (everything but the loss and the numbers)
 KEY_FIELDS = ("attack", "norm", "modalities", "budget", "eps", "steps", "fill")
 _CORE = ("attack", "loss", "norm", "modalities", "budget", "eps", "steps")
@@ -226,8 +234,9 @@ class Setting:
 class EvalResult:
     """What an evaluation suite computed on one split.
 
-    ``protocol`` records the settings the suite ran with (eps grid, steps, losses, seed, samples);
-    ``plots`` names PNG files a presenter wrote beside the result (empty from the core).
+    ``parameters`` records the settings the suite ran with (eps grid, steps, losses, seed, samples;
+    ``protocol`` in ``eval.json`` files of schema version 1); ``plots`` names PNG files a presenter
+    wrote beside the result (empty from the core).
     """
 
     suite: str
@@ -237,7 +246,7 @@ class EvalResult:
     rows: list[EvalRow]
     masking: MaskingReport
     warnings: list[str]
-    protocol: dict[str, Any]
+    parameters: dict[str, Any]
     curves: Curves | None = None
     plots: list[str] = field(default_factory=list)
 
@@ -246,8 +255,13 @@ class EvalResult:
         return WorstCase.of(self.rows)
 
     @property
+    def protocol(self) -> dict[str, Any]:
+        """Old name of :attr:`parameters` (read-only; kept for callers written before schema version 2)."""
+        return self.parameters
+
+    @property
     def samples(self) -> int:
-        return int(self.protocol.get("samples", 0))
+        return int(self.parameters.get("samples", 0))
 
     def settings(self) -> list[Setting]:
         """The rows grouped by threat setting, in the order of the rows (a row without a loss, such as
@@ -262,6 +276,7 @@ class EvalResult:
     def to_json(self) -> dict[str, Any]:
         """The ``eval.json`` document."""
         d: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
             "suite": self.suite,
             "split": self.split,
             "clean_accuracy": self.clean_accuracy,
@@ -270,7 +285,8 @@ class EvalResult:
             "worst_case": self.worst_case.to_json(),
             "warnings": list(self.warnings),
             "gradient_masking": self.masking.to_json(),
-            "protocol": dict(self.protocol),
+            "parameters": dict(self.parameters),
+            "protocol": dict(self.parameters),  # the old key, for readers of schema version 1
         }
         if self.curves is not None:
             d["curves"] = self.curves.to_json()
@@ -280,11 +296,18 @@ class EvalResult:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> EvalResult:
-        """Read an ``eval.json`` document back (the derived ``worst_case`` block is recomputed)."""
+        """Read an ``eval.json`` document back (the derived ``worst_case`` block is recomputed); files of
+        schema version 1 (no ``schema_version``, the settings under ``protocol``) are read as well."""
+        version = d.get("schema_version", 1)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise RunError(
+                f"eval.json: schema_version {version!r} is newer than this mmrobust reads ({SCHEMA_VERSION})"
+            )
         c = d.get("curves")
+        parameters = d.get("parameters", d.get("protocol", {}))
         return cls(
             suite=d["suite"], split=d["split"], clean_accuracy=d["clean_accuracy"],
             clean_macro_f1=d.get("clean_macro_f1", float("nan")), rows=[EvalRow.from_json(r) for r in d["results"]],
             masking=MaskingReport.from_json(d["gradient_masking"]), warnings=list(d.get("warnings", [])),
-            protocol=dict(d.get("protocol", {})), curves=Curves(**c) if c else None, plots=list(d.get("plots", [])),
+            parameters=dict(parameters), curves=Curves(**c) if c else None, plots=list(d.get("plots", [])),
         )  # fmt: skip

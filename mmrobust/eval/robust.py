@@ -14,7 +14,7 @@ from mmrobust.attacks.missing import MissingModality
 from mmrobust.data.base import Split, iterate_batches
 from mmrobust.eval.metrics import accuracy, macro_f1, predict
 from mmrobust.eval.results import EvalRow, MaskingGap, MaskingReport, Underflow
-from mmrobust.torchutil import eval_mode
+from mmrobust.torchutil import eval_mode, to_device
 
 #: a CE-vs-CW accuracy gap above this on the same setting flags gradient masking
 GAP_THRESHOLD = 0.05
@@ -28,7 +28,7 @@ def attack_predictions(
     """Predicted labels on the adversarial version of every sample of ``split``."""
     preds = []
     for inputs, labels in iterate_batches(split, batch_size):
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs = to_device(inputs, device)
         _, logits = attack.perturb(inputs, labels.to(device))
         preds.append(logits.argmax(1).cpu())
     return torch.cat(preds)
@@ -67,7 +67,7 @@ def ce_gradient_underflow(
     top = []
     with eval_mode(model):
         for inputs, labels in iterate_batches(split, batch_size):
-            inputs = {k: v.to(device).detach().requires_grad_(True) for k, v in inputs.items()}
+            inputs = {k: v.detach().requires_grad_(True) for k, v in to_device(inputs, device).items()}
             labels = labels.to(device)
             with torch.enable_grad():
                 logits = model(inputs)

@@ -1,5 +1,7 @@
-"""The evaluation suites, by name in ``SUITES``: ``basic`` (clean + each modality missing), ``paper`` (the CRMT protocol), ``curves`` (accuracy vs eps per modality)
-and ``autoattack`` (APGD-CE, APGD-T, FAB-T, Square).
+"""The evaluation suites, by name in ``SUITES``: ``basic`` (clean + each modality missing), ``paper``
+(the CRMT paper's attacks), ``curves`` (accuracy vs eps per modality) and ``autoattack`` (APGD-CE,
+APGD-T, FAB-T, Square). A suite is ``suite(model, meta, split, **options) -> EvalResult``: a model,
+its dataset's metadata and the samples; no run folder.
 
 Every gradient attack runs once per loss (``ce`` and ``cw`` by default) and a third row with
 ``"loss": "worst"`` holds the per-sample worst case over them (a sample is broken if either loss
@@ -15,13 +17,14 @@ from fractions import Fraction
 from typing import Any
 
 import torch
+from torch import nn
 
-from mmrobust.attacks.autoattack import check_applicable
+from mmrobust.attacks.autoattack import STANDARD_COMPONENTS, AutoAttack, AutoAttackOptions, component_settings
 from mmrobust.attacks.base import build_attack
+from mmrobust.attacks.component import check_applicable
 from mmrobust.attacks.losses import LOSSES
 from mmrobust.attacks.missing import FILLS
-from mmrobust.attacks.protocol import AutoAttackOptions, run_autoattack
-from mmrobust.data.base import Split, chunk_rows, iterate_batches
+from mmrobust.data.base import DatasetMeta, Split, chunk_rows, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, macro_f1, predict
 from mmrobust.eval.results import Curves, EvalResult, EvalRow
@@ -35,19 +38,25 @@ from mmrobust.eval.robust import (
 )
 from mmrobust.progress import ProgressFn
 from mmrobust.registry import Registry
-from mmrobust.runs import Run
 
-#: name -> ``suite(run, split, **options) -> EvalResult``; suites compute only (no output of any kind)
+#: name -> ``suite(model, meta, split, **options) -> EvalResult``; suites compute only (no output of any kind)
 SUITES: Registry[Callable[..., EvalResult]] = Registry("evaluation suite")
 
 PAPER_EPS, PAPER_UNIMODAL_EPS = (0.5,), (1.0,)
 CURVE_EPS = {"l2": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "linf": (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)}
 AUTOATTACK_EPS = {"linf": (2 / 255, 4 / 255, 8 / 255), "l2": (0.5,)}
-AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+#: the default components of the autoattack suite (the standard version's, from the one list)
+AUTOATTACK_ATTACKS = STANDARD_COMPONENTS
 
 
-def parse_eps(value: str | float | Sequence[float] | None, what: str = "--eps") -> list[float] | None:
-    """``"2/255,4/255,0.5"`` -> ``[0.00784..., 0.01568..., 0.5]``; None stays None."""
+def parse_eps(
+    value: str | float | Sequence[float] | None, what: str = "eps", param: str | None = None
+) -> list[float] | None:
+    """``"2/255,4/255,0.5"`` -> ``[0.00784..., 0.01568..., 0.5]``; None stays None.
+
+    ``what`` names the value in messages (the parameter, e.g. ``unimodal_eps``), ``param`` the
+    parameter the error is about (default: ``what``)."""
+    param = param or what
     if value is None:
         return None
     items: Sequence[Any] = (
@@ -61,27 +70,29 @@ def parse_eps(value: str | float | Sequence[float] | None, what: str = "--eps") 
         try:
             v = float(Fraction(text)) if "/" in text else float(text)
         except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"{what}: '{text}' is not a number or a fraction like 8/255") from None
+            raise ConfigError(f"{what}: '{text}' is not a number or a fraction like 8/255", param=param) from None
         if not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{what}: eps must be finite and >= 0, got {text}")
+            raise ConfigError(f"{what}: eps must be finite and >= 0, got {text}", param=param)
         out.append(v)
     if not out:
-        raise ConfigError(f"{what}: no eps value given")
+        raise ConfigError(f"{what}: no eps value given", param=param)
     return out
 
 
 def parse_modalities(value: str | Sequence[str] | None, known: Sequence[str]) -> list[str] | None:
-    """``"audio,image"`` -> ``["audio", "image"]`` (checked against the run's modalities); None stays None."""
+    """``"audio,image"`` -> ``["audio", "image"]`` (checked against the model's modalities); None stays None."""
     if value is None:
         return None
     names = [s.strip() for s in (value.split(",") if isinstance(value, str) else value) if s.strip()]
     if not names:
-        raise ConfigError("--modalities: no modality given")
+        raise ConfigError("modalities: no modality given", param="modalities")
     for m in names:
         if m not in known:
-            raise ConfigError(f"--modalities: unknown modality '{m}'; the run has: {', '.join(known)}")
+            raise ConfigError(
+                f"modalities: unknown modality '{m}'; the model has: {', '.join(known)}", param="modalities"
+            )
     if len(set(names)) != len(names):
-        raise ConfigError(f"--modalities: modality listed twice in {','.join(names)}")
+        raise ConfigError(f"modalities: modality listed twice in {','.join(names)}", param="modalities")
     return names
 
 
@@ -93,19 +104,21 @@ def parse_modality_eps(value: Any, known: Sequence[str]) -> dict[str, float] | N
     elif isinstance(value, str) and "=" in value:
         parts = [t.strip() for t in value.split(",") if t.strip()]
         if any("=" not in t for t in parts):
-            raise ConfigError(f"--eps: '{value}' mixes name=eps and bare values; give every modality as name=eps")
+            raise ConfigError(
+                f"eps: '{value}' mixes name=eps and bare values; give every modality as name=eps", param="eps"
+            )
         items = [(t.partition("=")[0].strip(), t.partition("=")[2].strip()) for t in parts]
     else:
         return None
     out: dict[str, float] = {}
     for name, text in items:
         if name not in known:
-            raise ConfigError(f"--eps: unknown modality '{name}'; the run has: {', '.join(known)}")
+            raise ConfigError(f"eps: unknown modality '{name}'; the model has: {', '.join(known)}", param="eps")
         if name in out:
-            raise ConfigError(f"--eps: modality '{name}' given twice")
-        values = parse_eps(text, f"--eps {name}")
+            raise ConfigError(f"eps: modality '{name}' given twice", param="eps")
+        values = parse_eps(text, f"eps {name}", param="eps")
         if values is None or len(values) != 1:
-            raise ConfigError(f"--eps: '{name}' takes one eps, got '{text}'")
+            raise ConfigError(f"eps: '{name}' takes one eps, got '{text}'", param="eps")
         out[name] = values[0]
     return out
 
@@ -114,20 +127,19 @@ def _check_losses(losses: Sequence[str] | str) -> list[str]:
     names = [s.strip() for s in losses.split(",")] if isinstance(losses, str) else list(losses)
     for n in names:
         if n not in LOSSES:
-            raise ConfigError(f"unknown attack loss '{n}'; choose from: {', '.join(LOSSES)}")
+            raise ConfigError(f"unknown attack loss '{n}'; choose from: {', '.join(LOSSES)}", param="losses")
     if not names:
-        raise ConfigError("--losses: give at least one of: " + ", ".join(LOSSES))
+        raise ConfigError("losses: give at least one of: " + ", ".join(LOSSES), param="losses")
     return names
 
 
 class _Evaluator:
     """Runs settings on one split and turns predictions into rows (with the worst over losses)."""
 
-    def __init__(self, run: Run, split: Split, batch_size: int, seed: int) -> None:
-        self.run, self.split, self.batch_size, self.seed = run, split, batch_size, seed
-        self.model, self.meta = run.model, run.meta
+    def __init__(self, model: nn.Module, meta: DatasetMeta, split: Split, batch_size: int, seed: int) -> None:
+        self.model, self.meta, self.split, self.batch_size, self.seed = model, meta, split, batch_size, seed
         self.labels = split.labels
-        self.k = run.meta.num_classes
+        self.k = meta.num_classes
         self.clean_preds = predict(self.model, split, batch_size)
 
     def attack(self, name: str, losses: Sequence[str], **kw: Any) -> list[EvalRow]:
@@ -155,14 +167,14 @@ class _Evaluator:
         return result_row(setting, p, self.labels, self.k)
 
     def finish(
-        self, suite: str, rows: list[EvalRow], protocol: dict[str, Any], check_masking: bool = True
+        self, suite: str, rows: list[EvalRow], parameters: dict[str, Any], check_masking: bool = True
     ) -> EvalResult:
         underflow = ce_gradient_underflow(self.model, self.split, self.batch_size) if check_masking else None
         masking, warnings = masking_report(rows, underflow)
         return EvalResult(
             suite=suite, split="", clean_accuracy=accuracy(self.clean_preds, self.labels),
             clean_macro_f1=macro_f1(self.clean_preds, self.labels, self.k), rows=rows, masking=masking,
-            warnings=warnings, protocol={**protocol, "samples": len(self.split)},
+            warnings=warnings, parameters={**parameters, "samples": len(self.split)},
         )  # fmt: skip
 
 
@@ -184,16 +196,19 @@ def _eps_positive(eps: dict[str, float]) -> bool:
 
 
 @SUITES.register("basic")
-def basic_suite(run: Run, split: Split, *, fill: str = "zero", batch_size: int = 256, **_: Any) -> EvalResult:
+def basic_suite(
+    model: nn.Module, meta: DatasetMeta, split: Split, *, fill: str = "zero", batch_size: int = 256, **_: Any
+) -> EvalResult:
     """Clean accuracy and accuracy with each modality missing."""
-    ev = _Evaluator(run, split, batch_size, seed=0)
-    results = [ev.missing([m], fill) for m in run.meta.modality_names]
+    ev = _Evaluator(model, meta, split, batch_size, seed=0)
+    results = [ev.missing([m], fill) for m in meta.modality_names]
     return ev.finish("basic", results, {"fill": fill}, check_masking=False)
 
 
 @SUITES.register("paper")
 def paper_suite(
-    run: Run,
+    model: nn.Module,
+    meta: DatasetMeta,
     split: Split,
     *,
     eps: str | Sequence[float] | None = None,
@@ -209,15 +224,15 @@ def paper_suite(
     progress: ProgressFn | None = None,
     **_: Any,
 ) -> EvalResult:
-    """The CRMT protocol: clean; FGM and l2-PGD on all modalities jointly (eps 0.5) and on each
+    """The CRMT paper's attacks: clean; FGM and l2-PGD on all modalities jointly (eps 0.5) and on each
     modality alone (eps 1.0); each modality missing. Every attack with each loss + the worst case."""
-    joint = parse_eps(eps, "--eps") or list(PAPER_EPS)
-    uni = parse_eps(unimodal_eps, "--unimodal-eps") or list(PAPER_UNIMODAL_EPS)
+    joint = parse_eps(eps, "eps") or list(PAPER_EPS)
+    uni = parse_eps(unimodal_eps, "unimodal_eps") or list(PAPER_UNIMODAL_EPS)
     loss_names = _check_losses(losses)
     if fill not in FILLS:
-        raise ConfigError(f"unknown fill '{fill}'; choose from: {', '.join(FILLS)}")
-    ev = _Evaluator(run, split, batch_size, seed)
-    mods = run.meta.modality_names
+        raise ConfigError(f"unknown fill '{fill}'; choose from: {', '.join(FILLS)}", param="fill")
+    ev = _Evaluator(model, meta, split, batch_size, seed)
+    mods = meta.modality_names
     pgd = {"steps": steps, "rel_step_size": step_size, "restarts": restarts, "random_start": random_start}
     jobs: list[tuple[str, dict[str, Any]]] = []
     for e in joint:
@@ -233,14 +248,15 @@ def paper_suite(
     for m in mods:
         results.append(ev.missing([m], fill))
         ticker.tick()
-    protocol = {"eps": joint, "unimodal_eps": uni, "steps": steps, "rel_step_size": step_size or 2.5 / steps,
+    parameters = {"eps": joint, "unimodal_eps": uni, "steps": steps, "rel_step_size": step_size or 2.5 / steps,
                 "restarts": restarts, "random_start": random_start, "losses": loss_names, "fill": fill, "seed": seed}  # fmt: skip
-    return ev.finish("paper", results, protocol)
+    return ev.finish("paper", results, parameters)
 
 
 @SUITES.register("curves")
 def curves_suite(
-    run: Run,
+    model: nn.Module,
+    meta: DatasetMeta,
     split: Split,
     *,
     eps: str | Sequence[float] | None = None,
@@ -258,11 +274,11 @@ def curves_suite(
     """Accuracy vs eps (PGD, each loss and the worst case) for each modality alone and all jointly
     (paper Fig. 1/4); the result's ``curves`` holds the series."""
     if norm not in CURVE_EPS:
-        raise ConfigError(f"unknown norm '{norm}'; choose from: {', '.join(CURVE_EPS)}")
-    grid = sorted(set(parse_eps(eps, "--eps") or list(CURVE_EPS[norm])))
+        raise ConfigError(f"unknown norm '{norm}'; choose from: {', '.join(CURVE_EPS)}", param="norm")
+    grid = sorted(set(parse_eps(eps, "eps") or list(CURVE_EPS[norm])))
     loss_names = _check_losses(losses)
-    ev = _Evaluator(run, split, batch_size, seed)
-    mods = run.meta.modality_names
+    ev = _Evaluator(model, meta, split, batch_size, seed)
+    mods = meta.modality_names
     targets = [[m] for m in mods] + [list(mods)]
     attack = "pgd-l2" if norm == "l2" else "pgd-linf"
     pgd = {"steps": steps, "rel_step_size": step_size, "restarts": restarts, "random_start": random_start}
@@ -291,7 +307,8 @@ def curves_suite(
 
 @SUITES.register("autoattack")
 def autoattack_suite(
-    run: Run,
+    model: nn.Module,
+    meta: DatasetMeta,
     split: Split,
     *,
     eps: str | Sequence[float] | Mapping[str, float] | None = None,
@@ -311,42 +328,46 @@ def autoattack_suite(
     """APGD-CE, APGD-T (targeted DLR), FAB-T and Square on all modalities jointly, each alone and
     their per-sample worst case (``"attack": "autoattack"``). Components that do not apply to the
     model (DLR with < 3 classes, too few classes for the targets) are skipped with a warning.
-    With ``version`` (standard / plus / custom) the reference protocol runs instead (see
-    :mod:`mmrobust.attacks.protocol`): components in order, each on the points still robust, one
-    row per component with the cumulative robust accuracy and a final ``autoattack`` row.
+    With ``version`` (standard / plus / custom) the AutoAttack cascade runs instead (the attack
+    :class:`~mmrobust.attacks.autoattack.AutoAttack`): components in order, each on the points
+    still robust, one row per component with the cumulative robust accuracy and a final
+    ``autoattack`` row.
 
     ``modalities`` (``"image"`` or ``"audio,image"``) attacks only those modalities (default: all);
-    ``eps="image=8/255,audio=0.1"`` is one per-modality l-inf setting (protocol only: needs
+    ``eps="image=8/255,audio=0.1"`` is one per-modality l-inf setting (cascade only: needs
     ``version``), which also sets the attacked modalities."""
     if norm not in AUTOATTACK_EPS:
-        raise ConfigError(f"unknown norm '{norm}'; choose from: {', '.join(AUTOATTACK_EPS)}")
-    mods = parse_modalities(modalities, run.meta.modality_names)
-    per_modality = parse_modality_eps(eps, run.meta.modality_names)
+        raise ConfigError(f"unknown norm '{norm}'; choose from: {', '.join(AUTOATTACK_EPS)}", param="norm")
+    mods = parse_modalities(modalities, meta.modality_names)
+    per_modality = parse_modality_eps(eps, meta.modality_names)
     if per_modality is not None:
         if version is None:
             raise ConfigError(
-                "--eps: per-modality budgets (name=eps) need the protocol: add --version standard|plus|custom"
-            )
+                "eps: per-modality budgets (name=eps) need the AutoAttack cascade: "
+                "give version='standard', 'plus' or 'custom'", param="eps",
+            )  # fmt: skip
         if norm != "linf":
-            raise ConfigError("--eps: per-modality budgets (name=eps) need --norm linf")
+            raise ConfigError("eps: per-modality budgets (name=eps) need norm='linf'", param="eps")
         if mods is not None and set(mods) != set(per_modality):
-            raise ConfigError(f"--modalities {','.join(mods)} differ from the modalities in --eps "
-                              f"({','.join(per_modality)}); give one of them")  # fmt: skip
+            raise ConfigError(f"modalities {','.join(mods)} differ from the modalities in eps "
+                              f"({','.join(per_modality)}); give one of them", param="modalities")  # fmt: skip
         mods = list(per_modality)
     grid: list[Any] = [per_modality] if per_modality is not None else (
-        parse_eps(None if isinstance(eps, Mapping) else eps, "--eps") or list(AUTOATTACK_EPS[norm]))  # fmt: skip
-    mods = mods or run.meta.modality_names
+        parse_eps(None if isinstance(eps, Mapping) else eps, "eps") or list(AUTOATTACK_EPS[norm]))  # fmt: skip
+    mods = mods or meta.modality_names
     if version is not None:
         custom = None if version != "custom" else tuple(
             s.strip() for s in (attacks.split(",") if isinstance(attacks, str) else attacks))  # fmt: skip
-        return _autoattack_protocol(run, split, grid, AutoAttackOptions(
+        return _autoattack_cascade(model, meta, split, grid, AutoAttackOptions(
             eps=grid[0], version=version, norm=norm, modalities=tuple(mods), attacks=custom, steps=steps,
             queries=queries, targets=targets, seed=seed, batch_size=batch_size), progress)  # fmt: skip
     names = [s.strip() for s in attacks.split(",")] if isinstance(attacks, str) else list(attacks)
     for n in names:
         if n not in AUTOATTACK_ATTACKS:
-            raise ConfigError(f"unknown AutoAttack component '{n}'; choose from: {', '.join(AUTOATTACK_ATTACKS)}")
-    ev = _Evaluator(run, split, batch_size, seed)
+            raise ConfigError(
+                f"unknown AutoAttack component '{n}'; choose from: {', '.join(AUTOATTACK_ATTACKS)}", param="attacks"
+            )
+    ev = _Evaluator(model, meta, split, batch_size, seed)
     skipped: list[str] = []
     runnable = []
     for n in names:
@@ -360,10 +381,8 @@ def autoattack_suite(
     for e in grid:
         preds = []
         for n in runnable:
-            kw: dict[str, Any] = {"eps": e, "norm": norm, "modalities": mods, "restarts": restarts}
-            kw["steps"] = queries if n == "square" else steps
-            if n in ("apgd-t", "fab-t"):
-                kw["targets"] = targets
+            kw: dict[str, Any] = {"eps": e, "norm": norm, "modalities": mods}
+            kw.update(component_settings(n, steps=steps, queries=queries, restarts=restarts, targets=targets))
             attack = build_attack(n, ev.model, ev.meta, seed=seed, **kw)
             p = attack_predictions(attack, ev.split, batch_size) if e > 0 else ev.clean_preds
             preds.append(p)
@@ -376,27 +395,34 @@ def autoattack_suite(
             setting = {"attack": "autoattack", "loss": "worst", "norm": norm, "modalities": mods, "budget": "joint",
                        "eps": e, "steps": steps, "components": runnable}  # fmt: skip
             results.append(result_row(setting, worst_predictions(preds, ev.labels), ev.labels, ev.k))
-    protocol = {"norm": norm, "eps": grid, "steps": steps, "queries": queries, "restarts": restarts, "targets": targets,
-                "attacks": runnable, "seed": seed}  # fmt: skip
-    out = ev.finish("autoattack", results, protocol, check_masking=True)
+    parameters = {"norm": norm, "eps": grid, "steps": steps, "queries": queries, "restarts": restarts,
+                  "targets": targets, "attacks": runnable, "seed": seed}  # fmt: skip
+    out = ev.finish("autoattack", results, parameters, check_masking=True)
     return replace(out, warnings=skipped + out.warnings)
 
 
-def _autoattack_protocol(
-    run: Run, split: Split, grid: Sequence[Any], options: AutoAttackOptions, progress: ProgressFn | None
+def _autoattack_cascade(
+    model: nn.Module,
+    meta: DatasetMeta,
+    split: Split,
+    grid: Sequence[Any],
+    options: AutoAttackOptions,
+    progress: ProgressFn | None,
 ) -> EvalResult:
-    ev = _Evaluator(run, split, options.batch_size, options.seed)
-    mods = list(options.modalities or run.meta.modality_names)
+    """The ``version`` mode of the autoattack suite: the :class:`AutoAttack` cascade at each eps."""
+    ev = _Evaluator(model, meta, split, options.batch_size, options.seed)
+    mods = list(options.modalities or meta.modality_names)
     results: list[EvalRow] = []
     notes: list[str] = []
     ticker = _Ticker(progress, "autoattack", len(grid))
     for e in grid:
-        # the protocol runs on a set at once: chunks of bounded memory (one chunk whenever the split fits)
+        attack = AutoAttack.from_options(ev.model, replace(options, eps=e), meta=ev.meta)
+        # the cascade runs on a set at once: chunks of bounded memory (one chunk whenever the split fits)
         finals: list[torch.Tensor] = []
         stages: dict[str, list[torch.Tensor]] = {}
         start = 0
         for inputs, labels in iterate_batches(ev.split, chunk_rows(ev.meta)):
-            res = run_autoattack(ev.model, inputs, labels, replace(options, eps=e), meta=ev.meta)
+            res = attack.detailed(inputs, labels)
             finals.append(predict(ev.model, Split(res.adversarial, labels), options.batch_size))
             for stage in res.stages:
                 stages.setdefault(stage.attack, []).append(stage.broken_index + start)
@@ -409,17 +435,16 @@ def _autoattack_protocol(
                     next(iter(e.values())) if isinstance(e, dict) else e),
                 "budget": "per-modality" if per_modality else "joint", "steps": options.steps,
                 "version": options.version}  # fmt: skip
-        for attack, parts in stages.items():  # cumulative: every sample broken so far takes its adversarial prediction
+        for name, parts in stages.items():  # cumulative: every sample broken so far takes its adversarial prediction
             broken_index = torch.cat(parts)
             preds[broken_index] = final[broken_index]
-            results.append(result_row({**base, "attack": attack, "cumulative": True, "broken": len(broken_index)},
+            results.append(result_row({**base, "attack": name, "cumulative": True, "broken": len(broken_index)},
                                       preds, ev.labels, ev.k))  # fmt: skip
         results.append(result_row({**base, "attack": "autoattack", "loss": "worst",
                                    "components": list(stages)}, final, ev.labels, ev.k))  # fmt: skip
         ticker.tick()
-    protocol = {"version": options.version, "norm": options.norm, "eps": list(grid), "modalities": mods,
-                "steps": options.steps,
-                "queries": options.queries, "targets": options.targets, "attacks": list(options.attacks or []),
-                "seed": options.seed}  # fmt: skip
-    out = ev.finish("autoattack", results, protocol, check_masking=False)
+    parameters = {"version": options.version, "norm": options.norm, "eps": list(grid), "modalities": mods,
+                  "steps": options.steps, "queries": options.queries, "targets": options.targets,
+                  "attacks": list(options.attacks or []), "seed": options.seed}  # fmt: skip
+    out = ev.finish("autoattack", results, parameters, check_masking=False)
     return replace(out, warnings=notes + out.warnings)

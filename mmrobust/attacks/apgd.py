@@ -1,0 +1,134 @@
+"""APGD (Croce & Hein 2020): APGD-CE, APGD-DLR ("plus") and APGD-T (targeted DLR), for l-inf and
+l2, under a joint budget, on the packed modality vector. Step-size schedule and checkpoints as in
+the reference code (see :func:`_checkpoints`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmrobust.attacks.base import ATTACKS, BestTracker, Packed
+from mmrobust.attacks.component import AutoAttackComponent
+from mmrobust.attacks.losses import ce_loss, dlr_loss, dlr_targeted_loss
+
+
+def _checkpoints(n_iter: int) -> list[int]:
+    """APGD's step-size checkpoints, as the reference code computes them in whole iterations: the
+    first after ``floor(0.22 n)``, then intervals shrinking by ``floor(0.03 n)`` down to
+    ``floor(0.06 n)`` (each at least 1). For small ``n`` this is denser than ``ceil(p_j n)``."""
+    first, decrement, least = max(int(0.22 * n_iter), 1), max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    points, at, span = [], first, first
+    while at < n_iter:
+        points.append(at)
+        span = max(span - decrement, least)
+        at += span
+    return points
+
+
+class APGD(AutoAttackComponent):
+    """Auto-PGD: momentum 0.75, step size halved at checkpoints where the loss stopped rising."""
+
+    def _untargeted(
+        self, packed: Packed, labels: torch.Tensor, loss_fn: Any, best: BestTracker
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``restarts`` runs of APGD on ``loss_fn``, each only on the samples no earlier run has broken."""
+        for _ in range(self.restarts):
+            idx = (~best.broken).nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            self._apgd(packed.take(idx), labels[idx], loss_fn, best, idx)
+        return best.x, best.logits
+
+    def _apgd(self, packed: Packed, labels: torch.Tensor, loss_fn: Any, best: BestTracker, index: torch.Tensor) -> None:
+        n_iter = self.steps
+        x0 = packed.x0
+        x = self._random_point(packed, x0, packed.expand(packed.eps))
+        step = 2 * packed.eps.expand(x0.shape[0], -1)[:, :1].clone()  # (N, 1)
+        loss, grad, logits = self.loss_and_grad(packed, x, labels, loss_fn)
+        best.update(x, logits, index)
+        x_best, loss_best, grad_best = x.clone(), loss.clone(), grad.clone()
+        x_old = x.clone()
+        checkpoints = set(_checkpoints(n_iter))
+        last_check = 0
+        # As in the reference: the first checkpoint compares the loss after the first step with 0
+        # (its zero-initialised loss buffer, read at index -1), not with the loss at the start; for
+        # the targeted DLR loss (< 0 until the target wins) that first comparison is never a rise.
+        # And no sample counts as "reduced without improvement" before the first checkpoint.
+        losses = [torch.zeros_like(loss)]
+        reduced_last = torch.ones_like(loss, dtype=torch.bool)
+        loss_best_last = loss_best.clone()
+        for i in range(n_iter):
+            with torch.no_grad():
+                a = 0.75 if i > 0 else 1.0
+                x1 = packed.step_to(x - x0 + step * packed.normalize(grad, self.norm), self.norm)
+                x1 = packed.step_to(x - x0 + (x1 - x) * a + (x - x_old) * (1 - a), self.norm)
+                x_old, x = x, x1
+            loss, grad, logits = self.loss_and_grad(packed, x, labels, loss_fn)
+            best.update(x, logits, index)
+            losses.append(loss)
+            improved = loss > loss_best
+            x_best[improved], grad_best[improved], loss_best[improved] = x[improved], grad[improved], loss[improved]
+            if i + 1 in checkpoints and i + 1 < n_iter:
+                span = i + 1 - last_check
+                rises = sum((losses[j] > losses[j - 1]).float() for j in range(len(losses) - span, len(losses)))
+                reduce = (rises <= 0.75 * span) | (~reduced_last & (loss_best_last >= loss_best))
+                reduced_last, loss_best_last, last_check = reduce, loss_best.clone(), i + 1
+                step[reduce] /= 2
+                x[reduce], grad[reduce] = x_best[reduce], grad_best[reduce]
+
+
+@ATTACKS.register("apgd-ce")
+class APGDCE(APGD):
+    """APGD on the cross-entropy loss (untargeted)."""
+
+    default_norm = "linf"
+
+    def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            best = BestTracker(packed.x0, self.forward(packed, packed.x0), labels)
+        return self._untargeted(packed, labels, ce_loss, best)
+
+
+@ATTACKS.register("apgd-dlr")
+class APGDDLR(APGD):
+    """APGD on the untargeted DLR loss (AutoAttack "plus"); needs >= 3 classes."""
+
+    default_norm = "linf"
+    fixed_loss = "dlr"
+    min_classes = 3
+
+    def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            clean_logits = self.forward(packed, packed.x0)
+        self.check_applicable(clean_logits.shape[1], self.targets)
+        return self._untargeted(packed, labels, dlr_loss, BestTracker(packed.x0, clean_logits, labels))
+
+
+@ATTACKS.register("apgd-t")
+class APGDT(APGD):
+    """APGD on the targeted DLR loss, over the ``targets`` highest-scoring wrong classes."""
+
+    default_norm = "linf"
+    fixed_loss = "dlr"
+    min_classes = 3
+    targeted = True
+
+    def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            clean_logits = self.forward(packed, packed.x0)
+        self.check_applicable(clean_logits.shape[1], self.targets)
+        best = BestTracker(packed.x0, clean_logits, labels)
+        order = clean_logits.sort(dim=1).indices
+        for t in range(2, self.targets + 2):
+            for _ in range(self.restarts):
+                idx = (~best.broken).nonzero().squeeze(1)
+                if len(idx) == 0:
+                    return best.x, best.logits
+                target = order[idx, -t]
+
+                def loss_fn(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor = target) -> torch.Tensor:
+                    return dlr_targeted_loss(logits, y, target)
+
+                self._apgd(packed.take(idx), labels[idx], loss_fn, best, idx)
+        return best.x, best.logits

@@ -1,0 +1,105 @@
+"""The base of the AutoAttack components (Croce & Hein 2020): a joint budget, a fixed loss, an
+iteration count, restarts and target classes, and the rule deciding where a component applies.
+
+The components live one family per module: :mod:`~mmrobust.attacks.apgd` (APGD-CE, APGD-DLR,
+APGD-T), :mod:`~mmrobust.attacks.fab` (FAB, FAB-T) and :mod:`~mmrobust.attacks.square`; the
+protocol that runs them in order is :class:`mmrobust.attacks.autoattack.AutoAttack`.
+
+Our own implementations, written for a dict of modalities (no torchattacks, no [0, 1] assumption:
+a modality is clamped to its declared valid range, or not at all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mmrobust.attacks.base import ATTACKS, Attack, Packed
+from mmrobust.data.base import DatasetMeta
+from mmrobust.errors import ConfigError
+
+
+class AutoAttackComponent(Attack):
+    """Shared constructor: joint budget only, a fixed loss, an iteration count.
+
+    ``targeted`` components attack the ``targets`` highest-scoring wrong classes one after the
+    other; ``min_classes`` is the fewest classes the component's loss needs (DLR: 3); a
+    ``query_based`` component (Square) counts its ``steps`` in queries.
+    """
+
+    budgets = ("joint",)
+    fixed_loss = "ce"
+    targeted: ClassVar[bool] = False
+    min_classes: ClassVar[int] = 2
+    query_based: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.losses = (cls.fixed_loss,)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float,
+        *,
+        steps: int = 100,
+        restarts: int = 1,
+        norm: str | None = None,
+        loss: str | None = None,
+        modalities: Sequence[str] | None = None,
+        budget: str = "joint",
+        meta: DatasetMeta | None = None,
+        valid_range: Mapping[str, tuple[float, float] | None] | None = None,
+        seed: int = 0,
+        targets: int = 9,
+        num_classes: int | None = None,
+    ) -> None:
+        if budget != "joint":
+            raise ConfigError(
+                f"{self.name}: only a joint budget is supported (l-inf joint = the same eps per modality)"
+            )
+        if loss is not None and loss != self.fixed_loss:
+            raise ConfigError(f"{self.name}: uses the {self.fixed_loss} loss; loss='{loss}' does not apply")
+        super().__init__(model, eps, norm=norm, loss=self.fixed_loss, modalities=modalities, budget=budget, meta=meta,
+                         valid_range=valid_range, seed=seed)  # fmt: skip
+        if steps < 1 or restarts < 1:
+            raise ConfigError(f"{self.name}: steps and restarts must be >= 1, got {steps} and {restarts}")
+        self.steps, self.restarts, self.targets = steps, restarts, targets
+        k = num_classes or (meta.num_classes if meta is not None else getattr(model, "num_classes", None))
+        if k is not None:
+            self.check_applicable(int(k), targets)
+
+    def _random_point(self, packed: Packed, x0: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """A random point at distance ``radius`` (per column) from ``x0`` in the attack's norm, in the box."""
+        if self.norm == "linf":
+            t = 2 * torch.rand(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device) - 1
+            return packed.clamp(x0 + radius * t / t.abs().amax(1, keepdim=True).clamp_min(1e-12))
+        t = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype).to(x0.device)
+        return packed.clamp(x0 + radius * packed.normalize(t, "l2"))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "steps": self.steps, "restarts": self.restarts}
+
+    @classmethod
+    def check_applicable(cls, num_classes: int, targets: int = 9) -> None:
+        """Raise a clear :class:`ConfigError` where this component does not apply to ``num_classes``."""
+        if num_classes < cls.min_classes:
+            raise ConfigError(f"{cls.name}: the DLR loss needs >= 3 classes, this model has {num_classes}")
+        if cls.targeted and targets > num_classes - 1:
+            need = targets + 1
+            raise ConfigError(
+                f"{cls.name}: {targets} target classes need >= {need} classes, this model has {num_classes} "
+                f"(lower the number of targets to <= {num_classes - 1})"
+            )
+        if cls.targeted and targets < 1:
+            raise ConfigError(f"{cls.name}: needs at least 1 target class, got {targets}")
+
+
+def check_applicable(name: str, num_classes: int, targets: int = 9) -> None:
+    """Raise a clear :class:`ConfigError` where the AutoAttack component ``name`` does not apply."""
+    cls = ATTACKS.get(name)
+    if issubclass(cls, AutoAttackComponent):
+        cls.check_applicable(num_classes, targets)
