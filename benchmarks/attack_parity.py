@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from mmrobust.attacks import build_attack
-from mmrobust.attacks.protocol import AutoAttackOptions, run_autoattack
+from mmrobust.attacks.autoattack import AutoAttackOptions, run_autoattack
 from mmrobust.data.base import Batch
 
 RESULTS = Path(__file__).resolve().parent / "results"

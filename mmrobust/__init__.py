@@ -22,6 +22,7 @@ _API = {
     "train": "mmrobust.training",
     "load_run": "mmrobust.runs",
     "evaluate_run": "mmrobust.eval.runner",
+    "evaluate_model": "mmrobust.eval.api",
     "certify_run": "mmrobust.certify.runner",
     "certify_model": "mmrobust.certify.runner",
     "BenchmarkConfig": "mmrobust.benchmark",

@@ -248,7 +248,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     data, methods = _names(args.data, "--data"), _names(args.methods, "--methods")
     cfg = BenchmarkConfig(
         data=data, methods=methods, seeds=args.seeds, epochs=args.epochs, suite=args.suite,
-        eps=args.eps, samples=args.max_samples, recipe=args.recipe, protocol=args.protocol, certify=args.certifier,
+        eps=args.eps, samples=args.max_samples, recipe=args.recipe, attack_strength=args.attack_strength, certify=args.certifier,
         feature_dim=args.feature_dim, data_options=_per_name_options(args.data_opt, "--data-opt", data),
         method_options=_per_name_options(args.method_opt, "--method-opt", methods),
     )  # fmt: skip
@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", "--samples", dest="max_samples", type=int,
                    help="attack only the first N test samples (default: all)")  # fmt: skip
     p.add_argument("--recipe", default="tuned", help="training recipe for every method: tuned (default) or paper")
-    p.add_argument("--protocol", default="strong", choices=["strong", "paper"],
+    p.add_argument("--attack-strength", "--protocol", dest="attack_strength", default="strong", choices=["strong", "paper"],
                    help="paper: also report the paper's CE-only 4-step PGD beside the strong worst-case attack")  # fmt: skip
     p.add_argument("--certifier", "--certify", dest="certifier", metavar="NAME",
                    help="also certify every cell with this certifier")  # fmt: skip

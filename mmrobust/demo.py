@@ -16,9 +16,9 @@ from mmrobust.certify.results import CertifyResult
 from mmrobust.certify.runner import certify_model
 from mmrobust.config import RunConfig
 from mmrobust.data.registry import DataConfig, load_data
+from mmrobust.eval.api import evaluate_model
 from mmrobust.eval.compare import comparison_tables
 from mmrobust.eval.results import EvalResult
-from mmrobust.eval.runner import evaluate
 from mmrobust.io import atomic_write_bytes
 from mmrobust.report.benchmark import LEGEND, table_markdown
 from mmrobust.report.certify import save_certify
@@ -109,12 +109,12 @@ def run_demo(out: Path, cfg: DemoConfig | None = None) -> Path:
         run = load_run(out / method)
         full = run.data().test
         test = full.subset(slice(0, cfg.eval_samples)) if cfg.eval_samples is not None else full
-        basic[method] = evaluate(run, full, "basic")
+        basic[method] = evaluate_model(run.model, run.meta, full, "basic")
         console.print(f"== attacking {method}: paper protocol and robustness curves", markup=False)
         with progress_callback(cfg.progress) as progress:
-            paper[method] = evaluate(run, test, "paper", eps=list(cfg.joint_eps), unimodal_eps=list(cfg.unimodal_eps),
+            paper[method] = evaluate_model(run.model, run.meta, test, "paper", eps=list(cfg.joint_eps), unimodal_eps=list(cfg.unimodal_eps),
                                      steps=cfg.attack_steps, progress=progress)  # fmt: skip
-            curves[method] = evaluate(run, test, "curves", eps=list(cfg.curve_eps), steps=cfg.curve_steps,
+            curves[method] = evaluate_model(run.model, run.meta, test, "curves", eps=list(cfg.curve_eps), steps=cfg.curve_steps,
                                       progress=progress)  # fmt: skip
         for result in (paper[method], curves[method], basic[method]):  # basic last: it is eval.json
             save_eval(out / method, result, plot=False)

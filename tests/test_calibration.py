@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrobust.attacks import build_attack
-from mmrobust.attacks.protocol import AutoAttackOptions, run_autoattack
+from mmrobust.attacks.autoattack import AutoAttackOptions, run_autoattack
 from mmrobust.calibration import BindModel, CalibrationOptions, CalibrationSetup, EvalOptions, calibrate, evaluate
 from mmrobust.calibration.evaluate import BudgetResult
 from mmrobust.calibration.metrics import recall_at_k

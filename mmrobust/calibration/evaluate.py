@@ -1,7 +1,7 @@
 """Evaluation of a (frozen or calibrated) zero-shot model, one modality at a time.
 
 Per modality: clean accuracy and macro precision / recall / F1; at every l-inf budget, the robust
-accuracy of the AutoAttack protocol (:func:`mmrobust.attacks.protocol.run_autoattack`: APGD-CE,
+accuracy of the AutoAttack protocol (:func:`mmrobust.attacks.autoattack.run_autoattack`: APGD-CE,
 APGD-T, FAB-T, Square in that order, each on the samples the earlier ones left correct, on the
 modality's valid input range; a component that does not apply to the class count is skipped and the
 reason recorded), the accuracy after each component (cumulative, as AutoAttack logs it) and the
@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmrobust.attacks.autoattack import check_applicable
+from mmrobust.attacks.autoattack import AutoAttackOptions, check_applicable, run_autoattack
 from mmrobust.attacks.base import Attack, build_attack
-from mmrobust.attacks.protocol import AutoAttackOptions, run_autoattack
 from mmrobust.calibration.metrics import mean_cosine, recall_at_k
 from mmrobust.calibration.options import EvalOptions
 from mmrobust.calibration.pipeline import BindModel

@@ -6,8 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mmrobust.attacks.autoattack import STANDARD_COMPONENTS
 from mmrobust.errors import ConfigError
-from mmrobust.eval.suites import AUTOATTACK_ATTACKS
 from mmrobust.options import check_range, check_types
 
 #: attacks that can generate the stage-2 training examples (and the early-stopping validation ones)
@@ -92,7 +92,7 @@ class EvalOptions:
     """
 
     eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255)
-    attacks: tuple[str, ...] = AUTOATTACK_ATTACKS
+    attacks: tuple[str, ...] = STANDARD_COMPONENTS
     steps: int = 100
     queries: int = 5000
     targets: int = 9
@@ -108,12 +108,12 @@ class EvalOptions:
             raise ConfigError(f"{who}.eps: give at least one budget")
         self.attacks = tuple(self.attacks)
         for a in self.attacks:
-            if a not in AUTOATTACK_ATTACKS:
+            if a not in STANDARD_COMPONENTS:
                 raise ConfigError(
-                    f"{who}.attacks: unknown component '{a}'; choose from: {', '.join(AUTOATTACK_ATTACKS)}"
+                    f"{who}.attacks: unknown component '{a}'; choose from: {', '.join(STANDARD_COMPONENTS)}"
                 )
         if not self.attacks:
-            raise ConfigError(f"{who}.attacks: give at least one of: {', '.join(AUTOATTACK_ATTACKS)}")
+            raise ConfigError(f"{who}.attacks: give at least one of: {', '.join(STANDARD_COMPONENTS)}")
         for name, minimum in (("steps", 1), ("queries", 1), ("targets", 1), ("batch_size", 1),
                               ("seed", 0)):  # fmt: skip
             check_range(getattr(self, name), minimum, None, f"{who}.{name}")

@@ -11,20 +11,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mmrobust.data.base import Split
 from mmrobust.errors import ConfigError
 from mmrobust.eval.api import COMMON_OPTIONS, check_memory_budget, check_options, evaluate_model
 from mmrobust.eval.results import EvalResult
 from mmrobust.eval.suites import SUITES
 from mmrobust.precision import check_precision
-from mmrobust.runs import Run, load_run
+from mmrobust.runs import load_run
 
-__all__ = ["COMMON_OPTIONS", "check_options", "evaluate", "evaluate_model", "evaluate_run"]
-
-
-def evaluate(run: Run, data: Split, suite: str = "basic", split: str = "test", **options: Any) -> EvalResult:
-    """:func:`evaluate_model` on a loaded run's model (``data``: samples of its data named ``split``)."""
-    return evaluate_model(run.model, run.meta, data, suite, split_name=split, **options)
+__all__ = ["COMMON_OPTIONS", "check_options", "evaluate_model", "evaluate_run"]
 
 
 def evaluate_run(

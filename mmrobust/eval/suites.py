@@ -46,7 +46,6 @@ PAPER_EPS, PAPER_UNIMODAL_EPS = (0.5,), (1.0,)
 CURVE_EPS = {"l2": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "linf": (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)}
 AUTOATTACK_EPS = {"linf": (2 / 255, 4 / 255, 8 / 255), "l2": (0.5,)}
 #: the default components of the autoattack suite (the standard version's, from the one list)
-AUTOATTACK_ATTACKS = STANDARD_COMPONENTS
 
 
 def parse_eps(
@@ -317,7 +316,7 @@ def autoattack_suite(
     queries: int = 5000,
     restarts: int = 1,
     targets: int = 9,
-    attacks: Sequence[str] | str = AUTOATTACK_ATTACKS,
+    attacks: Sequence[str] | str = STANDARD_COMPONENTS,
     batch_size: int = 256,
     seed: int = 0,
     progress: ProgressFn | None = None,
@@ -363,9 +362,9 @@ def autoattack_suite(
             queries=queries, targets=targets, seed=seed, batch_size=batch_size), progress)  # fmt: skip
     names = [s.strip() for s in attacks.split(",")] if isinstance(attacks, str) else list(attacks)
     for n in names:
-        if n not in AUTOATTACK_ATTACKS:
+        if n not in STANDARD_COMPONENTS:
             raise ConfigError(
-                f"unknown AutoAttack component '{n}'; choose from: {', '.join(AUTOATTACK_ATTACKS)}", param="attacks"
+                f"unknown AutoAttack component '{n}'; choose from: {', '.join(STANDARD_COMPONENTS)}", param="attacks"
             )
     ev = _Evaluator(model, meta, split, batch_size, seed)
     skipped: list[str] = []

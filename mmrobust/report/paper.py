@@ -149,7 +149,7 @@ def _cell_rows(c: CellResult) -> Iterator[dict[str, Any]]:
         value = c.metrics.get(metric)
         if value is not None:
             yield {**base, "source": "training", "setting": "training", "metric": metric, "value": value, "unit": unit}
-    for source, evaluation in (("evaluation", c.evaluation), ("paper_protocol", c.paper_protocol)):
+    for source, evaluation in (("evaluation", c.evaluation), ("paper_attack", c.paper_attack)):
         if evaluation is None:
             continue
         yield {**base, "source": source, "setting": "clean", "metric": "accuracy",
