@@ -254,7 +254,7 @@ def test_convert_cli_refusals(tmp_path, capsys):
     out = tmp_path / "x"
     out.mkdir()
     cases = [
-        (["data", "convert", "synthetic", str(out)], "already exists; pass --force"),
+        (["data", "convert", "synthetic", str(out)], "already exists; pass (--force|force=True)"),
         (["data", "convert", "nosuchdata", str(tmp_path / "y")], "unknown dataset"),
         (["data", "convert", "synthetic", str(tmp_path / "y"), "--uint8", "strong"], "no valid range"),
         (["data", "convert", "synthetic", str(tmp_path / "y"), "--uint8", "zzz"], "unknown modality 'zzz'"),
@@ -305,3 +305,13 @@ def test_training_from_disk_gives_the_same_weights(disk, tmp_path):
         weights[where] = load_tensors(tmp_path / where / "model.safetensors")
     assert weights["memory"].keys() == weights["disk"].keys()
     assert all(torch.equal(weights["memory"][k], weights["disk"][k]) for k in weights["memory"])
+
+
+def test_convert_refusals_name_python_parameters(tiny_bundle, tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(DataError, match="already exists; pass force=True to replace it") as info:
+        convert(tiny_bundle, tmp_path / "x")
+    assert info.value.param == "force"
+    with pytest.raises(DataError, match="uint8 names modality 'strong', which has no valid range") as info:
+        convert(tiny_bundle, tmp_path / "y", uint8=["strong"])
+    assert info.value.param == "uint8" and not (tmp_path / "y").exists()

@@ -168,7 +168,8 @@ class DiskSplit(Split):
         if need > limit:
             raise DataError(
                 f"{self.where}: this code path needs the whole split in memory ({need / 2**30:.1f} GiB decoded, over "
-                f"max_inputs_gb={self.options.max_inputs_gb:g}); raise --data-opt max_inputs_gb or use fewer samples"
+                f"max_inputs_gb={self.options.max_inputs_gb:g}); raise the data option max_inputs_gb or use fewer samples",
+                param="max_inputs_gb",
             )
         return self.take(slice(None))[0]
 

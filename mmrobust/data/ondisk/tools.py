@@ -128,14 +128,15 @@ def convert(
     t0 = time.perf_counter()
     dst = Path(dst)
     if dst.exists() and not force:
-        raise DataError(f"{dst}: already exists; pass --force to replace it")
+        raise DataError(f"{dst}: already exists; pass force=True to replace it", param="force")
     meta = bundle.meta
     for m in uint8:
         spec = meta.spec(m)
         if spec.valid_range is None:
             raise DataError(
-                f"--uint8 {m}: modality '{m}' has no valid range to quantise over; declare one "
-                "(meta.json valid_ranges) or store it as float32"
+                f"uint8 names modality '{m}', which has no valid range to quantise over; declare one "
+                "(meta.json valid_ranges) or store it as float32",
+                param="uint8",
             )
     storage = {m.name: uint8_storage(m.valid_range) if m.name in uint8 and m.valid_range else Storage()
                for m in meta.modalities}  # fmt: skip
