@@ -18,6 +18,7 @@ from mmrobust.errors import DataError
 from mmrobust.io import write_json
 from mmrobust.progress import ProgressFn
 
+#: while a folder is incomplete: the row ranges of each split already on disk (what a resumed writer skips)
 _PROGRESS = "progress.json"
 
 
