@@ -431,7 +431,7 @@ def test_a_clip_that_fails_to_decode_leaves_no_complete_dataset(tmp_path):
     [
         ({"size": 0}, "size", "option 'size' must be in [1, 4096], got 0"),
         ({"n_mels": 0}, "n_mels", "option 'n_mels' must be in [1, 1024], got 0"),
-        ({"val": 0.6, "test": 0.5}, "val", "val + test must be < 1, got 0.6 + 0.5"),
+        ({"val": 0.6, "test": 0.5}, ("val", "test"), "val + test must be < 1, got 0.6 + 0.5"),
         ({"spec_dtype": "int8"}, "spec_dtype", "spec_dtype must be float32 or float16"),
         ({"classes": "a"}, "classes", "classes must list at least 2"),
     ],
@@ -467,11 +467,12 @@ def _one_line_error(capsys, argv: list[str], needle: str) -> None:
 def test_cli_errors_exit_2_on_one_line(clips, tmp_path, capsys):
     imp = ["data", "import-av", str(clips), str(tmp_path / "ds"), "--no-progress"]
     # the library names Python parameters (error.param); the CLI shows its flags in their place
-    _one_line_error(capsys, [*imp, "--size", "0"], "size' must be in [1, 4096], got 0")
-    _one_line_error(capsys, [*imp, "--frames", "-2"], "frames' must be in [1, 256], got -2")
-    _one_line_error(capsys, [*imp, "--seconds", "0"], "seconds' must be in (0, 3600], got 0")
-    _one_line_error(capsys, [*imp, "--frames", "4"], "clip 'c0_0': ")
-    _one_line_error(capsys, [*imp, "--val", "0.6", "--test", "0.5"], "val + test must be < 1")
+    _one_line_error(capsys, [*imp, "--size", "0"], "option '--size' must be in [1, 4096], got 0")
+    _one_line_error(capsys, [*imp, "--frames", "-2"], "option '--frames' must be in [1, 256], got -2")
+    _one_line_error(capsys, [*imp, "--seconds", "0"], "option '--seconds' must be in (0, 3600], got 0")
+    _one_line_error(capsys, [*imp, "--frames", "4"], "clip 'c0_0': --frames=4, but it has 3 (*.jpg")
+    _one_line_error(capsys, [*imp, "--frames", "4"], "(or pass --skip-bad to skip bad clips)")
+    _one_line_error(capsys, [*imp, "--val", "0.6", "--test", "0.5"], "--val + --test must be < 1")
     _one_line_error(
         capsys, ["data", "import-av", str(tmp_path / "none"), str(tmp_path / "ds")], "source folder not found"
     )
@@ -479,7 +480,7 @@ def test_cli_errors_exit_2_on_one_line(clips, tmp_path, capsys):
     _one_line_error(capsys, ["data", "import-av", str(clips), str(clips / "ds")], "lies inside SRC")
     assert not (tmp_path / "ds").exists() and not partial_path(tmp_path / "ds").exists()
     (tmp_path / "ds").mkdir()
-    _one_line_error(capsys, imp, "already exists; pass ")
+    _one_line_error(capsys, imp, "already exists; pass --force to replace it")
 
 
 @pytest.mark.slow

@@ -254,7 +254,7 @@ def test_convert_cli_refusals(tmp_path, capsys):
     out = tmp_path / "x"
     out.mkdir()
     cases = [
-        (["data", "convert", "synthetic", str(out)], "already exists; pass (--force|force=True)"),
+        (["data", "convert", "synthetic", str(out)], "already exists; pass --force"),
         (["data", "convert", "nosuchdata", str(tmp_path / "y")], "unknown dataset"),
         (["data", "convert", "synthetic", str(tmp_path / "y"), "--uint8", "strong"], "no valid range"),
         (["data", "convert", "synthetic", str(tmp_path / "y"), "--uint8", "zzz"], "unknown modality 'zzz'"),

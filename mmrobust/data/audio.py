@@ -166,7 +166,7 @@ def mel_filterbank(
         raise ConfigError(
             f"{n_mels} mel bands are too many for n_fft {n_fft} at {sample_rate} Hz: {empty} band(s) get no FFT bin; "
             "lower n_mels or raise n_fft",
-            param="n_mels",
+            param=("n_mels", "n_fft"),
         )
     return fb.astype(np.float32)
 

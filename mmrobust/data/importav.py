@@ -100,7 +100,7 @@ class ImportOptions:
         _check_range(self.val, 0, 1, "val")
         _check_range(self.test, 0, 1, "test")
         if self.val + self.test >= 1:
-            raise ConfigError(f"val + test must be < 1, got {self.val} + {self.test}", param="val")
+            raise ConfigError(f"val + test must be < 1, got {self.val} + {self.test}", param=("val", "test"))
         if self.spectrogram not in audio.SPECTROGRAMS:
             raise ConfigError(
                 f"spectrogram must be one of {', '.join(audio.SPECTROGRAMS)}, got {self.spectrogram!r}",
@@ -402,7 +402,9 @@ def plan_import(src: str | Path, opts: ImportOptions) -> ImportPlan:
             good.append((clip, check_clip(clip, opts)))
         except DataError as exc:
             if not opts.skip_bad:
-                raise DataError(f"{exc} (or pass skip_bad=True to skip bad clips)", param="skip_bad") from None
+                raise DataError(
+                    f"{exc} (or pass skip_bad=True to skip bad clips)", param=(*exc.params, "skip_bad")
+                ) from None
             skipped.append((clip.clip_id, str(exc)))
     counts = np.bincount([c.label for c, _ in good], minlength=len(names))
     empty = [names[k] for k in np.flatnonzero(counts == 0)]
