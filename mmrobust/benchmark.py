@@ -25,7 +25,7 @@ from typing import Any
 from mmrobust.certify.runner import CERTIFY_FILE, build_certifier, certify_model
 from mmrobust.config import RECIPES, OptimConfig, RunConfig, options_dataclass
 from mmrobust.data.base import DataBundle
-from mmrobust.data.registry import DATASETS, DataConfig, load_data
+from mmrobust.data.registry import DATASETS, DataConfig, dataset_folder, load_data
 from mmrobust.errors import ConfigError, RunError
 from mmrobust.eval.api import check_options, evaluate_model
 from mmrobust.eval.compare import Column, ComparisonTable, Stat, comparison_tables, stat
@@ -98,7 +98,8 @@ class BenchmarkConfig:
             if len(set(value)) != len(value):
                 raise ConfigError(f"benchmark option '{name}' lists a name twice: {value}")
         for d in self.data:
-            if d not in DATASETS and not Path(d).is_dir():
+            folder = dataset_folder(d)
+            if d not in DATASETS and (folder is None or not folder.is_dir()):
                 raise ConfigError(
                     f"unknown dataset '{d}'; choose from: {', '.join(DATASETS.names())}, or give a folder path"
                 )

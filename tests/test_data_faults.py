@@ -125,7 +125,7 @@ def test_array_limit_is_configurable(tmp_path, monkeypatch):
     with pytest.raises(MMRobustError, match=r"\(6,400 bytes\), over the limit of 1,073 bytes"):
         load_data(DataConfig(str(root), 0, {"max_array_gb": "0.000001"}))
     monkeypatch.setenv("MMROBUST_MAX_ARRAY_GB", "0.000001")
-    with pytest.raises(MMRobustError, match="raise it with --data-opt max_array_gb=N"):
+    with pytest.raises(MMRobustError, match="raise it with the data option max_array_gb"):
         load_data(DataConfig(str(root), 0))
     assert len(load_data(DataConfig(str(root), 0, {"max_array_gb": "1"})).test) == 10
 

@@ -326,7 +326,7 @@ def _break(kind: str, clip: Path) -> None:
         ("no wav", r"clip 'c1_2': no \.wav file in .* nor c1_2\.wav beside it"),
         ("two wavs", r"clip 'c1_2': 2 WAV files \(c1_2/audio\.wav, c1_2/b\.wav\)"),
         ("wav beside too", r"clip 'c1_2': 2 WAV files \(c1_2/audio\.wav, c1_2\.wav\)"),
-        ("few frames", r"clip 'c1_2': 1 frame\(s\) .* --frames needs 2"),
+        ("few frames", r"clip 'c1_2': frames=2, but it has 1 \(\*\.jpg, \*\.jpeg, \*\.png\) in "),
         ("bad image", r"clip 'c1_2': unreadable image .*frame0\.png"),
         ("bad wav", r"clip 'c1_2': .*audio\.wav: (unreadable|not a PCM) WAV"),
         ("empty wav", r"clip 'c1_2': .*audio\.wav: WAV file holds no samples"),
@@ -367,7 +367,7 @@ def test_bad_folders(tmp_path):
     (src / "class2").rmdir()
     with pytest.raises(DataError, match="split 'val' gets no clips"):
         plan_import(src, ImportOptions(**SMALL, val=0.1, test=0.1))
-    with pytest.raises(DataError, match=r"class folder\(s\) \['class1'\] not in --classes"):
+    with pytest.raises(DataError, match=r"class folder\(s\) \['class1'\] not in classes"):
         plan_import(src, ImportOptions(**SMALL, classes="class0,other"))
 
 
@@ -426,6 +426,30 @@ def test_a_clip_that_fails_to_decode_leaves_no_complete_dataset(tmp_path):
         load_data(DataConfig(str(partial_path(dst))))
 
 
+@pytest.mark.parametrize(
+    ("options", "param", "needle"),
+    [
+        ({"size": 0}, "size", "option 'size' must be in [1, 4096], got 0"),
+        ({"n_mels": 0}, "n_mels", "option 'n_mels' must be in [1, 1024], got 0"),
+        ({"val": 0.6, "test": 0.5}, ("val", "test"), "val + test must be < 1, got 0.6 + 0.5"),
+        ({"spec_dtype": "int8"}, "spec_dtype", "spec_dtype must be float32 or float16"),
+        ({"classes": "a"}, "classes", "classes must list at least 2"),
+    ],
+)
+def test_option_errors_name_python_parameters(options, param, needle):
+    """Python callers read Python names; ``param`` lets the CLI put its flag in their place."""
+    with pytest.raises(ConfigError) as info:
+        ImportOptions(**options)
+    assert needle in str(info.value) and "--" not in str(info.value) and info.value.param == param
+
+
+def test_existing_destination_names_force(clips, tmp_path):
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(DataError, match=r"already exists; pass force=True to replace it") as info:
+        import_av(clips, tmp_path / "ds", ImportOptions(**SMALL))
+    assert info.value.param == "force"
+
+
 # -- CLI -----------------------------------------------------------------------------------------
 
 
@@ -442,10 +466,12 @@ def _one_line_error(capsys, argv: list[str], needle: str) -> None:
 
 def test_cli_errors_exit_2_on_one_line(clips, tmp_path, capsys):
     imp = ["data", "import-av", str(clips), str(tmp_path / "ds"), "--no-progress"]
+    # the library names Python parameters (error.param); the CLI shows its flags in their place
     _one_line_error(capsys, [*imp, "--size", "0"], "option '--size' must be in [1, 4096], got 0")
     _one_line_error(capsys, [*imp, "--frames", "-2"], "option '--frames' must be in [1, 256], got -2")
     _one_line_error(capsys, [*imp, "--seconds", "0"], "option '--seconds' must be in (0, 3600], got 0")
-    _one_line_error(capsys, [*imp, "--frames", "4"], "clip 'c0_0': 3 frame(s)")
+    _one_line_error(capsys, [*imp, "--frames", "4"], "clip 'c0_0': --frames=4, but it has 3 (*.jpg")
+    _one_line_error(capsys, [*imp, "--frames", "4"], "(or pass --skip-bad to skip bad clips)")
     _one_line_error(capsys, [*imp, "--val", "0.6", "--test", "0.5"], "--val + --test must be < 1")
     _one_line_error(
         capsys, ["data", "import-av", str(tmp_path / "none"), str(tmp_path / "ds")], "source folder not found"
@@ -454,7 +480,7 @@ def test_cli_errors_exit_2_on_one_line(clips, tmp_path, capsys):
     _one_line_error(capsys, ["data", "import-av", str(clips), str(clips / "ds")], "lies inside SRC")
     assert not (tmp_path / "ds").exists() and not partial_path(tmp_path / "ds").exists()
     (tmp_path / "ds").mkdir()
-    _one_line_error(capsys, imp, "already exists; pass --force")
+    _one_line_error(capsys, imp, "already exists; pass --force to replace it")
 
 
 @pytest.mark.slow

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from mmrobust.cli import main
-from mmrobust.data import DataConfig, iterate_batches, load_data, ondisk
+from mmrobust.data import DataConfig, iterate_batches, load_data
 from mmrobust.data.base import DatasetMeta, ModalitySpec
-from mmrobust.data.ondisk import DiskSplit, DiskWriter, Storage, convert
+from mmrobust.data.ondisk import DiskSplit, DiskWriter, Storage, convert, reader, tools
 from mmrobust.errors import DataError
 from mmrobust.io import sha256_file
 from tests.conftest import TINY
@@ -62,8 +62,8 @@ def test_take_and_subset_read_only_requested_rows(tiny_bundle, disk, monkeypatch
     """take() reads exactly the rows asked for (any order, repeats); subset() reads nothing."""
     bundle = load_data(DataConfig(str(disk)))
     reads: list[int] = []
-    real = ondisk._read_rows
-    monkeypatch.setattr(ondisk, "_read_rows", lambda fd, f, rows: (reads.extend(rows.tolist()), real(fd, f, rows))[1])
+    real = reader.read_rows
+    monkeypatch.setattr(reader, "read_rows", lambda fd, f, rows: (reads.extend(rows.tolist()), real(fd, f, rows))[1])
     sub = bundle.test.subset(torch.tensor([7, 3, 3, 50]))
     assert reads == []
     x, y = sub.take(torch.tensor([3, 1, 0]))
@@ -131,7 +131,7 @@ def test_writer_checks_every_chunk(tmp_path):
 def test_writer_resumes_after_interruption(tiny_bundle, tmp_path, monkeypatch):
     """An interrupted convert leaves no DST; the rerun keeps the rows written and gives the same files."""
     fresh = convert(tiny_bundle, tmp_path / "fresh")
-    monkeypatch.setattr(ondisk, "_rows_per_chunk", lambda row_bytes: 50)
+    monkeypatch.setattr(tools, "rows_per_chunk", lambda row_bytes: 50)
     calls = []
 
     def stop_after_two(what, done, total):
@@ -161,8 +161,8 @@ def test_writer_resumes_after_interruption(tiny_bundle, tmp_path, monkeypatch):
 def test_fingerprint_reads_no_inputs(disk, monkeypatch):
     """Opening and fingerprinting read the labels only; the fingerprint changes with the content digest."""
     reads = []
-    real = ondisk._read_rows
-    monkeypatch.setattr(ondisk, "_read_rows", lambda fd, f, rows: (reads.append(f.path.name), real(fd, f, rows))[1])
+    real = reader.read_rows
+    monkeypatch.setattr(reader, "read_rows", lambda fd, f, rows: (reads.append(f.path.name), real(fd, f, rows))[1])
     bundle = load_data(DataConfig(str(disk)))
     assert set(reads) == {"label.npy"}
     meta = json.loads((disk / "meta.json").read_text())
@@ -305,3 +305,13 @@ def test_training_from_disk_gives_the_same_weights(disk, tmp_path):
         weights[where] = load_tensors(tmp_path / where / "model.safetensors")
     assert weights["memory"].keys() == weights["disk"].keys()
     assert all(torch.equal(weights["memory"][k], weights["disk"][k]) for k in weights["memory"])
+
+
+def test_convert_refusals_name_python_parameters(tiny_bundle, tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(DataError, match="already exists; pass force=True to replace it") as info:
+        convert(tiny_bundle, tmp_path / "x")
+    assert info.value.param == "force"
+    with pytest.raises(DataError, match="uint8 names modality 'strong', which has no valid range") as info:
+        convert(tiny_bundle, tmp_path / "y", uint8=["strong"])
+    assert info.value.param == "uint8" and not (tmp_path / "y").exists()

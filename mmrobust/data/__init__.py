@@ -1,7 +1,5 @@
 """Data layer: the batch protocol, bundled and user datasets."""
 
-from mmrobust.data import avdigits as _avdigits  # noqa: F401  (registers "avdigits")
-from mmrobust.data import synthetic as _synthetic  # noqa: F401  (registers "synthetic")
 from mmrobust.data.base import (
     Batch,
     DataBundle,
@@ -12,7 +10,7 @@ from mmrobust.data.base import (
     validate_batch,
     validate_split,
 )
-from mmrobust.data.registry import DATASETS, DataConfig, load_data
+from mmrobust.data.registry import DATASETS, DataConfig, dataset_folder, load_data
 
 __all__ = [
     "DATASETS",
@@ -22,6 +20,7 @@ __all__ = [
     "DatasetMeta",
     "ModalitySpec",
     "Split",
+    "dataset_folder",
     "iterate_batches",
     "load_data",
     "validate_batch",

@@ -165,7 +165,8 @@ def mel_filterbank(
     if empty:
         raise ConfigError(
             f"{n_mels} mel bands are too many for n_fft {n_fft} at {sample_rate} Hz: {empty} band(s) get no FFT bin; "
-            "lower --n-mels or raise --n-fft"
+            "lower n_mels or raise n_fft",
+            param=("n_mels", "n_fft"),
         )
     return fb.astype(np.float32)
 

@@ -77,7 +77,8 @@ def _check_member_sizes(zf: zipfile.ZipFile, path: Path, limit: int) -> None:
             name = info.filename.removesuffix(".npy")
             raise DataError(
                 f"{path}: array '{name}' declares shape {tuple(shape)} ({size:,} bytes), over the limit of "
-                f"{limit:,} bytes; raise it with --data-opt max_array_gb=N or $MMROBUST_MAX_ARRAY_GB"
+                f"{limit:,} bytes; raise it with the data option max_array_gb or $MMROBUST_MAX_ARRAY_GB",
+                param="max_array_gb",
             )
 
 
@@ -206,7 +207,8 @@ def load_folder(path: str | Path, seed: int = 0, **options: Any) -> DataBundle:
     if "normalize" in meta_json and "normalize_inputs" in options and meta_json["normalize"] != opts.normalize_inputs:
         raise DataError(
             f"{root / 'meta.json'}: 'normalize' is {str(meta_json['normalize']).lower()} but "
-            f"--data-opt normalize_inputs={str(opts.normalize_inputs).lower()}; make them agree"
+            f"the data option normalize_inputs is {str(opts.normalize_inputs).lower()}; make them agree",
+            param="normalize_inputs",
         )
     do_norm = bool(meta_json.get("normalize", opts.normalize_inputs))
     splits = {"train.npz": _to_split(_read_npz(root / "train.npz", limit), f"{root / 'train.npz'}")}

@@ -55,6 +55,14 @@ AUDIO, VIDEO = "audio", "video"
 _SPLIT_NAMES = set(SPLITS)
 
 
+def _check_range(value: float, low: float | None, high: float | None, name: str, *, low_open: bool = False) -> None:
+    """:func:`~mmrobust.options.check_range` of the option ``name``, its error carrying ``param=name``."""
+    try:
+        check_range(value, low, high, name, low_open=low_open)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), param=name) from None
+
+
 @dataclass
 class ImportOptions:
     """Options of ``mmrobust data import-av`` (one field per flag)."""
@@ -80,29 +88,34 @@ class ImportOptions:
     name: str | None = None  # dataset name (default: SRC's folder name)
 
     def __post_init__(self) -> None:
-        check_range(self.frames, 1, 256, "--frames")
-        check_range(self.size, 1, 4096, "--size")
-        check_range(self.n_mels, 1, 1024, "--n-mels")
-        check_range(self.n_fft, 8, 1 << 16, "--n-fft")
-        check_range(self.hop, 1, self.n_fft, "--hop")
-        check_range(self.sample_rate, 1000, 384000, "--sample-rate")
-        check_range(self.seconds, 0, 3600, "--seconds", low_open=True)
-        check_range(self.frame_std, 0, None, "--frame-std", low_open=True)
-        check_range(self.workers, 0, 256, "--workers")
-        check_range(self.val, 0, 1, "--val")
-        check_range(self.test, 0, 1, "--test")
+        _check_range(self.frames, 1, 256, "frames")
+        _check_range(self.size, 1, 4096, "size")
+        _check_range(self.n_mels, 1, 1024, "n_mels")
+        _check_range(self.n_fft, 8, 1 << 16, "n_fft")
+        _check_range(self.hop, 1, self.n_fft, "hop")
+        _check_range(self.sample_rate, 1000, 384000, "sample_rate")
+        _check_range(self.seconds, 0, 3600, "seconds", low_open=True)
+        _check_range(self.frame_std, 0, None, "frame_std", low_open=True)
+        _check_range(self.workers, 0, 256, "workers")
+        _check_range(self.val, 0, 1, "val")
+        _check_range(self.test, 0, 1, "test")
         if self.val + self.test >= 1:
-            raise ConfigError(f"--val + --test must be < 1, got {self.val} + {self.test}")
+            raise ConfigError(f"val + test must be < 1, got {self.val} + {self.test}", param=("val", "test"))
         if self.spectrogram not in audio.SPECTROGRAMS:
-            raise ConfigError(f"--spectrogram must be one of {', '.join(audio.SPECTROGRAMS)}, got {self.spectrogram!r}")
+            raise ConfigError(
+                f"spectrogram must be one of {', '.join(audio.SPECTROGRAMS)}, got {self.spectrogram!r}",
+                param="spectrogram",
+            )
         if self.spec_dtype not in ("float32", "float16"):
-            raise ConfigError(f"--spec-dtype must be float32 or float16, got {self.spec_dtype!r}")
+            raise ConfigError(f"spec_dtype must be float32 or float16, got {self.spec_dtype!r}", param="spec_dtype")
         if self.spectrogram == "logmel":
             audio.mel_filterbank(self.sample_rate, self.n_fft, self.n_mels)  # refuses empty bands
         if self.classes is not None:
             names = [c.strip() for c in self.classes.split(",")]
             if len(names) < 2 or not all(names) or len(set(names)) != len(names):
-                raise ConfigError(f"--classes must list at least 2 distinct non-empty names, got {self.classes!r}")
+                raise ConfigError(
+                    f"classes must list at least 2 distinct non-empty names, got {self.classes!r}", param="classes"
+                )
 
     @property
     def samples(self) -> int:
@@ -196,13 +209,13 @@ def scan_class_folders(src: Path, opts: ImportOptions) -> tuple[list[Clip], list
     """Clips of the ``SRC/<class>/<clip_id>/`` layout; files at the top of SRC are ignored."""
     class_dirs = [p for p in _visible(src) if p.is_dir()]
     if not class_dirs:
-        raise DataError(f"{src}: no class folders (expected SRC/<class>/<clip_id>/; or pass --csv)")
+        raise DataError(f"{src}: no class folders (expected SRC/<class>/<clip_id>/; or pass csv=FILE)", param="csv")
     given = _class_list(opts)
     names = given if given is not None else [p.name for p in class_dirs]
     if given is not None:
         unknown = [p.name for p in class_dirs if p.name not in given]
         if unknown:
-            raise DataError(f"{src}: class folder(s) {unknown} not in --classes {given}")
+            raise DataError(f"{src}: class folder(s) {unknown} not in classes {given}", param="classes")
     if len(names) < 2:
         raise DataError(f"{src}: found {len(names)} class folder ({names[0]}); need at least 2 classes")
     clips: list[Clip] = []
@@ -210,7 +223,7 @@ def scan_class_folders(src: Path, opts: ImportOptions) -> tuple[list[Clip], list
     for label, name in enumerate(names):
         cdir = src / name
         if not cdir.is_dir():
-            raise DataError(f"{cdir}: class '{name}' of --classes has no folder")
+            raise DataError(f"{cdir}: class '{name}' of classes has no folder", param="classes")
         entries = [p for p in _visible(cdir) if p.is_dir()]
         for p in _visible(cdir):
             if p.is_dir() or (p.suffix.lower() == ".wav" and (cdir / p.stem).is_dir()):
@@ -218,7 +231,8 @@ def scan_class_folders(src: Path, opts: ImportOptions) -> tuple[list[Clip], list
             if p.suffix.lower() == ".wav":
                 raise DataError(f"{p}: a WAV without its frame folder {p.stem}/ beside it")
             raise DataError(
-                f"{cdir}: unexpected file '{p.name}'; a class folder holds one folder per clip (a CSV layout? pass --csv)"
+                f"{cdir}: unexpected file '{p.name}'; a class folder holds one folder per clip (a CSV layout? pass csv=FILE)",
+                param="csv",
             )
         if not entries:
             raise DataError(f"{cdir}: class '{name}' has no clips")
@@ -273,7 +287,10 @@ def scan_csv(src: Path, csv_path: Path, opts: ImportOptions) -> tuple[list[Clip]
     index = {n: i for i, n in enumerate(names)}
     for line, clip_id, label, _ in rows:
         if label not in index:
-            raise DataError(f"{csv_path}:{line}: clip '{clip_id}' has unknown label '{label}'; --classes lists {names}")
+            raise DataError(
+                f"{csv_path}:{line}: clip '{clip_id}' has unknown label '{label}'; classes lists {names}",
+                param="classes",
+            )
     if len(names) < 2:
         raise DataError(f"{csv_path}: found {len(names)} class ('{names[0]}'); need at least 2 classes")
     return [Clip(cid, index[lab], src / cid, sp) for _, cid, lab, sp in rows], names
@@ -299,7 +316,9 @@ def check_clip(clip: Clip, opts: ImportOptions) -> ClipFiles:
         raise DataError(f"clip '{clip.clip_id}': {len(wavs)} WAV files ({names}); keep one")
     if len(images) < opts.frames:
         raise DataError(
-            f"clip '{clip.clip_id}': {len(images)} frame(s) (*.jpg, *.jpeg, *.png) in {clip.folder}, --frames needs {opts.frames}"
+            f"clip '{clip.clip_id}': frames={opts.frames}, but it has {len(images)} (*.jpg, *.jpeg, *.png) "
+            f"in {clip.folder}",
+            param="frames",
         )
     chosen = [images[i] for i in even_indices(len(images), opts.frames)]
     image_mod = _pillow()
@@ -383,7 +402,9 @@ def plan_import(src: str | Path, opts: ImportOptions) -> ImportPlan:
             good.append((clip, check_clip(clip, opts)))
         except DataError as exc:
             if not opts.skip_bad:
-                raise DataError(f"{exc} (or pass --skip-bad to skip bad clips)") from None
+                raise DataError(
+                    f"{exc} (or pass skip_bad=True to skip bad clips)", param=(*exc.params, "skip_bad")
+                ) from None
             skipped.append((clip.clip_id, str(exc)))
     counts = np.bincount([c.label for c, _ in good], minlength=len(names))
     empty = [names[k] for k in np.flatnonzero(counts == 0)]
@@ -410,7 +431,7 @@ def plan_import(src: str | Path, opts: ImportOptions) -> ImportPlan:
             where = (
                 "the CSV's split column"
                 if any(x is not None for x in given)
-                else f"--val {opts.val} --test {opts.test}"
+                else f"the fractions val={opts.val}, test={opts.test}"
             )
             raise DataError(
                 f"{src}: split '{s}' gets no clips from {where} ({len(good)} usable clips); every split needs one"
@@ -496,7 +517,7 @@ def import_av(
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if dst.exists() and not force:
-        raise DataError(f"{dst}: already exists; pass --force to replace it")
+        raise DataError(f"{dst}: already exists; pass force=True to replace it", param="force")
     if dst.resolve().is_relative_to(src.resolve()):
         raise ConfigError(f"DST {dst} lies inside SRC {src}; choose a folder outside it")
     plan = plan_import(src, opts)

@@ -12,8 +12,23 @@ from mmrobust.data.base import DataBundle, validate_split
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.registry import Registry
 
-#: name -> ``loader(seed, **options) -> DataBundle``
-DATASETS: Registry[Callable[..., DataBundle]] = Registry("dataset")
+#: name -> ``loader(seed, **options) -> DataBundle``; the bundled datasets register on first look-up
+DATASETS: Registry[Callable[..., DataBundle]] = Registry(
+    "dataset", modules=("mmrobust.data.avdigits", "mmrobust.data.synthetic")
+)
+
+
+def dataset_folder(name: str) -> Path | None:
+    """The folder a dataset name stands for (absolute, ``~`` expanded), or None when it is not a folder.
+
+    The one rule for "is this dataset name a folder": a name that is not a registered dataset is a
+    folder when it is written like a path (holds ``/``, starts with ``.`` or ``~``) or names an
+    existing directory. A registered name wins over a directory of the same name. Whether a path-like
+    name exists is not checked here: loading it says so.
+    """
+    if name in DATASETS or not ("/" in name or name.startswith((".", "~")) or Path(name).is_dir()):
+        return None
+    return Path(name).expanduser().absolute()
 
 
 @dataclass
@@ -31,13 +46,10 @@ class DataConfig:
             raise ConfigError(f"seed must be an integer in 0..2^63-1, got {self.seed!r}")
         if not isinstance(self.options, dict):
             raise ConfigError(f"data options must be a mapping of KEY: VALUE, got {self.options!r}")
-        if self.name not in DATASETS and _looks_like_path(self.name):
+        folder = dataset_folder(self.name)
+        if folder is not None:
             # a run must find its data from any working directory: keep folders as absolute paths
-            self.name = str(Path(self.name).expanduser().absolute())
-
-
-def _looks_like_path(name: str) -> bool:
-    return "/" in name or name.startswith((".", "~")) or Path(name).is_dir()
+            self.name = str(folder)
 
 
 def fingerprint(bundle: DataBundle) -> str:
@@ -68,19 +80,19 @@ def load_data(cfg: DataConfig) -> DataBundle:
     if cfg.name in DATASETS:
         bundle = DATASETS.get(cfg.name)(seed=cfg.seed, **cfg.options)
         check_finite = True
-    elif is_ondisk(cfg.name):
-        # streamed from disk: values were validated once when written, shapes/dtypes at open
-        bundle = open_ondisk(cfg.name, seed=cfg.seed, **cfg.options)
-        check_finite = False
-    elif Path(cfg.name).exists() or "/" in cfg.name or cfg.name.startswith("."):
-        from mmrobust.data.folder import load_folder
-
-        bundle = load_folder(cfg.name, seed=cfg.seed, **cfg.options)
-        check_finite = False  # load_folder checked every value once, before fitting the normalisation
-    else:
+    elif (folder := dataset_folder(cfg.name)) is None:
         raise DataError(
             f"unknown dataset '{cfg.name}': not a registered name ({', '.join(DATASETS.names())}) nor an existing folder"
         )
+    elif is_ondisk(folder):
+        # streamed from disk: values were validated once when written, shapes/dtypes at open
+        bundle = open_ondisk(folder, seed=cfg.seed, **cfg.options)
+        check_finite = False
+    else:
+        from mmrobust.data.folder import load_folder
+
+        bundle = load_folder(folder, seed=cfg.seed, **cfg.options)
+        check_finite = False  # load_folder checked every value once, before fitting the normalisation
     if bundle.source.get("format") is None:
         for split in ("train", "val", "test"):
             validate_split(bundle.meta, bundle.split(split), f"{bundle.meta.name}/{split}", check_finite=check_finite)
