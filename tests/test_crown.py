@@ -282,7 +282,7 @@ def test_cli_certifies_with_crown_and_smoothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mmrobust: error:") and "crown: unknown norm 'l3'" in err[-1]
     doc = json.loads((out / "certify.json").read_text())
-    assert set(doc["estimators"]) >= {"crown", "smoothing"}
+    assert set(doc["certifiers"]) >= {"crown", "smoothing"}
 
 
 def test_intermediate_crown_is_chunked_exactly_and_never_looser_than_interval_bounds():
