@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -135,7 +136,7 @@ def test_empirical_pair_tau_matches_per_row_gradient_norms(tiny_bundle):
     torch.manual_seed(0)
     model = build_model(tiny_bundle.meta, ModelConfig(feature_dim=16)).eval()
     data = tiny_bundle.train.subset(slice(0, 50))
-    hl = head_lipschitz(model, tiny_bundle.meta, "empirical", data, max_samples=None)
+    hl = head_lipschitz(model, tiny_bundle.meta, "empirical", data, fit_samples=None)
     for m in model.modalities:
         rows, c, pairs = pair_rows(model.head.modality_weight(m))
         direct = score_gradient_norms(model, data.inputs, m, rows).max(0).values.double()
@@ -234,7 +235,9 @@ def test_cli_certify_writes_both_estimators_and_plots(tmp_path, capsys):
     assert main(["certify", str(out), "--lipschitz-samples", "50"]) == 0
     assert "ESTIMATE" in capsys.readouterr().out
     doc = json.loads((out / "certify.json").read_text())
-    sound, emp = doc["estimators"]["sound"], doc["estimators"]["empirical"]
+    assert doc["schema_version"] == 2 and doc["certifiers"] == doc["estimators"]  # old key kept for one release
+    sound, emp = doc["certifiers"]["sound"], doc["certifiers"]["empirical"]
+    assert emp["options"]["fit_samples"] == 50 and "max_samples" not in emp["options"]  # --lipschitz-samples
     assert sound["guarantee"] and not emp["guarantee"] and "NOT an upper bound" in emp["note"]
     assert sound["certified_accuracy"]["radii"] == [0.0, 0.01, 0.1]
     assert sound["certified_accuracy"]["joint"][0] == pytest.approx(sound["clean_accuracy"])
@@ -257,8 +260,12 @@ def test_cli_certify_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 5 and all(line.startswith("mmrobust: error:") for line in err)
     assert "unknown certifier 'guess'; choose from: " in err[2] and "empirical" in err[2] and "sound" in err[2]
-    assert "certifier 'empirical': unknown option(s) ['max_sampels']; valid: batch_size, max_samples, theorem" in err[3]
-    assert "certifier 'sound': unknown option(s) ['max_samples']; valid: theorem" in err[4]
+    assert (
+        "certifier 'empirical': unknown option(s) ['max_sampels']; valid: batch_size, fit_samples, max_samples, theorem"
+        in err[3]
+    )
+    # --lipschitz-samples is the empirical certifier's fit_samples (max_samples before the rename)
+    assert re.search(r"certifier 'sound': unknown option\(s\) \['(fit|max)_samples'\]; valid: theorem", err[4])
 
 
 def test_concat_form_on_an_orthogonal_head_is_never_looser_than_theorem_3_5(tiny_bundle):
@@ -302,3 +309,94 @@ def test_python_api_sizes_certification_batches_to_the_memory_budget(monkeypatch
     assert seen == [3] and probes == ["1GB"]  # sized by the probe, with the caller's budget
     certify_model(model, meta, split, Recording(), batch_size=5)
     assert seen == [3, 5] and probes == ["1GB"]  # an explicit batch skips the probe
+
+
+def test_fit_samples_has_the_deprecated_alias_max_samples():
+    import dataclasses
+
+    from mmrobust.certify.estimators import FIT_SAMPLES, EmpiricalOptions
+    from mmrobust.certify.runner import build_certifier
+
+    assert EmpiricalOptions().fit_samples == FIT_SAMPLES
+    assert EmpiricalOptions(fit_samples=None).fit_samples is None
+    with pytest.warns(DeprecationWarning, match="max_samples is deprecated, use fit_samples"):
+        opts = build_certifier("empirical", {"max_samples": "7"}).options
+    assert opts.fit_samples == 7
+    assert dataclasses.replace(opts, theorem="3.3").fit_samples == 7  # the alias does not travel
+    with pytest.warns(DeprecationWarning):
+        assert EmpiricalOptions(max_samples=None).fit_samples is None
+    with pytest.raises(ConfigError, match="give fit_samples or its deprecated alias max_samples, not both") as exc:
+        EmpiricalOptions(fit_samples=3, max_samples=4)
+    assert exc.value.param == "fit_samples"
+    with pytest.raises(ConfigError, match="fit_samples must be an integer >= 1, got 0"):
+        EmpiricalOptions(fit_samples=0)
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="max_samples must be an integer >= 1"):
+        EmpiricalOptions(max_samples=0)  # the message names the parameter as given
+
+
+def test_empirical_lipschitz_takes_fit_samples_and_the_old_keyword(tiny_bundle):
+    from mmrobust.certify.lipschitz import empirical_lipschitz
+
+    torch.manual_seed(0)
+    model = build_model(tiny_bundle.meta, ModelConfig(feature_dim=8)).eval()
+    rows = {m: model.head.modality_weight(m).detach() for m in model.modalities}
+    new = empirical_lipschitz(model, tiny_bundle.train, rows, batch_size=8, fit_samples=12)
+    with pytest.warns(DeprecationWarning):
+        old = empirical_lipschitz(model, tiny_bundle.train, rows, batch_size=8, max_samples=12)
+    assert all(torch.equal(new[m], old[m]) for m in rows)
+    with pytest.raises(ConfigError, match="not both"):
+        empirical_lipschitz(model, tiny_bundle.train, rows, fit_samples=1, max_samples=1)
+
+
+def test_load_certify_reads_files_of_every_schema_version(tmp_path):
+    from mmrobust.certify.runner import load_certify
+
+    entry = {"estimator": "sound", "guarantee": True}
+    (tmp_path / "certify.json").write_text(json.dumps({"run": "r", "estimators": {"sound": entry}}))  # schema 1
+    old = load_certify(tmp_path)
+    assert old["schema_version"] == 1 and old["certifiers"] == old["estimators"]
+    assert old["certifiers"]["sound"]["certifier"] == "sound"
+    new = {"schema_version": 2, "certifiers": {"crown": {"certifier": "crown"}}}
+    (tmp_path / "certify.json").write_text(json.dumps(new))
+    assert load_certify(tmp_path / "certify.json")["estimators"] == {"crown": {"certifier": "crown"}}
+
+
+def test_registries_find_their_built_ins_without_explicit_imports():
+    import subprocess
+    import sys
+
+    code = (
+        "from mmrobust.certify.base import CERTIFIERS; from mmrobust.models.encoders import ENCODERS; "
+        "from mmrobust.models.heads import HEADS; "
+        "print(CERTIFIERS.names(), 'lip-cnn' in ENCODERS, HEADS.names(), CERTIFIERS.get('crown').name)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "['crown', 'empirical', 'smoothing', 'sound'] True ['concat', 'orthogonal'] crown"
+
+
+def _imports(path) -> set[str]:
+    """Every module a source file imports, function-local imports included."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_compute_modules_do_not_touch_run_folders_and_models_import_no_upper_floor():
+    from pathlib import Path
+
+    import mmrobust
+
+    root = Path(mmrobust.__file__).parent
+    for f in sorted((root / "certify").glob("*.py")):
+        if f.name not in ("runner.py", "results.py", "__init__.py"):
+            assert not any(n.startswith("mmrobust.runs") for n in _imports(f)), f.name
+    upper = ("mmrobust.certify", "mmrobust.eval", "mmrobust.attacks", "mmrobust.training", "mmrobust.runs",
+             "mmrobust.config")  # fmt: skip
+    for f in sorted((root / "models").glob("*.py")):
+        assert not any(n.startswith(upper) for n in _imports(f)), f.name

@@ -42,15 +42,15 @@ def test_cli_certify_several_certifiers_side_by_side(tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny_config(epochs=2), out=out)
     argv = ["certify", str(out), "--lipschitz", "sound,empirical,smoothing", "--radii", "0,0.1",
-            "--cert-opt", "empirical:max_samples=20", "--cert-opt", "smoothing:n=20", "--cert-opt", "smoothing:n0=5",
+            "--cert-opt", "empirical:fit_samples=20", "--cert-opt", "smoothing:n=20", "--cert-opt", "smoothing:n0=5",
             "--cert-opt", "smoothing:unimodal=false"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "GUARANTEE" in printed and "ESTIMATE" in printed and "PROBABILISTIC" in printed
     doc = json.loads((out / "certify.json").read_text())
-    est = doc["estimators"]
+    est = doc["certifiers"]
     assert set(est) == {"sound", "empirical", "smoothing"}
-    assert est["empirical"]["options"]["max_samples"] == 20 and est["smoothing"]["options"]["n"] == 20
+    assert est["empirical"]["options"]["fit_samples"] == 20 and est["smoothing"]["options"]["n"] == 20
     assert (out / "certified_accuracy.png").stat().st_size > 1000
     # an option no chosen certifier has is still a one-line error, before any work
     assert main(["certify", str(out), "--lipschitz", "sound,crown", "--cert-opt", "crown:stepz=3"]) == 2

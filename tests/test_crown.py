@@ -10,7 +10,10 @@ import torch
 from torch import nn
 
 from mmrobust.certify.base import CERTIFIERS, CertifyContext, Guarantee
-from mmrobust.certify.crown import CrownOptions, EncoderBounds, ModelBounds, build_ops, crown_radii, run_forward
+from mmrobust.certify.crown import CrownOptions, ModelBounds, crown_radii
+from mmrobust.certify.crown_encoder import EncoderBounds
+from mmrobust.certify.crown_layers import build_ops
+from mmrobust.certify.crown_ops import run_forward
 from mmrobust.certify.runner import certify_model
 from mmrobust.certify.soundness import min_adversarial_norm
 from mmrobust.data.base import DatasetMeta, ModalitySpec, Split
@@ -225,21 +228,22 @@ def test_an_unsupported_encoder_is_named_by_its_modality():
         "v", [ModalitySpec("clip", "video", (2, 3, 8, 8)), ModalitySpec("x", "vector", (4,))], ["a", "b"]
     )
     model = build_model(meta, ModelConfig(feature_dim=8))
-    with pytest.raises(ConfigError, match=r"video ResNet18 'encoders\.clip' \(frame folding\); use --lipschitz sound"):
+    with pytest.raises(ConfigError, match=r"video ResNet18 'encoders\.clip' \(frame folding\); use certifier='sound'"):
         crown_radii(
             model, meta, Split({"clip": torch.zeros(1, 2, 3, 8, 8), "x": torch.zeros(1, 4)}, torch.zeros(1).long())
         )
 
 
 def test_unsupported_layers_are_one_line_errors():
-    with pytest.raises(ConfigError, match=r"'1' \(MaxPool2d\).*--lipschitz sound"):
+    with pytest.raises(ConfigError, match=r"'1' \(MaxPool2d\).*use certifier='sound'") as exc:
         build_ops(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(3, 2, 1)), (1, 8, 8))
+    assert exc.value.param == "certifier"
 
     class Weird(nn.Module):
         def forward(self, x):
             return x * 2
 
-    with pytest.raises(ConfigError, match=r"CROWN does not support layer '0' \(Weird\); use --lipschitz sound"):
+    with pytest.raises(ConfigError, match=r"CROWN does not support layer '0' \(Weird\); use certifier='sound'"):
         build_ops(nn.Sequential(Weird()), (3,))
 
 
@@ -278,7 +282,7 @@ def test_cli_certifies_with_crown_and_smoothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mmrobust: error:") and "crown: unknown norm 'l3'" in err[-1]
     doc = json.loads((out / "certify.json").read_text())
-    assert set(doc["estimators"]) >= {"crown", "smoothing"}
+    assert set(doc["certifiers"]) >= {"crown", "smoothing"}
 
 
 def test_intermediate_crown_is_chunked_exactly_and_never_looser_than_interval_bounds():

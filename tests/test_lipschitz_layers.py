@@ -7,7 +7,9 @@ import torch
 from torch import nn
 from torch.func import jvp, vjp
 
-from mmrobust.certify.crown import EncoderBounds, build_ops, run_forward
+from mmrobust.certify.crown_encoder import EncoderBounds
+from mmrobust.certify.crown_layers import build_ops
+from mmrobust.certify.crown_ops import run_forward
 from mmrobust.certify.estimators import head_lipschitz
 from mmrobust.certify.sound import chain_units, sound_lipschitz
 from mmrobust.config import RunConfig

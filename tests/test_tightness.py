@@ -81,7 +81,7 @@ def test_cli_certify_tightness_writes_ratios(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     assert main(["certify", str(run), "--lipschitz", "sound", "--tightness", "4"]) == 0
-    t = json.loads((run / "certify.json").read_text())["estimators"]["sound"]["tightness"]
+    t = json.loads((run / "certify.json").read_text())["certifiers"]["sound"]["tightness"]
     assert t["samples"] == 4 and t["violations"] == 0 and t["threat"] == "joint"
     assert all(0 <= c <= a for c, a in zip(t["certified"], t["attack_radius"], strict=True))
     assert "median certified / smallest attack radius" in " ".join(capsys.readouterr().out.split())

@@ -4,8 +4,9 @@ Public API (loaded lazily so that importing one submodule stays cheap)::
 
     from mmrobust.certify import certify_run, certify_model, CERTIFIERS, soundness_check
 
-A new certifier is a :class:`~mmrobust.certify.base.Certifier` subclass registered in
-``CERTIFIERS`` inside a module listed in :data:`CERTIFIER_MODULES` (the one registration point).
+A new certifier is a :class:`~mmrobust.certify.base.Certifier` subclass registered with
+``@CERTIFIERS.register("name")``; ``CERTIFIERS`` imports the modules of the built-in certifiers on its
+first look-up (:mod:`mmrobust.registry`), a user's module is imported by the user.
 """
 
 from __future__ import annotations
@@ -13,25 +14,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-#: modules whose import registers certifiers in ``CERTIFIERS`` (add one line per new module)
-CERTIFIER_MODULES = [
-    "mmrobust.certify.estimators",  # empirical, sound
-    "mmrobust.certify.crown",  # crown (linear bound propagation)
-    "mmrobust.certify.smoothing",  # smoothing (randomized smoothing, probabilistic)
-]
-
-
-def load_certifiers() -> None:
-    """Import every certifier module so that ``CERTIFIERS`` knows all names (idempotent)."""
-    for name in CERTIFIER_MODULES:
-        importlib.import_module(name)
-
-
 _API = {
     "certify_run": "mmrobust.certify.runner",
     "certify_model": "mmrobust.certify.runner",
     "build_certifier": "mmrobust.certify.runner",
+    "certify_run_many": "mmrobust.certify.runner",
     "load_certify": "mmrobust.certify.runner",
+    "normalize_certify": "mmrobust.certify.results",
     "CertifyResult": "mmrobust.certify.results",
     "CERTIFIERS": "mmrobust.certify.base",
     "Certificate": "mmrobust.certify.base",
@@ -59,4 +48,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mmrobust.certify' has no attribute '{name}'")
 
 
-__all__ = ["CERTIFIER_MODULES", "load_certifiers", *_API]
+__all__ = list(_API)

@@ -10,6 +10,7 @@ print, plot or write.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -17,7 +18,25 @@ from typing import Any, ClassVar
 import torch
 
 from mmrobust.data.base import DatasetMeta, Split
+from mmrobust.errors import ConfigError
 from mmrobust.registry import Registry
+
+#: the default of a parameter that has a deprecated alias: tells "not given" from every given value
+UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET"})()
+
+
+def resolve_alias(name: str, value: Any, alias: str, alias_value: Any, default: Any, where: str) -> tuple[Any, str]:
+    """``(value, the name it was given under)`` for a parameter ``name`` with the deprecated ``alias``.
+
+    Either may be given (the alias with a :class:`DeprecationWarning`), not both (a
+    :class:`ConfigError` naming both); neither gives ``default``. Unset ones are :data:`UNSET`.
+    """
+    if alias_value is UNSET:
+        return (default if value is UNSET else value), name
+    if value is not UNSET:
+        raise ConfigError(f"{where}: give {name} or its deprecated alias {alias}, not both", param=name)
+    warnings.warn(f"{where}: {alias} is deprecated, use {name}", DeprecationWarning, stacklevel=3)
+    return alias_value, alias
 
 
 class Guarantee(StrEnum):
@@ -67,7 +86,7 @@ class Certifier:
     """A certifier. Subclasses set ``Options`` (a dataclass validated in ``__post_init__``) and
     ``guarantee``, and implement :meth:`certify`."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str]  # set by ``CERTIFIERS.register(name)``
     guarantee: ClassVar[Guarantee] = Guarantee.SOUND
     Options: ClassVar[type] = object
 
@@ -78,4 +97,13 @@ class Certifier:
         raise NotImplementedError
 
 
-CERTIFIERS: Registry[type[Certifier]] = Registry("certifier")
+#: the certifiers by name; the listed modules register the built-in ones (a new certifier module is
+#: added here, or imported by the user before the look-up)
+CERTIFIERS: Registry[type[Certifier]] = Registry(
+    "certifier",
+    modules=(
+        "mmrobust.certify.estimators",  # empirical, sound
+        "mmrobust.certify.crown",  # crown (linear bound propagation)
+        "mmrobust.certify.smoothing",  # smoothing (randomized smoothing, probabilistic)
+    ),
+)

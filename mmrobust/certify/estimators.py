@@ -11,12 +11,21 @@ also carries the vulnerability indicators ``eta``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from mmrobust.certify.base import CERTIFIERS, Certificate, Certifier, CertifyContext, Guarantee, Radii
+from mmrobust.certify.base import (
+    CERTIFIERS,
+    UNSET,
+    Certificate,
+    Certifier,
+    CertifyContext,
+    Guarantee,
+    Radii,
+    resolve_alias,
+)
 from mmrobust.certify.lipschitz import empirical_lipschitz, lipschitz_batch, score_jacobian
 from mmrobust.certify.radius import (
     certified_radii,
@@ -35,15 +44,20 @@ from mmrobust.models.heads import FusionHead, OrthogonalHead
 
 @dataclass
 class HeadLipschitz:
-    """What an estimator produced: ``pair_lip`` modality -> ``(K, K)``, ``tau`` modality -> ``(K, K)``
+    """What a Lipschitz certifier produced: ``pair_lip`` modality -> ``(K, K)``, ``tau`` modality -> ``(K, K)``
     (concat: per class pair) or ``(K,)`` (orthogonal: per class), and whether it is a guarantee."""
 
-    estimator: str
+    certifier: str
     guarantee: bool
     theorem: str
     pair_lip: dict[str, torch.Tensor]
     tau: dict[str, torch.Tensor]
     info: dict[str, Any]
+
+    @property
+    def estimator(self) -> str:
+        """Deprecated name of :attr:`certifier` (kept for one release)."""
+        return self.certifier
 
 
 THEOREMS = ("auto", "3.3", "3.5")
@@ -59,7 +73,10 @@ def resolve_theorem(model: LateFusionModel, theorem: str = "auto") -> bool:
     _check_theorem(theorem)
     orth = isinstance(model.head, OrthogonalHead)
     if theorem == "3.5" and not orth:
-        raise ConfigError("Theorem 3.5 needs an orthogonal head (train with a CRMT method or --method ojt); use 3.3")
+        raise ConfigError(
+            "Theorem 3.5 needs an orthogonal head (train with a CRMT method or method 'ojt'); use theorem='3.3'",
+            param="theorem",
+        )
     return orth and theorem != "3.3"
 
 
@@ -183,21 +200,37 @@ class LipschitzCertifier(Certifier):
         )  # fmt: skip
 
 
+#: default of the empirical certifier's ``fit_samples``
+FIT_SAMPLES = 512
+
+
 @dataclass
 class EmpiricalOptions:
-    """``max_samples``: fit samples the maximum runs over (None = all); ``theorem``: see :func:`resolve_theorem`."""
+    """``fit_samples``: samples of the fit data the maximum runs over (None = all, default
+    :data:`FIT_SAMPLES`); ``theorem``: see :func:`resolve_theorem`; ``batch_size``: samples per
+    Jacobian batch (0 = sized to the memory budget, :mod:`mmrobust.memory`).
 
-    max_samples: int | None = 512
+    ``max_samples`` is the deprecated name of ``fit_samples``, accepted for one release (read
+    ``fit_samples``: after construction ``max_samples`` is unset again). Elsewhere ``max_samples``
+    means evaluated samples.
+    """
+
+    fit_samples: int | None = UNSET
     theorem: str = "auto"
-    batch_size: int = 0  # samples per Jacobian batch; 0 = sized to the memory budget (mmrobust.memory)
+    batch_size: int = 0
+    max_samples: int | None = field(default=UNSET, repr=False)  # deprecated alias of fit_samples
+
+    #: deprecated option names -> the option they stand for (left out of the options a result records)
+    aliases: ClassVar[dict[str, str]] = {"max_samples": "fit_samples"}
 
     def __post_init__(self) -> None:
-        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
-            raise ConfigError(f"certifier 'empirical': max_samples must be an integer >= 1, got {self.max_samples!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 0:
-            raise ConfigError(
-                f"certifier 'empirical': batch_size must be an integer >= 0 (0 = auto), got {self.batch_size!r}"
-            )
+        where = "certifier 'empirical'"
+        n, key = resolve_alias("fit_samples", self.fit_samples, "max_samples", self.max_samples, FIT_SAMPLES, where)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError(f"{where}: {key} must be an integer >= 1, got {n!r}", param=key)
+        self.fit_samples, self.max_samples = n, UNSET  # UNSET again: dataclasses.replace() keeps working
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 0:
+            raise ConfigError(f"{where}: batch_size must be an integer >= 0 (0 = auto), got {self.batch_size!r}")
         _check_theorem(self.theorem)
 
 
@@ -205,7 +238,6 @@ class EmpiricalOptions:
 class EmpiricalCertifier(LipschitzCertifier):
     """Max over data of per-sample gradient norms of each uni-modal margin: an estimate, not a bound."""
 
-    name = "empirical"
     guarantee = Guarantee.ESTIMATE
     Options = EmpiricalOptions
     uses_fit_data = True
@@ -215,8 +247,8 @@ class EmpiricalCertifier(LipschitzCertifier):
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if data is None:
             raise ConfigError("certifier 'empirical' needs data to maximise the gradient norm over")
-        if self.options.max_samples is not None:
-            data = data.subset(slice(0, self.options.max_samples))
+        if self.options.fit_samples is not None:
+            data = data.subset(slice(0, self.options.fit_samples))
         k, bs = meta.num_classes, self.options.batch_size
         tau: dict[str, torch.Tensor]
         if orth:
@@ -261,7 +293,6 @@ class SoundOptions:
 class SoundCertifier(LipschitzCertifier):
     """Guaranteed upper bounds: spectral norms composed through each encoder (row-aware at the end)."""
 
-    name = "sound"
     guarantee = Guarantee.SOUND
     Options = SoundOptions
 
@@ -287,7 +318,7 @@ def head_lipschitz(
     model: LateFusionModel, meta: DatasetMeta, certifier: str, data: Split | None = None, **options: Any
 ) -> HeadLipschitz:
     """The pair matrices ``L^m[y, k]`` of a registered Lipschitz certifier with ``options``
-    (e.g. ``theorem="3.3"``, ``max_samples=None``)."""
+    (e.g. ``theorem="3.3"``, ``fit_samples=None``)."""
     cls = CERTIFIERS.get(certifier)
     if not issubclass(cls, LipschitzCertifier):
         raise ConfigError(f"certifier '{certifier}' does not estimate Lipschitz constants")

@@ -15,9 +15,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from mmrobust.certify.base import UNSET, resolve_alias
 from mmrobust.data.base import Batch, Split, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.memory import BatchPlan, jacobian_chunk, plan_batch
+from mmrobust.torchutil import to_device
 
 #: largest automatic batch of the Lipschitz estimate, (CPU, CUDA)
 LIPSCHITZ_CAP = (16, 64)
@@ -80,7 +82,7 @@ def lipschitz_batch(
     """
 
     def probe(n: int) -> None:
-        inputs = {k: v.to(device) for k, v in split.take(slice(0, n))[0].items()}
+        inputs = to_device(split.take(slice(0, n))[0], device)
         for m, r in rows.items():
             score_gradient_norms(model, inputs, m, r)
 
@@ -94,26 +96,30 @@ def empirical_lipschitz(
     split: Split,
     rows: dict[str, torch.Tensor],
     batch_size: int | None = None,
-    max_samples: int | None = None,
+    fit_samples: int | None = UNSET,
     device: str | torch.device = "cpu",
     memory_budget: str | int | None = "auto",
+    *,
+    max_samples: int | None = UNSET,
 ) -> dict[str, torch.Tensor]:
     """Max over the data of the local gradient norm of each row's uni-modal score, per modality.
 
-    ``rows`` maps modality -> ``(R, d_m)``; returns modality -> ``(R,)``. ``max_samples`` limits
-    the estimate to the first samples of ``split`` (faster, even less of a guarantee).
-    ``batch_size`` None sizes the batches (and, if one sample is too large, the Jacobian's row
-    chunks) to ``memory_budget``; the result does not depend on either.
+    ``rows`` maps modality -> ``(R, d_m)``; returns modality -> ``(R,)``. ``fit_samples`` limits
+    the estimate to the first samples of ``split`` (faster, even less of a guarantee; None = all;
+    ``max_samples`` is its deprecated name). ``batch_size`` None sizes the batches (and, if one
+    sample is too large, the Jacobian's row chunks) to ``memory_budget``; the result does not depend
+    on either.
     """
-    if max_samples is not None:
-        split = split.subset(slice(0, max_samples))
+    fit_samples, _ = resolve_alias("fit_samples", fit_samples, "max_samples", max_samples, None, "empirical_lipschitz")
+    if fit_samples is not None:
+        split = split.subset(slice(0, fit_samples))
     chunk = None
     if batch_size is None:
         plan, chunk = lipschitz_batch(model, split, rows, memory_budget, device)
         batch_size = plan.batch_size
     out = {m: torch.zeros(r.shape[0]) for m, r in rows.items()}
     for inputs, _ in iterate_batches(split, batch_size):
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs = to_device(inputs, device)
         for m, r in rows.items():
             norms = score_gradient_norms(model, inputs, m, r, chunk).max(0).values.cpu()
             out[m] = torch.maximum(out[m], norms)

@@ -4,7 +4,9 @@
 the split name and the optional soundness check; certified accuracy and the radius summary are
 derived from the per-sample radii. :meth:`CertifyResult.to_json` is the only place the entry is
 built; the keys of older files (``estimator``, ``guarantee``, ``certified_accuracy``, ``radii``,
-``vulnerability``, ...) are kept.
+``vulnerability``, ...) are kept. The document (:meth:`CertifyResult.document`) has a
+``schema_version`` (:data:`SCHEMA_VERSION`); its per-certifier entries are under ``certifiers`` and,
+for one release, also under the older key ``estimators``. :func:`normalize_certify` reads any version.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from mmrobust.certify.base import Certificate, Guarantee
 from mmrobust.certify.radius import certified_accuracy
 from mmrobust.certify.tightness import Tightness
 from mmrobust.runs import Run
+
+#: version of the ``certify.json`` layout (2: entries under ``certifiers``, ``estimators`` kept beside it)
+SCHEMA_VERSION = 2
 
 #: default radius grid (l2, in the model's input space) for certified accuracy
 DEFAULT_RADII = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -82,7 +87,8 @@ class CertifyResult:
                 "info": {**info["lipschitz"]["info"], "data_split": self.fit_split},
             }
         d: dict[str, Any] = {
-            "estimator": c.certifier,
+            "certifier": c.certifier,
+            "estimator": c.certifier,  # the name before schema 2: kept for one release
             "guarantee": self.is_guarantee,
             "guarantee_kind": c.guarantee.value,
             "alpha": c.alpha,
@@ -124,11 +130,31 @@ class CertifyResult:
 
     def document(self, run: Run, previous: dict[str, Any] | None = None) -> dict[str, Any]:
         """The ``certify.json`` document of ``run`` with this result's entry merged into ``previous``
-        (the entries of other certifiers are kept)."""
+        (the entries of other certifiers are kept; ``previous`` may be of any schema version)."""
+        entries = {**certify_entries(previous or {}), self.key: self.to_json()}
         return {
+            "schema_version": SCHEMA_VERSION,
             "run": str(run.path),
             "head": run.config.model.head,
             "modalities": run.model.modalities,
             "class_names": run.meta.class_names,
-            "estimators": {**(previous or {}).get("estimators", {}), self.key: self.to_json()},
+            "certifiers": entries,
+            "estimators": entries,  # the key before schema 2 (same entries): kept for one release
         }
+
+
+def certify_entries(doc: dict[str, Any]) -> dict[str, Any]:
+    """The per-certifier entries of a ``certify.json`` document of any schema version
+    (``certifiers`` since schema 2, ``estimators`` before; empty if it has neither)."""
+    entries = doc.get("certifiers", doc.get("estimators", {}))
+    return dict(entries) if isinstance(entries, dict) else {}
+
+
+def normalize_certify(doc: dict[str, Any]) -> dict[str, Any]:
+    """A ``certify.json`` document read from disk, with both keys of the entries (``certifiers``
+    and the older ``estimators``) and every entry's ``certifier`` (older files: ``estimator`` only)."""
+    entries = {
+        key: ({"certifier": e.get("estimator"), **e} if isinstance(e, dict) else e)
+        for key, e in certify_entries(doc).items()
+    }
+    return {**doc, "schema_version": doc.get("schema_version", 1), "certifiers": entries, "estimators": entries}

@@ -1,8 +1,8 @@
 """Certify a model or a run folder with any registered certifier; returns a :class:`CertifyResult`.
 
-Certifiers are found by name in :data:`~mmrobust.certify.base.CERTIFIERS` (see
-:func:`mmrobust.certify.load_certifiers`); their options are their ``Options`` dataclass, filled
-from a dict such as the CLI's ``--cert-opt KEY=VALUE``. Nothing here prints or writes: the CLI and
+Certifiers are found by name in :data:`~mmrobust.certify.base.CERTIFIERS` (which imports the
+built-in ones on its first look-up); their options are their ``Options`` dataclass, filled
+from a dict such as the CLI's ``KEY=VALUE`` certifier options. Nothing here prints or writes: the CLI and
 the demo show results and merge them into ``RUN/certify.json`` through :mod:`mmrobust.report.certify`.
 """
 
@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-from mmrobust.certify import load_certifiers
 from mmrobust.certify.base import CERTIFIERS, Certifier, CertifyContext
-from mmrobust.certify.results import DEFAULT_RADII, CertifyResult
+from mmrobust.certify.results import DEFAULT_RADII, CertifyResult, normalize_certify
 from mmrobust.data.base import DatasetMeta, Split
 from mmrobust.errors import ConfigError
 from mmrobust.io import read_json
@@ -31,7 +30,6 @@ CERTIFY_FILE = "certify.json"
 def build_certifier(name: str, options: Mapping[str, Any] | None = None) -> Certifier:
     """The registered certifier ``name`` with its ``Options`` filled from ``options`` (strings are
     coerced to the field types; an unknown key is a one-line error listing the known ones)."""
-    load_certifiers()
     cls = CERTIFIERS.get(name)
     return cls(build_options(cls.Options, dict(options or {}), f"certifier '{name}'"))
 
@@ -39,7 +37,7 @@ def build_certifier(name: str, options: Mapping[str, Any] | None = None) -> Cert
 def check_radii(radii: Sequence[float] | None) -> list[float]:
     grid = sorted(float(r) for r in (radii if radii is not None else DEFAULT_RADII))
     if not grid or any(not 0 <= r < float("inf") for r in grid):
-        raise ConfigError(f"radii must be finite and >= 0, got {grid}")
+        raise ConfigError(f"radii must be finite and >= 0, got {grid}", param="radii")
     return grid
 
 
@@ -83,6 +81,8 @@ def certify_model(
         certificate = cert.certify(model, meta, split, CertifyContext(fit_data=fit_data, batch_size=batch_size))
     opts = cert.options
     used = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) and not isinstance(opts, type) else {}
+    for alias in getattr(opts, "aliases", {}):  # deprecated option names: recorded under their new name only
+        used.pop(alias, None)
     reads_fit = getattr(cert, "uses_fit_data", False) and fit_data is not None
     return CertifyResult(certificate, split_name, grid, used, fit_split if reads_fit else None)
 
@@ -123,17 +123,17 @@ def certify_run_many(
 
     check_certify_precision(precision)
     if memory_budget is not None and memory_budget != "auto":
-        parse_bytes(memory_budget, "--memory-budget")
+        parse_bytes(memory_budget, "memory_budget")
     certs = [build_certifier(name, options) for name, options in certifiers]  # fail before any work
     if not certs:
         raise ConfigError("give at least one certifier")
     grid = check_radii(radii)
     if tightness_samples < 0:
-        raise ConfigError(f"--tightness must be >= 0, got {tightness_samples}")
-    if soundness_samples < 0 or attack_steps < 1:
-        raise ConfigError(
-            f"--check-soundness must be >= 0 and --attack-steps >= 1, got {soundness_samples}, {attack_steps}"
-        )
+        raise ConfigError(f"tightness_samples must be >= 0, got {tightness_samples}", param="tightness_samples")
+    if soundness_samples < 0:
+        raise ConfigError(f"soundness_samples must be >= 0, got {soundness_samples}", param="soundness_samples")
+    if attack_steps < 1:
+        raise ConfigError(f"attack_steps must be >= 1, got {attack_steps}", param="attack_steps")
     run = load_run(path, allow_data_change=allow_data_change)
     bundle = run.data()
     data = bundle.split(split)
@@ -171,7 +171,9 @@ def check_certify_precision(precision: str) -> None:
     """Certification runs in float32 only: anything else is a one-line error."""
     if precision != "fp32":
         raise ConfigError(
-            f"certification is always fp32 (a radius computed in {precision} is not a certificate); drop --precision"
+            f"certification is always fp32 (a radius computed in {precision} is not a certificate); "
+            "use precision='fp32'",
+            param="precision",
         )
 
 
@@ -184,13 +186,14 @@ def parse_radii(text: str) -> list[float]:
     try:
         radii = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"--radii: expected comma-separated numbers, got '{text}'") from None
+        raise ConfigError(f"radii: expected comma-separated numbers, got '{text}'", param="radii") from None
     if not radii or any(not r >= 0 or r == float("inf") for r in radii):
-        raise ConfigError(f"--radii: expected finite numbers >= 0, got '{text}'")
+        raise ConfigError(f"radii: expected finite numbers >= 0, got '{text}'", param="radii")
     return radii
 
 
 def load_certify(path: str | Path) -> dict[str, Any]:
-    """Read ``RUN/certify.json`` (or a path to the file itself)."""
+    """Read ``RUN/certify.json`` (or a path to the file itself), of any schema version: the entries
+    are under both ``certifiers`` and ``estimators`` (:func:`~mmrobust.certify.results.normalize_certify`)."""
     path = Path(path)
-    return read_json(path / CERTIFY_FILE if path.is_dir() else path)
+    return normalize_certify(read_json(path / CERTIFY_FILE if path.is_dir() else path))

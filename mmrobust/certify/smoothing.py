@@ -167,7 +167,6 @@ def smoothing_radii(
 class SmoothingCertifier(Certifier):
     """Randomized smoothing; a probabilistic certificate of the smoothed classifier (see module doc)."""
 
-    name = "smoothing"
     guarantee = Guarantee.PROBABILISTIC
     Options = SmoothingOptions
 

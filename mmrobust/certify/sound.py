@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmrobust.certify.linear_maps import vjp
 from mmrobust.errors import ConfigError
 from mmrobust.layer_rules import Unit, find_rule, register_layer
 from mmrobust.models.encoders import BasicBlock, ResNet18
@@ -374,7 +375,8 @@ def chain_units(module: nn.Module, in_shape: tuple[int, ...], prefix: str = "") 
     if rule is None:
         raise ConfigError(
             f"the sound Lipschitz bound does not support layer '{name}' ({type(module).__name__}); "
-            "use --lipschitz empirical, or register a bound for it with mmrobust.layer_rules.register_layer"
+            "use certifier='empirical', or register a bound for it with mmrobust.layer_rules.register_layer",
+            param="certifier",
         )
     return rule(name, module, shape)
 
@@ -396,14 +398,6 @@ def sound_lipschitz(module: nn.Module, input_shape: tuple[int, ...]) -> float:
         return chain_lipschitz(chain_units(module, input_shape))
     finally:
         module.train(was_training)
-
-
-def _vjp(fn: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple[int, ...], v: torch.Tensor) -> torch.Tensor:
-    """``A^T v`` for the linear part ``A`` of the affine map ``fn`` (rows of ``v`` are a batch)."""
-    x = torch.zeros(v.shape[0], *in_shape, dtype=torch.float64, requires_grad=True)
-    y = fn(x)
-    (g,) = torch.autograd.grad(y, x, v.reshape(y.shape))
-    return g
 
 
 def sound_row_lipschitz(
@@ -433,7 +427,7 @@ def sound_row_lipschitz(
         for i in range(len(units) - 1, -1, -1):
             u = units[i]
             if u.kind == "linear" and u.abs_fn is not None:
-                v = _vjp(u.fn, u.in_shape, v) if exact else _vjp(u.abs_fn, u.in_shape, v.abs())
+                v = vjp(u.fn, u.in_shape, v) if exact else vjp(u.abs_fn, u.in_shape, v.abs())
             elif u.kind == "act":
                 v, exact = v.abs(), False
             else:

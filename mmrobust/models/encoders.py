@@ -14,7 +14,10 @@ from mmrobust.data.base import ModalitySpec
 from mmrobust.errors import ConfigError
 from mmrobust.registry import Registry
 
-ENCODERS: Registry[type[nn.Module]] = Registry("encoder")
+#: the encoders by name; the listed modules register the built-in ones (1-Lipschitz encoders included)
+ENCODERS: Registry[type[nn.Module]] = Registry(
+    "encoder", modules=("mmrobust.models.encoders", "mmrobust.models.lipschitz")
+)
 
 
 @ENCODERS.register("mlp")

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from mmrobust.errors import ConfigError
 from mmrobust.registry import Registry
 
-HEADS: Registry[type[nn.Module]] = Registry("fusion head")
+HEADS: Registry[type[nn.Module]] = Registry("fusion head", modules=("mmrobust.models.heads",))
 
 
 class FusionHead(nn.Module):
@@ -89,7 +89,8 @@ class OrthogonalHead(FusionHead):
             if d < num_classes:
                 raise ConfigError(
                     f"orthogonal head: modality '{m}' has feature dimension {d} < {num_classes} classes; "
-                    f"orthonormal rows need d >= K (raise --feature-dim)"
+                    f"orthonormal rows need d >= K (raise feature_dim)",
+                    param="feature_dim",
                 )
         self.bases = nn.ModuleDict()
         for m, d in feature_dims.items():

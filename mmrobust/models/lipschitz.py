@@ -18,9 +18,9 @@ score has ``tau <= 1``: Theorem 3.5 (or 3.3) becomes a sound certificate at no e
 * no normalisation layer (BatchNorm is an unconstrained affine map in eval mode); spatial
   downsampling by strided AOL convolutions, then Flatten and an AOL linear layer.
 
-The Lipschitz rules (``--lipschitz sound`` uses the exact constant 1 for these layers; CROWN treats
+The Lipschitz rules (the ``sound`` certifier uses the exact constant 1 for these layers; CROWN treats
 AOL layers as affine through the same rule) are registered below, next to the layers; MaxMin's CROWN
-relaxation is registered with the other relaxations in :mod:`mmrobust.certify.crown`.
+relaxation is registered with the other relaxations in :mod:`mmrobust.certify.crown_layers`.
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def lipschitz_encoder(spec: ModalitySpec) -> str:
     if spec.kind not in LIPSCHITZ_ENCODERS:
         raise ConfigError(
             f"lipschitz_encoders: no 1-Lipschitz encoder for modality '{spec.name}' of kind {spec.kind}; "
-            f"supported kinds: {', '.join(LIPSCHITZ_ENCODERS)}"
+            f"supported kinds: {', '.join(LIPSCHITZ_ENCODERS)}",
+            param="lipschitz_encoders",
         )
     return LIPSCHITZ_ENCODERS[spec.kind]
 
@@ -207,4 +208,4 @@ def _maxmin_units(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit
 
 
 register_layer(AOLLinear, AOLConv1d, AOLConv2d, lipschitz=_aol_units)
-register_layer(MaxMin, lipschitz=_maxmin_units)  # its CROWN relaxation: MaxMinOp in certify/crown.py
+register_layer(MaxMin, lipschitz=_maxmin_units)  # its CROWN relaxation: MaxMinOp in certify/crown_layers.py

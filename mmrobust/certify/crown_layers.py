@@ -1,0 +1,98 @@
+"""Which CROWN operators a layer becomes: the rules for torch's layers and the zoo's blocks, and
+:func:`build_ops`, which walks an encoder into a list of operators.
+
+Affine layers need no rule of their own: their sound Lipschitz rule (:mod:`mmrobust.certify.sound`)
+describes them exactly (``"linear"`` units with an ``offset``) and becomes an :class:`AffineOp`.
+A layer without either kind of rule (see :mod:`mmrobust.layer_rules`) is a one-line error naming it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmrobust.certify.crown_ops import AffineOp, MaxMinOp, MaxPoolOp, Op, ReLUOp, ResidualOp, run_forward
+from mmrobust.certify.sound import chain_units, sequential_parts
+from mmrobust.errors import ConfigError
+from mmrobust.layer_rules import find_rule, register_layer
+from mmrobust.models.encoders import BasicBlock, ResNet18
+from mmrobust.models.lipschitz import MaxMin
+
+
+def _relu_rule(name: str, layer: nn.Module, in_shape: tuple[int, ...]) -> list[Op]:
+    return [ReLUOp(name)]
+
+
+def _maxpool_rule(name: str, layer: nn.MaxPool1d | nn.MaxPool2d, in_shape: tuple[int, ...]) -> list[Op]:
+    d = 1 if isinstance(layer, nn.MaxPool1d) else 2
+    as_tuple = [(v,) * d if isinstance(v, int) else tuple(v) for v in (layer.kernel_size, layer.stride, layer.padding)]
+    dil = (layer.dilation,) * d if isinstance(layer.dilation, int) else tuple(layer.dilation)
+    kernel, stride, padding = as_tuple
+    if kernel != stride or any(padding) or any(v != 1 for v in dil) or layer.ceil_mode:
+        raise ConfigError(
+            f"CROWN supports only non-overlapping max pooling (kernel == stride, no padding); layer '{name}' "
+            f"({type(layer).__name__}) is not; use certifier='sound'",
+            param="certifier",
+        )
+    return [MaxPoolOp(name, layer, in_shape)]
+
+
+def _basic_block_rule(name: str, block: BasicBlock, in_shape: tuple[int, ...]) -> list[Op]:
+    body = build_ops(nn.Sequential(block.conv1, block.bn1, block.relu, block.conv2, block.bn2), in_shape, name + ".F")
+    shortcut = build_ops(nn.Sequential(block.shortcut), in_shape, name + ".shortcut")
+    return [ResidualOp(name, body, shortcut), ReLUOp(name + ".relu")]
+
+
+def _resnet_rule(name: str, net: ResNet18, in_shape: tuple[int, ...]) -> list[Op]:
+    if net.video:
+        raise ConfigError(
+            f"CROWN does not support the video ResNet18 '{name}' (frame folding); use certifier='sound'",
+            param="certifier",
+        )
+    return build_ops(nn.Sequential(net.stem, net.layers, net.pool), in_shape, name)
+
+
+def _maxmin_rule(name: str, layer: MaxMin, in_shape: tuple[int, ...]) -> list[Op]:
+    if in_shape[0] % 2:
+        raise ConfigError(f"MaxMin layer '{name}' needs an even number of channels, got {in_shape[0]}")
+    return [MaxMinOp(name)]
+
+
+register_layer(nn.ReLU, crown=_relu_rule)
+register_layer(MaxMin, crown=_maxmin_rule)
+register_layer(nn.MaxPool1d, nn.MaxPool2d, crown=_maxpool_rule)
+register_layer(BasicBlock, crown=_basic_block_rule)
+register_layer(ResNet18, crown=_resnet_rule)
+
+
+def shape_after(ops: list[Op], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-sample output shape of ``ops`` on inputs of ``shape``."""
+    with torch.no_grad():
+        return tuple(run_forward(ops, torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
+
+
+def build_ops(module: nn.Module, in_shape: tuple[int, ...], prefix: str = "") -> list[Op]:
+    """The CROWN operators of ``module`` (eval mode) for per-sample inputs of ``in_shape``."""
+    shape = tuple(int(s) for s in in_shape)
+    name = prefix or type(module).__name__
+    if isinstance(module, nn.Sequential):
+        ops: list[Op] = []
+        for full, child, bn in sequential_parts(module, prefix):
+            if bn is not None:
+                ops.append(AffineOp(chain_units(nn.Sequential(child, bn), shape, full)[0]))
+            else:
+                ops.extend(build_ops(child, shape, full))
+            shape = shape_after(ops[-1:], shape) if ops else shape
+        return ops
+    rule = find_rule(module)
+    if rule.crown is not None:
+        return rule.crown(name, module, shape)
+    if rule.lipschitz is not None:
+        units = rule.lipschitz(name, module, shape)
+        if all(u.kind == "linear" and u.offset is not None for u in units):
+            return [AffineOp(u) for u in units]
+    raise ConfigError(
+        f"CROWN does not support layer '{name}' ({type(module).__name__}); use certifier='sound', or register "
+        "a CROWN rule for it with mmrobust.layer_rules.register_layer",
+        param="certifier",
+    )

@@ -1,0 +1,272 @@
+"""Linear-bound operators of CROWN: one :class:`Op` per layer, each with three passes.
+
+``forward`` computes the layer; ``propagate`` maps bounds on its input over the ball (a
+:class:`State`) to bounds on its output; ``backward`` maps a linear lower bound on its output to
+one on its input (Zhang et al., 2018):
+
+* an affine layer ``z' = A z + b`` maps a bound ``lambda . z' + c`` to ``(A^T lambda) . z + c + lambda . b``;
+* a ReLU with pre-activation bounds ``l < 0 < u`` is relaxed by ``relu(z) <= u (z - l) / (u - l)``
+  and ``relu(z) >= a z`` (``a = 1`` if ``u > -l`` else 0): positive coefficients take the lower
+  line, negative ones the upper line (stable ReLUs are exact);
+* a non-overlapping max-pool window is bounded below by its element with the largest lower bound
+  and above by that element when it dominates every other upper bound, else by ``max u``;
+* a residual block ``F(z) + S(z)`` sends the bound through both branches and adds the results.
+
+Every computed interval is widened by :data:`PAD` (relative) against float64 rounding. Which
+operators a layer becomes is decided by :mod:`mmrobust.certify.crown_layers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmrobust.certify.linear_maps import transpose
+from mmrobust.errors import ConfigError
+from mmrobust.layer_rules import Unit
+
+#: relative widening of every computed interval, against float64 rounding
+PAD = 1e-9
+
+
+def widen(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[lo, hi]`` widened by :data:`PAD` (relative, plus 1e-15 absolute)."""
+    w = PAD * (lo.abs() + hi.abs()) + 1e-15
+    return lo - w, hi + w
+
+
+def bcast(r: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample ``(B,)`` tensor viewed to broadcast against ``like`` ``(B, ...)``."""
+    return r.view(-1, *([1] * (like.ndim - 1)))
+
+
+@dataclass
+class State:
+    """Bounds on one intermediate tensor over the ball, per sample ``(B, *shape)``.
+
+    ``z``: its value at the centre; ``lo``/``hi``: elementwise bounds; ``lip``: per-element bound on
+    ``|z_j(x') - z_j(x)| / r``; ``g`` ``(B,)``: bound on ``||z(x') - z(x)||_2 / r``.
+    """
+
+    z: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    lip: torch.Tensor
+    g: torch.Tensor
+
+
+class Op:
+    """One operator of the bound-propagation graph."""
+
+    name: str = ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def propagate(self, st: State, r: torch.Tensor) -> State:
+        """Bounds on the output from bounds on the input (and remember what :meth:`backward` needs)."""
+        raise NotImplementedError
+
+    def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_in, c)`` with ``A . out >= A_in . in + c`` over the bounds of the last :meth:`propagate`.
+
+        ``a`` is ``(B, S, *out_shape)``; ``A_in`` is ``(B, S, *in_shape)``, ``c`` ``(B, S)``.
+        """
+        raise NotImplementedError
+
+
+class AffineOp(Op):
+    """``fn(z) + offset`` from a ``"linear"`` :class:`Unit`."""
+
+    def __init__(self, unit: Unit) -> None:
+        if unit.offset is None or unit.abs_fn is None:
+            raise ConfigError(
+                f"CROWN: layer '{unit.name}' has no affine description; use certifier='sound'", param="certifier"
+            )
+        self.unit, self.name = unit, unit.name
+        self.offset = unit.offset.double()
+        self.rownorm = unit.sq_fn(torch.ones(1, *unit.in_shape, dtype=torch.float64))[0].sqrt() if unit.sq_fn else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unit.fn(x) + self.offset
+
+    def propagate(self, st: State, r: torch.Tensor) -> State:
+        u = self.unit
+        assert u.abs_fn is not None
+        z = self.forward(st.z)
+        mid, rad = self.forward((st.lo + st.hi) / 2), u.abs_fn((st.hi - st.lo) / 2)
+        lip = u.abs_fn(st.lip)
+        if self.rownorm is not None:  # |A_j (z' - z)| <= ||A_j||_2 ||z' - z||_2
+            lip = torch.minimum(lip, self.rownorm * bcast(st.g, lip))
+        rr = bcast(r, z)
+        lo, hi = widen(torch.maximum(mid - rad, z - rr * lip), torch.minimum(mid + rad, z + rr * lip))
+        return State(z, lo, hi, lip, st.g * u.lip)
+
+    def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s = a.shape[:2]
+        return self.transpose(a.reshape(b * s, *a.shape[2:])).view(b, s, *self.unit.in_shape), (
+            a * self.offset
+        ).flatten(2).sum(2)
+
+    def transpose(self, v: torch.Tensor) -> torch.Tensor:
+        """``A^T v`` per row (see :func:`mmrobust.certify.linear_maps.transpose`)."""
+        return transpose(self.unit.fn, self.unit.in_shape, v)
+
+
+class ReLUOp(Op):
+    """ReLU with the triangle relaxation (upper chord, adaptive lower slope 0 or 1)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lo = self.hi = torch.zeros(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp_min(0)
+
+    def propagate(self, st: State, r: torch.Tensor) -> State:
+        self.lo, self.hi = st.lo, st.hi
+        lip = torch.where(st.hi <= 0, torch.zeros_like(st.lip), st.lip)  # dead units cannot move
+        return State(st.z.clamp_min(0), st.lo.clamp_min(0), st.hi.clamp_min(0), lip, st.g)
+
+    def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return relu_relax(a, self.lo, self.hi)
+
+
+def relu_relax(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A_in, c)`` with ``A . relu(z) >= A_in . z + c`` for ``lo <= z <= hi`` (``a``: ``(B, S, *shape)``)."""
+    lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)
+    unstable = (lo < 0) & (hi > 0)
+    upper = torch.where(unstable, hi / (hi - lo).clamp_min(1e-300), (lo >= 0).double())
+    lower = torch.where(unstable, (hi > -lo).double(), (lo >= 0).double())
+    a_pos, a_neg = a.clamp_min(0), a.clamp_max(0)
+    const = torch.where(unstable, -upper * lo, torch.zeros_like(lo))
+    return a_pos * lower + a_neg * upper, (a_neg * const).flatten(2).sum(2)
+
+
+class MaxMinOp(Op):
+    """MaxMin over channel halves: ``(max(a, b), min(a, b)) = (b + relu(t), a - relu(t))`` with
+    ``t = a - b``, so ``l1 . max + l2 . min = l1 . b + l2 . a + (l1 - l2) . relu(t)`` and only the
+    ReLU of ``t`` is relaxed (bounds on ``t``: interval difference and ``|dt| <= |da| + |db|``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lo = self.hi = torch.zeros(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+    def propagate(self, st: State, r: torch.Tensor) -> State:
+        (za, zb), (la, lb), (ua, ub), (pa, pb) = (t.chunk(2, dim=1) for t in (st.z, st.lo, st.hi, st.lip))
+        t, rr = za - zb, bcast(r, za)
+        self.lo, self.hi = widen(torch.maximum(la - ub, t - rr * (pa + pb)), torch.minimum(ua - lb, t + rr * (pa + pb)))
+        lo = torch.cat([torch.maximum(la, lb), torch.minimum(la, lb)], dim=1)
+        hi = torch.cat([torch.maximum(ua, ub), torch.minimum(ua, ub)], dim=1)
+        lip = torch.maximum(pa, pb).repeat(1, 2, *([1] * (pa.ndim - 2)))
+        return State(self.forward(st.z), lo, hi, lip, st.g)
+
+    def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a1, a2 = a.chunk(2, dim=2)
+        nu, const = relu_relax(a1 - a2, self.lo, self.hi)
+        return torch.cat([a2 + nu, a1 - nu], dim=2), const
+
+
+class MaxPoolOp(Op):
+    """Non-overlapping max pooling (kernel == stride, no padding or dilation), 1-d or 2-d."""
+
+    def __init__(self, name: str, layer: nn.MaxPool1d | nn.MaxPool2d, in_shape: tuple[int, ...]) -> None:
+        self.name, self.in_shape = name, in_shape
+        self.d = 1 if isinstance(layer, nn.MaxPool1d) else 2
+        k = layer.kernel_size
+        self.k = (k,) * self.d if isinstance(k, int) else tuple(k)
+        self.out = tuple(n // k for n, k in zip(in_shape[1:], self.k, strict=True))
+        self.lo = self.hi = torch.zeros(0)
+
+    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., C, *spatial)`` -> ``(..., C, *out, window)`` (trailing rows the pool drops are cut)."""
+        lead = x.shape[: x.ndim - self.d]
+        if self.d == 1:
+            x = x[..., : self.out[0] * self.k[0]]
+            return x.reshape(*lead, self.out[0], self.k[0])
+        x = x[..., : self.out[0] * self.k[0], : self.out[1] * self.k[1]]
+        x = x.reshape(*lead, self.out[0], self.k[0], self.out[1], self.k[1]).transpose(-3, -2)
+        return x.reshape(*lead, self.out[0], self.out[1], self.k[0] * self.k[1])
+
+    def _unwindow(self, w: torch.Tensor) -> torch.Tensor:
+        lead = w.shape[: w.ndim - self.d - 1]
+        if self.d == 1:
+            x = w.reshape(*lead, self.out[0] * self.k[0])
+        else:
+            x = w.reshape(*lead, self.out[0], self.out[1], self.k[0], self.k[1]).transpose(-3, -2)
+            x = x.reshape(*lead, self.out[0] * self.k[0], self.out[1] * self.k[1])
+        pad = [p for i in reversed(range(self.d)) for p in (0, self.in_shape[1 + i] - self.out[i] * self.k[i])]
+        return F.pad(x, pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._windows(x).amax(-1)
+
+    def propagate(self, st: State, r: torch.Tensor) -> State:
+        self.lo, self.hi = st.lo, st.hi
+        # |max a - max b| <= max |a - b|, and non-overlapping windows keep the l2 bound G
+        z, lo, hi, lip = (self._windows(t).amax(-1) for t in (st.z, st.lo, st.hi, st.lip))
+        return State(z, lo, hi, lip, st.g)
+
+    def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self._windows(self.lo), self._windows(self.hi)
+        best = lo.argmax(-1, keepdim=True)  # max >= z_best
+        others = hi.scatter(-1, best, float("-inf")).amax(-1)
+        exact = lo.gather(-1, best).squeeze(-1) >= others  # z_best dominates: max == z_best
+        top = hi.amax(-1)  # otherwise max <= max_j u_j
+        exact, top, best = exact.unsqueeze(1), top.unsqueeze(1), best.unsqueeze(1)
+        a_pos, a_neg = a.clamp_min(0), a.clamp_max(0)
+        coef = a_pos + torch.where(exact, a_neg, torch.zeros_like(a_neg))
+        win = torch.zeros(*a.shape, lo.shape[-1], dtype=a.dtype).scatter(
+            -1, best.expand(*a.shape, 1), coef.unsqueeze(-1)
+        )
+        const = torch.where(exact, torch.zeros_like(a_neg), a_neg * top)
+        return self._unwindow(win), const.flatten(2).sum(2)
+
+
+class ResidualOp(Op):
+    """``F(z) + S(z)`` with both branches given as op lists (an empty list is the identity)."""
+
+    def __init__(self, name: str, body: list[Op], shortcut: list[Op]) -> None:
+        self.name, self.body, self.shortcut = name, body, shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_forward(self.body, x) + run_forward(self.shortcut, x)
+
+    def propagate(self, st: State, r: torch.Tensor) -> State:
+        f, s = run_propagate(self.body, st, r), run_propagate(self.shortcut, st, r)
+        z, lip = f.z + s.z, f.lip + s.lip
+        rr = bcast(r, z)
+        lo, hi = widen(torch.maximum(f.lo + s.lo, z - rr * lip), torch.minimum(f.hi + s.hi, z + rr * lip))
+        return State(z, lo, hi, lip, f.g + s.g)
+
+    def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        af, cf = run_backward(self.body, a)
+        as_, cs = run_backward(self.shortcut, a)
+        return af + as_, cf + cs
+
+
+def run_forward(ops: list[Op], x: torch.Tensor) -> torch.Tensor:
+    for op in ops:
+        x = op.forward(x)
+    return x
+
+
+def run_propagate(ops: list[Op], st: State, r: torch.Tensor) -> State:
+    for op in ops:
+        st = op.propagate(st, r)
+    return st
+
+
+def run_backward(ops: list[Op], a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    const = torch.zeros(a.shape[:2], dtype=a.dtype)
+    for op in reversed(ops):
+        a, c = op.backward(a)
+        const = const + c
+    return a, const
