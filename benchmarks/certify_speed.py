@@ -56,7 +56,7 @@ def main() -> None:
         for est in ("empirical", "sound"):
             best: dict[str, Any] | None = None
             for _ in range(args.repeats):
-                opts = {"max_samples": args.lipschitz_samples} if est == "empirical" else {}
+                opts = {"fit_samples": args.lipschitz_samples} if est == "empirical" else {}
                 res = certify_model(run.model, run.meta, bundle.test, est, bundle.train,
                                     batch_size=args.batch_size, options=opts)  # fmt: skip
                 timing = res.certificate.info["timing"]

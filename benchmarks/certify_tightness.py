@@ -34,7 +34,7 @@ CERTIFIERS = ("sound", "empirical", "crown", "smoothing")
 def certify(name: str, run: Any, split: Any, train: Any, args: argparse.Namespace) -> torch.Tensor:
     """Joint l2 radii of ``split`` by certifier ``name`` (through the registry, like the CLI)."""
     options: dict[str, Any] = {
-        "empirical": {"max_samples": args.lipschitz_samples},
+        "empirical": {"fit_samples": args.lipschitz_samples},
         "sound": {},
         "crown": {
             "steps": args.crown_steps,

@@ -78,7 +78,7 @@ def summarise(run: Path) -> dict:
     """What the run folder records: accuracies, CRMT's step 1/2 record, the paper suite, the certifiers."""
     metrics = json.loads((run / "metrics.json").read_text())
     ev = json.loads((run / "eval.json").read_text())
-    cert = json.loads((run / "certify.json").read_text())["estimators"]
+    cert = json.loads((run / "certify.json").read_text())["certifiers"]
     keys = ("guarantee_kind", "theorem", "n", "clean_accuracy", "summary", "timing")
     return {
         "metrics": {k: metrics.get(k) for k in ("val_accuracy", "test_accuracy", "train_time_s", "crmt")},

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     lip = {}
     for n in (args.lipschitz_samples, len(bundle.train)):
         t0 = time.perf_counter()
-        empirical_lipschitz(crmt_model, bundle.train, rows, batch_size=64, max_samples=n)
+        empirical_lipschitz(crmt_model, bundle.train, rows, batch_size=64, fit_samples=n)
         lip[n] = time.perf_counter() - t0
 
     table = [

@@ -22,6 +22,7 @@ from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmrobust.certify.results import normalize_certify
 from mmrobust.certify.runner import CERTIFY_FILE, build_certifier, certify_model
 from mmrobust.config import RECIPES, OptimConfig, RunConfig, options_dataclass
 from mmrobust.data.base import DataBundle
@@ -500,7 +501,9 @@ def _read_cell(cell: Cell, out: Path, cfg: BenchmarkConfig) -> CellResult:
         read_json(folder / "metrics.json"),
         EvalResult.from_json(read_json(folder / f"eval_{cfg.suite}.json")),
         EvalResult.from_json(read_json(paper)) if cfg.attack_strength == "paper" else None,
-        _certify_summary(next(iter(read_json(cert)["estimators"].values()))) if cfg.certify is not None else None,
+        _certify_summary(next(iter(normalize_certify(read_json(cert))["certifiers"].values())))
+        if cfg.certify is not None
+        else None,
         dict(m.get("seconds", {})),
         resumed=True,
     )

@@ -105,7 +105,6 @@ def build_run_config(args: argparse.Namespace):  # -> RunConfig
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from mmrobust.certify import load_certifiers
     from mmrobust.certify.base import CERTIFIERS
     from mmrobust.data import DATASETS
     from mmrobust.report.listing import summary
@@ -118,7 +117,6 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     print_table("Datasets", ["name", "description"], rows)
     mrows = [(name, summary(METHODS.get(name))) for name in METHODS.names()]
     print_table("Training methods", ["method", "description"], mrows)
-    load_certifiers()
     crows = [(name, CERTIFIERS.get(name).guarantee.value, summary(CERTIFIERS.get(name))) for name in CERTIFIERS.names()]
     print_table("Certifiers (mmrobust certify --certifier NAME)", ["certifier", "guarantee", "description"], crows)
     return 0
@@ -179,21 +177,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    from mmrobust.certify import load_certifiers
     from mmrobust.certify.base import CERTIFIERS
     from mmrobust.certify.runner import build_certifier, certify_run_many, parse_radii
     from mmrobust.report.certify import save_certify, save_certify_plot, show_certify
     from mmrobust.report.console import out
     from mmrobust.runs import check_writable, load_run
 
-    load_certifiers()
     names = list(CERTIFIERS.names()) if args.certifier.strip() == "all" else _names(args.certifier, "--certifier")
     # one certifier: --cert-opt KEY=VALUE; several: NAME:KEY=VALUE (KEY=VALUE goes to every one)
     per_name = _per_name_options(args.cert_opt, "--cert-opt", names)
     options: dict[str, dict[str, object]] = {n: dict(per_name.get(n, {})) for n in names}
     # the older flags are shorthands for options of the Lipschitz certifiers (with several
     # certifiers: of those that have the option)
-    for flag, key in (("fit_samples", "max_samples"), ("theorem", "theorem")):
+    for flag, key in (("fit_samples", "fit_samples"), ("theorem", "theorem")):
         value = getattr(args, flag)
         if value is None:
             continue
@@ -547,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cert-opt", action="append", metavar="KEY=VALUE",
-        help="option of the chosen certifier (repeatable), e.g. max_samples=256 or theorem=3.3; with several "
+        help="option of the chosen certifier (repeatable), e.g. fit_samples=256 or theorem=3.3; with several "
         "certifiers NAME:KEY=VALUE (e.g. crown:steps=8)",
     )  # fmt: skip
     p.add_argument("--split", default="test", choices=["test", "val"])
@@ -565,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lipschitz-samples",
         dest="fit_samples",
         type=int,
-        help="empirical: samples to maximise over (default 512; = max_samples)",
+        help="empirical: samples to maximise over (default 512; = --cert-opt fit_samples)",
     )
     p.add_argument(
         "--check-soundness",

@@ -128,7 +128,7 @@ def run_demo(out: Path, cfg: DemoConfig | None = None) -> Path:
         bundle_m = run.data()
         part = bundle_m.test.subset(slice(0, cfg.cert_samples))
         plan: list[tuple[str, Any, dict[str, Any]]] = [
-            ("empirical", bundle_m.test, {"max_samples": cfg.lipschitz_samples}),
+            ("empirical", bundle_m.test, {"fit_samples": cfg.lipschitz_samples}),
             ("sound", bundle_m.test, {}),
             ("smoothing", part, dict(cfg.smoothing_options)),
         ]

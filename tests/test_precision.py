@@ -93,12 +93,12 @@ def test_certifiers_compute_in_fp32_even_for_a_bf16_run_or_under_autocast(tmp_pa
     assert run.config.train.precision == "bf16"
     monkeypatch.setattr(runs, "load_run", lambda *a, **k: run)  # so the hooks below see certify_run's model
     seen, handles = _record_dtypes(run.model)
-    certify_run(tmp_path / "run", "empirical", {"max_samples": 16})
+    certify_run(tmp_path / "run", "empirical", {"fit_samples": 16})
     assert seen and set(seen) == {torch.float32}
     seen.clear()
     bundle = run.data()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # an autocast around the call is switched off
-        certify_model(run.model, run.meta, bundle.test, "empirical", bundle.train, options={"max_samples": 16})
+        certify_model(run.model, run.meta, bundle.test, "empirical", bundle.train, options={"fit_samples": 16})
     for h in handles:
         h.remove()
     assert seen and set(seen) == {torch.float32}

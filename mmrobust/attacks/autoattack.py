@@ -396,7 +396,3 @@ def run_autoattack(
 ) -> AutoAttackResult:
     """Run the AutoAttack protocol of ``options`` on ``(inputs, labels)``: :meth:`AutoAttack.detailed`."""
     return AutoAttack.from_options(model, options, meta=meta, valid_range=valid_range).detailed(inputs, labels)
-
-
-# compatibility: mmrobust.certify.tightness imports APGDCE from here (it lives in mmrobust.attacks.apgd)
-from mmrobust.attacks.apgd import APGDCE  # noqa: E402, F401

@@ -77,7 +77,7 @@ def _attack(
     o: TightnessOptions, seed: int, num_classes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One attack at a per-sample l2 budget: ``(success, ||delta||)``."""
-    from mmrobust.attacks.autoattack import APGDCE
+    from mmrobust.attacks.apgd import APGDCE
     from mmrobust.attacks.gradient import PGDL2
 
     wrapped = _Rescaled(model, inputs, eps, mods)
