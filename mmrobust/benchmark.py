@@ -48,13 +48,15 @@ ATTACK_STRENGTHS = ("strong", "paper")
 PAPER_ATTACK: dict[str, Any] = {"losses": ("ce",), "steps": 4, "step_size": 1 / 3, "random_start": False}
 #: version of the ``benchmark.json`` document (:meth:`BenchmarkResult.to_json`)
 SCHEMA_VERSION = 2
-#: settings that change what a cell computes (the grid lists -- data, methods, seeds -- do not)
 #: certified-accuracy radii of the benchmark's summary table (l2, input space)
 CERTIFY_RADII = (0.0, 0.01, 0.1, 0.5, 1.0, 2.0)
-#: (the hash keeps the key ``protocol`` for ``attack_strength``, so cells finished before the rename stay valid)
-CELL_SETTINGS = ("epochs", "suite", "eps", "samples", "recipe", "attack_strength", "certify", "batch_size",
+#: settings that change what a cell computes (the grid lists -- data, methods, seeds -- do not)
+CELL_SETTINGS = ("epochs", "suite", "eps", "max_samples", "recipe", "attack_strength", "certifier", "batch_size",
                  "feature_dim", "data_options", "method_options")  # fmt: skip
-_HASH_KEYS = {"attack_strength": "protocol"}
+#: the hash keeps the first names of renamed settings, so cells finished before a rename stay valid
+_HASH_KEYS = {"attack_strength": "protocol", "max_samples": "samples", "certifier": "certify"}
+#: old keyword -> new field of :class:`BenchmarkConfig` (accepted for one release)
+_OLD_NAMES = {"protocol": "attack_strength", "samples": "max_samples", "certify": "certifier"}
 
 
 @dataclass
@@ -66,9 +68,11 @@ class BenchmarkConfig:
     ``method_options`` entry, so one grid compares settings of a method side by side);
     ``seeds``: seeds 0..N-1 (each seeds both the data split and the training); ``epochs``: None =
     the training default; ``suite``: the robustness suite (``eps`` overrides its budgets);
-    ``samples``: attack only the first N test samples; ``recipe``: a :data:`~mmrobust.config.RECIPES`
+    ``max_samples``: attack only the first N test samples; ``recipe``: a :data:`~mmrobust.config.RECIPES`
     name applied to every method; ``attack_strength="paper"`` also evaluates the paper's CE-only
-    4-step PGD (:data:`PAPER_ATTACK`; ``protocol=`` is its old name, still accepted); ``certify``: a certifier name; ``data_options`` / ``method_options``: per dataset / method.
+    4-step PGD (:data:`PAPER_ATTACK`); ``certifier``: a certifier name; ``data_options`` /
+    ``method_options``: per dataset / method. The old keywords ``protocol``, ``samples`` and
+    ``certify`` are still accepted for one release.
     """
 
     data: list[str]
@@ -77,21 +81,27 @@ class BenchmarkConfig:
     epochs: int | None = None
     suite: str = "paper"
     eps: list[float] | None = None
-    samples: int | None = None
+    max_samples: int | None = None
     recipe: str = "tuned"
     attack_strength: str = "strong"
-    certify: str | None = None
+    certifier: str | None = None
     batch_size: int = 64
     feature_dim: int | None = None
     data_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     protocol: InitVar[str | None] = None  # old name of attack_strength
+    samples: InitVar[int | None] = None  # old name of max_samples
+    certify: InitVar[str | None] = None  # old name of certifier
 
-    def __post_init__(self, protocol: str | None) -> None:
-        if protocol is not None:
-            if self.attack_strength not in ("strong", protocol):
-                raise ConfigError("give attack_strength or its old name protocol, not both", param="attack_strength")
-            self.attack_strength = protocol
+    def __post_init__(self, protocol: str | None, samples: int | None, certify: str | None) -> None:
+        defaults = {"attack_strength": "strong", "max_samples": None, "certifier": None}
+        for old, value in (("protocol", protocol), ("samples", samples), ("certify", certify)):
+            new = _OLD_NAMES[old]
+            if value is None:
+                continue
+            if getattr(self, new) not in (defaults[new], value):
+                raise ConfigError(f"give {new} or its old name {old}, not both", param=new)
+            setattr(self, new, value)
         for name in ("data", "methods"):
             value = getattr(self, name)
             if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
@@ -114,7 +124,7 @@ class BenchmarkConfig:
             METHODS.get(base)  # unknown name -> one-line error listing the methods
         _check_int(self.seeds, "seeds", 1)
         _check_int(self.batch_size, "batch_size", 1)
-        for name in ("epochs", "samples", "feature_dim"):
+        for name in ("epochs", "max_samples", "feature_dim"):
             if getattr(self, name) is not None:
                 _check_int(getattr(self, name), name, 1)
         _check_choice(self.suite, "suite", BENCH_SUITES)
@@ -123,8 +133,8 @@ class BenchmarkConfig:
         if self.eps is not None:
             self.eps = parse_eps(self.eps, "eps")
         check_options(self.suite, SUITES.get(self.suite), self.suite_options())
-        if self.certify is not None:
-            build_certifier(self.certify)
+        if self.certifier is not None:
+            build_certifier(self.certifier)
         for key, table, names in (("data_options", self.data_options, self.data),
                                   ("method_options", self.method_options, self.methods)):  # fmt: skip
             if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
@@ -163,12 +173,14 @@ def _plain(v: Any) -> Any:
 
 def _check_int(value: Any, name: str, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"benchmark option '{name}' must be an integer >= {low}, got {value!r}")
+        raise ConfigError(f"benchmark option '{name}' must be an integer >= {low}, got {value!r}", param=name)
 
 
 def _check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ConfigError(f"benchmark option '{name}': unknown value {value!r}; choose from: {', '.join(choices)}")
+        raise ConfigError(
+            f"benchmark option '{name}': unknown value {value!r}; choose from: {', '.join(choices)}", param=name
+        )
 
 
 def method_name(label: str) -> str:
@@ -254,7 +266,7 @@ class BenchmarkResult:
         notes = [
             f"recipe: {cfg.recipe}; attack strength: {cfg.attack_strength}; suite: {cfg.suite}; "
             f"epochs: {cfg.epochs or RunConfig().train.epochs}; seeds: {cfg.seeds}; attacked test samples: "
-            + (str(cfg.samples) if cfg.samples else "all")
+            + (str(cfg.max_samples) if cfg.max_samples else "all")
         ]
         out = []
         for d in cfg.data:
@@ -266,7 +278,7 @@ class BenchmarkResult:
         return out
 
     def _summary_table(self, dataset: str, cells: list[CellResult], notes: list[str]) -> ComparisonTable:
-        """Training outcome per method (validation-selected model) and, with --certify, certified accuracy."""
+        """Training outcome per method (validation-selected model) and, with a certifier, certified accuracy."""
         cols = [Column("val accuracy", "value"), Column("test accuracy (full split)", "value"),
                 Column("train time (s)", "value", unit="s")]  # fmt: skip
         cert = [c.certificate for c in cells if c.certificate is not None]
@@ -449,7 +461,7 @@ def _run_cell(cell: Cell, out: Path, cfg: BenchmarkConfig, bundle: DataBundle) -
     t = time.perf_counter()
     fit = _train_cell(_run_config(cell, cfg), folder, bundle)
     seconds["train"] = time.perf_counter() - t
-    test = bundle.test if cfg.samples is None else bundle.test.subset(slice(0, cfg.samples))
+    test = bundle.test if cfg.max_samples is None else bundle.test.subset(slice(0, cfg.max_samples))
     files = ["model.safetensors", "config.json", "metrics.json"]
 
     t = time.perf_counter()
@@ -465,9 +477,9 @@ def _run_cell(cell: Cell, out: Path, cfg: BenchmarkConfig, bundle: DataBundle) -
     seconds["evaluate"] = time.perf_counter() - t
 
     summary = None
-    if cfg.certify is not None:
+    if cfg.certifier is not None:
         t = time.perf_counter()
-        res = certify_model(fit.model, bundle.meta, test, cfg.certify, bundle.train, CERTIFY_RADII, fit_split="train")
+        res = certify_model(fit.model, bundle.meta, test, cfg.certifier, bundle.train, CERTIFY_RADII, fit_split="train")
         write_json(folder / CERTIFY_FILE, res.document(load_run(folder)))  # the cell's sealed run folder
         files.append(CERTIFY_FILE)
         summary = _certify_summary(res.to_json())
@@ -502,7 +514,7 @@ def _read_cell(cell: Cell, out: Path, cfg: BenchmarkConfig) -> CellResult:
         EvalResult.from_json(read_json(folder / f"eval_{cfg.suite}.json")),
         EvalResult.from_json(read_json(paper)) if cfg.attack_strength == "paper" else None,
         _certify_summary(next(iter(normalize_certify(read_json(cert))["certifiers"].values())))
-        if cfg.certify is not None
+        if cfg.certifier is not None
         else None,
         dict(m.get("seconds", {})),
         resumed=True,

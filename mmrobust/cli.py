@@ -244,7 +244,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     data, methods = _names(args.data, "--data"), _names(args.methods, "--methods")
     cfg = BenchmarkConfig(
         data=data, methods=methods, seeds=args.seeds, epochs=args.epochs, suite=args.suite,
-        eps=args.eps, samples=args.max_samples, recipe=args.recipe, attack_strength=args.attack_strength, certify=args.certifier,
+        eps=args.eps, max_samples=args.max_samples, recipe=args.recipe, attack_strength=args.attack_strength,
+        certifier=args.certifier,
         feature_dim=args.feature_dim, data_options=_per_name_options(args.data_opt, "--data-opt", data),
         method_options=_per_name_options(args.method_opt, "--method-opt", methods),
     )  # fmt: skip
