@@ -311,7 +311,7 @@ class CRMTBase(Strategy[OptionsT]):
         result = optimise_modality_weights(data, o, ctx.batch_size, ctx.seed)
         check = None
         if result.best_epoch and o.step2_attack_check:
-            check = self._attack_check(ctx, o, tau, val_scores, val_labels, a0, result.best_a)
+            check = self._attack_check(ctx, tau, val_scores, val_labels, a0, result.best_a)
         kept, reason = choose_step2(result, check)
         final = result.best_a if kept == "step2" else a0
         with torch.no_grad():
@@ -334,7 +334,6 @@ class CRMTBase(Strategy[OptionsT]):
     def _attack_check(
         self,
         ctx: TrainContext,
-        o: Step2Options,
         tau: dict[str, torch.Tensor],
         val_scores: dict[str, torch.Tensor],
         val_labels: torch.Tensor,
@@ -350,6 +349,8 @@ class CRMTBase(Strategy[OptionsT]):
         from mmrobust.attacks import PGDL2
         from mmrobust.memory import input_gradient_plan
 
+        o = self.options
+        assert isinstance(o, Step2Options)
         model, head, val = ctx.model, orthogonal_head(ctx.model), ctx.val
         batch_size = input_gradient_plan(model, val, ctx.memory_budget, ctx.device).batch_size
         bound = orthogonal_bound(val_scores, a_step1, head.bias.detach(), val_labels, tau)
