@@ -33,9 +33,9 @@ from mmrobust.eval.compare import Column, ComparisonTable, Stat, comparison_tabl
 from mmrobust.eval.results import EvalResult
 from mmrobust.eval.suites import SUITES, parse_eps
 from mmrobust.io import read_json, sha256_file, write_json
-from mmrobust.models.fusion import ModelConfig, build_model
+from mmrobust.models.fusion import build_model
 from mmrobust.runs import RunFolder, load_run
-from mmrobust.training import METHODS, FitResult, train
+from mmrobust.training import METHODS, FitResult, method_model_config, train
 from mmrobust.training.checkpoint import CHECKPOINT_JSON
 
 SETTINGS_FILE, MANIFEST_FILE = "settings.json", "cell.json"
@@ -422,9 +422,7 @@ def _check_cells(cfg: BenchmarkConfig, cells: Sequence[Cell], bundle: Callable[[
             continue
         seen.add((cell.dataset, cell.method))
         meta = bundle(cell.dataset, 0).meta
-        build_model(
-            meta, ModelConfig(METHODS.get(method_name(cell.method)).head, rc.model.feature_dim, dict(rc.model.encoders))
-        )
+        build_model(meta, method_model_config(rc))
 
 
 def _run_config(cell: Cell, cfg: BenchmarkConfig) -> RunConfig:

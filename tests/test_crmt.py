@@ -166,7 +166,7 @@ def test_orthogonal_bound_matches_hand_computation_and_is_differentiable():
 
 def _trainer_with_bn(method: str, **opts) -> Trainer:
     cfg = tiny_config(method, epochs=0)
-    cfg.train.method_options = {"lipschitz_samples": 64, **opts}
+    cfg.train.method_options = {"fit_samples": 64, **opts}
     trainer = Trainer(cfg)
     for enc in trainer.model.encoders.values():  # add BatchNorm so step 2 could (wrongly) move statistics
         enc.append(nn.BatchNorm1d(16))
@@ -189,7 +189,7 @@ def test_step2_moves_only_modality_weights_and_keeps_bn_statistics():
         "crmt-jt", step2_epochs=3, step2_lr=0.05, step2_max_acc_drop=1.0, step2_attack_check=False
     )
     before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    record = trainer.strategy.after_training(trainer)["crmt"]
+    record = trainer.strategy.after_training(trainer.context())["crmt"]
     after = trainer.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("head.a.") for k in changed), changed
@@ -201,7 +201,7 @@ def test_step2_never_lowers_the_criterion_it_reports():
     # a reckless step 2 (huge SGD steps) must be rejected or, if kept, really be better on validation
     trainer = _trainer_with_bn("crmt-jt", step2_epochs=3, step2_lr=50.0, step2_optimizer="sgd")
     before = {k: v.detach().clone() for k, v in trainer.model.head.a.items()}
-    rec = trainer.strategy.after_training(trainer)["crmt"]
+    rec = trainer.strategy.after_training(trainer.context())["crmt"]
     s1 = rec["step1"]
     if rec["kept"] == "step1":
         assert all(torch.equal(before[m], p) for m, p in trainer.model.head.a.items())
@@ -226,7 +226,7 @@ def test_every_method_trains_via_cli_and_reloads(method, tmp_path):
     args += ["--batch-size", "32", "--lr", "3e-3", "--no-progress", "--out", str(out)]
     args += [a for k, v in TINY.items() for a in ("--data-opt", f"{k}={v}")]
     if method != "ojt":
-        args += ["--method-opt", "lipschitz_samples=64"]
+        args += ["--method-opt", "fit_samples=64"]
     if method in ("crmt-jt", "crmt-at", "crmt-mix", "crmt-step2"):
         args += ["--method-opt", "step2_epochs=3"]
     if method == "crmt-at":

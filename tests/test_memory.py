@@ -65,10 +65,7 @@ def test_attack_check_reuses_the_attack_logits(tiny_bundle, monkeypatch):
     torch.manual_seed(0)
     model = build_model(tiny_bundle.meta, ModelConfig("orthogonal", 16)).eval()
     strategy = CRMTAT(CRMTATOptions(step2_check_steps=3), tiny_bundle.meta)
-    trainer = SimpleNamespace(
-        model=model, bundle=tiny_bundle, device=torch.device("cpu"),
-        cfg=SimpleNamespace(train=SimpleNamespace(memory_budget="auto")),
-    )  # fmt: skip
+    trainer = SimpleNamespace(model=model, val=tiny_bundle.val, device=torch.device("cpu"), memory_budget="auto")
     tau = {m: torch.full((tiny_bundle.meta.num_classes,), 0.5) for m in model.modalities}
     scores, labels = raw_scores_of(model, tiny_bundle.val)
     a1 = {m: p.detach().clone() for m, p in model.head.a.items()}

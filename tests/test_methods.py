@@ -92,7 +92,7 @@ def test_pmr_prototypes_are_the_class_means_of_the_training_features():
     cfg = tiny_config("pmr", epochs=1)
     trainer = Trainer(cfg)
     trainer.fit()  # prototypes refreshed at the start of the (only) epoch; refresh on the final model
-    trainer.strategy.on_epoch_start(trainer, 1)
+    trainer.strategy.on_epoch_start(trainer.context(), 1)
     model = trainer.model.eval()
     with torch.no_grad():
         feats = model.encode(trainer.train_split.inputs)
@@ -260,7 +260,7 @@ def test_msefm_refuses_unequal_feature_dimensions():
     trainer = Trainer(cfg)
     trainer.model.encoders["weak"].out_dim = 8  # as an encoder with another feature size would report
     with pytest.raises(ConfigError, match="msefm: .*dims differ"):
-        trainer.strategy.on_train_start(trainer)
+        trainer.strategy.on_train_start(trainer.context())
 
 
 # --- every method -------------------------------------------------------------------------------
@@ -326,10 +326,10 @@ class _Recorder(Strategy):
         super().__init__(options, meta)
         self.calls: list[str] = []
 
-    def on_train_start(self, trainer):
+    def on_train_start(self, ctx):
         self.calls.append("start")
 
-    def on_epoch_start(self, trainer, epoch):
+    def on_epoch_start(self, ctx, epoch):
         self.calls.append(f"epoch{epoch}")
 
     def loss(self, model, inputs, labels, ctx):
@@ -342,7 +342,7 @@ class _Recorder(Strategy):
         for p in model.parameters():
             p.grad.zero_()
 
-    def on_epoch_end(self, trainer, epoch):
+    def on_epoch_end(self, ctx, epoch):
         self.calls.append(f"end{epoch}")
         return {"marker": epoch}
 

@@ -21,9 +21,13 @@ class AdversarialOptions(MethodOptions):
 
     def check(self) -> None:
         super().check()
-        require(self.eps > 0, f"option eps must be > 0, got {self.eps}")
-        require(self.steps >= 1, f"option steps must be >= 1, got {self.steps}")
-        require(self.step_size >= 0, f"option step_size must be >= 0 (0 = 2.5 eps / steps), got {self.step_size}")
+        require(self.eps > 0, f"option eps must be > 0, got {self.eps}", "eps")
+        require(self.steps >= 1, f"option steps must be >= 1, got {self.steps}", "steps")
+        require(
+            self.step_size >= 0,
+            f"option step_size must be >= 0 (0 = 2.5 eps / steps), got {self.step_size}",
+            "step_size",
+        )
 
 
 def joint_pgd_examples(

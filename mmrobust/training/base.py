@@ -1,45 +1,54 @@
 """The training-strategy interface: one small class per method, found by name in ``METHODS``.
 
-A step of the engine, and where a strategy can act::
+A step of the engine, and where a strategy can act (``ctx``: a :class:`TrainContext`, the hooks'
+narrow view of the run: model, device, splits, seed, batch size, memory budget, ``evaluate``)::
 
-    on_train_start(trainer)                      once, before the first epoch
+    on_train_start(ctx)                          once, before the first epoch
     for each epoch:
-        on_epoch_start(trainer, epoch)           e.g. PMR's prototypes
+        on_epoch_start(ctx, epoch)               e.g. PMR's prototypes
         for each batch:
-            loss, logits = loss(model, x, y, ctx)
+            loss, logits = loss(model, x, y, step)   step: a StepContext (epoch, step, generator)
             loss.backward()
-            after_backward(model, ctx)           gradient modulation (OGM-GE), before the optimiser step
+            after_backward(model, step)          gradient modulation (OGM-GE), before the optimiser step
             optimiser.step()
-        on_epoch_end(trainer, epoch) -> dict     e.g. GB's blend weights; merged into the epoch's history row
-    after_training(trainer) -> dict              on the selected model (CRMT step 2, MSEFM's memory)
+        on_epoch_end(ctx, epoch) -> dict         e.g. GB's blend weights; merged into the epoch's history row
+    after_training(ctx) -> dict                  on the selected model (CRMT step 2, MSEFM's memory)
 
 Modules a method adds to the deployed model (GB's per-modality heads, MSEFM's feature memory) are
-declared through :meth:`Strategy.model_config`: they are then part of the model's ``state_dict``,
-saved in ``model.safetensors`` and rebuilt by ``load_run`` from ``config.json``. Strategy state that
-is not part of the model (prototypes, blend weights) is exposed by :meth:`state_dict`.
+declared through :meth:`Strategy.model_config` (see :func:`method_model_config`): they are then part
+of the model's ``state_dict``, saved in ``model.safetensors`` and rebuilt by ``load_run`` from
+``config.json``. Strategy state that is not part of the model (prototypes, blend weights) is exposed
+by :meth:`Strategy.state_dict`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
 
+from mmrobust.config import RunConfig, options_dataclass
 from mmrobust.data.base import Batch, DatasetMeta, Split
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import LateFusionModel, ModelConfig
 from mmrobust.options import coerce
 from mmrobust.registry import Registry
+from mmrobust.training.context import TrainContext
 
-if TYPE_CHECKING:
-    from mmrobust.training.engine import Trainer
+#: every built-in method's module; importing one registers its methods (done on the first look-up)
+METHOD_MODULES = tuple(
+    f"mmrobust.training.{m}"
+    for m in ("crmt", "gaussian", "gb", "jt", "mixup", "mmat", "msefm", "ogm_ge", "pmr", "varmat")
+)
+METHODS: Registry[type[Strategy[Any]]] = Registry("training method", modules=METHOD_MODULES)
 
-METHODS: Registry[type[Strategy]] = Registry("training method")
+OptionsT = TypeVar("OptionsT")
 
 
 def unwrap(model: nn.Module) -> LateFusionModel:
@@ -49,10 +58,10 @@ def unwrap(model: nn.Module) -> LateFusionModel:
     return inner
 
 
-def require(ok: bool, message: str) -> None:
-    """Raise :class:`ConfigError` with ``message`` unless ``ok`` (option range checks)."""
+def require(ok: bool, message: str, param: str | None = None) -> None:
+    """Raise :class:`ConfigError` with ``message`` (about the option ``param``) unless ``ok`` (range checks)."""
     if not ok:
-        raise ConfigError(message)
+        raise ConfigError(message, param=param)
 
 
 @dataclass
@@ -60,15 +69,21 @@ class MethodOptions:
     """Base of every method's options: checks each field's type (and finiteness) on construction.
 
     Subclasses add range checks by overriding :meth:`check` (calling ``super().check()``), so options
-    built from Python are held to the same rules as those parsed from ``--method-opt``.
+    built from Python are held to the same rules as those parsed from strings (CLI, YAML).
+
+    ``aliases``: old option names still accepted (old name -> new name), see :func:`method_options`.
     """
+
+    aliases: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value, declared = getattr(self, f.name), hints.get(f.name, f.type)
             if isinstance(value, str) and declared is not str:
-                raise ConfigError(f"option '{f.name}' expects {getattr(declared, '__name__', declared)}, got '{value}'")
+                raise ConfigError(
+                    f"option '{f.name}' expects {getattr(declared, '__name__', declared)}, got '{value}'", param=f.name
+                )
             setattr(self, f.name, coerce(value, declared, f.name))
         self.check()
 
@@ -90,23 +105,25 @@ class StepContext:
     generator: torch.Generator
 
 
-class Strategy:
-    """A training method.
+class Strategy(Generic[OptionsT]):
+    """A training method, generic in its options type.
 
     Subclasses set ``head`` (the fusion head they need), ``Options`` (a :class:`MethodOptions`
-    dataclass of their hyper-parameters, filled from ``TrainConfig.method_options``) and implement
-    :meth:`loss`; the hooks are optional. ``model`` passed to :meth:`loss` and :meth:`after_backward`
+    dataclass of their hyper-parameters, filled from ``TrainConfig.method_options``; the same type
+    as ``OptionsT``) and implement :meth:`loss`; the hooks are optional and see a
+    :class:`TrainContext`, not the engine. ``model`` passed to :meth:`loss` and :meth:`after_backward`
     may be wrapped in DDP: call it, don't reach into it; use ``model(inputs, return_all=True)`` for
-    features, per-modality scores and auxiliary logits.
+    features, per-modality scores and auxiliary logits. ``name`` is the registry key, set by
+    ``METHODS.register``.
     """
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str]
     head: ClassVar[str] = "concat"
-    Options: ClassVar[type] = NoOptions
+    Options: ClassVar[type[Any]] = NoOptions
     # methods whose per-process decisions would make DDP replicas diverge set a reason here
     distributed_reason: ClassVar[str] = ""
 
-    def __init__(self, options: Any, meta: DatasetMeta) -> None:
+    def __init__(self, options: OptionsT, meta: DatasetMeta) -> None:
         self.options = options
         self.meta = meta
 
@@ -115,9 +132,11 @@ class Strategy:
         """Whether the method can run under ``torchrun`` (see ``distributed_reason``)."""
         return not self.distributed_reason
 
-    def model_config(self, cfg: ModelConfig) -> ModelConfig:
-        """The model this method trains and deploys: the user's config with the method's head (and extras)."""
-        return dataclasses.replace(cfg, head=self.head)
+    @classmethod
+    def model_config(cls, model: ModelConfig, options: Any) -> ModelConfig:
+        """The model this method trains and deploys: ``model`` (the user's) with the method's head (and
+        extras); returns a new config, ``model`` is left as it is."""
+        return dataclasses.replace(model, head=cls.head)
 
     def parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
         """Parameters the optimiser updates (default: all)."""
@@ -127,10 +146,10 @@ class Strategy:
         """The part of the training split that trains the model (GB holds part of it out)."""
         return train
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, ctx: TrainContext) -> None:
         """Hook run once before the first epoch."""
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
         """Hook run before each epoch (model state as left by the previous epoch)."""
 
     def loss(
@@ -142,11 +161,11 @@ class Strategy:
     def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
         """Hook run after ``loss.backward()`` and before the optimiser step (gradient modulation)."""
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> dict[str, Any]:
+    def on_epoch_end(self, ctx: TrainContext, epoch: int) -> dict[str, Any]:
         """Hook run after each epoch's training pass; returns extra columns for the history row."""
         return {}
 
-    def after_training(self, trainer: Trainer) -> dict[str, Any]:
+    def after_training(self, ctx: TrainContext) -> dict[str, Any]:
         """Hook run once on the selected model after the epochs (e.g. CRMT step 2).
 
         Returns extra metrics for ``metrics.json``.
@@ -155,11 +174,30 @@ class Strategy:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Strategy state outside the model (e.g. prototypes), as tensors: saved in every epoch checkpoint
-        so that ``--resume`` restores it."""
+        so that a resumed run restores it."""
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict`; refuses keys it does not know."""
         unknown = sorted(set(state) - set(self.state_dict()))
         if unknown:
-            raise ConfigError(f"{self.name}: unknown strategy state {unknown}")
+            name = getattr(self, "name", type(self).__name__)
+            raise ConfigError(f"{name}: unknown strategy state {unknown}")
+
+
+def method_options(cfg: RunConfig) -> Any:
+    """The options dataclass of ``cfg.train.method``, built from ``cfg.train.method_options``."""
+    cls = METHODS.get(cfg.train.method)
+    return options_dataclass(cls.Options, cfg.train.method_options, cfg.train.method)
+
+
+def method_model_config(cfg: RunConfig) -> ModelConfig:
+    """The model config a run trains and deploys: ``cfg.model`` with the head (and the extras, such as
+    GB's auxiliary heads or MSEFM's feature memory) of ``cfg.train.method``. ``cfg`` is not changed."""
+    cls = METHODS.get(cfg.train.method)
+    return cls.model_config(copy.deepcopy(cfg.model), method_options(cfg))
+
+
+def make_strategy(cfg: RunConfig, meta: DatasetMeta) -> Strategy[Any]:
+    """The strategy of ``cfg.train.method`` with its options, for data described by ``meta``."""
+    return METHODS.get(cfg.train.method)(method_options(cfg), meta)

@@ -17,7 +17,7 @@ lowered by inflating features (the gradient-masking route described in docs/crmt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +26,16 @@ from torch.nn.utils import parametrize
 
 from mmrobust.certify.bounds import orthogonal_bound
 from mmrobust.certify.lipschitz import empirical_lipschitz
+from mmrobust.config import OPTIMIZERS
 from mmrobust.data.base import Batch, Split, iterate_batches
+from mmrobust.models.fusion import LateFusionModel
+from mmrobust.models.heads import OrthogonalHead
+from mmrobust.torchutil import eval_mode, to_device
 from mmrobust.training.adversarial import joint_pgd_examples
 from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require, unwrap
+from mmrobust.training.context import TrainContext
 from mmrobust.training.crmt_step2 import Step2Data, choose_step2, optimise_modality_weights, summarize
 from mmrobust.training.mixup import mixup_batch
-
-if TYPE_CHECKING:
-    from mmrobust.training.engine import Trainer
 
 MARGINS = ("faithful", "normalized")
 
@@ -83,7 +85,26 @@ def normalized_scores(
 
 
 @dataclass
-class Step2Options(MethodOptions):
+class CRMTBaseOptions(MethodOptions):
+    """Shared by every orthogonal-head method.
+
+    ``fit_samples``: training samples (a seeded random subset) for the empirical Lipschitz constants
+    ``tau`` estimated after training (0 = all); for methods without step 2 they only size the bound
+    recorded in the metrics. Renamed from ``lipschitz_samples``, still accepted as an alias for one
+    release (giving both is an error).
+    """
+
+    aliases: ClassVar[dict[str, str]] = {"lipschitz_samples": "fit_samples"}
+
+    fit_samples: int = 512
+
+    def check(self) -> None:
+        super().check()
+        require(self.fit_samples >= 0, f"option fit_samples must be >= 0, got {self.fit_samples}", "fit_samples")
+
+
+@dataclass
+class Step2Options(CRMTBaseOptions):
     """Step 2: only ``a^(m)`` moves; kept if it improves the validation criterion."""
 
     step2_epochs: int = 20
@@ -91,25 +112,37 @@ class Step2Options(MethodOptions):
     step2_optimizer: str = "adam"  # adam | sgd (the reference: sgd, lr 3e-5, wd 1e-2)
     step2_weight_decay: float = 0.0
     step2_max_acc_drop: float = 0.01  # largest validation-accuracy loss step 2 may cost
-    lipschitz_samples: int = 512  # training samples for the empirical tau (0 = all)
     step2_attack_check: bool = True  # ours: also require validation CW-PGD accuracy not to drop
     step2_check_steps: int = 10
 
     def check(self) -> None:
         super().check()
         require(
-            self.step2_optimizer in ("adam", "sgd"),
-            f"option step2_optimizer='{self.step2_optimizer}' is unknown; choose from: adam, sgd",
+            self.step2_optimizer in OPTIMIZERS,
+            f"option step2_optimizer='{self.step2_optimizer}' is unknown; choose from: {', '.join(OPTIMIZERS)}",
+            "step2_optimizer",
         )
-        require(self.step2_epochs >= 0 and self.step2_lr > 0, "options step2_epochs must be >= 0 and step2_lr > 0")
-        require(self.step2_weight_decay >= 0, f"option step2_weight_decay must be >= 0, got {self.step2_weight_decay}")
-        require(self.step2_max_acc_drop >= 0, f"option step2_max_acc_drop must be >= 0, got {self.step2_max_acc_drop}")
-        require(self.lipschitz_samples >= 0, f"option lipschitz_samples must be >= 0, got {self.lipschitz_samples}")
-        require(self.step2_check_steps >= 1, f"option step2_check_steps must be >= 1, got {self.step2_check_steps}")
+        require(self.step2_epochs >= 0, f"option step2_epochs must be >= 0, got {self.step2_epochs}", "step2_epochs")
+        require(self.step2_lr > 0, f"option step2_lr must be > 0, got {self.step2_lr}", "step2_lr")
+        require(
+            self.step2_weight_decay >= 0,
+            f"option step2_weight_decay must be >= 0, got {self.step2_weight_decay}",
+            "step2_weight_decay",
+        )
+        require(
+            self.step2_max_acc_drop >= 0,
+            f"option step2_max_acc_drop must be >= 0, got {self.step2_max_acc_drop}",
+            "step2_max_acc_drop",
+        )
+        require(
+            self.step2_check_steps >= 1,
+            f"option step2_check_steps must be >= 1, got {self.step2_check_steps}",
+            "step2_check_steps",
+        )
 
 
 @dataclass
-class Step1Options(MethodOptions):
+class Step1Options(CRMTBaseOptions):
     """Step 1 regulariser: ``CE + rho * L1``."""
 
     rho: float = 2.0
@@ -118,20 +151,22 @@ class Step1Options(MethodOptions):
 
     def check(self) -> None:
         super().check()
-        require(self.margin in MARGINS, f"option margin='{self.margin}' is unknown; choose from: {', '.join(MARGINS)}")
-        require(self.rho >= 0, f"option rho must be >= 0, got {self.rho}")
-        require(self.margin_temperature > 0, f"option margin_temperature must be > 0, got {self.margin_temperature}")
+        require(
+            self.margin in MARGINS,
+            f"option margin='{self.margin}' is unknown; choose from: {', '.join(MARGINS)}",
+            "margin",
+        )
+        require(self.rho >= 0, f"option rho must be >= 0, got {self.rho}", "rho")
+        require(
+            self.margin_temperature > 0,
+            f"option margin_temperature must be > 0, got {self.margin_temperature}",
+            "margin_temperature",
+        )
 
 
 @dataclass
 class Step1OnlyOptions(Step1Options):
-    """CRMT step 1 alone (``lipschitz_samples`` only sizes the bound recorded after training)."""
-
-    lipschitz_samples: int = 512
-
-    def check(self) -> None:
-        super().check()
-        require(self.lipschitz_samples >= 0, f"option lipschitz_samples must be >= 0, got {self.lipschitz_samples}")
+    """CRMT step 1 alone (``fit_samples`` only sizes the bound recorded after training)."""
 
 
 @dataclass
@@ -149,11 +184,9 @@ class CRMTATOptions(CRMTOptions):
 
     def check(self) -> None:
         super().check()
-        require(
-            self.at_eps > 0 and self.at_steps >= 1 and self.at_step_size >= 0,
-            f"crmt-at needs at_eps > 0, at_steps >= 1 and at_step_size >= 0, got {self.at_eps}, {self.at_steps}, "
-            f"{self.at_step_size}",
-        )
+        require(self.at_eps > 0, f"option at_eps must be > 0, got {self.at_eps}", "at_eps")
+        require(self.at_steps >= 1, f"option at_steps must be >= 1, got {self.at_steps}", "at_steps")
+        require(self.at_step_size >= 0, f"option at_step_size must be >= 0, got {self.at_step_size}", "at_step_size")
 
 
 @dataclass
@@ -164,30 +197,33 @@ class CRMTMixOptions(CRMTOptions):
 
     def check(self) -> None:
         super().check()
-        require(self.mix_alpha > 0, f"mix_alpha must be > 0, got {self.mix_alpha}")
+        require(self.mix_alpha > 0, f"option mix_alpha must be > 0, got {self.mix_alpha}", "mix_alpha")
 
 
 @dataclass
-class OJTOptions(MethodOptions):
-    """OJT has no hyper-parameters of its own (``lipschitz_samples`` only sizes the recorded bound)."""
+class OJTOptions(CRMTBaseOptions):
+    """OJT has no hyper-parameters of its own (``fit_samples`` only sizes the recorded bound)."""
 
-    lipschitz_samples: int = 512
 
-    def check(self) -> None:
-        super().check()
-        require(self.lipschitz_samples >= 0, f"option lipschitz_samples must be >= 0, got {self.lipschitz_samples}")
+OptionsT = TypeVar("OptionsT", bound=CRMTBaseOptions)
+
+
+def orthogonal_head(model: LateFusionModel) -> OrthogonalHead:
+    """The model's head, which every method of this module trains as an :class:`OrthogonalHead`."""
+    head = model.head
+    assert isinstance(head, OrthogonalHead), type(head).__name__
+    return head
 
 
 # ---------------------------------------------------------------------------------------------
 # strategies
 
 
-class CRMTBase(Strategy):
-    """Shared by every orthogonal-head method; subclasses set ``use_margin`` / ``use_step2``."""
+class CRMTBase(Strategy[OptionsT]):
+    """Shared by every orthogonal-head method. What a method does follows from its ``Options``: the
+    margin regulariser with :class:`Step1Options` (and ``rho > 0``), step 2 with :class:`Step2Options`."""
 
     head = "orthogonal"
-    use_margin = True
-    use_step2 = True
 
     # --- step 1 ---------------------------------------------------------------------------
 
@@ -212,16 +248,17 @@ class CRMTBase(Strategy):
         ce = F.cross_entropy(logits, labels)
         if labels_b is not None:
             ce = lam * ce + (1.0 - lam) * F.cross_entropy(logits, labels_b)
-        if not self.use_margin or self.options.rho == 0:
+        o = self.options
+        if not isinstance(o, Step1Options) or o.rho == 0:
             return ce, logits
-        raw = unwrap(model).head.raw_scores(out["features"])  # type: ignore[operator]
-        if self.options.margin == "normalized":
-            raw = normalized_scores(raw, out["features"], self.options.margin_temperature)
-        return ce + self.options.rho * margin_regulariser(raw, labels, labels_b, lam), logits
+        raw = orthogonal_head(unwrap(model)).raw_scores(out["features"])
+        if o.margin == "normalized":
+            raw = normalized_scores(raw, out["features"], o.margin_temperature)
+        return ce + o.rho * margin_regulariser(raw, labels, labels_b, lam), logits
 
     # --- step 2 ---------------------------------------------------------------------------
 
-    def after_training(self, trainer: Trainer) -> dict[str, Any]:
+    def after_training(self, ctx: TrainContext) -> dict[str, Any]:
         """Estimate tau, then (if this method has a step 2) optimise ``a^(m)`` alone.
 
         Selection criterion (validation split only): the mean certified radius, i.e. the mean over
@@ -231,20 +268,20 @@ class CRMTBase(Strategy):
         Step 2 itself is :func:`~mmrobust.training.crmt_step2.optimise_modality_weights`, a pure
         function of the cached scores.
         """
-        model, o = trainer.model, self.options
-        head = model.head
+        model, o = ctx.model, self.options
+        head = orthogonal_head(model)
         model.eval()
-        bundle = trainer.bundle
-        n_tau = min(o.lipschitz_samples or len(bundle.train), len(bundle.train))
+        train = ctx.train
+        n_tau = min(o.fit_samples or len(train), len(train))
         # a seeded random subset, not the first samples: a user's folder dataset may be sorted by class
-        pick = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(trainer.cfg.train.seed))
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.seed))
         tau = empirical_lipschitz(
-            model, bundle.train.subset(pick[:n_tau]), {m: head.basis(m).detach() for m in model.modalities},  # type: ignore[operator]
-            batch_size=None, device=trainer.device, memory_budget=trainer.cfg.train.memory_budget,
+            model, train.subset(pick[:n_tau]), {m: head.basis(m).detach() for m in model.modalities},
+            batch_size=None, device=ctx.device, memory_budget=ctx.memory_budget,
         )  # fmt: skip
-        tau = {m: t.to(trainer.device) for m, t in tau.items()}
-        val_scores, val_labels = raw_scores_of(model, bundle.val, trainer.device)
-        a0 = {m: p.detach().clone() for m, p in head.a.items()}  # type: ignore[operator,union-attr]
+        tau = {m: t.to(ctx.device) for m, t in tau.items()}
+        val_scores, val_labels = raw_scores_of(model, ctx.val, ctx.device)
+        a0 = {m: p.detach().clone() for m, p in head.a.items()}
         step1 = summarize(val_scores, a0, head.bias.detach(), val_labels, tau)
         record: dict[str, Any] = {
             "tau_estimator": f"empirical (max local gradient norm over {n_tau} random training samples)",
@@ -252,36 +289,51 @@ class CRMTBase(Strategy):
             "step1": step1,
             "modality_weights_step1": {m: v.tolist() for m, v in a0.items()},
         }
-        if not self.use_step2:
-            return {"crmt": record}
+        if isinstance(o, Step2Options):
+            record.update(self._step2(ctx, o, tau, val_scores, val_labels, a0))
+        return {"crmt": record}
+
+    def _step2(
+        self,
+        ctx: TrainContext,
+        o: Step2Options,
+        tau: dict[str, torch.Tensor],
+        val_scores: dict[str, torch.Tensor],
+        val_labels: torch.Tensor,
+        a0: dict[str, torch.Tensor],
+    ) -> dict[str, Any]:
+        """Optimise ``a^(m)`` alone, keep the better state in the model; the record's step-2 entries."""
+        head = orthogonal_head(ctx.model)
         # encoders and W~ are frozen and the model is in eval mode: the raw scores are constants, so
         # step 2 optimises over them directly (exactly the head's forward, far cheaper)
-        train_scores, train_labels = raw_scores_of(model, trainer.train_split, trainer.device)
+        train_scores, train_labels = raw_scores_of(ctx.model, ctx.train, ctx.device)
         data = Step2Data(train_scores, train_labels, val_scores, val_labels, a0, head.bias.detach(), tau)
-        result = optimise_modality_weights(data, o, trainer.cfg.train.batch_size, trainer.cfg.train.seed)
+        result = optimise_modality_weights(data, o, ctx.batch_size, ctx.seed)
         check = None
         if result.best_epoch and o.step2_attack_check:
-            check = self._attack_check(trainer, tau, val_scores, val_labels, a0, result.best_a)
+            check = self._attack_check(ctx, tau, val_scores, val_labels, a0, result.best_a)
         kept, reason = choose_step2(result, check)
         final = result.best_a if kept == "step2" else a0
         with torch.no_grad():
-            for m, p in head.a.items():  # type: ignore[operator,union-attr]
+            for m, p in head.a.items():
                 p.copy_(final[m])
         selected = result.history[result.best_epoch - 1] if kept == "step2" else None
-        record["step2"] = {
-            "best_epoch": result.best_epoch if kept == "step2" else 0,
-            "candidate_epoch": result.best_epoch,
-            "selected": selected,
-            "attack_check": check,
-            "history": result.history,
+        return {
+            "step2": {
+                "best_epoch": result.best_epoch if kept == "step2" else 0,
+                "candidate_epoch": result.best_epoch,
+                "selected": selected,
+                "attack_check": check,
+                "history": result.history,
+            },
+            "kept": kept,
+            "reason": reason,
+            "modality_weights": {m: p.detach().tolist() for m, p in head.a.items()},
         }
-        record["kept"], record["reason"] = kept, reason
-        record["modality_weights"] = {m: p.detach().tolist() for m, p in head.a.items()}  # type: ignore[operator,union-attr]
-        return {"crmt": record}
 
     def _attack_check(
         self,
-        trainer: Trainer,
+        ctx: TrainContext,
         tau: dict[str, torch.Tensor],
         val_scores: dict[str, torch.Tensor],
         val_labels: torch.Tensor,
@@ -297,9 +349,10 @@ class CRMTBase(Strategy):
         from mmrobust.attacks import PGDL2
         from mmrobust.memory import input_gradient_plan
 
-        model, head = trainer.model, trainer.model.head
-        val = trainer.bundle.val
-        batch_size = input_gradient_plan(model, val, trainer.cfg.train.memory_budget, trainer.device).batch_size
+        o = self.options
+        assert isinstance(o, Step2Options)
+        model, head, val = ctx.model, orthogonal_head(ctx.model), ctx.val
+        batch_size = input_gradient_plan(model, val, ctx.memory_budget, ctx.device).batch_size
         bound = orthogonal_bound(val_scores, a_step1, head.bias.detach(), val_labels, tau)
         pos = bound[bound > 0]
         if not len(pos):
@@ -308,12 +361,12 @@ class CRMTBase(Strategy):
         accs = {}
         for name, a in (("step1", a_step1), ("step2", a_step2)):
             with torch.no_grad():
-                for m, p in head.a.items():  # type: ignore[operator,union-attr]
+                for m, p in head.a.items():
                     p.copy_(a[m])
-            attack = PGDL2(model, eps, steps=self.options.step2_check_steps, loss="cw", meta=self.meta, seed=0)
+            attack = PGDL2(model, eps, steps=o.step2_check_steps, loss="cw", meta=self.meta, seed=0)
             correct = 0
             for inputs, y in iterate_batches(val, batch_size):
-                inputs, y = {k: v.to(trainer.device) for k, v in inputs.items()}, y.to(trainer.device)
+                inputs, y = to_device(inputs, ctx.device), y.to(ctx.device)
                 # perturb returns the logits of exactly the examples it returns: no second forward
                 _, logits = attack.perturb(inputs, y)
                 correct += int((logits.argmax(1) == y).sum())
@@ -323,65 +376,53 @@ class CRMTBase(Strategy):
 
 @torch.no_grad()
 def raw_scores_of(
-    model: nn.Module, split: Split, device: str | torch.device = "cpu", batch_size: int = 256
+    model: LateFusionModel, split: Split, device: str | torch.device = "cpu", batch_size: int = 256
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Raw uni-modal scores ``s^(m) = W~^(m) phi^(m)`` of a whole split (model in eval mode)."""
-    was = model.training
-    model.eval()
-    parts: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}  # type: ignore[union-attr]
+    head = orthogonal_head(model)
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}
     labels = []
-    try:
+    with eval_mode(model):
         for inputs, y in iterate_batches(split, batch_size):
-            feats = model.encode({k: v.to(device) for k, v in inputs.items()})  # type: ignore[operator]
-            for m, s in model.head.raw_scores(feats).items():  # type: ignore[operator,union-attr]
+            feats = model.encode(to_device(inputs, device))
+            for m, s in head.raw_scores(feats).items():
                 parts[m].append(s)
             labels.append(y.to(device))
-    finally:
-        model.train(was)
     return {m: torch.cat(v) for m, v in parts.items()}, torch.cat(labels)
 
 
 @METHODS.register("crmt-jt")
-class CRMTJT(CRMTBase):
+class CRMTJT(CRMTBase[CRMTOptions]):
     """CRMT-JT: orthogonal head, CE + rho*L1 (step 1), then certified-bound step 2 on a^(m)."""
 
-    name = "crmt-jt"
     Options = CRMTOptions
 
 
 @METHODS.register("crmt-step1")
-class CRMTStep1(CRMTBase):
+class CRMTStep1(CRMTBase[Step1OnlyOptions]):
     """Ablation: CRMT step 1 only (CE + rho*L1 on the orthogonal head), no step 2."""
 
-    name = "crmt-step1"
     Options = Step1OnlyOptions
-    use_step2 = False
 
 
 @METHODS.register("crmt-step2")
-class CRMTStep2(CRMTBase):
+class CRMTStep2(CRMTBase[Step2Options]):
     """Ablation: OJT (orthogonal head, CE only) followed by CRMT step 2."""
 
-    name = "crmt-step2"
     Options = Step2Options
-    use_margin = False
 
 
 @METHODS.register("ojt")
-class OJT(CRMTBase):
+class OJT(CRMTBase[OJTOptions]):
     """Ablation: orthogonal head trained with CE only; no margin term, no step 2."""
 
-    name = "ojt"
     Options = OJTOptions
-    use_margin = False
-    use_step2 = False
 
 
 @METHODS.register("crmt-at")
-class CRMTAT(CRMTBase):
+class CRMTAT(CRMTBase[CRMTATOptions]):
     """CRMT-AT: CRMT step 1 on joint-l2 PGD adversarial examples, then step 2."""
 
-    name = "crmt-at"
     Options = CRMTATOptions
 
     def prepare(
@@ -396,10 +437,9 @@ class CRMTAT(CRMTBase):
 
 
 @METHODS.register("crmt-mix")
-class CRMTMix(CRMTBase):
+class CRMTMix(CRMTBase[CRMTMixOptions]):
     """CRMT-Mix: CRMT step 1 on mixup batches (shared lambda and permutation), then step 2."""
 
-    name = "crmt-mix"
     Options = CRMTMixOptions
 
     def prepare(

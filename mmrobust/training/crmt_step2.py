@@ -3,7 +3,7 @@
 With the encoders and the orthonormal bases frozen (model in eval mode), the raw uni-modal scores
 ``s^(m) = W~^(m) phi^(m)(x^(m))`` of every sample are constants, so step 2 -- maximise the mean
 Theorem 3.5 lower bound over the modality weights ``a^(m)`` alone -- needs only those scores, the
-labels, the bias, the Lipschitz constants ``tau~`` and its options; never the model or the trainer.
+labels, the bias, the Lipschitz constants ``tau~`` and its options; never the model or the engine.
 :func:`optimise_modality_weights` runs it; :func:`choose_step2` decides which state to keep.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mmrobust.certify.bounds import fused_logits, orthogonal_bound
+from mmrobust.config import build_optimizer
 
 Scores = dict[str, torch.Tensor]
 
@@ -67,10 +68,10 @@ def optimise_modality_weights(data: Step2Data, options: Any, batch_size: int, se
     step1 = summarize(data.val_scores, data.a0, data.bias, data.val_labels, data.tau)
     a = {m: v.detach().clone().requires_grad_(True) for m, v in data.a0.items()}
     params = list(a.values())
-    if o.step2_optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=o.step2_lr, weight_decay=o.step2_weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=o.step2_lr, momentum=0.9, weight_decay=o.step2_weight_decay)
+    opt = build_optimizer(
+        params, o.step2_optimizer, o.step2_lr, momentum=0.9, weight_decay=o.step2_weight_decay,
+        decoupled_weight_decay=False, prefix="step2_", name_param="step2_optimizer",
+    )  # fmt: skip
     gen = torch.Generator().manual_seed(seed + 7919)
     bias = data.bias.detach()
     result = Step2Result(step1, floor=step1["val_accuracy"] - o.step2_max_acc_drop)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import signal
@@ -18,17 +19,18 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mmrobust.config import OptimConfig, RunConfig, options_dataclass
+from mmrobust.config import RunConfig, optimizer_for, scheduler_for
 from mmrobust.data.base import DataBundle, iterate_batches
 from mmrobust.data.registry import load_data
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, predict
 from mmrobust.io import atomic_write_bytes
-from mmrobust.models.fusion import LateFusionModel, build_model
+from mmrobust.models.fusion import LateFusionModel, ModelConfig, build_model
 from mmrobust.precision import grad_scaler, model_precision
-from mmrobust.progress import ProgressFn
+from mmrobust.progress import MessageFn, ProgressFn
 from mmrobust.torchutil import to_device
-from mmrobust.training.base import METHODS, StepContext, Strategy
+from mmrobust.training.base import StepContext, make_strategy, method_model_config
+from mmrobust.training.context import TrainContext
 from mmrobust.training.distributed import (
     DistInfo,
     ddp_options,
@@ -41,73 +43,75 @@ if TYPE_CHECKING:
     from mmrobust.runs import RunFolder
 
 
-def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.lr <= 0:
-        raise ConfigError(f"learning rate must be > 0, got {cfg.lr}")
-    if cfg.name == "adam":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ConfigError(f"unknown optimiser '{cfg.name}'; choose from: adam, sgd")
-
-
-def build_scheduler(
-    opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    if cfg.schedule == "none":
-        return None
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-    if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
-    raise ConfigError(f"unknown schedule '{cfg.schedule}'; choose from: cosine, step, none")
-
-
-def make_strategy(cfg: RunConfig, bundle: DataBundle) -> Strategy:
-    cls = METHODS.get(cfg.train.method)
-    options = options_dataclass(cls.Options, cfg.train.method_options, cfg.train.method)
-    return cls(options, bundle.meta)
-
-
 @dataclass
 class FitResult:
+    """A finished training: the selected model, its metrics and the run's effective ``config`` (the
+    caller's, with the method's model config), the data, and the run folder if one was written."""
+
     model: LateFusionModel
     metrics: dict[str, Any]
     config: RunConfig
     bundle: DataBundle
     out: Path | None
 
+    @property
+    def model_config(self) -> ModelConfig:
+        """The model config the method derived (see :func:`~mmrobust.training.base.method_model_config`)."""
+        return self.config.model
 
-#: receives each epoch's log line (the line also written to ``train.log``)
-EpochFn = Callable[[str], None]
+
+@dataclass
+class _FitState:
+    """What the epoch loop carries from one epoch to the next (and a checkpoint saves)."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler | None
+    gen: torch.Generator
+    config: dict[str, Any]  # the run's settings, recorded in each checkpoint
+    first_epoch: int = 0
+    best_key: tuple[float, float] = (-1.0, 0.0)
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+def _ignore(message: str) -> None:
+    """A :data:`MessageFn` that drops the message."""
 
 
 class Trainer:
     """Trains one model with one strategy; select on validation accuracy, never on test.
 
-    The engine prints nothing: ``fit(on_epoch=..., progress=...)`` hands each epoch's log line and
-    the step count to the caller (the CLI and the demo print them).
+    The caller's :class:`RunConfig` is never changed: the trainer works on a copy whose model section
+    is the method's (:func:`~mmrobust.training.base.method_model_config`), returned as
+    ``FitResult.config`` and saved beside the run. The engine prints nothing: ``fit(on_epoch=...,
+    progress=...)`` hands each epoch's log line and the step count to the caller (the CLI and the
+    demo print them). Strategies' hooks see a :class:`TrainContext` (:meth:`context`).
 
     Under ``torchrun`` the global batch ``batch_size`` is split evenly over the processes, gradients
     are averaged by DDP, and only rank 0 writes files.
     """
 
     def __init__(self, cfg: RunConfig, bundle: DataBundle | None = None) -> None:
+        cfg = copy.deepcopy(cfg)  # validation normalises fields (data paths): on the trainer's copy only
         cfg.validate()  # fields may have been set after construction (CLI flags, Python API)
         t = cfg.train
-        self.cfg = cfg
         self.device = resolve_device(t.device)
         self.dist: DistInfo = setup_distributed(self.device)
         if t.batch_size % self.dist.world_size:
-            raise ConfigError(f"batch size {t.batch_size} is not divisible by {self.dist.world_size} processes")
+            raise ConfigError(
+                f"batch_size {t.batch_size} is not divisible by {self.dist.world_size} processes", param="batch_size"
+            )
         self.bundle = bundle if bundle is not None else load_data(cfg.data)
-        self.strategy = make_strategy(cfg, self.bundle)
+        self.strategy = make_strategy(cfg, self.bundle.meta)
         if self.dist.active and not self.strategy.distributed:
-            raise ConfigError(f"method '{t.method}' cannot run under torchrun: {self.strategy.distributed_reason}")
-        # the method decides the head (and any deployed extras); keep the rest of the user's model config
-        cfg.model = self.strategy.model_config(cfg.model)
+            raise ConfigError(
+                f"method '{t.method}' cannot run under torchrun: {self.strategy.distributed_reason}", param="method"
+            )
+        # the method decides the head (and any deployed extras); the rest is the user's model config
+        self.cfg = dataclasses.replace(cfg, model=method_model_config(cfg))
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.model = build_model(self.bundle.meta, cfg.model).to(self.device)
+        self.model = build_model(self.bundle.meta, self.cfg.model).to(self.device)
         # the samples that train the model (a method may hold some out, never from val/test)
         self.train_split = self.strategy.training_split(self.bundle.train, t.seed)
         self.history: list[dict[str, Any]] = []
@@ -115,6 +119,15 @@ class Trainer:
     def evaluate_split(self, split_name: str) -> float:
         split = self.bundle.split(split_name)
         return accuracy(predict(self.model, split, device=self.device), split.labels)
+
+    def context(self, on_message: MessageFn | None = None) -> TrainContext:
+        """What the strategy's hooks see of this run (``on_message``: where their messages go)."""
+        t = self.cfg.train
+        return TrainContext(
+            model=self.model, device=self.device, train=self.train_split, val=self.bundle.val, seed=t.seed,
+            batch_size=t.batch_size, memory_budget=t.memory_budget, evaluate=self.evaluate_split,
+            on_message=on_message or _ignore,
+        )  # fmt: skip
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
@@ -178,14 +191,14 @@ class Trainer:
         *,
         force: bool = False,
         resume: bool = False,
-        on_epoch: EpochFn | None = None,
+        on_epoch: MessageFn | None = None,
         progress: ProgressFn | None = None,
     ) -> FitResult:
         """Train; with ``out``, write the run folder transactionally (see :class:`~mmrobust.runs.RunFolder`).
 
         A checkpoint is kept after every epoch while the run is in progress; ``resume`` continues
         from it and gives the same model as an uninterrupted run. Rank 0 reports each epoch's log
-        line to ``on_epoch`` and the training steps done to ``progress``.
+        line (and the strategy's messages) to ``on_epoch`` and the training steps done to ``progress``.
         """
         from mmrobust.runs import RunFolder
 
@@ -199,53 +212,68 @@ class Trainer:
             return self._fit(folder.partial, folder, on_epoch, progress)
 
     def _fit(
-        self, resume_from: Path | None, folder: RunFolder | None, on_epoch: EpochFn | None, progress: ProgressFn | None
+        self,
+        resume_from: Path | None,
+        folder: RunFolder | None,
+        on_epoch: MessageFn | None,
+        progress: ProgressFn | None,
     ) -> FitResult:
         """Train, continuing from the checkpoint in ``resume_from`` if there is one; ``folder``: the run
         folder this process writes (checkpoints, log, the run), or None."""
-        from mmrobust.runs import save_run
-        from mmrobust.training.checkpoint import (
-            CHECKPOINT_JSON,
-            TrainingState,
-            config_difference,
-            load_checkpoint,
-            save_checkpoint,
-        )
+        state = self._setup()
+        if resume_from is not None:
+            self._resume(state, resume_from)
+        start = time.perf_counter()
+        tick = self._ticker(state.first_epoch, progress)
+        ctx = self.context(on_epoch)
+        self.strategy.on_train_start(ctx)
+        self._run_epochs(state, ctx, tick, folder, on_epoch)
+        return self._finish(state, ctx, folder, start)
 
+    def _setup(self) -> _FitState:
+        """Wrap the model for DDP and build the optimiser, schedule, gradient scaler and step generator."""
         t = self.cfg.train
         self._wrapped: nn.Module = (
             DistributedDataParallel(self.model, **ddp_options(self.device)) if self.dist.active else self.model
         )
         scaler = grad_scaler(t.precision, self.device)
-        opt = build_optimizer(self.strategy.parameters(self.model), t.optim)
-        sched = build_scheduler(opt, t.optim, t.epochs)
+        opt = optimizer_for(self.strategy.parameters(self.model), t.optim)
+        sched = scheduler_for(opt, t.optim, t.epochs)
         gen = torch.Generator().manual_seed(t.seed * 1000 + self.dist.rank)
-        best_key, best_epoch, best_state = (-1.0, 0.0), -1, None
-        first_epoch = 0
-        config = self.cfg.to_dict()
-        # a fresh (not resumed) run folder starts without a partial folder, so no checkpoint is found
-        if resume_from is not None and (resume_from / CHECKPOINT_JSON).is_file():
-            ck = load_checkpoint(resume_from)
-            changed = config_difference(ck.config, config)
-            if changed:
-                raise ConfigError(
-                    f"cannot resume: setting '{changed}' differs from the interrupted run; "
-                    "use the same settings, or --force to start over"
-                )
-            self.model.load_state_dict(ck.model)
-            opt.load_state_dict(ck.optimizer)
-            if sched is not None and ck.scheduler is not None:
-                sched.load_state_dict(ck.scheduler)
-            if scaler is not None and ck.scaler:
-                scaler.load_state_dict(ck.scaler)  # fp16 resumes at its loss scale, not the initial one
-            torch.set_rng_state(ck.rng)
-            gen.set_state(ck.generator)
-            self.strategy.load_state_dict(ck.strategy)
-            self.history = ck.history
-            best_key, best_epoch, best_state, first_epoch = ck.best_key, ck.best_epoch, ck.best_model, ck.epoch
+        return _FitState(opt, sched, scaler, gen, self.cfg.to_dict())
+
+    def _resume(self, state: _FitState, resume_from: Path) -> None:
+        """Continue from the checkpoint in ``resume_from``, if there is one (a fresh run folder has none)."""
+        from mmrobust.training.checkpoint import CHECKPOINT_JSON, config_difference, load_checkpoint
+
+        if not (resume_from / CHECKPOINT_JSON).is_file():
+            return
+        ck = load_checkpoint(resume_from)
+        changed = config_difference(ck.config, state.config)
+        if changed:
+            raise ConfigError(
+                f"cannot resume: setting '{changed}' differs from the interrupted run; "
+                "use the same settings, or pass force=True to start over",
+                param="force",
+            )
+        self.model.load_state_dict(ck.model)
+        state.opt.load_state_dict(ck.optimizer)
+        if state.sched is not None and ck.scheduler is not None:
+            state.sched.load_state_dict(ck.scheduler)
+        if state.scaler is not None and ck.scaler:
+            state.scaler.load_state_dict(ck.scaler)  # fp16 resumes at its loss scale, not the initial one
+        torch.set_rng_state(ck.rng)
+        state.gen.set_state(ck.generator)
+        self.strategy.load_state_dict(ck.strategy)
+        self.history = ck.history
+        state.best_key, state.best_epoch, state.best_state = ck.best_key, ck.best_epoch, ck.best_model
+        state.first_epoch = ck.epoch
+
+    def _ticker(self, first_epoch: int, progress: ProgressFn | None) -> Callable[[], None]:
+        """A function to call after every training step: reports the steps done to ``progress``."""
+        t = self.cfg.train
         per_rank = t.batch_size // self.dist.world_size
         steps = math.ceil(math.ceil(len(self.train_split) / self.dist.world_size) / per_rank)
-        start = time.perf_counter()
         done, total, label = first_epoch * steps, t.epochs * steps, f"{t.method} train"
 
         def tick() -> None:
@@ -254,56 +282,89 @@ class Trainer:
             if progress is not None:
                 progress(label, min(done, total), total)
 
-        self.strategy.on_train_start(self)
+        return tick
+
+    def _run_epochs(
+        self,
+        state: _FitState,
+        ctx: TrainContext,
+        tick: Callable[[], None],
+        folder: RunFolder | None,
+        on_epoch: MessageFn | None,
+    ) -> None:
+        """The epoch loop: train, validate, keep the best model, report and checkpoint each epoch."""
+        t = self.cfg.train
         # only the model's forwards are autocast (hooks on the model; DDP calls it); the selected
         # weights are float32 and everything after training (test accuracy, CRMT step 2) runs in fp32
         with model_precision(self.model, t.precision, self.device, t.channels_last):
-            for epoch in range(first_epoch, t.epochs):
-                e0 = time.perf_counter()
-                self.strategy.on_epoch_start(self, epoch)
-                stats = self._train_epoch(epoch, opt, tick, gen, scaler)
-                stats.update(self.strategy.on_epoch_end(self, epoch))
-                lr = opt.param_groups[0]["lr"]
-                if sched is not None:
-                    sched.step()
-                val_acc, val_loss = self.validate()
-                row = {
-                    "epoch": epoch + 1,
-                    **stats,
-                    "val_accuracy": val_acc,
-                    "val_loss": val_loss,
-                    "lr": lr,
-                    "time_s": time.perf_counter() - e0,
-                }
+            for epoch in range(state.first_epoch, t.epochs):
+                row = self._epoch(state, ctx, epoch, tick)
                 self.history.append(row)
-                # highest validation accuracy; among equal accuracies (a saturated val split) the lowest loss
-                if (val_acc, -val_loss) > best_key:
-                    best_key, best_epoch = (val_acc, -val_loss), epoch + 1
-                    best_state = copy.deepcopy(self.model.state_dict())
+                self._select(state, epoch, row)
                 if on_epoch is not None:
                     on_epoch(_epoch_line(t.method, t.epochs, row))
                 if folder is not None:
-                    # the log is derived from the history, so after a resume it lists each epoch once
-                    log = "".join(_epoch_line(t.method, t.epochs, r) + "\n" for r in self.history)
-                    atomic_write_bytes(folder.partial / "train.log", log.encode())
-                    save_checkpoint(
-                        folder.partial,
-                        TrainingState(
-                            epoch + 1, self.model.state_dict(), best_state, best_key, best_epoch, opt.state_dict(),
-                            sched.state_dict() if sched is not None else None, torch.get_rng_state(), gen.get_state(),
-                            self.strategy.state_dict(), self.history, config,
-                            scaler.state_dict() if scaler is not None else None,
-                        ),
-                    )  # fmt: skip
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
-        extra = self.strategy.after_training(self)
+                    self._save_epoch(state, epoch, folder.partial)
+
+    def _epoch(self, state: _FitState, ctx: TrainContext, epoch: int, tick: Callable[[], None]) -> dict[str, Any]:
+        """Train one epoch (with the strategy's epoch hooks), step the schedule and validate: the history row."""
+        e0 = time.perf_counter()
+        self.strategy.on_epoch_start(ctx, epoch)
+        stats = self._train_epoch(epoch, state.opt, tick, state.gen, state.scaler)
+        stats.update(self.strategy.on_epoch_end(ctx, epoch))
+        lr = state.opt.param_groups[0]["lr"]
+        if state.sched is not None:
+            state.sched.step()
+        val_acc, val_loss = self.validate()
+        return {
+            "epoch": epoch + 1,
+            **stats,
+            "val_accuracy": val_acc,
+            "val_loss": val_loss,
+            "lr": lr,
+            "time_s": time.perf_counter() - e0,
+        }
+
+    def _select(self, state: _FitState, epoch: int, row: dict[str, Any]) -> None:
+        """Keep the model of the highest validation accuracy; among equal accuracies (a saturated val
+        split) the lowest validation loss."""
+        key = (row["val_accuracy"], -row["val_loss"])
+        if key > state.best_key:
+            state.best_key, state.best_epoch = key, epoch + 1
+            state.best_state = copy.deepcopy(self.model.state_dict())
+
+    def _save_epoch(self, state: _FitState, epoch: int, partial: Path) -> None:
+        """Write the training log and the checkpoint after ``epoch`` into the run's partial folder."""
+        from mmrobust.training.checkpoint import TrainingState, save_checkpoint
+
+        t = self.cfg.train
+        # the log is derived from the history, so after a resume it lists each epoch once
+        log = "".join(_epoch_line(t.method, t.epochs, r) + "\n" for r in self.history)
+        atomic_write_bytes(partial / "train.log", log.encode())
+        save_checkpoint(
+            partial,
+            TrainingState(
+                epoch + 1, self.model.state_dict(), state.best_state, state.best_key, state.best_epoch,
+                state.opt.state_dict(), state.sched.state_dict() if state.sched is not None else None,
+                torch.get_rng_state(), state.gen.get_state(), self.strategy.state_dict(), self.history,
+                state.config, state.scaler.state_dict() if state.scaler is not None else None,
+            ),
+        )  # fmt: skip
+
+    def _finish(self, state: _FitState, ctx: TrainContext, folder: RunFolder | None, start: float) -> FitResult:
+        """Restore the selected model, run the strategy's last step, measure it and commit the run folder."""
+        from mmrobust.runs import save_run
+
+        t = self.cfg.train
+        if state.best_state is not None:
+            self.model.load_state_dict(state.best_state)
+        extra = self.strategy.after_training(ctx)
         self.model.eval()
         metrics: dict[str, Any] = {
             "method": t.method,
             "val_accuracy": self.evaluate_split("val"),
             "test_accuracy": self.evaluate_split("test"),
-            "best_epoch": best_epoch,
+            "best_epoch": state.best_epoch,
             "epochs": t.epochs,
             "world_size": self.dist.world_size,
             "train_time_s": time.perf_counter() - start,
@@ -332,7 +393,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM into an interrupt while training, so the run folder's lock is released and the
-    last epoch's checkpoint stays for ``--resume`` (SIGINT already raises KeyboardInterrupt)."""
+    last epoch's checkpoint stays for ``resume=True`` (SIGINT already raises KeyboardInterrupt)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -354,7 +415,7 @@ def train(
     *,
     force: bool = False,
     resume: bool = False,
-    on_epoch: EpochFn | None = None,
+    on_epoch: MessageFn | None = None,
     progress: ProgressFn | None = None,
 ) -> FitResult:
     """Train a model from a :class:`RunConfig`; write the run folder to ``out`` if given.

@@ -27,11 +27,10 @@ class GaussianOptions:
 
 
 @METHODS.register("gaussian")
-class GaussianAugmentation(Strategy):
+class GaussianAugmentation(Strategy[GaussianOptions]):
     """Joint training on noisy inputs: ``CE(h(x + e), y)``, ``e ~ N(0, sigma^2 I)`` on every modality
     (Cohen et al., 2019): a smoothed classifier is only accurate if its base model is accurate under noise."""
 
-    name = "gaussian"
     head = "concat"
     Options = GaussianOptions
 

@@ -19,8 +19,9 @@ held-out part, they stay as they were. ``O_h^2`` is floored at 1e-8.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,9 @@ from torch import nn
 
 from mmrobust.data.base import Batch, Split, iterate_batches
 from mmrobust.models.fusion import ModelConfig
+from mmrobust.torchutil import eval_mode, to_device
 from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require
-
-if TYPE_CHECKING:
-    from mmrobust.training.engine import Trainer
+from mmrobust.training.context import TrainContext
 
 FUSED = "fused"
 
@@ -52,18 +52,14 @@ def blend_weights(
 @torch.no_grad()
 def head_losses(model: nn.Module, split: Split, device: str | torch.device) -> dict[str, float]:
     """Mean CE of the fusion head and of every auxiliary head on ``split`` (model in eval mode)."""
-    was = model.training
-    model.eval()
     sums: dict[str, float] = {}
-    try:
+    with eval_mode(model):
         for inputs, y in iterate_batches(split, 256):
             y = y.to(device)
-            out = model({k: v.to(device) for k, v in inputs.items()}, return_all=True)
+            out = model(to_device(inputs, device), return_all=True)
             heads = {FUSED: out["logits"], **out["aux_logits"]}
             for h, logits in heads.items():
                 sums[h] = sums.get(h, 0.0) + float(F.cross_entropy(logits, y, reduction="sum"))
-    finally:
-        model.train(was)
     return {h: s / len(split) for h, s in sums.items()}
 
 
@@ -76,15 +72,14 @@ class GBOptions(MethodOptions):
 
     def check(self) -> None:
         super().check()
-        require(self.gb_every >= 1, f"option gb_every must be >= 1, got {self.gb_every}")
-        require(0.0 < self.holdout < 0.5, f"option holdout must be in (0, 0.5), got {self.holdout}")
+        require(self.gb_every >= 1, f"option gb_every must be >= 1, got {self.gb_every}", "gb_every")
+        require(0.0 < self.holdout < 0.5, f"option holdout must be in (0, 0.5), got {self.holdout}", "holdout")
 
 
 @METHODS.register("gb")
-class GradientBlending(Strategy):
+class GradientBlending(Strategy[GBOptions]):
     """Fusion head + per-modality auxiliary heads, losses blended by G/O^2 (see module docstring)."""
 
-    name = "gb"
     head = "concat"
     Options = GBOptions
 
@@ -96,10 +91,9 @@ class GradientBlending(Strategy):
         self.train_probe: Split | None = None
         self._before: tuple[dict[str, float], dict[str, float]] | None = None
 
-    def model_config(self, cfg: ModelConfig) -> ModelConfig:
-        cfg = super().model_config(cfg)
-        cfg.aux_heads = True
-        return cfg
+    @classmethod
+    def model_config(cls, model: ModelConfig, options: GBOptions) -> ModelConfig:
+        return dataclasses.replace(super().model_config(model, options), aux_heads=True)
 
     def training_split(self, train: Split, seed: int) -> Split:
         n_out = max(1, round(self.options.holdout * len(train)))
@@ -109,17 +103,16 @@ class GradientBlending(Strategy):
         self.train_probe = rest.subset(slice(0, n_out))  # order is random: a random sample of the rest
         return rest
 
-    def _measure(self, trainer: Trainer) -> tuple[dict[str, float], dict[str, float]]:
+    def _measure(self, ctx: TrainContext) -> tuple[dict[str, float], dict[str, float]]:
         assert self.held_out is not None and self.train_probe is not None
-        model = trainer.model
-        return head_losses(model, self.train_probe, trainer.device), head_losses(model, self.held_out, trainer.device)
+        return head_losses(ctx.model, self.train_probe, ctx.device), head_losses(ctx.model, self.held_out, ctx.device)
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        self._before = self._measure(trainer)
+    def on_train_start(self, ctx: TrainContext) -> None:
+        self._before = self._measure(ctx)
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> dict[str, Any]:
+    def on_epoch_end(self, ctx: TrainContext, epoch: int) -> dict[str, Any]:
         if (epoch + 1) % self.options.gb_every == 0 and self._before is not None:
-            now = self._measure(trainer)
+            now = self._measure(ctx)
             new = blend_weights(*self._before, *now)
             if new is not None:
                 self.weights = new

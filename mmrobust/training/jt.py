@@ -7,14 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrobust.data.base import Batch
-from mmrobust.training.base import METHODS, StepContext, Strategy
+from mmrobust.training.base import METHODS, NoOptions, StepContext, Strategy
 
 
 @METHODS.register("jt")
-class JointTraining(Strategy):
+class JointTraining(Strategy[NoOptions]):
     """Plain joint training: ``CE(h(x), y)``."""
 
-    name = "jt"
     head = "concat"
 
     def loss(

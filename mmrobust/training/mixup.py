@@ -40,14 +40,13 @@ class MixupOptions(MethodOptions):
 
     def check(self) -> None:
         super().check()
-        require(self.alpha > 0, f"option alpha must be > 0, got {self.alpha}")
+        require(self.alpha > 0, f"option alpha must be > 0, got {self.alpha}", "alpha")
 
 
 @METHODS.register("mixup")
-class Mixup(Strategy):
+class Mixup(Strategy[MixupOptions]):
     """Multi-modal mixup on the concat head (see module docstring)."""
 
-    name = "mixup"
     head = "concat"
     Options = MixupOptions
 

@@ -28,14 +28,13 @@ class MMATOptions(AdversarialOptions):
 
     def check(self) -> None:
         super().check()
-        require(0.0 <= self.mix_clean <= 1.0, f"option mix_clean must be in [0, 1], got {self.mix_clean}")
+        require(0.0 <= self.mix_clean <= 1.0, f"option mix_clean must be in [0, 1], got {self.mix_clean}", "mix_clean")
 
 
 @METHODS.register("mmat")
-class MMAT(Strategy):
+class MMAT(Strategy[MMATOptions]):
     """Multi-modal adversarial training on the concat head (see module docstring)."""
 
-    name = "mmat"
     head = "concat"
     Options = MMATOptions
 

@@ -15,9 +15,10 @@ equal dimensions), and the memory stores a seeded random sample of training feat
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,7 @@ from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import ModelConfig
 from mmrobust.models.memory import SparseCodingMemory
 from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require
-
-if TYPE_CHECKING:
-    from mmrobust.training.engine import Trainer
+from mmrobust.training.context import TrainContext
 
 
 def pairwise_cosine(feats: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -50,32 +49,33 @@ class MSEFMOptions(MethodOptions):
 
     def check(self) -> None:
         super().check()
-        require(self.beta >= 0, f"option beta must be >= 0, got {self.beta}")
-        require(self.memory_size >= 1, f"option memory_size must be >= 1, got {self.memory_size}")
-        require(self.memory_lambda >= 0, f"option memory_lambda must be >= 0, got {self.memory_lambda}")
-        require(self.memory_iters >= 1, f"option memory_iters must be >= 1, got {self.memory_iters}")
+        require(self.beta >= 0, f"option beta must be >= 0, got {self.beta}", "beta")
+        require(self.memory_size >= 1, f"option memory_size must be >= 1, got {self.memory_size}", "memory_size")
+        require(
+            self.memory_lambda >= 0, f"option memory_lambda must be >= 0, got {self.memory_lambda}", "memory_lambda"
+        )
+        require(self.memory_iters >= 1, f"option memory_iters must be >= 1, got {self.memory_iters}", "memory_iters")
 
 
 @METHODS.register("msefm")
-class MSEFM(Strategy):
+class MSEFM(Strategy[MSEFMOptions]):
     """CE + cross-modal feature dissimilarity; sparse-coding feature memory at test time."""
 
-    name = "msefm"
     head = "concat"
     Options = MSEFMOptions
 
-    def model_config(self, cfg: ModelConfig) -> ModelConfig:
-        cfg = super().model_config(cfg)
-        cfg.feature_memory = self.options.memory_size
-        return cfg
+    @classmethod
+    def model_config(cls, model: ModelConfig, options: MSEFMOptions) -> ModelConfig:
+        return dataclasses.replace(super().model_config(model, options), feature_memory=options.memory_size)
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        dims = {m: enc.out_dim for m, enc in trainer.model.encoders.items()}
+    def on_train_start(self, ctx: TrainContext) -> None:
+        dims = {m: enc.out_dim for m, enc in ctx.model.encoders.items()}
         if len(set(dims.values())) > 1:
             raise ConfigError(f"msefm: the dissimilarity term compares features across modalities; dims differ: {dims}")
-        if self.options.memory_size > len(trainer.train_split):
+        if self.options.memory_size > len(ctx.train):
             raise ConfigError(
-                f"msefm: memory_size {self.options.memory_size} exceeds the {len(trainer.train_split)} training samples"
+                f"msefm: memory_size {self.options.memory_size} exceeds the {len(ctx.train)} training samples",
+                param="memory_size",
             )
 
     def loss(
@@ -88,24 +88,24 @@ class MSEFM(Strategy):
         return loss, out["logits"]
 
     @torch.no_grad()
-    def after_training(self, trainer: Trainer) -> dict[str, Any]:
+    def after_training(self, ctx: TrainContext) -> dict[str, Any]:
         """Fill each modality's memory with clean features of a seeded random training sample."""
-        model, o = trainer.model, self.options
+        model, o = ctx.model, self.options
         model.eval()
-        val_before = trainer.evaluate_split("val")
-        pick = torch.randperm(len(trainer.train_split), generator=torch.Generator().manual_seed(trainer.cfg.train.seed))
-        sample = trainer.train_split.subset(pick[: o.memory_size])
+        val_before = ctx.evaluate("val")
+        pick = torch.randperm(len(ctx.train), generator=torch.Generator().manual_seed(ctx.seed))
+        sample = ctx.train.subset(pick[: o.memory_size])
         feats: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}
         for inputs, _ in iterate_batches(sample, 256):
             for m, enc in model.encoders.items():
                 assert isinstance(enc, SparseCodingMemory)
-                feats[m].append(enc.encoder(inputs[m].to(trainer.device)))
+                feats[m].append(enc.encoder(inputs[m].to(ctx.device)))
         for m, enc in model.encoders.items():
             assert isinstance(enc, SparseCodingMemory)
             enc.fill(torch.cat(feats[m]), o.memory_lambda, o.memory_iters)
         return {
             "msefm": {
                 "val_accuracy_without_memory": val_before,
-                "val_accuracy_with_memory": trainer.evaluate_split("val"),
+                "val_accuracy_with_memory": ctx.evaluate("val"),
             }
         }

@@ -51,14 +51,13 @@ class OGMGEOptions(MethodOptions):
 
     def check(self) -> None:
         super().check()
-        require(self.alpha >= 0, f"option alpha must be >= 0, got {self.alpha}")
+        require(self.alpha >= 0, f"option alpha must be >= 0, got {self.alpha}", "alpha")
 
 
 @METHODS.register("ogm-ge")
-class OGMGE(Strategy):
+class OGMGE(Strategy[OGMGEOptions]):
     """Joint training whose dominant encoders' gradients are damped (see module docstring)."""
 
-    name = "ogm-ge"
     head = "concat"
     Options = OGMGEOptions
     distributed_reason = "the modulation coefficients and noise are computed per process (replicas would diverge)"

@@ -17,7 +17,7 @@ distribution is not implemented.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,9 @@ from torch import nn
 
 from mmrobust.data.base import Batch, Split, iterate_batches
 from mmrobust.models.fusion import LateFusionModel
+from mmrobust.torchutil import eval_mode, to_device
 from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require
-
-if TYPE_CHECKING:
-    from mmrobust.training.engine import Trainer
+from mmrobust.training.context import TrainContext
 
 
 @torch.no_grad()
@@ -39,20 +38,16 @@ def class_prototypes(
 
     A class absent from ``split`` gets a zero prototype.
     """
-    was = model.training
-    model.eval()
     sums: dict[str, torch.Tensor] = {}
     counts = torch.zeros(num_classes, device=device)
-    try:
+    with eval_mode(model):
         for inputs, y in iterate_batches(split, 256):
             y = y.to(device)
-            feats = model.encode({k: v.to(device) for k, v in inputs.items()})
+            feats = model.encode(to_device(inputs, device))
             onehot = F.one_hot(y, num_classes).to(feats[next(iter(feats))].dtype)
             for m, z in feats.items():
                 sums[m] = sums.get(m, 0) + onehot.T @ z
             counts += onehot.sum(0)
-    finally:
-        model.train(was)
     return {m: s / counts.clamp_min(1)[:, None] for m, s in sums.items()}
 
 
@@ -70,14 +65,13 @@ class PMROptions(MethodOptions):
 
     def check(self) -> None:
         super().check()
-        require(self.alpha >= 0, f"option alpha must be >= 0, got {self.alpha}")
+        require(self.alpha >= 0, f"option alpha must be >= 0, got {self.alpha}", "alpha")
 
 
 @METHODS.register("pmr")
-class PMR(Strategy):
+class PMR(Strategy[PMROptions]):
     """Joint training plus prototype CE on the lagging modalities (see module docstring)."""
 
-    name = "pmr"
     head = "concat"
     Options = PMROptions
 
@@ -85,8 +79,8 @@ class PMR(Strategy):
         super().__init__(options, meta)
         self.prototypes: dict[str, torch.Tensor] = {}
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        self.prototypes = class_prototypes(trainer.model, trainer.train_split, self.meta.num_classes, trainer.device)
+    def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
+        self.prototypes = class_prototypes(ctx.model, ctx.train, self.meta.num_classes, ctx.device)
 
     def loss(
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext

@@ -84,16 +84,15 @@ class VARMATOptions(MethodOptions):
 
     def check(self) -> None:
         super().check()
-        require(self.eps > 0, f"option eps must be > 0, got {self.eps}")
-        require(self.alpha >= 0, f"option alpha must be >= 0, got {self.alpha}")
-        require(self.steps >= 1, f"option steps must be >= 1, got {self.steps}")
+        require(self.eps > 0, f"option eps must be > 0, got {self.eps}", "eps")
+        require(self.alpha >= 0, f"option alpha must be >= 0, got {self.alpha}", "alpha")
+        require(self.steps >= 1, f"option steps must be >= 1, got {self.steps}", "steps")
 
 
 @METHODS.register("varmat")
-class VARMAT(Strategy):
+class VARMAT(Strategy[VARMATOptions]):
     """Latent adversarial training with the vulnerability penalty (see module docstring)."""
 
-    name = "varmat"
     head = "concat"
     Options = VARMATOptions
     distributed_reason = _NO_DDP
@@ -122,14 +121,13 @@ class VARMATInputOptions(AdversarialOptions):
 
     def check(self) -> None:
         super().check()
-        require(self.alpha >= 0, f"option alpha must be >= 0, got {self.alpha}")
+        require(self.alpha >= 0, f"option alpha must be >= 0, got {self.alpha}", "alpha")
 
 
 @METHODS.register("varmat-input")
-class VARMATInput(Strategy):
+class VARMATInput(Strategy[VARMATInputOptions]):
     """Ours: VARMAT's probe and penalty on inputs, trained on joint-l2 PGD examples."""
 
-    name = "varmat-input"
     head = "concat"
     Options = VARMATInputOptions
     distributed_reason = _NO_DDP
