@@ -71,7 +71,7 @@ class RunFolder:
             try:
                 parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise RunError(f"{parent}: cannot create the parent of out ({exc.strerror})", param="out") from None
+                raise RunError(f"{parent}: cannot create the folder for out ({exc.strerror})", param="out") from None
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RunError(f"{parent}: not writable; choose another out folder", param="out")
         owner = self._lock_owner()

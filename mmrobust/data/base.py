@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,63 @@ KINDS = ("vector", "sequence", "image", "spectrogram", "video")
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """The standardisation a model applies to one modality's stored values: ``(x - mean) / std``.
+
+    ``mean`` and ``std`` hold one value (the whole modality), or one value per entry along the
+    per-sample axis ``axis`` (e.g. per MFCC coefficient of a ``(coefficients, frames)`` sequence,
+    ``axis=0``; per channel of a ``(C, H, W)`` image, ``axis=0``).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.mean or len(self.mean) != len(self.std):
+            raise DataError(f"normalization: mean and std need the same non-zero length, got {self.mean}, {self.std}")
+        values = [*self.mean, *self.std]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise DataError(f"normalization: mean and std must be finite numbers, got {self.mean}, {self.std}")
+        if min(self.std) <= 0:
+            raise DataError(f"normalization: std must be > 0, got {self.std}")
+
+    @property
+    def scalar(self) -> bool:
+        """One value for the whole modality (an l2 ball in stored units maps to a ball)."""
+        return len(self.std) == 1
+
+    def broadcast_shape(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of ``mean``/``std`` as tensors broadcasting over one sample of ``sample_shape``."""
+        if self.scalar:
+            return (1,) * len(sample_shape)
+        if not 0 <= self.axis < len(sample_shape) or sample_shape[self.axis] != len(self.std):
+            raise DataError(
+                f"normalization: {len(self.std)} values along axis {self.axis} do not fit samples of shape "
+                f"{tuple(sample_shape)}"
+            )
+        return tuple(len(self.std) if i == self.axis else 1 for i in range(len(sample_shape)))
+
+    def tensors(self, sample_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` as float32 tensors of :meth:`broadcast_shape` (no sample axis)."""
+        shape = self.broadcast_shape(sample_shape)
+        mean = torch.tensor(self.mean, dtype=torch.float32).reshape(shape)
+        std = torch.tensor(self.std, dtype=torch.float32).reshape(shape)
+        return mean, std
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "std": list(self.std), "axis": self.axis}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Normalization:
+        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]), int(d.get("axis", 0)))
+
+
+#: the units of values stored already standardised (data written before models standardised their inputs)
+STANDARDISED = "standardised"
+
+
+@dataclass(frozen=True)
 class ModalitySpec:
     """One modality of a dataset.
 
@@ -31,14 +88,20 @@ class ModalitySpec:
         kind: one of :data:`KINDS`; picks the default encoder.
         shape: per-sample shape. ``vector``: ``(D,)``; ``sequence``: ``(channels, length)``;
             ``image``/``spectrogram``: ``(C, H, W)``; ``video``: ``(T, C, H, W)``.
-        valid_range: ``(low, high)`` bounds of valid inputs **in the model's input space** (after
-            normalisation), or ``None`` when any value is valid. Attacks clamp to it.
+        valid_range: ``(low, high)`` bounds of valid inputs **in the stored units** (what a batch
+            holds and an attack perturbs), or ``None`` when any value is valid. Attacks clamp to it.
+        units: what the stored values measure, e.g. ``"pixel intensity in [0, 1]"`` or
+            ``"waveform amplitude in [-1, 1]"``; :data:`STANDARDISED` for values stored already
+            standardised (then ``normalization`` is None and budgets are in standardised units).
+        normalization: the standardisation the model applies first (a buffer of the model), or None.
     """
 
     name: str
     kind: str
     shape: tuple[int, ...]
     valid_range: tuple[float, float] | None = None
+    units: str = STANDARDISED
+    normalization: Normalization | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -50,17 +113,26 @@ class ModalitySpec:
             )
         if self.valid_range is not None and not self.valid_range[0] < self.valid_range[1]:
             raise DataError(f"modality '{self.name}': valid_range {self.valid_range} is empty")
+        if not isinstance(self.units, str) or not self.units:
+            raise DataError(f"modality '{self.name}': units must be a non-empty string, got {self.units!r}")
+        if self.normalization is not None:
+            self.normalization.broadcast_shape(self.shape)  # fits the samples, or a one-line error
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["shape"] = list(self.shape)
+        d: dict[str, Any] = {"name": self.name, "kind": self.kind, "shape": list(self.shape)}
         d["valid_range"] = list(self.valid_range) if self.valid_range is not None else None
+        d["units"] = self.units
+        d["normalization"] = self.normalization.to_dict() if self.normalization is not None else None
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModalitySpec:
         vr = d.get("valid_range")
-        return cls(d["name"], d["kind"], tuple(int(s) for s in d["shape"]), tuple(vr) if vr is not None else None)
+        norm = d.get("normalization")
+        return cls(
+            d["name"], d["kind"], tuple(int(s) for s in d["shape"]), tuple(vr) if vr is not None else None,
+            str(d.get("units", STANDARDISED)), Normalization.from_dict(norm) if norm is not None else None,
+        )  # fmt: skip
 
 
 @dataclass
