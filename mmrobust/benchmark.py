@@ -162,9 +162,9 @@ class BenchmarkConfig:
         return [Cell(d, m, s) for d in self.data for s in range(self.seeds) for m in self.methods]
 
     def to_json(self) -> dict[str, Any]:
-        """The config as JSON; ``attack_strength`` is also written under its old key ``protocol``."""
+        """The config as JSON; renamed settings are also written under their old keys (one release)."""
         d = _plain(asdict(self))
-        return {**d, "protocol": d["attack_strength"]}
+        return {**d, **{old: d[new] for old, new in _OLD_NAMES.items()}}
 
 
 def _plain(v: Any) -> Any:
@@ -189,7 +189,8 @@ def method_name(label: str) -> str:
 
 
 def _slug(dataset: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(dataset).name if Path(dataset).is_dir() else dataset)
+    folder = dataset_folder(dataset)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", folder.name if folder is not None else dataset) or "data"
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,8 @@ class CellResult:
             "evaluation": self.evaluation.to_json(),
             "paper_attack": self.paper_attack.to_json() if self.paper_attack else None,
             "paper_protocol": self.paper_attack.to_json() if self.paper_attack else None,  # old key
-            "certify": asdict(self.certificate) if self.certificate else None,
+            "certificate": asdict(self.certificate) if self.certificate else None,
+            "certify": asdict(self.certificate) if self.certificate else None,  # old key
         }
 
 

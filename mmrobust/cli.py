@@ -465,7 +465,7 @@ def error_message(exc: MMRobustError, parser: argparse.ArgumentParser | None = N
         if switch.search(text):
             text = switch.sub(flag, text)
             continue
-        pattern = re.compile(rf"(?<![\w.-]){re.escape(param)}(?![\w-])")
+        pattern = re.compile(rf"(?<![\w./-]){re.escape(param)}(?![\w/-])")  # not inside a path
         text = pattern.sub(flag, text, count=1) if pattern.search(text) else f"{flag}: {text}"
     return text
 

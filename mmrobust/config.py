@@ -205,7 +205,7 @@ class RunConfig:
             raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{p}: must hold a mapping with keys data/model/train")
-        unknown = set(d) - {"data", "model", "train", "mmrobust_version", "dataset", "data_source"}
+        unknown = set(d) - {"data", "model", "train", "schema_version", "mmrobust_version", "dataset", "data_source"}
         if unknown:
             raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}")
         return cls.from_dict(d)
