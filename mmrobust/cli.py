@@ -643,13 +643,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     _add_data_commands(sub)
+    _add_to_every_command(parser)
     return parser
+
+
+def _add_to_every_command(parser: argparse.ArgumentParser) -> None:
+    """The options every command takes (added after the commands are built, so none can miss them)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                _add_to_every_command(p)
+    if parser.get_default("func") is not None:
+        parser.add_argument("--plugin", action="append", metavar="MODULE",
+                            help="import MODULE first: it registers its encoders, datasets, methods, certifiers, "
+                            "attacks or layer rules (repeatable; see docs/your-model.md)")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from mmrobust.plugins import import_plugins
+
+        import_plugins(args.plugin or [])
         return int(args.func(args) or 0)
     except MMRobustError as exc:
         if args.debug:

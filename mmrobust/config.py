@@ -16,6 +16,7 @@ from mmrobust.errors import ConfigError
 from mmrobust.memory import check_budget
 from mmrobust.models.fusion import ModelConfig
 from mmrobust.options import build_options, check_range, check_types
+from mmrobust.plugins import imported_plugins
 from mmrobust.precision import check_precision
 
 OPTIMIZERS = ("adam", "sgd")
@@ -173,15 +174,35 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    """A run's configuration. ``plugins``: modules to import before the run can be rebuilt (the
+    plug-ins that registered its dataset or encoders; filled in by :meth:`validate`)."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plugins: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        """Check every section again (flags may have changed fields after construction)."""
+        """Check every section again (flags may have changed fields after construction) and record
+        the plug-ins the configuration uses."""
         self.data.__post_init__()
         self.model.__post_init__()
         self.train.validate()
+        if not isinstance(self.plugins, list) or not all(isinstance(m, str) and m for m in self.plugins):
+            raise ConfigError(f"plugins must be a list of module names, got {self.plugins!r}", param="plugins")
+        self.plugins = list(dict.fromkeys([*self.plugins, *imported_plugins(), *self._registering_modules()]))
+
+    def _registering_modules(self) -> list[str]:
+        """Modules outside mmrobust that registered the dataset or an encoder this config names."""
+        from mmrobust.data.registry import DATASETS
+        from mmrobust.models.encoders import ENCODERS
+
+        found: list[object] = []
+        if self.data.name in DATASETS:
+            found.append(DATASETS.get(self.data.name))
+        found += [ENCODERS.get(name) for name in self.model.encoders.values()]
+        modules = [getattr(obj, "__module__", "") for obj in found]
+        return [m for m in modules if m and m != "__main__" and not m.startswith("mmrobust.")]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,6 +213,7 @@ class RunConfig:
             data=_build(DataConfig, d.get("data", {}), "data"),
             model=_build(ModelConfig, d.get("model", {}), "model"),
             train=_build(TrainConfig, d.get("train", {}), "train"),
+            plugins=list(d.get("plugins", [])),
         )
 
     @classmethod
@@ -205,7 +227,16 @@ class RunConfig:
             raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{p}: must hold a mapping with keys data/model/train")
-        unknown = set(d) - {"data", "model", "train", "schema_version", "mmrobust_version", "dataset", "data_source"}
+        unknown = set(d) - {
+            "data",
+            "model",
+            "train",
+            "plugins",
+            "schema_version",
+            "mmrobust_version",
+            "dataset",
+            "data_source",
+        }
         if unknown:
             raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}")
         return cls.from_dict(d)

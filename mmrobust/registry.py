@@ -48,10 +48,9 @@ class Registry(Generic[T]):
         """
 
         def decorator(obj: T) -> T:
-            if name in self._items:
-                if self._items[name] is obj:
-                    return obj
+            if name in self._items and not _same(self._items[name], obj):
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
+            # a new name, the same object again, or its definition from a module imported again
             if isinstance(obj, type):
                 obj.name = name  # type: ignore[attr-defined]
             self._items[name] = obj
@@ -61,11 +60,18 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         self._load()
+        if name not in self._items:
+            from mmrobust.plugins import load_installed
+
+            load_installed()  # installed plug-ins register on import: once, on the first miss
         try:
             return self._items[name]
         except KeyError:
             choices = ", ".join(sorted(self._items))
-            raise ConfigError(f"unknown {self.kind} '{name}'; choose from: {choices}") from None
+            raise ConfigError(
+                f"unknown {self.kind} '{name}'; choose from: {choices} (a plug-in's names need plugin=MODULE)",
+                param="plugin",
+            ) from None
 
     def names(self) -> list[str]:
         self._load()
@@ -81,3 +87,11 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _same(a: object, b: object) -> bool:
+    """One registration target: the same object, or the same definition from a re-imported module."""
+    if a is b:
+        return True
+    key = ("__module__", "__qualname__")
+    return all(getattr(a, k, None) is not None and getattr(a, k, None) == getattr(b, k, None) for k in key)
