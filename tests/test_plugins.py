@@ -123,12 +123,14 @@ def test_installed_plugins_load_on_a_registry_miss_and_a_broken_one_only_warns(
 
 
 def test_load_object_is_the_one_module_colon_name_importer(plugin_dir: Path) -> None:
-    (plugin_dir / "mmr_test_obj.py").write_text(textwrap.dedent("""
+    (plugin_dir / "mmr_test_obj.py").write_text(
+        textwrap.dedent("""
         class Box:
             @staticmethod
             def make():
                 return 42
-    """))
+    """)
+    )
     assert plugins.load_object("mmr_test_obj:Box.make")() == 42
     with pytest.raises(ConfigError, match="has no 'nothing'"):
         plugins.load_object("mmr_test_obj:nothing", "factory")
