@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from mmrobust.certify.agnostic import agnostic_certificate
 from mmrobust.certify.base import (
     CERTIFIERS,
     UNSET,
@@ -171,7 +172,15 @@ class LipschitzCertifier(Certifier):
 
     def certify(self, model: torch.nn.Module, meta: DatasetMeta, split: Split, ctx: CertifyContext) -> Certificate:
         if not isinstance(model, LateFusionModel):
-            raise ConfigError(f"certifier '{self.name}' needs a late-fusion model, got {type(model).__name__}")
+            if isinstance(self.options, EmpiricalOptions):  # any model: the model-agnostic estimate
+                return agnostic_certificate(model, meta, split, ctx, self.options.fit_samples, self.name)
+            raise ConfigError(
+                f"certifier '{self.name}' needs an additive late-fusion model (LateFusionModel: one encoder per "
+                f"modality and a linear fusion head; see LateFusionModel.from_modules), got {type(model).__name__}; "
+                "certifier='empirical' estimates radii of any model, certifier='smoothing' certifies any model "
+                "probabilistically",
+                param="certifier",
+            )
         t0 = time.perf_counter()
         model.eval()
         with torch.no_grad():
