@@ -72,7 +72,8 @@ class AutoAttackComponent(Attack):
         return packed.clamp(x0 + radius * packed.normalize(t, "l2"))
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "steps": self.steps, "restarts": self.restarts}
+        d = {**super().describe(), "steps": self.steps, "restarts": self.restarts}
+        return {**d, "targets": self.targets} if self.targeted else d
 
     @classmethod
     def check_applicable(cls, num_classes: int, targets: int = 9) -> None:
