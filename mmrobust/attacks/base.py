@@ -213,7 +213,9 @@ class Attack:
                               f"{self.name}: unknown budget '{self.threat.budget}'; choose from: "
                               f"{', '.join(self.budgets)}", param="budget")  # fmt: skip
         if loss not in self.losses:
-            raise ConfigError(f"{self.name}: unknown loss '{loss}'; choose from: {', '.join(self.losses)}", param="loss")
+            raise ConfigError(
+                f"{self.name}: unknown loss '{loss}'; choose from: {', '.join(self.losses)}", param="loss"
+            )
         self.loss = loss
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)

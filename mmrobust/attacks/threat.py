@@ -382,7 +382,9 @@ class ThreatModel:
                    dict(d.get("units", {})), ranges, dict(d.get("scale_axes", {})))  # fmt: skip
 
 
-def units_of(meta: DatasetMeta | None, modalities: Sequence[str], norm: str | None, budget: str | None) -> dict[str, Any]:
+def units_of(
+    meta: DatasetMeta | None, modalities: Sequence[str], norm: str | None, budget: str | None
+) -> dict[str, Any]:
     """The ``units``/``scales`` fields of a budget on ``modalities`` (as :meth:`ThreatModel.parse` sets them)."""
     if not modalities or norm is None:
         return {}

@@ -160,7 +160,9 @@ def _eps_positive(eps: dict[str, float]) -> bool:
     return any(v > 0 for v in eps.values())
 
 
-def _threat(meta: DatasetMeta, eps: Any, norm: str, modalities: Sequence[str], budget: str | None = None) -> ThreatModel:
+def _threat(
+    meta: DatasetMeta, eps: Any, norm: str, modalities: Sequence[str], budget: str | None = None
+) -> ThreatModel:
     return ThreatModel.parse(meta, eps=eps, norm=norm, modalities=list(modalities), budget=budget)
 
 
