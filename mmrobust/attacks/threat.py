@@ -106,7 +106,7 @@ def parse_modality_eps(value: Any, known: Sequence[str] | None, param: str = "ep
     return out
 
 
-def format_eps(eps: float | Mapping[str, float]) -> str:
+def format_eps(eps: float | Mapping[str, float] | str) -> str:
     """``8/255`` for l-inf-style fractions, ``0.5`` otherwise, ``a=1,b=2`` for per-modality dicts."""
     if isinstance(eps, Mapping):
         return ",".join(f"{k}={format_eps(v)}" for k, v in eps.items())
