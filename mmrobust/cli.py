@@ -506,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scale_args(p)
     p.add_argument("--eps", help="eps list, e.g. 0.5,2,4 or 2/255,8/255 (paper: joint eps, default 0.5; curves: "
                    "the sweep; autoattack: default 2/255,4/255,8/255 for linf, or one per-modality l-inf "
-                   "setting image=8/255,audio=0.1)")  # fmt: skip
+                   "setting image=8/255,audio=0.1). Units: l-inf in each modality's stored units (8/255 of "
+                   "the pixel range for images in [0, 1]); joint l2 on x/std (standardised); the units are "
+                   "recorded in eval.json")  # fmt: skip
     p.add_argument("--unimodal-eps", help="paper suite: eps list for single-modality attacks (default 1.0)")
     p.add_argument("--steps", type=int, help="attack iterations (paper/curves PGD default 10; autoattack 100)")
     p.add_argument("--step-size", type=_finite_float, help="PGD step size as a multiple of eps (default 2.5/steps)")
@@ -516,7 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--losses", help="comma list of attack losses (default ce,cw); the worst case is reported beside")
     p.add_argument("--attacks", help="autoattack: components (default apgd-ce,apgd-t,fab-t,square)")
     p.add_argument("--queries", type=int, help="autoattack: Square query budget (default 5000)")
-    p.add_argument("--targets", type=int, help="autoattack: target classes of APGD-T/FAB-T (default 9)")
+    p.add_argument(
+        "--targets",
+        type=int,
+        help="autoattack: target classes of APGD-T/FAB-T (default 9; at most classes - 1 are used)",
+    )
     p.add_argument("--version", choices=["standard", "plus", "custom"], default=None,
                    help="autoattack: run the reference protocol (components in order, each on the points still "
                         "robust; custom takes --attacks) instead of every component on every sample")  # fmt: skip

@@ -321,17 +321,21 @@ def test_protocol_per_modality_linf_budgets_and_single_modality(run, batch):
 
 def test_protocol_skips_what_does_not_apply_and_warns(run, batch):
     x, y = batch
-    # 4 classes: the standard version's 9 targets do not fit; skipped, named, no crash
+    # 4 classes: the targeted components attack min(9, K - 1) = 3 targets; every component runs
     res = run_autoattack(run.model, x, y, AutoAttackOptions(eps=0.3, steps=5, queries=50), meta=run.meta)
-    assert [s.attack for s in res.stages] == ["apgd-ce", "square"]
-    assert any("apgd-t skipped" in s and "10 classes" in s for s in res.skipped)
-    assert any("fab-t skipped" in s for s in res.skipped)
+    assert [s.attack for s in res.stages] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert res.targets == 3 and not res.skipped and not res.dropped and res.label == "autoattack"
+    # asked for more targets than there are wrong classes: min(targets, K - 1), said in a warning
+    res9 = run_autoattack(run.model, x, y, AutoAttackOptions(eps=0.3, steps=2, queries=10, targets=9), meta=run.meta)
+    assert res9.targets == 3 and any("3 target class(es) attacked, not 9" in w for w in res9.warnings)
     # a two-class model: DLR does not apply
     model = Linear(torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(2))
     xv = {"v": torch.randn(20, 4, generator=torch.Generator().manual_seed(1))}
     res2 = run_autoattack(model, xv, model(xv).argmax(1), AutoAttackOptions(eps=0.1, version="plus", steps=3,
                                                                             queries=20, targets=1))  # fmt: skip
     assert any("apgd-dlr skipped" in s and ">= 3 classes" in s for s in res2.skipped)
+    assert set(res2.dropped) == {"apgd-dlr", "apgd-t"} and "fab-t" in res2.components
+    assert res2.label.startswith("autoattack (apgd-ce, fab") and "apgd-dlr, apgd-t dropped: 2 classes" in res2.label
     # sanity checks: a saturated softmax, and randomness in the forward pass
     loud = run_autoattack(Scaled(run.model, 1e4), x, y, AutoAttackOptions(eps=0.0), meta=run.meta)
     assert any("softmax saturated" in w for w in loud.warnings)
@@ -349,7 +353,7 @@ def test_protocol_options_validate():
         AutoAttackOptions(eps=0.1, version="custom", attacks=("pgd",))
     with pytest.raises(ConfigError, match="per-modality budgets need norm 'linf'"):
         AutoAttackOptions(eps={"a": 0.1, "b": 0.2}, norm="l2")
-    with pytest.raises(ConfigError, match="eps must be a finite"):
+    with pytest.raises(ConfigError, match="eps must be finite"):
         AutoAttackOptions(eps=float("nan"))
     with pytest.raises(ConfigError, match="queries must be an integer"):
         AutoAttackOptions(eps=0.1, queries=0)
@@ -384,6 +388,9 @@ def test_autoattack_suite_version_runs_the_protocol(tiny_run):
     assert rows[2].accuracy < res.clean_accuracy - 0.3
     standard = evaluate_run(tiny_run, suite="autoattack", version="standard", eps="0.5", steps=3, queries=20,
                             max_samples=30)  # fmt: skip
-    assert any("apgd-t skipped" in w for w in standard.warnings)  # 4 classes: 9 targets do not fit
+    # 4 classes: the targeted components attack min(9, K - 1) = 3 targets, every component runs
+    last = standard.rows[-1]
+    assert last.attack == "autoattack" and last.extra["targets"] == 3 and "dropped" not in last.extra
+    assert last.extra["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and last.label.startswith("autoattack ")
     with pytest.raises(ConfigError, match="unknown version"):
         evaluate_run(tiny_run, suite="autoattack", version="fast", eps="0.5", max_samples=10)

@@ -199,11 +199,11 @@ def test_apgd_t_stronger_than_nothing(run, batch):
 def test_clear_errors(run):
     with pytest.raises(ConfigError, match="unknown modality 'video'"):
         build_attack("pgd-l2", run.model, run.meta, eps=1.0, modalities=["strong", "video"])
-    with pytest.raises(ConfigError, match="no eps for attacked modality"):
+    with pytest.raises(ConfigError, match="differ from the modalities in eps"):
         build_attack("pgd-l2", run.model, run.meta, eps={"strong": 1.0}, modalities=["strong", "weak"],
                      budget="per-modality")  # fmt: skip
     with pytest.raises(ConfigError, match="joint budget takes one eps"):
-        build_attack("pgd-l2", run.model, run.meta, eps={"strong": 1.0, "weak": 2.0})
+        build_attack("pgd-l2", run.model, run.meta, eps={"strong": 1.0, "weak": 2.0}, budget="joint")
     with pytest.raises(ConfigError, match="unknown attack loss|unknown loss"):
         build_attack("pgd-l2", run.model, run.meta, eps=1.0, loss="hinge")
     with pytest.raises(ConfigError, match="unknown attack"):

@@ -248,8 +248,8 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     base = ["train", "--data", "synthetic", "--epochs", "1", "--out", str(tmp_path / "r")]
     assert main([*base, "--method", "crmt-jt", "--method-opt", "margin=weird"]) == 2
     assert "margin='weird'" in capsys.readouterr().err
-    assert main([*base, "--method", "crmt-at", "--method-opt", "at_eps=0"]) == 2
-    assert "at_eps" in capsys.readouterr().err
+    assert main([*base, "--method", "crmt-at", "--method-opt", "at_eps=0"]) == 2  # the old name of train_eps
+    assert "train_eps" in capsys.readouterr().err
     assert main([*base, "--method", "ojt", "--method-opt", "rho=1"]) == 2  # ojt has no margin term
 
 

@@ -123,18 +123,19 @@ def test_curves_suite_and_plot(tiny_run, tmp_path):
     assert (run_dir / "robustness_curves.png").stat().st_size > 1000
 
 
-def test_autoattack_suite_skips_what_does_not_apply(tiny_run, tmp_path):
+def test_autoattack_suite_targets_fit_the_class_count(tiny_run, tmp_path):
     run_dir = tmp_path / "aa"
     shutil.copytree(tiny_run, run_dir)
     rc = main(["evaluate", str(run_dir), "--suite", "autoattack", "--norm", "linf", "--eps", "8/255,0.1",
                "--steps", "3", "--queries", "10", "--max-samples", "40", "--no-progress"])  # fmt: skip
     assert rc == 0
     ev = json.loads((run_dir / "eval.json").read_text())
-    # 4 classes: the default 9 targets of APGD-T and FAB-T do not fit -> skipped with a message
-    assert any("apgd-t skipped" in w and "classes" in w for w in ev["warnings"])
-    assert any("fab-t skipped" in w for w in ev["warnings"])
+    # 4 classes: APGD-T and FAB-T attack min(9, K - 1) = 3 targets; every component runs
+    assert not any("skipped" in w for w in ev["warnings"])
     attacks = {r["attack"] for r in ev["results"]}
-    assert attacks == {"apgd-ce", "square", "autoattack"}
+    assert attacks == {"apgd-ce", "apgd-t", "fab-t", "square", "autoattack"}
+    assert {r["targets"] for r in ev["results"] if r["attack"] in ("apgd-t", "fab-t", "autoattack")} == {3}
+    assert ev["parameters"]["targets"] == 3
     assert [r["eps"] for r in ev["results"] if r["attack"] == "autoattack"] == [pytest.approx(8 / 255), 0.1]
     for r in ev["results"]:
         if r["attack"] == "autoattack":

@@ -72,12 +72,13 @@ def test_autoattack_is_a_registered_attack(tiny_run):
     with torch.no_grad():
         robust = float((run.model(adv).argmax(1) == y).float().mean())
     assert robust == pytest.approx(attack.result.robust_accuracy)
-    # the standard version on 4 classes: the targeted components are skipped, and say so
+    # the standard version on 4 classes: the targeted components attack min(9, K - 1) = 3 targets
     standard = build_attack("autoattack", run.model, run.meta, eps=0.5, steps=2, queries=10)
     standard(x, y)
-    assert [s.attack for s in standard.result.stages] == ["apgd-ce", "square"]
-    assert any("apgd-t skipped" in s for s in standard.result.skipped)
+    assert [s.attack for s in standard.result.stages] == list(STANDARD_COMPONENTS)
+    assert not standard.result.skipped and standard.result.targets == 3
     assert standard.describe()["components"] == list(STANDARD_COMPONENTS)
+    assert standard.describe()["targets"] == 3 and "units" in standard.describe()
 
 
 def test_eval_json_schema_version_and_old_files(tiny_run):

@@ -194,7 +194,7 @@ def test_mmat_examples_respect_the_joint_budget(tiny_bundle):
     model = _model(tiny_bundle)
     x, y = tiny_bundle.train.take(slice(0, 32))
     eps = 0.7
-    strategy = MMAT(MMATOptions(eps=eps, steps=4), tiny_bundle.meta)
+    strategy = MMAT(MMATOptions(train_eps=eps, steps=4), tiny_bundle.meta)
     adv = strategy.examples(model, x, y, _ctx())
     joint = torch.sqrt(sum(((adv[m] - x[m]) ** 2).flatten(1).sum(1) for m in x))
     assert bool((joint <= eps * (1 + 1e-5)).all())
@@ -206,7 +206,7 @@ def test_mmat_examples_respect_the_joint_budget(tiny_bundle):
 def test_mmat_mix_clean_blends_clean_and_adversarial_losses(tiny_bundle):
     model = _model(tiny_bundle)
     x, y = tiny_bundle.train.take(slice(0, 32))
-    strategy = MMAT(MMATOptions(eps=0.5, steps=2, mix_clean=0.25), tiny_bundle.meta)
+    strategy = MMAT(MMATOptions(train_eps=0.5, steps=2, mix_clean=0.25), tiny_bundle.meta)
     loss, _ = strategy.loss(model, x, y, _ctx())
     adv = strategy.examples(model, x, y, _ctx())  # same seed -> same examples
     with torch.no_grad():
@@ -408,3 +408,19 @@ def test_strategy_state_round_trips_and_unknown_state_is_refused(tiny_bundle):
     assert b.weights == pytest.approx(a.weights)
     with pytest.raises(ConfigError, match="unknown strategy state"):
         JointTraining(NoOptions(), tiny_bundle.meta).load_state_dict({"weights": torch.zeros(3)})
+
+
+def test_training_budget_is_train_eps_everywhere_with_the_old_names_accepted():
+    from mmrobust.config import options_dataclass
+    from mmrobust.training.crmt import CRMTATOptions
+    from mmrobust.training.varmat import VARMATInputOptions
+
+    for cls, method, old in ((MMATOptions, "mmat", "eps"), (VARMATInputOptions, "varmat-input", "eps"),
+                             (CRMTATOptions, "crmt-at", "at_eps")):  # fmt: skip
+        assert options_dataclass(cls, {old: "1.5"}, method).train_eps == 1.5
+        assert options_dataclass(cls, {"train_eps": "0.25"}, method).train_eps == 0.25
+        with pytest.raises(ConfigError, match="same setting"):
+            options_dataclass(cls, {old: "1", "train_eps": "1"}, method)
+        with pytest.raises(ConfigError, match="train_eps must be > 0") as err:
+            options_dataclass(cls, {old: "0"}, method)
+        assert err.value.param == "train_eps"

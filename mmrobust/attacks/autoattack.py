@@ -11,19 +11,23 @@ skipped and why, warnings from the reference's sanity checks); the last one is a
 
 Versions (the reference's settings, :data:`VERSION_COMPONENTS`, the one list of the components):
 
-* ``standard``: APGD-CE, APGD-T (targeted DLR, 9 targets), FAB-T (9 targets), Square (5000 queries);
+* ``standard``: APGD-CE, APGD-T (targeted DLR), FAB-T, Square (5000 queries);
 * ``plus``: APGD-CE, APGD-DLR and FAB (5 restarts each), Square, APGD-T, FAB-T;
 * ``custom``: the components listed in ``attacks``.
 
-Components that do not apply (DLR with < 3 classes, more targets than wrong classes) are skipped
-and the reason is recorded in ``skipped``. Per-modality l-inf budgets ``eps={"image": 8/255,
-"audio": 0.1}`` are exact: each attacked modality is divided by its eps, so the per-modality box
-becomes the unit l-inf ball every component handles, and the result is mapped back.
+Any class count: the targeted components attack ``min(targets, K - 1)`` target classes (``targets``
+defaults to the reference's 9; the number used is recorded in the result), and components that do
+not apply (the DLR losses need >= 3 classes) are dropped, the reason recorded in ``skipped`` and
+``dropped``; a row of such a run lists the components that ran and is not labelled as the full suite.
+
+The budget is a :class:`~mmrobust.attacks.threat.ThreatModel` (its units and scales apply as for
+every attack). Per-modality l-inf budgets ``eps={"image": 8/255, "audio": 0.1}`` are exact: each
+attacked modality's scale is multiplied by its eps, so the per-modality box becomes the unit joint
+l-inf ball every component handles, and the packing maps the result back.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmrobust.attacks.base import ATTACKS, NORMS, Attack, build_attack
+from mmrobust.attacks.base import ATTACKS, Attack
 from mmrobust.attacks.component import AutoAttackComponent, check_applicable
+from mmrobust.attacks.threat import NORMS, ThreatModel, parse_eps_value, parse_modality_eps
 from mmrobust.data.base import Batch, DatasetMeta
 from mmrobust.errors import ConfigError
 from mmrobust.torchutil import eval_mode
@@ -48,6 +53,32 @@ VERSION_COMPONENTS: dict[str, tuple[tuple[str, int], ...]] = {
 COMPONENTS = tuple(sorted(name for name, _ in VERSION_COMPONENTS["plus"]))
 #: the components of the standard version, in order (the autoattack suite's default components)
 STANDARD_COMPONENTS = tuple(name for name, _ in VERSION_COMPONENTS["standard"])
+#: the reference's number of target classes of APGD-T/FAB-T (used as ``min(DEFAULT_TARGETS, K - 1)``)
+DEFAULT_TARGETS = 9
+
+
+def effective_targets(targets: int | None, num_classes: int) -> int:
+    """The target classes the targeted components attack: ``min(targets, K - 1)`` (``targets``
+    None: :data:`DEFAULT_TARGETS`); there are only ``K - 1`` wrong classes to target."""
+    return max(1, min(DEFAULT_TARGETS if targets is None else targets, num_classes - 1))
+
+
+def drop_reason(name: str, num_classes: int, targets: int) -> str | None:
+    """Why component ``name`` does not apply to ``num_classes`` classes (None where it does)."""
+    try:
+        check_applicable(name, num_classes, targets)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def components_label(ran: list[str], dropped: Mapping[str, str], num_classes: int | None = None) -> str:
+    """``autoattack (apgd-ce, fab-t, square; apgd-t dropped: 2 classes)``; just ``autoattack``
+    where nothing was dropped."""
+    if not dropped:
+        return "autoattack"
+    why = f"{num_classes} classes" if num_classes is not None else "does not apply"
+    return f"autoattack ({', '.join(ran)}; {', '.join(dropped)} dropped: {why})"
 
 
 def component_settings(name: str, *, steps: int, queries: int, restarts: int, targets: int) -> dict[str, Any]:
@@ -67,13 +98,15 @@ SATURATION_THRESHOLD = 0.05
 
 @dataclass(frozen=True)
 class AutoAttackOptions:
-    """Settings of one AutoAttack evaluation (validated on construction).
+    """Settings of one AutoAttack evaluation (validated on construction, the budget by
+    :mod:`mmrobust.attacks.threat`).
 
-    ``eps`` is one float (a joint budget over ``modalities``) or, for l-inf, ``{modality: eps}``;
-    ``modalities`` defaults to the keys of an eps dict, else to every modality of the model.
-    ``steps`` are APGD/FAB iterations, ``queries`` Square's budget, ``targets`` the target classes
-    of APGD-T/FAB-T, ``attacks`` the components of ``version="custom"`` (ignored otherwise: an
-    error if given). ``batch_size`` bounds the samples attacked at once.
+    ``eps`` is one eps (a float or ``"8/255"``; a joint budget over ``modalities``) or, for l-inf,
+    ``{modality: eps}`` (or ``"image=8/255,audio=0.1"``); ``modalities`` defaults to the keys of an
+    eps dict, else to every modality of the model. ``steps`` are APGD/FAB iterations, ``queries``
+    Square's budget, ``targets`` the target classes of APGD-T/FAB-T (None: 9; always at most
+    ``K - 1``), ``attacks`` the components of ``version="custom"`` (ignored otherwise: an error if
+    given). ``batch_size`` bounds the samples attacked at once.
     """
 
     eps: float | Mapping[str, float]
@@ -83,7 +116,7 @@ class AutoAttackOptions:
     attacks: tuple[str, ...] | None = None
     steps: int = 100
     queries: int = 5000
-    targets: int = 9
+    targets: int | None = None
     seed: int = 0
     batch_size: int = 256
 
@@ -108,23 +141,21 @@ class AutoAttackOptions:
             raise ConfigError(
                 f"autoattack: attacks apply to version 'custom' only, not '{self.version}'", param="attacks"
             )
-        values = list(self.eps.values()) if isinstance(self.eps, Mapping) else [self.eps]
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"autoattack: eps must be a finite number >= 0, got {v!r}", param="eps")
-        if isinstance(self.eps, Mapping):
-            if not self.eps:
-                raise ConfigError("autoattack: eps dict is empty", param="eps")
-            if self.norm != "linf" and len(set(values)) > 1:
+        per = parse_modality_eps(self.eps, None)
+        if per is not None:
+            object.__setattr__(self, "eps", per)
+            if self.norm != "linf" and len(set(per.values())) > 1:
                 raise ConfigError(
                     "autoattack: per-modality budgets need norm 'linf' (l2 takes one joint eps)", param="norm"
                 )
-            if self.modalities is not None and set(self.modalities) != set(self.eps):
+            if self.modalities is not None and set(self.modalities) != set(per):
                 raise ConfigError(
-                    f"autoattack: modalities {list(self.modalities)} differ from the eps keys {list(self.eps)}",
+                    f"autoattack: modalities {list(self.modalities)} differ from the eps keys {list(per)}",
                     param="modalities",
                 )
-        for key in ("steps", "queries", "targets", "batch_size"):
+        else:
+            object.__setattr__(self, "eps", parse_eps_value(self.eps, "eps", "autoattack"))
+        for key in ("steps", "queries", "batch_size") + (("targets",) if self.targets is not None else ()):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"autoattack: {key} must be an integer >= 1, got {v!r}", param=key)
@@ -134,6 +165,26 @@ class AutoAttackOptions:
             assert self.attacks is not None
             return [(a, 1) for a in self.attacks]
         return list(VERSION_COMPONENTS[self.version])
+
+    def threat(
+        self,
+        meta: DatasetMeta | None,
+        known: Sequence[str] | None = None,
+        valid_range: Mapping[str, tuple[float, float] | None] | None = None,
+    ) -> ThreatModel:
+        """The threat model of these options on ``meta`` (or on the modalities ``known``)."""
+        eps: Any = self.eps
+        modalities = self.modalities
+        if isinstance(eps, Mapping) and len(set(eps.values())) == 1:  # one eps: a joint budget on those modalities
+            modalities, eps = modalities or tuple(eps), next(iter(eps.values()))
+        return ThreatModel.parse(meta, eps=eps, norm=self.norm, modalities=modalities, valid_range=valid_range,
+                                 known=known)  # fmt: skip
+
+    @classmethod
+    def of(cls, threat: ThreatModel, **settings: Any) -> AutoAttackOptions:
+        """The options of ``threat`` with the protocol ``settings`` (version, steps, ...)."""
+        eps: Any = threat.eps_value
+        return cls(eps=eps, norm=threat.norm, modalities=threat.modalities, **settings)
 
 
 @dataclass
@@ -167,17 +218,21 @@ class AutoAttackResult:
     stages: list[StageLog] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: the target classes the targeted components attacked (``min(targets, K - 1)``)
+    targets: int | None = None
+    num_classes: int | None = None
+    #: the components that did not apply, and why
+    dropped: dict[str, str] = field(default_factory=dict)
+    threat: ThreatModel | None = None
 
+    @property
+    def components(self) -> list[str]:
+        """The components that ran."""
+        return [s.attack for s in self.stages]
 
-class _Rescaled(nn.Module):
-    """``model`` seen in coordinates ``u_m = x_m / eps_m`` of the attacked modalities."""
-
-    def __init__(self, model: nn.Module, scale: Mapping[str, float]) -> None:
-        super().__init__()
-        self.model, self.scale = model, dict(scale)
-
-    def forward(self, inputs: Batch) -> torch.Tensor:
-        return self.model({k: v * self.scale[k] if k in self.scale else v for k, v in inputs.items()})
+    @property
+    def label(self) -> str:
+        return components_label(self.components, self.dropped, self.num_classes)
 
 
 def sanity_checks(model: nn.Module, inputs: Batch, labels: torch.Tensor) -> list[str]:
@@ -207,13 +262,14 @@ class AutoAttack(Attack):
 
     Args:
         model: ``model(inputs) -> logits`` (run in eval mode).
-        eps: one float (a joint budget over ``modalities``) or, for l-inf, ``{modality: eps}``.
+        threat: the :class:`~mmrobust.attacks.threat.ThreatModel` (joint, or per-modality l-inf);
+            an eps is accepted too (parsed with ``meta``, ``norm`` (default l-inf), ``modalities``,
+            ``valid_range``; without metadata the modalities default to ``model.modalities``, else
+            to the batch's).
         version: ``standard``, ``plus`` or ``custom`` (then ``attacks`` lists the components).
         steps: APGD/FAB iterations; ``queries``: Square's budget; ``targets``: target classes of
-            APGD-T/FAB-T; ``batch_size``: samples attacked at once.
-        modalities: the attacked modalities (default: the eps keys, else every modality of
-            ``meta``, of ``model.modalities`` or, failing both, of the batch).
-        meta, valid_range, seed: as for every :class:`~mmrobust.attacks.base.Attack`.
+            APGD-T/FAB-T (None: 9; at most ``K - 1`` are used); ``batch_size``: samples attacked at once.
+        seed: as for every :class:`~mmrobust.attacks.base.Attack`.
     """
 
     default_norm = "linf"
@@ -222,26 +278,37 @@ class AutoAttack(Attack):
     def __init__(
         self,
         model: nn.Module,
-        eps: float | Mapping[str, float],
+        threat: ThreatModel | Any = None,
         *,
         version: str = "standard",
         attacks: Sequence[str] | None = None,
-        norm: str | None = None,
         steps: int = 100,
         queries: int = 5000,
-        targets: int = 9,
-        modalities: Sequence[str] | None = None,
-        meta: DatasetMeta | None = None,
-        valid_range: Mapping[str, tuple[float, float] | None] | None = None,
+        targets: int | None = None,
         seed: int = 0,
         batch_size: int = 256,
+        meta: DatasetMeta | None = None,
+        eps: Any = None,
+        norm: str | None = None,
+        modalities: Sequence[str] | None = None,
+        valid_range: Mapping[str, tuple[float, float] | None] | None = None,
+        budget: str | None = None,
     ) -> None:
-        options = AutoAttackOptions(
-            eps=dict(eps) if isinstance(eps, Mapping) else eps, version=version, norm=norm or self.default_norm,
-            modalities=None if modalities is None else tuple(modalities),
-            attacks=None if attacks is None else tuple(attacks), steps=steps, queries=queries, targets=targets,
-            seed=seed, batch_size=batch_size,
-        )  # fmt: skip
+        if eps is not None:
+            if threat is not None:
+                raise ConfigError("autoattack: eps given twice (as the threat and as eps)", param="eps")
+            threat = eps
+        settings: dict[str, Any] = {
+            "version": version, "attacks": None if attacks is None else tuple(attacks), "steps": steps,
+            "queries": queries, "targets": targets, "seed": seed, "batch_size": batch_size}  # fmt: skip
+        if isinstance(threat, ThreatModel):
+            ThreatModel.coerce(threat, norm=norm, modalities=modalities, valid_range=valid_range, budget=budget)
+            self._setup(model, AutoAttackOptions.of(threat, **settings), meta, None, threat)
+            return
+        if threat is None:
+            raise ConfigError("autoattack: no budget given", param="eps")
+        options = AutoAttackOptions(eps=threat, norm=norm or self.default_norm,
+                                    modalities=None if modalities is None else tuple(modalities), **settings)  # fmt: skip
         self._setup(model, options, meta, valid_range)
 
     @classmethod
@@ -252,10 +319,11 @@ class AutoAttack(Attack):
         *,
         meta: DatasetMeta | None = None,
         valid_range: Mapping[str, tuple[float, float] | None] | None = None,
+        threat: ThreatModel | None = None,
     ) -> AutoAttack:
-        """The attack of a validated :class:`AutoAttackOptions`."""
+        """The attack of a validated :class:`AutoAttackOptions` (``threat``: its budget, already parsed)."""
         self = cls.__new__(cls)
-        self._setup(model, options, meta, valid_range)
+        self._setup(model, options, meta, valid_range, threat)
         return self
 
     def _setup(
@@ -264,31 +332,36 @@ class AutoAttack(Attack):
         options: AutoAttackOptions,
         meta: DatasetMeta | None,
         valid_range: Mapping[str, tuple[float, float] | None] | None,
+        threat: ThreatModel | None = None,
     ) -> None:
         self.model, self.options, self.meta = model, options, meta
-        self.norm, self.loss, self.seed = options.norm, "worst", options.seed
+        self.loss, self.seed = "worst", options.seed
         self.generator = torch.Generator().manual_seed(options.seed)
         self.range_override = dict(valid_range or {})
         #: the result of the last call (which components ran, which were skipped and why)
         self.result: AutoAttackResult | None = None
         known = meta.modality_names if meta is not None else list(getattr(model, "modalities", []))
-        self.modalities, self.eps = self._budget(known)
-        ranges = {s.name: s.valid_range for s in meta.modalities} if meta is not None else {}
-        ranges.update(self.range_override)
-        self.valid_range = {m: ranges.get(m) for m in self.modalities}
-        self.budget = "per-modality" if len(set(self.eps.values())) > 1 else "joint"
+        if threat is not None:
+            if threat.norm != "linf" and len(set(threat.eps_map.values())) > 1:
+                raise ConfigError("autoattack: per-modality budgets need norm 'linf' (l2 takes one joint eps)",
+                                  param="norm")  # fmt: skip
+            self.threat = threat
+        elif known or options.modalities or isinstance(options.eps, Mapping):
+            self.threat = options.threat(meta, known or None, self.range_override or None)
+        # else: the batch names the modalities (resolved on the first call)
 
-    def _budget(self, known: Sequence[str]) -> tuple[list[str], dict[str, float]]:
-        """The attacked modalities (possibly none yet: the batch names them) and their eps."""
-        o = self.options
-        mods = list(o.modalities or (o.eps if isinstance(o.eps, Mapping) else known))
-        eps = {m: float(o.eps[m]) for m in mods} if isinstance(o.eps, Mapping) else dict.fromkeys(
-            mods, float(o.eps))  # fmt: skip
-        return mods, eps
+    def _resolve(self, inputs: Batch) -> ThreatModel:
+        if not hasattr(self, "threat"):
+            self.threat = self.options.threat(self.meta, list(inputs), self.range_override or None)
+        for m in self.threat.modalities:
+            if m not in inputs:
+                raise ConfigError(f"autoattack: unknown modality '{m}'; the batch has: {', '.join(inputs)}",
+                                  param="modalities")  # fmt: skip
+        return self.threat
 
     @property
     def components(self) -> list[str]:
-        """The components of the version, in order (some may be skipped on a given model)."""
+        """The components of the version, in order (some may be dropped on a given model)."""
         return [name for name, _ in self.options.components()]
 
     def perturb(self, inputs: Batch, labels: torch.Tensor) -> tuple[Batch, torch.Tensor]:
@@ -299,72 +372,76 @@ class AutoAttack(Attack):
         return res.adversarial, logits.detach()
 
     def describe(self) -> dict[str, Any]:
-        o = self.options
-        eps: Any = self.eps if self.budget == "per-modality" else next(iter(self.eps.values()), o.eps)
-        return {"attack": self.name, "loss": self.loss, "norm": self.norm, "modalities": list(self.modalities),
-                "budget": self.budget, "eps": eps, "steps": o.steps, "version": o.version,
-                "components": self.components, "queries": o.queries, "targets": o.targets}  # fmt: skip
+        o, res = self.options, self.result
+        d = {**super().describe(), "steps": o.steps, "version": o.version, "queries": o.queries,
+             "components": self.components if res is None else res.components,
+             "targets": o.targets if res is None else res.targets}  # fmt: skip
+        if res is not None and res.dropped:
+            d["dropped"] = dict(res.dropped)
+            d["num_classes"] = res.num_classes
+        return d
 
     def detailed(self, inputs: Batch, labels: torch.Tensor) -> AutoAttackResult:
         """Run the protocol on ``(inputs, labels)``; the whole result (also kept in ``self.result``)."""
-        model, options, meta = self.model, self.options, self.meta
-        known = self.modalities or list(inputs)
-        mods, eps = self._budget(known)
-        for m in mods:
-            if m not in inputs:
-                raise ConfigError(f"autoattack: unknown modality '{m}'; the batch has: {', '.join(inputs)}")
-        ranges = {s.name: s.valid_range for s in meta.modalities} if meta is not None else {}
-        ranges.update(self.range_override)
-        mods = [m for m in mods if eps[m] > 0]  # an eps of 0 leaves the modality untouched
+        model, options = self.model, self.options
+        threat = self._resolve(inputs)
+        eps = threat.eps_map
+        mods = [m for m in threat.modalities if eps[m] > 0]  # an eps of 0 leaves the modality untouched
 
         with eval_mode(model), torch.no_grad():
             clean_logits = model(inputs)
         num_classes = int(clean_logits.shape[1])
+        targets = effective_targets(options.targets, num_classes)
         robust = clean_logits.argmax(1) == labels
         n = len(labels)
         result = AutoAttackResult(options, mods, eps, float(robust.float().mean()), 0.0, robust,
                                   {k: v.clone() for k, v in inputs.items()},
-                                  warnings=sanity_checks(model, inputs, labels))  # fmt: skip
+                                  warnings=sanity_checks(model, inputs, labels), targets=targets,
+                                  num_classes=num_classes, threat=threat)  # fmt: skip
         if not mods:
             result.robust_accuracy = result.clean_accuracy
             self.result = result
             return result
 
-        # exact per-modality l-inf boxes: divide each attacked modality by its eps (a joint budget of 1)
-        scale = eps if len(set(eps[m] for m in mods)) > 1 else {}
-        target_model = _Rescaled(model, scale) if scale else model
-        u_ranges: dict[str, tuple[float, float] | None] = {}
-        for m in mods:
-            r = ranges.get(m)
-            s = scale.get(m, 1.0)
-            u_ranges[m] = None if r is None else (r[0] / s, r[1] / s)
-        attack_eps = 1.0 if scale else eps[mods[0]]
+        # exact per-modality l-inf boxes: each modality's scale times its eps (a joint budget of 1)
+        per_modality = len({eps[m] for m in mods}) > 1
+        if per_modality:
+            component_threat = ThreatModel(
+                threat.norm, "joint", 1.0, tuple(mods), {m: tuple(s * eps[m] for s in threat.scales[m]) for m in mods},
+                {m: threat.units[m] for m in mods}, {m: threat.ranges[m] for m in mods},
+                {m: a for m, a in threat.scale_axes.items() if m in mods})  # fmt: skip
+        else:
+            component_threat = ThreatModel(
+                threat.norm, "joint", eps[mods[0]], tuple(mods), {m: threat.scales[m] for m in mods},
+                {m: threat.units[m] for m in mods}, {m: threat.ranges[m] for m in mods},
+                {m: a for m, a in threat.scale_axes.items() if m in mods})  # fmt: skip
         square_broke_alone = 0
 
         for name, restarts in options.components():
-            try:
-                check_applicable(name, num_classes, options.targets)
-            except ConfigError as exc:
-                result.skipped.append(f"{name} skipped: {exc}")
+            reason = drop_reason(name, num_classes, targets)
+            if reason is not None:
+                result.skipped.append(f"{name} skipped: {reason}")
+                result.dropped[name] = reason
                 continue
             idx = robust.nonzero().squeeze(1)
             t0 = time.perf_counter()
             broken_rows: list[torch.Tensor] = []
-            kw = component_settings(
-                name, steps=options.steps, queries=options.queries, restarts=restarts, targets=options.targets
-            )
-            attack = build_attack(name, target_model, None, eps=attack_eps, norm=options.norm, modalities=mods,
-                                  valid_range=u_ranges, seed=options.seed, num_classes=num_classes, **kw)  # fmt: skip
+            kw = component_settings(name, steps=options.steps, queries=options.queries, restarts=restarts,
+                                    targets=targets)  # fmt: skip
+            attack = ATTACKS.get(name)(model, component_threat, seed=options.seed, num_classes=num_classes, **kw)
             for chunk in idx.split(options.batch_size) if len(idx) else ():
-                sub = {k: v[chunk] / scale[k] if k in scale else v[chunk] for k, v in inputs.items()}
-                adv_u, logits = attack.perturb(sub, labels[chunk])
+                sub = {k: v[chunk] for k, v in inputs.items()}
+                adv, logits = attack.perturb(sub, labels[chunk])
                 hit = logits.argmax(1) != labels[chunk]
                 rows = chunk[hit]
                 for m in mods:
-                    back = adv_u[m][hit] * scale[m] if scale else adv_u[m][hit]
-                    # the rescaling round trip may move a coordinate by an ulp: keep the box exact
-                    lo, hi = inputs[m][rows] - eps[m], inputs[m][rows] + eps[m]
-                    result.adversarial[m][rows] = back.clamp(lo, hi) if options.norm == "linf" and scale else back
+                    back = adv[m][hit]
+                    s = threat.scales[m]
+                    if per_modality and options.norm == "linf" and len(s) == 1:
+                        # the rescaling round trip may move a coordinate by an ulp: keep the box exact
+                        bound = eps[m] * s[0]
+                        back = back.clamp(inputs[m][rows] - bound, inputs[m][rows] + bound)
+                    result.adversarial[m][rows] = back
                 robust[rows] = False
                 broken_rows.append(rows)
             broken_index = torch.cat(broken_rows) if broken_rows else torch.zeros(0, dtype=torch.long)
@@ -372,7 +449,7 @@ class AutoAttack(Attack):
                 square_broke_alone = len(broken_index)
             result.stages.append(StageLog(name, restarts, len(idx), len(broken_index), float(robust.float().mean()),
                                           time.perf_counter() - t0, broken_index))  # fmt: skip
-        if scale:
+        if per_modality or threat.scaled:
             # what we report is what the model does on the mapped-back inputs
             with eval_mode(model), torch.no_grad():
                 robust &= model(result.adversarial).argmax(1) == labels
@@ -381,6 +458,9 @@ class AutoAttack(Attack):
         if square_broke_alone > 0 and any(s.attack != "square" for s in result.stages):
             result.warnings.append(f"Square (no gradients) broke {square_broke_alone} sample(s) every gradient attack "
                                    "before it missed: possible gradient masking")  # fmt: skip
+        if options.targets is not None and targets < options.targets:
+            result.warnings.append(f"{targets} target class(es) attacked, not {options.targets}: the model has "
+                                   f"{num_classes} classes")  # fmt: skip
         self.result = result
         return result
 

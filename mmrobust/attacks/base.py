@@ -5,15 +5,19 @@ flat ``(N, D)`` tensor (a view per modality is unpacked for the forward pass), s
 projections and clamps are a few vectorised ops whatever the number and shapes of modalities, and
 the untouched modalities are passed through as the very same tensors (bit-identical).
 
-Budgets: ``joint`` bounds the norm of the concatenated perturbation (``sum_m ||delta_m||^2 <= eps^2``
-for l2, ``max_m ||delta_m||_inf <= eps`` for l-inf); ``per-modality`` bounds each attacked
-modality's perturbation by its own eps (a float for all, or ``{modality: eps}``).
+Every attack takes a :class:`~mmrobust.attacks.threat.ThreatModel`: ``joint`` bounds the norm of
+the concatenated scaled perturbation (``sum_m ||delta_m / s_m||^2 <= eps^2`` for l2,
+``max_m ||delta_m / s_m||_inf <= eps`` for l-inf); ``per-modality`` bounds each attacked modality's
+perturbation by its own eps. The scales ``s_m`` (1 unless the threat model says otherwise, see
+:mod:`mmrobust.attacks.threat`) are applied by the packing: :meth:`Attack.pack` divides each
+modality by its scale and :meth:`Packed.unpack` multiplies back, so the algorithms work unchanged
+in scaled coordinates (valid ranges are scaled alongside).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,13 +25,13 @@ import torch
 from torch import nn
 
 from mmrobust.attacks.losses import get_loss, margin
+from mmrobust.attacks.threat import BUDGETS, NORMS, ThreatModel
 from mmrobust.data.base import Batch, DatasetMeta
 from mmrobust.errors import ConfigError
 from mmrobust.registry import Registry
 from mmrobust.torchutil import eval_mode
 
-NORMS = ("l2", "linf")
-BUDGETS = ("joint", "per-modality")
+__all__ = ["ATTACKS", "BUDGETS", "NORMS", "TINY", "Attack", "BestTracker", "Packed", "ThreatModel", "build_attack"]
 #: added to norms before dividing by them (zero gradients then give zero steps, not NaN)
 TINY = 1e-12
 
@@ -44,7 +48,9 @@ class Packed:
     ``group`` maps each of the D columns to its budget group (all 0 for a joint budget),
     ``eps`` is the budget per group ``(G,)``, ``lo``/``hi`` the valid range per column widened to
     include the clean input (so clamping can never push a perturbation past its budget), or None
-    when no attacked modality declares a range.
+    when no attacked modality declares a range. ``scale`` ``(D,)`` is the threat model's scale per
+    column (None where all are 1): ``x0``, ``lo`` and ``hi`` are in scaled coordinates ``x / scale``
+    and :meth:`unpack` maps back to stored units.
     """
 
     inputs: Batch
@@ -55,6 +61,7 @@ class Packed:
     eps: torch.Tensor
     lo: torch.Tensor | None
     hi: torch.Tensor | None
+    scale: torch.Tensor | None = None
 
     @property
     def num_groups(self) -> int:
@@ -62,6 +69,8 @@ class Packed:
 
     def unpack(self, x: torch.Tensor) -> Batch:
         out = dict(self.inputs)
+        if self.scale is not None:
+            x = x * self.scale
         for m, start, stop, shape in self.slices:
             out[m] = x[:, start:stop].reshape(x.shape[0], *shape)
         return out
@@ -71,7 +80,7 @@ class Packed:
         return Packed(
             {k: v[index] for k, v in self.inputs.items()}, self.modalities, self.slices, self.x0[index],
             self.group, self.eps,
-            None if self.lo is None else self.lo[index], None if self.hi is None else self.hi[index],
+            None if self.lo is None else self.lo[index], None if self.hi is None else self.hi[index], self.scale,
         )  # fmt: skip
 
     def clamp(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,15 +173,13 @@ class Attack:
     Args:
         model: a multi-modal model, ``model(inputs) -> logits``; it runs in eval mode during the
             attack and no gradient is ever accumulated on its parameters.
-        eps: the budget; a float, or for ``budget="per-modality"`` a dict ``{modality: eps}``.
-        norm: ``"l2"`` or ``"linf"``.
+        threat: the :class:`~mmrobust.attacks.threat.ThreatModel` (norm, budget, eps, attacked
+            modalities, scales, units, valid ranges). An eps (a float, ``"8/255"`` or
+            ``{modality: eps}``) is accepted as well and parsed by :meth:`ThreatModel.parse` with
+            ``meta`` and the keywords ``norm``, ``budget``, ``modalities``, ``valid_range``.
         loss: ``"ce"`` (cross-entropy) or ``"cw"`` (logit margin).
-        modalities: the modalities to perturb (default: all); the others stay bit-identical.
-        budget: ``"joint"`` or ``"per-modality"``.
-        meta: dataset metadata: validates modality names and supplies each modality's valid range.
-        valid_range: ``{modality: (lo, hi)}`` overriding ``meta``; modalities without a range are
-            not clamped.
         seed: seed of the attack's own random generator (random starts, random search).
+        meta: dataset metadata (only to parse an eps into a threat model).
     """
 
     name: ClassVar[str] = ""
@@ -185,38 +192,55 @@ class Attack:
     def __init__(
         self,
         model: nn.Module,
-        eps: float | Mapping[str, float],
+        threat: ThreatModel | float | str | Mapping[str, Any] | None = None,
         *,
-        norm: str | None = None,
         loss: str = "ce",
-        modalities: Sequence[str] | None = None,
-        budget: str = "joint",
-        meta: DatasetMeta | None = None,
-        valid_range: Mapping[str, tuple[float, float] | None] | None = None,
         seed: int = 0,
+        meta: DatasetMeta | None = None,
+        eps: float | str | Mapping[str, Any] | None = None,
+        **threat_options: Any,
     ) -> None:
         self.model = model
-        self.norm = norm or self.default_norm
-        if self.norm not in NORMS:
-            raise ConfigError(f"{self.name}: unknown norm '{self.norm}'; choose from: {', '.join(NORMS)}")
-        if budget not in self.budgets:
-            raise ConfigError(f"{self.name}: unknown budget '{budget}'; choose from: {', '.join(self.budgets)}")
-        if loss not in self.losses:
-            raise ConfigError(f"{self.name}: unknown loss '{loss}'; choose from: {', '.join(self.losses)}")
-        self.loss = loss
-        self.budget = budget
+        if eps is not None:
+            if threat is not None:
+                raise ConfigError(f"{self.name}: eps given twice (as the threat and as eps)", param="eps")
+            threat = eps
         known = meta.modality_names if meta is not None else list(getattr(model, "modalities", []))
-        if modalities is None:
-            modalities = list(eps) if isinstance(eps, Mapping) else known
-        self.modalities = _check_modalities(list(modalities), known, self.name)
-        self.eps = _check_eps(eps, self.modalities, budget, self.name)
-        ranges = {s.name: s.valid_range for s in meta.modalities} if meta is not None else {}
-        if valid_range is not None:
-            _check_modalities(list(valid_range), known or list(valid_range), self.name)
-            ranges.update(valid_range)
-        self.valid_range = {m: ranges.get(m) for m in self.modalities}
+        self.threat = ThreatModel.coerce(threat, meta, known=known, default_norm=self.default_norm, **threat_options)
+        if self.threat.budget not in self.budgets:
+            raise ConfigError(f"{self.name}: budget '{self.threat.budget}' is not supported (only a joint budget: l-inf "
+                              "joint = the same eps per modality)" if self.budgets == ("joint",) else
+                              f"{self.name}: unknown budget '{self.threat.budget}'; choose from: "
+                              f"{', '.join(self.budgets)}", param="budget")  # fmt: skip
+        if loss not in self.losses:
+            raise ConfigError(
+                f"{self.name}: unknown loss '{loss}'; choose from: {', '.join(self.losses)}", param="loss"
+            )
+        self.loss = loss
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+
+    # the threat model's fields, under the names attacks have always had
+    @property
+    def norm(self) -> str:
+        return self.threat.norm
+
+    @property
+    def budget(self) -> str:
+        return self.threat.budget
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.threat.modalities)
+
+    @property
+    def eps(self) -> dict[str, float]:
+        """The eps of every attacked modality."""
+        return self.threat.eps_map
+
+    @property
+    def valid_range(self) -> dict[str, tuple[float, float] | None]:
+        return dict(self.threat.ranges)
 
     # --- public API ---------------------------------------------------------------------------
     def __call__(self, inputs: Batch, labels: torch.Tensor) -> Batch:
@@ -243,13 +267,9 @@ class Attack:
 
     def describe(self) -> dict[str, Any]:
         """The settings as stored in an ``eval.json`` result row."""
-        eps: Any = (
-            self.eps
-            if self.budget == "per-modality" and len(set(self.eps.values())) > 1
-            else self.eps[self.modalities[0]]
-        )
-        return {"attack": self.name, "loss": self.loss, "norm": self.norm, "modalities": list(self.modalities),
-                "budget": self.budget, "eps": eps}  # fmt: skip
+        t = self.threat
+        return {"attack": self.name, "loss": self.loss, "norm": t.norm, "modalities": list(t.modalities),
+                "budget": t.budget, "eps": t.eps_value, **t.units_fields()}  # fmt: skip
 
     # --- for subclasses -----------------------------------------------------------------------
     def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,31 +277,42 @@ class Attack:
         raise NotImplementedError
 
     def pack(self, inputs: Batch) -> Packed:
-        first = inputs[self.modalities[0]]
+        t = self.threat
+        mods = list(t.modalities)
+        first = inputs[mods[0]]
         n, device, dtype = first.shape[0], first.device, first.dtype
-        slices, flats, groups, los, his = [], [], [], [], []
+        slices, flats, groups, los, his, scales = [], [], [], [], [], []
         start = 0
-        for gi, m in enumerate(self.modalities):
+        for gi, m in enumerate(mods):
             x = inputs[m]
             d = x[0].numel() if n else int(math.prod(x.shape[1:]))
             slices.append((m, start, start + d, tuple(x.shape[1:])))
             flats.append(x.reshape(n, d))
-            groups.append(torch.full((d,), gi if self.budget == "per-modality" else 0, dtype=torch.long))
-            r_lo, r_hi = self.valid_range[m] or (-math.inf, math.inf)
+            groups.append(torch.full((d,), gi if t.budget == "per-modality" else 0, dtype=torch.long))
+            r_lo, r_hi = t.ranges[m] or (-math.inf, math.inf)
             los.append(torch.full((d,), float(r_lo), dtype=dtype))
             his.append(torch.full((d,), float(r_hi), dtype=dtype))
+            scales.append(_scale_column(t.scales[m], t.scale_axes.get(m, 0), tuple(x.shape[1:]), dtype))
             start += d
         x0 = torch.cat(flats, 1) if len(flats) > 1 else flats[0]
-        if self.budget == "per-modality":
-            eps = torch.tensor([self.eps[m] for m in self.modalities], dtype=dtype, device=device)
+        scale: torch.Tensor | None = None
+        if t.scaled:
+            scale = torch.cat(scales).to(device)
+            x0 = x0 / scale
+        eps_map = t.eps_map
+        if t.budget == "per-modality":
+            eps = torch.tensor([eps_map[m] for m in mods], dtype=dtype, device=device)
         else:
-            eps = torch.tensor([self.eps[self.modalities[0]]], dtype=dtype, device=device)
+            eps = torch.tensor([eps_map[mods[0]]], dtype=dtype, device=device)
         lo: torch.Tensor | None = None
         hi: torch.Tensor | None = None
-        if any(self.valid_range[m] is not None for m in self.modalities):
-            lo = torch.minimum(torch.cat(los).to(device)[None], x0)
-            hi = torch.maximum(torch.cat(his).to(device)[None], x0)
-        return Packed(dict(inputs), self.modalities, slices, x0, torch.cat(groups).to(device), eps, lo, hi)
+        if any(t.ranges[m] is not None for m in mods):
+            r_lo_t, r_hi_t = torch.cat(los).to(device)[None], torch.cat(his).to(device)[None]
+            if scale is not None:
+                r_lo_t, r_hi_t = r_lo_t / scale, r_hi_t / scale
+            lo = torch.minimum(r_lo_t, x0)
+            hi = torch.maximum(r_hi_t, x0)
+        return Packed(dict(inputs), mods, slices, x0, torch.cat(groups).to(device), eps, lo, hi, scale)
 
     def forward(self, packed: Packed, x: torch.Tensor) -> torch.Tensor:
         return self.model(packed.unpack(x))
@@ -306,40 +337,32 @@ class Attack:
         return packed.clamp(packed.x0 + packed.project(delta, self.norm))
 
 
-def _check_modalities(names: list[str], known: list[str], who: str) -> list[str]:
-    if not names:
-        raise ConfigError(f"{who}: no modality to attack")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{who}: modality listed twice in {names}")
-    for m in names:
-        if known and m not in known:
-            raise ConfigError(f"{who}: unknown modality '{m}'; the model has: {', '.join(known)}")
-    return names
+def _scale_column(values: tuple[float, ...], axis: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A modality's scale, one value per flattened entry of a sample of ``shape``."""
+    d = int(math.prod(shape))
+    if len(values) == 1:
+        return torch.full((d,), values[0], dtype=dtype)
+    if not 0 <= axis < len(shape) or shape[axis] != len(values):
+        raise ConfigError(f"scales: {len(values)} values along axis {axis} do not fit samples of shape {shape}",
+                          param="scales")  # fmt: skip
+    view = [len(values) if i == axis else 1 for i in range(len(shape))]
+    return torch.tensor(values, dtype=dtype).reshape(view).expand(shape).reshape(d)
 
 
-def _check_eps(eps: float | Mapping[str, float], modalities: list[str], budget: str, who: str) -> dict[str, float]:
-    if isinstance(eps, Mapping):
-        if budget == "joint" and len({float(v) for v in eps.values()}) > 1:
-            raise ConfigError(f"{who}: a joint budget takes one eps, got {dict(eps)}; use budget='per-modality'")
-        extra = set(eps) - set(modalities)
-        if extra:
-            raise ConfigError(f"{who}: eps given for modality {sorted(extra)} that is not attacked ({modalities})")
-        lacking = [m for m in modalities if m not in eps]
-        if lacking:
-            raise ConfigError(f"{who}: no eps for attacked modality {lacking}")
-        values = {m: float(eps[m]) for m in modalities}
-    else:
-        values = {m: float(eps) for m in modalities}
-    for m, v in values.items():
-        if not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{who}: eps must be a finite number >= 0, got {v} for '{m}'")
-    return values
+def build_attack(
+    name: str,
+    model: nn.Module,
+    meta: DatasetMeta | None = None,
+    threat: ThreatModel | None = None,
+    **attack_options: Any,
+) -> Attack:
+    """Build a registered attack by name, e.g. ``build_attack("pgd-l2", model, meta, threat, loss="cw")``.
 
-
-def build_attack(name: str, model: nn.Module, meta: DatasetMeta | None = None, **kwargs: Any) -> Attack:
-    """Build a registered attack by name, e.g. ``build_attack("pgd-l2", model, meta, eps=0.5, loss="cw")``."""
+    Instead of ``threat``, ``eps`` (with ``norm``, ``budget``, ``modalities``, ``valid_range``) may be
+    given; it is parsed by :meth:`ThreatModel.parse` against ``meta``.
+    """
     cls = ATTACKS.get(name)
     try:
-        return cls(model, meta=meta, **kwargs)
+        return cls(model, threat, meta=meta, **attack_options)
     except TypeError as exc:
         raise ConfigError(f"attack '{name}': {exc}") from None

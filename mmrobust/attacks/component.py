@@ -11,14 +11,13 @@ a modality is clamped to its declared valid range, or not at all).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mmrobust.attacks.base import ATTACKS, Attack, Packed
-from mmrobust.data.base import DatasetMeta
+from mmrobust.attacks.threat import ThreatModel
 from mmrobust.errors import ConfigError
 
 
@@ -43,28 +42,20 @@ class AutoAttackComponent(Attack):
     def __init__(
         self,
         model: nn.Module,
-        eps: float,
+        threat: ThreatModel | Any = None,
         *,
         steps: int = 100,
         restarts: int = 1,
-        norm: str | None = None,
         loss: str | None = None,
-        modalities: Sequence[str] | None = None,
-        budget: str = "joint",
-        meta: DatasetMeta | None = None,
-        valid_range: Mapping[str, tuple[float, float] | None] | None = None,
-        seed: int = 0,
         targets: int = 9,
         num_classes: int | None = None,
+        **options: Any,
     ) -> None:
-        if budget != "joint":
-            raise ConfigError(
-                f"{self.name}: only a joint budget is supported (l-inf joint = the same eps per modality)"
-            )
         if loss is not None and loss != self.fixed_loss:
-            raise ConfigError(f"{self.name}: uses the {self.fixed_loss} loss; loss='{loss}' does not apply")
-        super().__init__(model, eps, norm=norm, loss=self.fixed_loss, modalities=modalities, budget=budget, meta=meta,
-                         valid_range=valid_range, seed=seed)  # fmt: skip
+            raise ConfigError(f"{self.name}: uses the {self.fixed_loss} loss; loss='{loss}' does not apply",
+                              param="loss")  # fmt: skip
+        super().__init__(model, threat, loss=self.fixed_loss, **options)
+        meta = options.get("meta")
         if steps < 1 or restarts < 1:
             raise ConfigError(f"{self.name}: steps and restarts must be >= 1, got {steps} and {restarts}")
         self.steps, self.restarts, self.targets = steps, restarts, targets
@@ -81,7 +72,8 @@ class AutoAttackComponent(Attack):
         return packed.clamp(x0 + radius * packed.normalize(t, "l2"))
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "steps": self.steps, "restarts": self.restarts}
+        d = {**super().describe(), "steps": self.steps, "restarts": self.restarts}
+        return {**d, "targets": self.targets} if self.targeted else d
 
     @classmethod
     def check_applicable(cls, num_classes: int, targets: int = 9) -> None:

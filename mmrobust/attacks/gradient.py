@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from mmrobust.attacks.base import ATTACKS, Attack, BestTracker, Packed
-from mmrobust.data.base import DatasetMeta
+from mmrobust.attacks.threat import ThreatModel
 from mmrobust.errors import ConfigError
 
 
@@ -52,22 +51,15 @@ class PGD(Attack):
     def __init__(
         self,
         model: nn.Module,
-        eps: float | Mapping[str, float],
+        threat: ThreatModel | Any = None,
         *,
         steps: int = 10,
         rel_step_size: float | None = None,
         random_start: bool = True,
         restarts: int = 1,
-        norm: str | None = None,
-        loss: str = "ce",
-        modalities: Sequence[str] | None = None,
-        budget: str = "joint",
-        meta: DatasetMeta | None = None,
-        valid_range: Mapping[str, tuple[float, float] | None] | None = None,
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(model, eps, norm=norm, loss=loss, modalities=modalities, budget=budget, meta=meta,
-                         valid_range=valid_range, seed=seed)  # fmt: skip
+        super().__init__(model, threat, **options)
         if steps < 1:
             raise ConfigError(f"{self.name}: steps must be >= 1, got {steps}")
         if restarts < 1:

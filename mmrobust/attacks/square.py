@@ -40,8 +40,8 @@ class Square(AutoAttackComponent):
     query_based = True
     p_init = 0.8
 
-    def __init__(self, model: nn.Module, eps: float, *, steps: int = 5000, **kwargs: Any) -> None:
-        super().__init__(model, eps, steps=steps, **kwargs)
+    def __init__(self, model: nn.Module, threat: Any = None, *, steps: int = 5000, **kwargs: Any) -> None:
+        super().__init__(model, threat, steps=steps, **kwargs)
 
     def _p(self, it: int) -> float:
         """The reference's piecewise-constant schedule of the window share, on a 10000-query scale."""

@@ -19,6 +19,7 @@ import torch
 from mmrobust.certify.base import Certificate, Guarantee
 from mmrobust.certify.radius import certified_accuracy
 from mmrobust.certify.tightness import Tightness
+from mmrobust.data.base import STANDARDISED
 from mmrobust.runs import Run
 
 #: version of the ``certify.json`` layout (2: entries under ``certifiers``, ``estimators`` kept beside it)
@@ -48,6 +49,16 @@ class CertifyResult:
     fit_split: str | None = None
     soundness: dict[str, Any] | None = None
     tightness: Tightness | None = None  # certified vs smallest attack radius (joint l2), if measured
+    #: what each modality's radius measures, and its scale (radii are l2 norms of ``delta_m / scale_m``);
+    #: the certifiers measure in the model's input space: the stored units, scale 1
+    units: dict[str, str] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+
+    def radius_units(self) -> dict[str, Any]:
+        """``{"units": ..., "scales": ...}`` per modality (standardised, scale 1 where not recorded)."""
+        mods = list(self.certificate.radii.unimodal)
+        return {"units": {m: self.units.get(m, STANDARDISED) for m in mods},
+                "scales": {m: self.scales.get(m, 1.0) for m in mods}}  # fmt: skip
 
     @property
     def name(self) -> str:
@@ -86,6 +97,7 @@ class CertifyResult:
                 **info["lipschitz"],
                 "info": {**info["lipschitz"]["info"], "data_split": self.fit_split},
             }
+        units = self.radius_units()
         d: dict[str, Any] = {
             "certifier": c.certifier,
             "estimator": c.certifier,  # the name before schema 2: kept for one release
@@ -96,11 +108,14 @@ class CertifyResult:
             "options": dict(self.options),
             "n": self.n,
             "clean_accuracy": self.clean_accuracy,
+            **units,
             "summary": {
                 "median_joint_radius_correct": _median(r.joint[correct]),
                 "median_unimodal_radius_correct": {m: _median(v[correct]) for m, v in r.unimodal.items()},
+                **units,
             },
             "certified_accuracy": {
+                **units,
                 "radii": list(self.grid),
                 "joint": self.accuracy_curve("joint"),
                 "unimodal": {m: self.accuracy_curve(m) for m in r.unimodal},
@@ -117,6 +132,7 @@ class CertifyResult:
         if self.tightness is not None:
             t = self.tightness
             d["tightness"] = {
+                **units,
                 "threat": t.threat,
                 "samples": int(t.indices.numel()),
                 "median_ratio": t.median_ratio,
@@ -154,7 +170,15 @@ def normalize_certify(doc: dict[str, Any]) -> dict[str, Any]:
     """A ``certify.json`` document read from disk, with both keys of the entries (``certifiers``
     and the older ``estimators``) and every entry's ``certifier`` (older files: ``estimator`` only)."""
     entries = {
-        key: ({"certifier": e.get("estimator"), **e} if isinstance(e, dict) else e)
+        key: ({"certifier": e.get("estimator"), **_with_units(e)} if isinstance(e, dict) else e)
         for key, e in certify_entries(doc).items()
     }
     return {**doc, "schema_version": doc.get("schema_version", 1), "certifiers": entries, "estimators": entries}
+
+
+def _with_units(entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry written before radii carried units: standardised, scale 1 (what they measured)."""
+    if "units" in entry or "radii" not in entry:
+        return entry
+    mods = list((entry.get("radii") or {}).get("unimodal") or {})
+    return {**entry, "units": dict.fromkeys(mods, STANDARDISED), "scales": dict.fromkeys(mods, 1.0)}

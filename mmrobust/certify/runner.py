@@ -58,7 +58,8 @@ def certify_model(
 
     ``fit_data`` is what a certifier may fit on (the empirical estimator maximises over it; the CLI
     passes the training split so the test split is never used to fit anything). Radii are l2 norms
-    in the model's input space; misclassified samples get radius 0. ``batch_size`` None (the
+    in the model's input space (each modality's stored units, scale 1: recorded in the result's
+    ``units``/``scales``); misclassified samples get radius 0. ``batch_size`` None (the
     default) sizes the forward batches to ``memory_budget`` (:mod:`mmrobust.memory`); an integer is
     used as given.
 
@@ -84,7 +85,10 @@ def certify_model(
     for alias in getattr(opts, "aliases", {}):  # deprecated option names: recorded under their new name only
         used.pop(alias, None)
     reads_fit = getattr(cert, "uses_fit_data", False) and fit_data is not None
-    return CertifyResult(certificate, split_name, grid, used, fit_split if reads_fit else None)
+    # radii are l2 norms in the model's input space: each modality's stored units, scale 1
+    units = {s.name: s.units for s in meta.modalities}
+    return CertifyResult(certificate, split_name, grid, used, fit_split if reads_fit else None,
+                         units=units, scales=dict.fromkeys(units, 1.0))  # fmt: skip
 
 
 def certify_run(

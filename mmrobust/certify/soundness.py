@@ -56,9 +56,12 @@ def _attack_at(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample-eps l2 PGD (joint budget over ``modalities``): ``(success, ||d||)``."""
     from mmrobust.attacks import PGDL2
+    from mmrobust.attacks.threat import ThreatModel
 
     wrapped = _Rescaled(model, inputs, eps, modalities)
-    attack = PGDL2(wrapped, 1.0, steps=steps, loss=loss, modalities=list(modalities), restarts=restarts, seed=seed)
+    # in the rescaled coordinates every sample's budget is a joint l2 radius of 1 (model input units)
+    threat = ThreatModel.parse(None, eps=1.0, norm="l2", budget="joint", modalities=list(modalities))
+    attack = PGDL2(wrapped, threat, steps=steps, loss=loss, restarts=restarts, seed=seed)
     adv_u = attack(inputs, labels)
     adv = wrapped.lift(adv_u)
     with torch.no_grad():

@@ -79,14 +79,16 @@ def _attack(
     """One attack at a per-sample l2 budget: ``(success, ||delta||)``."""
     from mmrobust.attacks.apgd import APGDCE
     from mmrobust.attacks.gradient import PGDL2
+    from mmrobust.attacks.threat import ThreatModel
 
     wrapped = _Rescaled(model, inputs, eps, mods)
+    # in the rescaled coordinates every sample's budget is a joint l2 radius of 1 (model input units)
+    threat = ThreatModel.parse(None, eps=1.0, norm="l2", budget="joint", modalities=list(mods))
     attack: PGDL2 | APGDCE
     if name == "apgd-ce":
-        attack = APGDCE(wrapped, 1.0, norm="l2", steps=o.steps, modalities=list(mods), seed=seed,
-                        num_classes=num_classes)  # fmt: skip
+        attack = APGDCE(wrapped, threat, steps=o.steps, seed=seed, num_classes=num_classes)
     else:
-        attack = PGDL2(wrapped, 1.0, steps=o.steps, loss=name[4:], modalities=list(mods), seed=seed)
+        attack = PGDL2(wrapped, threat, steps=o.steps, loss=name[4:], seed=seed)
     adv = wrapped.lift(attack(inputs, labels))
     with torch.no_grad():
         success = model(adv).argmax(1) != labels

@@ -8,6 +8,10 @@ readable) and :meth:`EvalResult.from_json` reads one back.
 ``eval.json`` schema version 2 (:data:`SCHEMA_VERSION`) adds the top-level ``schema_version`` and
 names the suite's settings ``parameters``; the same block is still written under its old key
 ``protocol`` as well, and files without ``schema_version`` (version 1: ``protocol`` only) are read.
+
+Every row with a budget carries its units per modality (``"units": {modality: ...}`` and
+``"scales"``, see :class:`~mmrobust.attacks.threat.ThreatModel`); a row read without them is in
+standardised units, scale 1 (what every file written before units existed measured).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmrobust.attacks.autoattack import components_label
+from mmrobust.attacks.threat import format_eps
+from mmrobust.data.base import STANDARDISED
 from mmrobust.errors import RunError
 
 #: version of the ``eval.json`` document written by :meth:`EvalResult.to_json`
@@ -54,6 +61,9 @@ class EvalRow:
         fill = s.pop("fill", None)
         for k in ("accuracy", "macro_f1"):
             s.pop(k, None)
+        if core["eps"] is not None and "units" not in s:  # written before units: standardised, scale 1
+            mods = list(core["modalities"] or ())
+            s["units"], s["scales"] = dict.fromkeys(mods, STANDARDISED), dict.fromkeys(mods, 1.0)
         return cls(
             attack=str(core["attack"]), loss=core["loss"], norm=core["norm"],
             modalities=tuple(core["modalities"] or ()), budget=core["budget"], eps=core["eps"], steps=core["steps"],
@@ -70,7 +80,21 @@ class EvalRow:
     def key(self) -> tuple:
         """What identifies the threat setting of this row (rows of different losses share it)."""
         eps = tuple(sorted(self.eps.items())) if isinstance(self.eps, dict) else self.eps
-        return (self.attack, self.norm, self.modalities, self.budget, eps, self.steps, self.fill)
+        units = tuple(sorted(self.units.items()))
+        return (self.attack, self.norm, self.modalities, self.budget, eps, self.steps, self.fill, units)
+
+    @property
+    def units(self) -> dict[str, str]:
+        """What the budget of each attacked modality measures (empty for a row without a budget)."""
+        return dict(self.extra.get("units") or {})
+
+    @property
+    def units_label(self) -> str:
+        """``image: pixel intensity in [0, 1]; audio: standardised`` (modalities sharing units together)."""
+        by_unit: dict[str, list[str]] = {}
+        for m, u in self.units.items():
+            by_unit.setdefault(u, []).append(m)
+        return "; ".join(f"{', '.join(ms)}: {u}" for u, ms in by_unit.items())
 
     @property
     def label(self) -> str:
@@ -78,7 +102,11 @@ class EvalRow:
         mods = "+".join(self.modalities)
         if self.attack == "missing":
             return f"{mods} missing"
-        parts = [self.attack, mods]
+        attack = self.attack
+        if attack == "autoattack" and self.extra.get("dropped"):
+            attack = components_label(list(self.extra.get("components") or []), self.extra["dropped"],
+                                      self.extra.get("num_classes"))  # fmt: skip
+        parts = [attack, mods]
         if self.budget == "per-modality":
             parts.append("per-modality")
         if self.eps is not None:
@@ -100,14 +128,7 @@ class EvalRow:
 
 def fmt_eps(eps: float | dict[str, float] | str) -> str:
     """``8/255`` for l-inf-style fractions, ``0.5`` otherwise, ``a=1,b=2`` for per-modality dicts."""
-    if isinstance(eps, dict):
-        return ",".join(f"{k}={fmt_eps(v)}" for k, v in eps.items())
-    if isinstance(eps, float):
-        k = eps * 255
-        if abs(k - round(k)) < 1e-6 and eps < 1 and round(k) != 0:
-            return f"{round(k)}/255"
-        return f"{eps:g}"
-    return str(eps)
+    return format_eps(eps)
 
 
 @dataclass
@@ -202,16 +223,24 @@ class MaskingReport:
 
 @dataclass
 class Curves:
-    """Accuracy vs eps: ``targets[label][loss]`` lists one accuracy per ``eps`` (0 = clean)."""
+    """Accuracy vs eps: ``targets[label][loss]`` lists one accuracy per ``eps`` (0 = clean);
+    ``units[label]`` the units and scales of the eps of that target (standardised where absent)."""
 
     attack: str
     norm: str
     eps: list[float]
     clean_accuracy: float
     targets: dict[str, dict[str, list[float]]]
+    units: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for label in self.targets:
+            if label not in self.units:
+                mods = label.split("+")
+                self.units[label] = {"units": dict.fromkeys(mods, STANDARDISED), "scales": dict.fromkeys(mods, 1.0)}
 
     def to_json(self) -> dict[str, Any]:
-        return {"attack": self.attack, "norm": self.norm, "eps": list(self.eps),
+        return {"attack": self.attack, "norm": self.norm, "eps": list(self.eps), "units": dict(self.units),
                 "clean_accuracy": self.clean_accuracy, "targets": self.targets}  # fmt: skip
 
 

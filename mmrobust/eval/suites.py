@@ -10,20 +10,26 @@ broke it): that is the number to trust; the gap between the two is also a gradie
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from fractions import Fraction
 from typing import Any
 
 import torch
 from torch import nn
 
-from mmrobust.attacks.autoattack import STANDARD_COMPONENTS, AutoAttack, AutoAttackOptions, component_settings
+from mmrobust.attacks.autoattack import (
+    STANDARD_COMPONENTS,
+    AutoAttack,
+    AutoAttackOptions,
+    component_settings,
+    drop_reason,
+    effective_targets,
+)
 from mmrobust.attacks.base import build_attack
-from mmrobust.attacks.component import check_applicable
 from mmrobust.attacks.losses import LOSSES
 from mmrobust.attacks.missing import FILLS
+from mmrobust.attacks.threat import ThreatModel, parse_eps_list
+from mmrobust.attacks.threat import parse_modality_eps as _parse_modality_eps
 from mmrobust.data.base import DatasetMeta, Split, chunk_rows, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.eval.metrics import accuracy, macro_f1, predict
@@ -51,31 +57,12 @@ AUTOATTACK_EPS = {"linf": (2 / 255, 4 / 255, 8 / 255), "l2": (0.5,)}
 def parse_eps(
     value: str | float | Sequence[float] | None, what: str = "eps", param: str | None = None
 ) -> list[float] | None:
-    """``"2/255,4/255,0.5"`` -> ``[0.00784..., 0.01568..., 0.5]``; None stays None.
+    """``"2/255,4/255,0.5"`` -> ``[0.00784..., 0.01568..., 0.5]``; None stays None
+    (:func:`mmrobust.attacks.threat.parse_eps_list`, the one eps validator).
 
     ``what`` names the value in messages (the parameter, e.g. ``unimodal_eps``), ``param`` the
     parameter the error is about (default: ``what``)."""
-    param = param or what
-    if value is None:
-        return None
-    items: Sequence[Any] = (
-        value.split(",") if isinstance(value, str) else (value if isinstance(value, Sequence) else [value])
-    )
-    out = []
-    for item in items:
-        text = str(item).strip()
-        if not text:
-            continue
-        try:
-            v = float(Fraction(text)) if "/" in text else float(text)
-        except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"{what}: '{text}' is not a number or a fraction like 8/255", param=param) from None
-        if not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{what}: eps must be finite and >= 0, got {text}", param=param)
-        out.append(v)
-    if not out:
-        raise ConfigError(f"{what}: no eps value given", param=param)
-    return out
+    return parse_eps_list(value, param or what, what)
 
 
 def parse_modalities(value: str | Sequence[str] | None, known: Sequence[str]) -> list[str] | None:
@@ -97,29 +84,8 @@ def parse_modalities(value: str | Sequence[str] | None, known: Sequence[str]) ->
 
 def parse_modality_eps(value: Any, known: Sequence[str]) -> dict[str, float] | None:
     """``"image=8/255,audio=0.1"`` -> ``{"image": 0.0313..., "audio": 0.1}``; None where ``value``
-    names no modality (a plain eps list). Mixing ``name=eps`` and bare numbers is an error."""
-    if isinstance(value, Mapping):
-        items = [(str(k), str(v)) for k, v in value.items()]
-    elif isinstance(value, str) and "=" in value:
-        parts = [t.strip() for t in value.split(",") if t.strip()]
-        if any("=" not in t for t in parts):
-            raise ConfigError(
-                f"eps: '{value}' mixes name=eps and bare values; give every modality as name=eps", param="eps"
-            )
-        items = [(t.partition("=")[0].strip(), t.partition("=")[2].strip()) for t in parts]
-    else:
-        return None
-    out: dict[str, float] = {}
-    for name, text in items:
-        if name not in known:
-            raise ConfigError(f"eps: unknown modality '{name}'; the model has: {', '.join(known)}", param="eps")
-        if name in out:
-            raise ConfigError(f"eps: modality '{name}' given twice", param="eps")
-        values = parse_eps(text, f"eps {name}", param="eps")
-        if values is None or len(values) != 1:
-            raise ConfigError(f"eps: '{name}' takes one eps, got '{text}'", param="eps")
-        out[name] = values[0]
-    return out
+    names no modality (:func:`mmrobust.attacks.threat.parse_modality_eps`)."""
+    return _parse_modality_eps(value, known, "eps")
 
 
 def _check_losses(losses: Sequence[str] | str) -> list[str]:
@@ -141,12 +107,12 @@ class _Evaluator:
         self.k = meta.num_classes
         self.clean_preds = predict(self.model, split, batch_size)
 
-    def attack(self, name: str, losses: Sequence[str], **kw: Any) -> list[EvalRow]:
+    def attack(self, name: str, losses: Sequence[str], threat: ThreatModel, **kw: Any) -> list[EvalRow]:
         """One row per loss plus a ``worst`` row (when there is more than one loss)."""
         rows: list[EvalRow] = []
         preds = []
         for loss in losses:
-            attack = build_attack(name, self.model, self.meta, loss=loss, seed=self.seed, **kw)
+            attack = build_attack(name, self.model, self.meta, threat, loss=loss, seed=self.seed, **kw)
             p = (
                 attack_predictions(attack, self.split, self.batch_size)
                 if _eps_positive(attack.eps)
@@ -194,6 +160,12 @@ def _eps_positive(eps: dict[str, float]) -> bool:
     return any(v > 0 for v in eps.values())
 
 
+def _threat(
+    meta: DatasetMeta, eps: Any, norm: str, modalities: Sequence[str], budget: str | None = None
+) -> ThreatModel:
+    return ThreatModel.parse(meta, eps=eps, norm=norm, modalities=list(modalities), budget=budget)
+
+
 @SUITES.register("basic")
 def basic_suite(
     model: nn.Module, meta: DatasetMeta, split: Split, *, fill: str = "zero", batch_size: int = 256, **_: Any
@@ -233,22 +205,27 @@ def paper_suite(
     ev = _Evaluator(model, meta, split, batch_size, seed)
     mods = meta.modality_names
     pgd = {"steps": steps, "rel_step_size": step_size, "restarts": restarts, "random_start": random_start}
-    jobs: list[tuple[str, dict[str, Any]]] = []
+    jobs: list[tuple[str, ThreatModel, dict[str, Any]]] = []
     for e in joint:
-        jobs += [("fgm", {"eps": e, "modalities": mods}), ("pgd-l2", {"eps": e, "modalities": mods, **pgd})]
+        threat = _threat(meta, e, "l2", mods, "joint")
+        jobs += [("fgm", threat, {}), ("pgd-l2", threat, pgd)]
     for e in uni:
         for m in mods:
-            jobs += [("fgm", {"eps": e, "modalities": [m]}), ("pgd-l2", {"eps": e, "modalities": [m], **pgd})]
+            threat = _threat(meta, e, "l2", [m], "joint")
+            jobs += [("fgm", threat, {}), ("pgd-l2", threat, pgd)]
     results: list[EvalRow] = []
     ticker = _Ticker(progress, "paper suite", len(jobs) + len(mods))
-    for name, kw in jobs:
-        results += ev.attack(name, loss_names, **kw)
+    for name, threat, kw in jobs:
+        results += ev.attack(name, loss_names, threat, **kw)
         ticker.tick()
     for m in mods:
         results.append(ev.missing([m], fill))
         ticker.tick()
-    parameters = {"eps": joint, "unimodal_eps": uni, "steps": steps, "rel_step_size": step_size or 2.5 / steps,
-                "restarts": restarts, "random_start": random_start, "losses": loss_names, "fill": fill, "seed": seed}  # fmt: skip
+    parameters = {"eps": joint, **_threat(meta, 0.0, "l2", mods).units_fields(), "unimodal_eps": uni,
+                  "unimodal_units": {m: _threat(meta, 0.0, "l2", [m]).units[m] for m in mods},
+                  "unimodal_scales": {m: _threat(meta, 0.0, "l2", [m]).units_fields()["scales"][m] for m in mods},
+                  "steps": steps, "rel_step_size": step_size or 2.5 / steps, "restarts": restarts,
+                  "random_start": random_start, "losses": loss_names, "fill": fill, "seed": seed}  # fmt: skip
     return ev.finish("paper", results, parameters)
 
 
@@ -283,13 +260,16 @@ def curves_suite(
     pgd = {"steps": steps, "rel_step_size": step_size, "restarts": restarts, "random_start": random_start}
     clean = accuracy(ev.clean_preds, ev.labels)
     curves: dict[str, dict[str, list[float]]] = {}
+    units: dict[str, dict[str, Any]] = {}
     results: list[EvalRow] = []
     ticker = _Ticker(progress, "robustness curves", len(targets) * len(grid))
     for target in targets:
         label = "+".join(target)
         series: dict[str, list[float]] = {}
+        units[label] = _threat(meta, 0.0, norm, target).units_fields()
         for e in grid:
-            rows = ev.attack(attack, loss_names, eps=e, modalities=target, **pgd) if e > 0 else []
+            threat = _threat(meta, e, norm, target)
+            rows = ev.attack(attack, loss_names, threat, **pgd) if e > 0 else []
             for r in rows:
                 series.setdefault(str(r.loss), []).append(r.accuracy)
             if e == 0:
@@ -298,10 +278,11 @@ def curves_suite(
             results += rows
             ticker.tick()
         curves[label] = series
-    out = ev.finish("curves", results, {"norm": norm, "attack": attack, "eps": grid, "steps": steps,
-                                        "restarts": restarts, "rel_step_size": step_size or 2.5 / steps,
-                                        "losses": loss_names, "seed": seed})  # fmt: skip
-    return replace(out, curves=Curves(attack, norm, grid, clean, curves))
+    out = ev.finish("curves", results, {"norm": norm, "attack": attack, "eps": grid, "units": units,
+                                        "steps": steps, "restarts": restarts,
+                                        "rel_step_size": step_size or 2.5 / steps, "losses": loss_names,
+                                        "seed": seed})  # fmt: skip
+    return replace(out, curves=Curves(attack, norm, grid, clean, curves, units))
 
 
 @SUITES.register("autoattack")
@@ -315,7 +296,7 @@ def autoattack_suite(
     steps: int = 100,
     queries: int = 5000,
     restarts: int = 1,
-    targets: int = 9,
+    targets: int | None = None,
     attacks: Sequence[str] | str = STANDARD_COMPONENTS,
     batch_size: int = 256,
     seed: int = 0,
@@ -325,8 +306,10 @@ def autoattack_suite(
     **_: Any,
 ) -> EvalResult:
     """APGD-CE, APGD-T (targeted DLR), FAB-T and Square on all modalities jointly, each alone and
-    their per-sample worst case (``"attack": "autoattack"``). Components that do not apply to the
-    model (DLR with < 3 classes, too few classes for the targets) are skipped with a warning.
+    their per-sample worst case (``"attack": "autoattack"``). The targeted components attack
+    ``min(targets, K - 1)`` classes (``targets`` None: 9); components that do not apply to the
+    model (DLR with < 3 classes) are dropped with a warning, and the ``autoattack`` row lists the
+    components that ran and those dropped (its label then is not the full suite's).
     With ``version`` (standard / plus / custom) the AutoAttack cascade runs instead (the attack
     :class:`~mmrobust.attacks.autoattack.AutoAttack`): components in order, each on the points
     still robust, one row per component with the cumulative robust accuracy and a final
@@ -334,7 +317,8 @@ def autoattack_suite(
 
     ``modalities`` (``"image"`` or ``"audio,image"``) attacks only those modalities (default: all);
     ``eps="image=8/255,audio=0.1"`` is one per-modality l-inf setting (cascade only: needs
-    ``version``), which also sets the attacked modalities."""
+    ``version``), which also sets the attacked modalities. Budgets are in the units of
+    :class:`~mmrobust.attacks.threat.ThreatModel` (l-inf: each modality's stored units)."""
     if norm not in AUTOATTACK_EPS:
         raise ConfigError(f"unknown norm '{norm}'; choose from: {', '.join(AUTOATTACK_EPS)}", param="norm")
     mods = parse_modalities(modalities, meta.modality_names)
@@ -347,19 +331,18 @@ def autoattack_suite(
             )  # fmt: skip
         if norm != "linf":
             raise ConfigError("eps: per-modality budgets (name=eps) need norm='linf'", param="eps")
-        if mods is not None and set(mods) != set(per_modality):
-            raise ConfigError(f"modalities {','.join(mods)} differ from the modalities in eps "
-                              f"({','.join(per_modality)}); give one of them", param="modalities")  # fmt: skip
-        mods = list(per_modality)
-    grid: list[Any] = [per_modality] if per_modality is not None else (
+    grid_values: list[Any] = [per_modality] if per_modality is not None else (
         parse_eps(None if isinstance(eps, Mapping) else eps, "eps") or list(AUTOATTACK_EPS[norm]))  # fmt: skip
-    mods = mods or meta.modality_names
+    threats = [ThreatModel.parse(meta, eps=e, norm=norm, modalities=mods) for e in grid_values]
+    mods = list(threats[0].modalities)
+    if targets is not None and (isinstance(targets, bool) or not isinstance(targets, int) or targets < 1):
+        raise ConfigError(f"targets must be an integer >= 1, got {targets!r}", param="targets")
     if version is not None:
         custom = None if version != "custom" else tuple(
             s.strip() for s in (attacks.split(",") if isinstance(attacks, str) else attacks))  # fmt: skip
-        return _autoattack_cascade(model, meta, split, grid, AutoAttackOptions(
-            eps=grid[0], version=version, norm=norm, modalities=tuple(mods), attacks=custom, steps=steps,
-            queries=queries, targets=targets, seed=seed, batch_size=batch_size), progress)  # fmt: skip
+        options = AutoAttackOptions.of(threats[0], version=version, attacks=custom, steps=steps, queries=queries,
+                                       targets=targets, seed=seed, batch_size=batch_size)  # fmt: skip
+        return _autoattack_cascade(model, meta, split, threats, options, progress)
     names = [s.strip() for s in attacks.split(",")] if isinstance(attacks, str) else list(attacks)
     for n in names:
         if n not in STANDARD_COMPONENTS:
@@ -367,23 +350,27 @@ def autoattack_suite(
                 f"unknown AutoAttack component '{n}'; choose from: {', '.join(STANDARD_COMPONENTS)}", param="attacks"
             )
     ev = _Evaluator(model, meta, split, batch_size, seed)
+    used_targets = effective_targets(targets, ev.k)
     skipped: list[str] = []
+    dropped: dict[str, str] = {}
     runnable = []
     for n in names:
-        try:
-            check_applicable(n, ev.k, targets)
+        reason = drop_reason(n, ev.k, used_targets)
+        if reason is None:
             runnable.append(n)
-        except ConfigError as exc:
-            skipped.append(f"{n} skipped: {exc}")
+        else:
+            skipped.append(f"{n} skipped: {reason}")
+            dropped[n] = reason
+    if targets is not None and used_targets < targets:
+        skipped.append(f"{used_targets} target class(es) attacked, not {targets}: the model has {ev.k} classes")
     results: list[EvalRow] = []
-    ticker = _Ticker(progress, "autoattack", len(grid) * len(runnable))
-    for e in grid:
+    ticker = _Ticker(progress, "autoattack", len(threats) * len(runnable))
+    for threat in threats:
         preds = []
         for n in runnable:
-            kw: dict[str, Any] = {"eps": e, "norm": norm, "modalities": mods}
-            kw.update(component_settings(n, steps=steps, queries=queries, restarts=restarts, targets=targets))
-            attack = build_attack(n, ev.model, ev.meta, seed=seed, **kw)
-            p = attack_predictions(attack, ev.split, batch_size) if e > 0 else ev.clean_preds
+            kw = component_settings(n, steps=steps, queries=queries, restarts=restarts, targets=used_targets)
+            attack = build_attack(n, ev.model, ev.meta, threat, seed=seed, **kw)
+            p = attack_predictions(attack, ev.split, batch_size) if _eps_positive(threat.eps_map) else ev.clean_preds
             preds.append(p)
             desc = attack.describe()
             if n == "fab-t":
@@ -392,10 +379,14 @@ def autoattack_suite(
             ticker.tick()
         if preds:
             setting = {"attack": "autoattack", "loss": "worst", "norm": norm, "modalities": mods, "budget": "joint",
-                       "eps": e, "steps": steps, "components": runnable}  # fmt: skip
+                       "eps": threat.eps_value, **threat.units_fields(), "steps": steps, "components": runnable,
+                       "targets": used_targets}  # fmt: skip
+            if dropped:
+                setting.update(dropped=dict(dropped), num_classes=ev.k)
             results.append(result_row(setting, worst_predictions(preds, ev.labels), ev.labels, ev.k))
-    parameters = {"norm": norm, "eps": grid, "steps": steps, "queries": queries, "restarts": restarts,
-                  "targets": targets, "attacks": runnable, "seed": seed}  # fmt: skip
+    parameters = {"norm": norm, "eps": [t.eps_value for t in threats], **threats[0].units_fields(), "steps": steps,
+                  "queries": queries, "restarts": restarts, "targets": used_targets, "targets_requested": targets,
+                  "attacks": runnable, "dropped": dropped, "seed": seed}  # fmt: skip
     out = ev.finish("autoattack", results, parameters, check_masking=True)
     return replace(out, warnings=skipped + out.warnings)
 
@@ -404,46 +395,53 @@ def _autoattack_cascade(
     model: nn.Module,
     meta: DatasetMeta,
     split: Split,
-    grid: Sequence[Any],
+    threats: Sequence[ThreatModel],
     options: AutoAttackOptions,
     progress: ProgressFn | None,
 ) -> EvalResult:
     """The ``version`` mode of the autoattack suite: the :class:`AutoAttack` cascade at each eps."""
     ev = _Evaluator(model, meta, split, options.batch_size, options.seed)
-    mods = list(options.modalities or meta.modality_names)
+    mods = list(threats[0].modalities)
     results: list[EvalRow] = []
     notes: list[str] = []
-    ticker = _Ticker(progress, "autoattack", len(grid))
-    for e in grid:
-        attack = AutoAttack.from_options(ev.model, replace(options, eps=e), meta=ev.meta)
+    ticker = _Ticker(progress, "autoattack", len(threats))
+    used_targets = effective_targets(options.targets, ev.k)
+    for threat in threats:
+        attack = AutoAttack.from_options(ev.model, AutoAttackOptions.of(threat, version=options.version,
+                                         attacks=options.attacks, steps=options.steps, queries=options.queries,
+                                         targets=options.targets, seed=options.seed, batch_size=options.batch_size),
+                                         meta=ev.meta, threat=threat)  # fmt: skip
         # the cascade runs on a set at once: chunks of bounded memory (one chunk whenever the split fits)
         finals: list[torch.Tensor] = []
         stages: dict[str, list[torch.Tensor]] = {}
+        dropped: dict[str, str] = {}
         start = 0
         for inputs, labels in iterate_batches(ev.split, chunk_rows(ev.meta)):
             res = attack.detailed(inputs, labels)
             finals.append(predict(ev.model, Split(res.adversarial, labels), options.batch_size))
             for stage in res.stages:
                 stages.setdefault(stage.attack, []).append(stage.broken_index + start)
+            dropped.update(res.dropped)
             notes += [w for w in res.skipped + res.warnings if w not in notes]
             start += len(labels)
         final = torch.cat(finals)
         preds = ev.clean_preds.clone()
-        per_modality = isinstance(e, dict) and len(set(e.values())) > 1
-        base = {"loss": None, "norm": options.norm, "modalities": mods, "eps": e if per_modality else (
-                    next(iter(e.values())) if isinstance(e, dict) else e),
-                "budget": "per-modality" if per_modality else "joint", "steps": options.steps,
-                "version": options.version}  # fmt: skip
+        base = {"loss": None, "norm": threat.norm, "modalities": mods, "eps": threat.eps_value,
+                "budget": "per-modality" if isinstance(threat.eps_value, dict) else "joint",
+                **threat.units_fields(), "steps": options.steps, "version": options.version}  # fmt: skip
         for name, parts in stages.items():  # cumulative: every sample broken so far takes its adversarial prediction
             broken_index = torch.cat(parts)
             preds[broken_index] = final[broken_index]
             results.append(result_row({**base, "attack": name, "cumulative": True, "broken": len(broken_index)},
                                       preds, ev.labels, ev.k))  # fmt: skip
-        results.append(result_row({**base, "attack": "autoattack", "loss": "worst",
-                                   "components": list(stages)}, final, ev.labels, ev.k))  # fmt: skip
+        last = {**base, "attack": "autoattack", "loss": "worst", "components": list(stages), "targets": used_targets}
+        if dropped:
+            last.update(dropped=dropped, num_classes=ev.k)
+        results.append(result_row(last, final, ev.labels, ev.k))
         ticker.tick()
-    parameters = {"version": options.version, "norm": options.norm, "eps": list(grid), "modalities": mods,
-                  "steps": options.steps, "queries": options.queries, "targets": options.targets,
+    parameters = {"version": options.version, "norm": options.norm, "eps": [t.eps_value for t in threats],
+                  **threats[0].units_fields(), "modalities": mods, "steps": options.steps,
+                  "queries": options.queries, "targets": used_targets, "targets_requested": options.targets,
                   "attacks": list(options.attacks or []), "seed": options.seed}  # fmt: skip
     out = ev.finish("autoattack", results, parameters, check_masking=False)
     return replace(out, warnings=notes + out.warnings)

@@ -64,26 +64,28 @@ def print_eval_table(result: EvalResult, title: str) -> None:
     table = Table(title=title)
     table.add_column("setting")
     table.add_column("eps", no_wrap=True)
+    table.add_column("units")
     table.add_column("steps", justify="right")
     for loss in [*losses, "worst"]:
         table.add_column(loss.upper() if loss != "worst" else "worst", justify="right", no_wrap=True)
     table.add_column("note", no_wrap=True)
-    table.add_row("clean", "–", "–", *["–"] * len(losses), fmt(result.clean_accuracy), "")
+    table.add_row("clean", "–", "–", "–", *["–"] * len(losses), fmt(result.clean_accuracy), "")
     for e in entries:
         r = e.row
         mods = "+".join(r.modalities)
         if r.attack == "missing":
             setting = f"{mods} missing ({r.fill or 'zero'})"
         else:
-            setting = f"{r.attack} {mods}" + (" per-modality" if r.budget == "per-modality" else "")
+            attack = e.label.split(f" {mods}")[0] if r.attack == "autoattack" else r.attack
+            setting = f"{attack} {mods}" + (" per-modality" if r.budget == "per-modality" else "")
         note = f"masking? gap {e.gap:.2f}" if _masked(e) and e.gap is not None else ""
         eps = fmt_eps(r.eps) if r.eps is not None else "–"
         cells = [_num(e.acc.get(k), 3) for k in losses]
-        table.add_row(setting, eps, str(r.steps or "–"), *cells, fmt(e.acc["worst"]), note,
+        table.add_row(setting, eps, r.units_label or "–", str(r.steps or "–"), *cells, fmt(e.acc["worst"]), note,
                       style="yellow" if _masked(e) else None)  # fmt: skip
     wc = result.worst_case.accuracy
     if wc is not None:
-        table.add_row("worst case", "", "", *[""] * len(losses), fmt(wc), "", style="bold")
+        table.add_row("worst case", "", "", "", *[""] * len(losses), fmt(wc), "", style="bold")
     out.print(table)
 
 
@@ -114,7 +116,13 @@ def plot_robustness_curves(evals: Mapping[str, EvalResult], path: str | Path, ti
                         lw=2 if loss == "worst" else 1)  # fmt: skip
     for ax, target in zip(axes[0], targets, strict=True):
         kind = "joint" if "+" in target else "alone"
-        ax.set(xlabel=f"eps ({first.norm})", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"{target} ({kind})")
+        units = sorted(set(first.units.get(target, {}).get("units", {}).values()))
+        ax.set(
+            xlabel=f"eps ({first.norm}; {', '.join(units) or 'standardised'})",
+            ylabel="accuracy",
+            ylim=(-0.02, 1.02),
+            title=f"{target} ({kind})",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title or f"Robustness curves ({first.attack}, worst case over losses = solid)")

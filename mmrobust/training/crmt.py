@@ -176,15 +176,18 @@ class CRMTOptions(Step2Options, Step1Options):
 
 @dataclass
 class CRMTATOptions(CRMTOptions):
-    """CRMT-AT: step 1 on joint-l2 PGD examples (model in eval mode while attacking)."""
+    """CRMT-AT: step 1 on joint-l2 PGD examples (model in eval mode while attacking); the budget is
+    ``train_eps`` as in every adversarial-training method (``at_eps`` is its old name)."""
 
-    at_eps: float = 0.5
+    aliases: ClassVar[dict[str, str]] = {**CRMTOptions.aliases, "at_eps": "train_eps"}
+
+    train_eps: float = 0.5
     at_steps: int = 5
     at_step_size: float = 0.0  # 0 = 2.5 * eps / steps
 
     def check(self) -> None:
         super().check()
-        require(self.at_eps > 0, f"option at_eps must be > 0, got {self.at_eps}", "at_eps")
+        require(self.train_eps > 0, f"option train_eps must be > 0, got {self.train_eps}", "train_eps")
         require(self.at_steps >= 1, f"option at_steps must be >= 1, got {self.at_steps}", "at_steps")
         require(self.at_step_size >= 0, f"option at_step_size must be >= 0, got {self.at_step_size}", "at_step_size")
 
@@ -347,6 +350,7 @@ class CRMTBase(Strategy[OptionsT]):
         it with a real attack at the scale the certificate talks about.
         """
         from mmrobust.attacks import PGDL2
+        from mmrobust.attacks.threat import ThreatModel
         from mmrobust.memory import input_gradient_plan
 
         o = self.options
@@ -363,7 +367,8 @@ class CRMTBase(Strategy[OptionsT]):
             with torch.no_grad():
                 for m, p in head.a.items():
                     p.copy_(a[m])
-            attack = PGDL2(model, eps, steps=o.step2_check_steps, loss="cw", meta=self.meta, seed=0)
+            attack = PGDL2(model, ThreatModel.parse(self.meta, eps=eps, norm="l2", budget="joint"),
+                           steps=o.step2_check_steps, loss="cw", seed=0)  # fmt: skip
             correct = 0
             for inputs, y in iterate_batches(val, batch_size):
                 inputs, y = to_device(inputs, ctx.device), y.to(ctx.device)
@@ -430,7 +435,7 @@ class CRMTAT(CRMTBase[CRMTATOptions]):
     ) -> tuple[Batch, torch.Tensor | None, float]:
         o = self.options
         return (
-            joint_pgd_examples(model, inputs, labels, o.at_eps, o.at_steps, o.at_step_size, self.meta, ctx),
+            joint_pgd_examples(model, inputs, labels, o.train_eps, o.at_steps, o.at_step_size, self.meta, ctx),
             None,
             1.0,
         )

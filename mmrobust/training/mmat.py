@@ -22,7 +22,7 @@ from mmrobust.training.base import METHODS, StepContext, Strategy, require
 
 @dataclass
 class MMATOptions(AdversarialOptions):
-    """PGD budget and steps, and the clean share ``mix_clean`` in [0, 1]."""
+    """PGD budget ``train_eps`` (old name ``eps``) and steps, and the clean share ``mix_clean`` in [0, 1]."""
 
     mix_clean: float = 0.0
 
@@ -39,9 +39,9 @@ class MMAT(Strategy[MMATOptions]):
     Options = MMATOptions
 
     def examples(self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext) -> Batch:
-        """The step's adversarial examples (inside the joint l2 ball of radius ``eps``)."""
+        """The step's adversarial examples (inside the joint l2 ball of radius ``train_eps``)."""
         o = self.options
-        return joint_pgd_examples(model, inputs, labels, o.eps, o.steps, o.step_size, self.meta, ctx)
+        return joint_pgd_examples(model, inputs, labels, o.train_eps, o.steps, o.step_size, self.meta, ctx)
 
     def loss(
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext

@@ -110,7 +110,7 @@ class VARMAT(Strategy[VARMATOptions]):
 
 @dataclass
 class VARMATInputOptions(AdversarialOptions):
-    """Joint-l2 PGD (``eps``, ``steps``, ``step_size``) and the penalty weight ``alpha``.
+    """Joint-l2 PGD (``train_eps``, old name ``eps``; ``steps``, ``step_size``) and the penalty weight ``alpha``.
 
     ``alpha`` 10, not the latent variant's 1000: input gradients are far larger than latent ones and
     1000 collapsed training (0.31 test accuracy on small synthetic data; validation accuracy 0.95 / 0.94 /
@@ -136,7 +136,7 @@ class VARMATInput(Strategy[VARMATInputOptions]):
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         o = self.options
-        adv = joint_pgd_examples(model, inputs, labels, o.eps, o.steps, o.step_size, self.meta, ctx)
+        adv = joint_pgd_examples(model, inputs, labels, o.train_eps, o.steps, o.step_size, self.meta, ctx)
         x = {m: v.detach().requires_grad_(True) for m, v in inputs.items()}
         penalty = vulnerability(F.cross_entropy(model(x), labels), x).sum(1).mean()
         adv_logits = model(adv)
