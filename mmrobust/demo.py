@@ -42,7 +42,7 @@ class DemoConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig("avdigits"))
     methods: Sequence[str] = ("jt", "crmt-jt", "crmt-at")
     method_options: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {"crmt-at": {"at_eps": 2.0, "at_steps": 3}}
+        default_factory=lambda: {"crmt-at": {"train_eps": 2.0, "at_steps": 3}}
     )
     joint_eps: Sequence[float] = (0.5, 2.0)  # the paper's 0.5, and a budget where JT is clearly hurt
     unimodal_eps: Sequence[float] = (1.0, 3.0)
