@@ -77,6 +77,10 @@ class Normalization:
 
 #: the units of values stored already standardised (data written before models standardised their inputs)
 STANDARDISED = "standardised"
+#: units of images stored as intensities in [0, 1]
+PIXEL_UNITS = "pixel intensity in [0, 1]"
+#: units of waveforms stored as amplitudes in [-1, 1]
+WAVEFORM_UNITS = "waveform amplitude in [-1, 1]"
 
 
 @dataclass(frozen=True)
