@@ -29,12 +29,10 @@ import torch
 from torch import nn
 
 from mmrobust.data.audio import log_spectrogram, mel_filterbank
-from mmrobust.data.base import DatasetMeta, ModalitySpec, Normalization
+from mmrobust.data.base import FRONT_ENDS, DatasetMeta, ModalitySpec, Normalization
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.layer_rules import Unit, register_layer
 
-#: ``meta.info`` key holding each modality's front end (a dict of :meth:`LogMelFrontEnd.config`)
-FRONT_ENDS = "front_ends"
 #: relative pad on Standardize's Lipschitz constant: the model computes ``(x - mean) / std`` in float32
 STANDARDIZE_PAD = 1e-6
 FRONT_END_REFUSAL = (
