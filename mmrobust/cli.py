@@ -370,7 +370,9 @@ def cmd_data_import_av(args: argparse.Namespace) -> int:
 
     names = ("frames", "size", "spectrogram", "n_mels", "n_fft", "hop", "sample_rate", "seconds", "spec_dtype",
              "frame_mean", "frame_std", "val", "test", "split_seed", "csv", "classes", "name", "workers")  # fmt: skip
-    opts = parse_options({k: getattr(args, k) for k in names} | {"skip_bad": args.skip_bad})
+    opts = parse_options(
+        {k: getattr(args, k) for k in names} | {"skip_bad": args.skip_bad, "keep_waveform": args.waveform}
+    )
     with progress_callback(not args.no_progress) as progress:
         r = import_av(args.src, args.dst, opts, force=args.force, progress=progress)
     for clip_id, reason in r.skipped[:10]:
@@ -406,6 +408,8 @@ def _add_import_av(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-seed", type=int, help="seed of the stratified split (default 0)")
     p.add_argument("--name", help="dataset name (default: SRC's folder name)")
     p.add_argument("--skip-bad", action="store_true", help="skip clips that fail the checks instead of stopping")
+    p.add_argument("--waveform", action="store_true", help="store the waveform in [-1, 1] instead of the spectrogram; "
+                   "the model computes the log spectrogram as a differentiable front end (docs/units.md)")  # fmt: skip
     p.add_argument("--workers", type=int, help="threads decoding clips (default 0: none); same bytes either way")
     p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -634,7 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--example", help="bundled offline setup: avdigits-bind (needs the calibration extra)")
     src.add_argument("--encoders", metavar="SPEC", help="MODALITY=MODULE:FACTORY,... (see docs/calibration.md)")
     p.add_argument("--centres", metavar="FILE", help="with --encoders: safetensors with the (K, D) class centres")
-    p.add_argument("--data", help="with --encoders: dataset name or folder (each encoded modality needs a valid range)")
+    p.add_argument(
+        "--data",
+        help="with --encoders: dataset name or folder (each encoded modality needs a valid range; fed as stored, never standardised)",
+    )
     p.add_argument("--example-opt", action="append", metavar="KEY=VALUE", help="example option (repeatable)")
     p.add_argument("--out", required=True, help="folder for calibration.json, report.md, embeddings.png, heads/")
     p.add_argument("--loss", default="l2,ce,infonce", help="stage-2 loss(es): l2, ce, infonce (comma list)")

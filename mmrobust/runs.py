@@ -19,11 +19,13 @@ from typing import Any
 
 from mmrobust import __version__
 from mmrobust.config import RunConfig
-from mmrobust.data.base import DataBundle, DatasetMeta
-from mmrobust.data.registry import load_data
+from mmrobust.data.base import STANDARDISED, DataBundle, DatasetMeta
+from mmrobust.data.registry import fingerprint, load_data
+from mmrobust.data.transforms import standardised_bundle
 from mmrobust.errors import ConfigError, RunError
 from mmrobust.io import SCHEMA_VERSION, load_tensors, read_json, save_tensors, sha256_file, write_json
 from mmrobust.models.fusion import LateFusionModel, build_model
+from mmrobust.models.transform import build_transforms
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.json", "metrics.json"
 MANIFEST_FILE = "manifest.json"
@@ -209,6 +211,8 @@ class Run:
 
     data_fingerprint: str | None = None
     allow_data_change: bool = False
+    #: written before models standardised their inputs: the input transforms were added at load
+    legacy_inputs: bool = False
 
     def data(self) -> DataBundle:
         """Rebuild the run's data exactly (cached after the first call).
@@ -263,7 +267,47 @@ def load_run(path: str | Path, *, allow_data_change: bool = False) -> Run:
     model.eval()
     source = raw.get("data_source")
     fp = source.get("fingerprint") if isinstance(source, dict) else None
-    return Run(path, cfg, meta, model, metrics, data_fingerprint=fp, allow_data_change=allow_data_change)
+    run = Run(path, cfg, meta, model, metrics, data_fingerprint=fp, allow_data_change=allow_data_change)
+    if _legacy_standardised(meta, source):
+        _upgrade_legacy(run)
+    return run
+
+
+def _legacy_standardised(meta: DatasetMeta, source: Any) -> bool:
+    """A run written before datasets stored raw values: its data source recorded the loader's
+    standardisation statistics and its metadata has every modality in standardised units."""
+    return (
+        isinstance(source, dict)
+        and "normalization" in source
+        and all(s.units == STANDARDISED and s.normalization is None for s in meta.modalities)
+    )
+
+
+def _upgrade_legacy(run: Run) -> None:
+    """Give a legacy run the input transforms of its rebuilt (raw) data.
+
+    Its model was trained on inputs the loader had standardised; the data now store raw values and
+    carry the normalization, so the model gets that standardisation as its input transform: its
+    logits on the raw inputs are the old logits on the standardised ones. The rebuilt data must be
+    the run's data: in the standardised view (:func:`~mmrobust.data.transforms.standardised_bundle`)
+    the metadata equals config.json's and the arrays hash to the recorded fingerprint.
+    """
+    bundle = load_data(run.config.data)
+    view = standardised_bundle(bundle)
+    if view.meta.to_dict() != run.meta.to_dict():
+        raise RunError(f"{run.path}: the data rebuilt from config.json no longer match the run's dataset")
+    if run.data_fingerprint is not None and not run.allow_data_change:
+        got = fingerprint(view)
+        if got != run.data_fingerprint:
+            raise RunError(
+                f"{run.path}: the data of '{run.config.data.name}' changed since training (fingerprint "
+                f"{got[:12]} != {run.data_fingerprint[:12]}); pass allow_data_change=True to use them anyway",
+                param="allow_data_change",
+            )
+    run.model.set_transforms(build_transforms(bundle.meta))
+    run.model.eval()
+    run.meta, run._bundle, run.legacy_inputs = bundle.meta, bundle, True
+    run.data_fingerprint = bundle.source.get("fingerprint")
 
 
 def _verify_manifest(path: Path) -> None:

@@ -22,14 +22,19 @@ def test_avdigits_splits_shapes_and_normalisation(avdigits):
     for split in (b.train, b.val, b.test):
         counts = torch.bincount(split.labels, minlength=10)
         assert counts.min() == counts.max()
-    # image statistics fitted on train only: train is standardised exactly, test only roughly
-    img = b.train.inputs["image"]
-    assert abs(float(img.mean())) < 1e-3 and abs(float(img.std()) - 1) < 1e-3
-    lo, hi = b.meta.spec("image").valid_range
+    # stored raw: images in [0, 1] (black pixels 0), the standardisation is the model's, fitted on train only
+    spec = b.meta.spec("image")
+    assert spec.valid_range == (0.0, 1.0) and spec.units == "pixel intensity in [0, 1]"
     for split in (b.train, b.test):
         x = split.inputs["image"]
-        assert float(x.min()) >= lo - 1e-5 and float(x.max()) <= hi + 1e-5
-    assert float(img.min()) == pytest.approx(lo, abs=1e-5)  # black pixels map to the range's low end
+        assert float(x.min()) == 0.0 and float(x.max()) <= 1.0
+    img = b.train.inputs["image"]
+    norm = spec.normalization
+    assert norm.scalar and norm.mean[0] == pytest.approx(float(img.mean()), abs=1e-3)  # all train images
+    assert norm.std[0] == pytest.approx(float(img.std()), abs=1e-3)
+    assert 0.30 < norm.std[0] < 0.32  # MNIST: 8/255 standardised was ~2.5/255 of the pixel range
+    audio = b.meta.spec("audio")
+    assert audio.units == "MFCC" and audio.normalization.axis == 0 and len(audio.normalization.std) == 13
 
 
 def test_avdigits_no_image_in_two_splits(avdigits):

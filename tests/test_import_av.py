@@ -214,12 +214,18 @@ def test_import_labels_and_stratified_seeded_splits(clips, tmp_path):
     r = import_av(clips, tmp_path / "ds", ImportOptions(**SMALL, val=0.2, test=0.2))
     assert r.sizes == {"train": 9, "val": 3, "test": 3} and r.class_names == ["class0", "class1", "class2"]
     meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    # stored raw (pixel intensities, raw log spectrogram); the model standardises (spec normalization)
     assert meta["complete"] and meta["storage"]["video"] == {
         "dtype": "uint8",
         "scale": 1 / 255,
-        "mean": 0.45,
-        "std": 0.225,
+        "mean": 0.0,
+        "std": 1.0,
     }
+    assert meta["storage"]["audio"] == {"dtype": "float32", "scale": 1.0, "mean": 0.0, "std": 1.0}
+    video, spec = meta["modalities"][1], meta["modalities"][0]
+    assert video["valid_range"] == [0.0, 1.0] and video["units"] == "pixel intensity in [0, 1]"
+    assert video["normalization"] == {"mean": [0.45], "std": [0.225], "axis": 0}
+    assert spec["units"].startswith("log mel power") and len(spec["normalization"]["std"]) == 1
     assert [m["shape"] for m in meta["modalities"]] == [[1, 32, 1 + 4000 // 128], [2, 3, 16, 16]]
     members: dict[str, list[int]] = {}
     for split in ("train", "val", "test"):

@@ -10,6 +10,7 @@ from typing import Any
 from mmrobust.calibration.options import CALIBRATION_LOSSES, CalibrationOptions, EvalOptions, check_eps
 from mmrobust.calibration.pipeline import BindModel
 from mmrobust.calibration.setup import CalibrationSetup
+from mmrobust.data.base import DatasetMeta, ModalitySpec
 from mmrobust.errors import ConfigError
 from mmrobust.eval.suites import parse_eps
 from mmrobust.options import build_options
@@ -127,13 +128,25 @@ def plan(
 
 
 def user_setup(spec: str, centres_path: str, data_name: str) -> CalibrationSetup:
-    """A setup from encoders ``SPEC``, a centres file and a dataset (see :mod:`mmrobust.calibration.spec`)."""
+    """A setup from encoders ``SPEC``, a centres file and a dataset (see :mod:`mmrobust.calibration.spec`).
+
+    The frozen encoders see the data as stored: a dataset's normalization (a bring-your-own folder
+    gets one by default) is dropped, since a pretrained encoder expects its own input convention
+    (docs/calibration.md). Valid ranges and budgets are in the stored units.
+    """
     from mmrobust.calibration.spec import load_centres, load_encoders
     from mmrobust.data import DataConfig, load_data
 
     bundle = load_data(DataConfig(data_name))
+    bundle.meta = raw_meta(bundle.meta)
     encoders = load_encoders(spec)
     model = BindModel(encoders, load_centres(centres_path, list(encoders)))
     return CalibrationSetup(
-        model, bundle.meta, bundle, {"example": "user encoders", "encoders": spec, "data": data_name}
+        model, bundle.meta, bundle, {"example": "user encoders", "encoders": spec, "data": data_name, "inputs": "raw"}
     )
+
+
+def raw_meta(meta: DatasetMeta) -> DatasetMeta:
+    """``meta`` without any normalization: what calibrate's frozen encoders are fed (the stored values)."""
+    specs = [ModalitySpec(s.name, s.kind, s.shape, s.valid_range, s.units) for s in meta.modalities]
+    return DatasetMeta(meta.name, specs, list(meta.class_names), dict(meta.info))

@@ -32,7 +32,8 @@ from torch import nn
 from mmrobust.calibration.pipeline import BindModel
 from mmrobust.calibration.setup import CalibrationSetup
 from mmrobust.data.avdigits import load_avdigits
-from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec, Split, iterate_batches
+from mmrobust.data.base import PIXEL_UNITS, DataBundle, DatasetMeta, ModalitySpec, Split, iterate_batches
+from mmrobust.data.transforms import standardise
 from mmrobust.errors import ConfigError
 from mmrobust.models.encoders import TemporalCNN
 from mmrobust.options import build_options, check_range, check_types
@@ -147,20 +148,23 @@ def _unit_range_data(seed: int) -> tuple[DataBundle, dict[str, Any]]:
     coefficient by the training split's 1st / 99th percentiles and clipped (l-inf budgets like
     8/255 then mean the same share of the range on both modalities)."""
     bundle = load_avdigits(seed=seed)
-    norm = bundle.source["normalization"]["image"]
-    ref = bundle.train.inputs["audio"].transpose(1, 2).reshape(-1, bundle.train.inputs["audio"].shape[1])
+    audio_norm = bundle.meta.spec("audio").normalization
+    assert audio_norm is not None  # avdigits' MFCCs are standardised per coefficient
+    train_audio = standardise(bundle.train.inputs["audio"], audio_norm)
+    ref = train_audio.transpose(1, 2).reshape(-1, train_audio.shape[1])
     lo = torch.quantile(ref, 0.01, dim=0)[None, :, None]
     hi = torch.quantile(ref, 0.99, dim=0)[None, :, None]
 
     def convert(split: Split) -> Split:
-        image = (split.inputs["image"] * norm["std"] + norm["mean"]).clamp(0, 1)
-        audio = ((split.inputs["audio"] - lo) / (hi - lo)).clamp(0, 1)
+        image = split.inputs["image"]  # stored as pixel intensities in [0, 1]
+        audio = ((standardise(split.inputs["audio"], audio_norm) - lo) / (hi - lo)).clamp(0, 1)
         return Split({"audio": audio, "image": image}, split.labels)
 
     meta = DatasetMeta(
         "avdigits-unit",
-        [ModalitySpec("audio", "sequence", tuple(bundle.train.inputs["audio"].shape[1:]), (0.0, 1.0)),
-         ModalitySpec("image", "image", (1, 28, 28), (0.0, 1.0))],
+        [ModalitySpec("audio", "sequence", tuple(bundle.train.inputs["audio"].shape[1:]), (0.0, 1.0),
+                      "MFCC rescaled to [0, 1] per coefficient"),
+         ModalitySpec("image", "image", (1, 28, 28), (0.0, 1.0), PIXEL_UNITS)],
         bundle.meta.class_names,
         info={"description": "AV-digits with MFCCs rescaled to [0, 1] and images in [0, 1]"},
     )  # fmt: skip

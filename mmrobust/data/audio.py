@@ -177,25 +177,45 @@ def mel_centres(sample_rate: int, n_mels: int, fmin: float = 0.0, fmax: float | 
     return mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))[1:-1]
 
 
+def log_spectrogram(
+    x: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor, fb: torch.Tensor | None
+) -> torch.Tensor:
+    """``(..., bins, 1 + samples // hop)`` log power spectrogram of waveforms ``(..., samples)`` (torch).
+
+    The one implementation: :func:`spectrogram` (precomputed features) and the model's differentiable
+    front end (:class:`mmrobust.models.transform.LogMelFrontEnd`) both call it. ``fb`` is the mel
+    filterbank ``(n_mels, n_fft // 2 + 1)`` (``None``: linear frequency bins).
+    """
+    lead = x.shape[:-1]
+    stft = torch.stft(
+        x.reshape(-1, x.shape[-1]),
+        n_fft,
+        hop_length=hop,
+        win_length=n_fft,
+        window=window,
+        center=True,
+        pad_mode="constant",
+        return_complex=True,
+    )
+    power = stft.abs().square()  # (batch, n_fft // 2 + 1, frames)
+    if fb is not None:
+        power = fb @ power
+    return torch.log(power + LOG_EPS).reshape(*lead, *power.shape[-2:])
+
+
 def spectrogram(
     x: np.ndarray, sample_rate: int, kind: str, n_fft: int, hop: int, n_mels: int, fb: np.ndarray | None = None
 ) -> np.ndarray:
     """``(1, bins, 1 + len(x) // hop)`` float32 log spectrogram of mono samples (see module docstring)."""
     if kind not in SPECTROGRAMS:
         raise ConfigError(f"unknown spectrogram '{kind}'; choose from: {', '.join(SPECTROGRAMS)}")
-    stft = torch.stft(
+    if kind == "logmel" and fb is None:
+        fb = mel_filterbank(sample_rate, n_fft, n_mels)
+    out = log_spectrogram(
         torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
         n_fft,
-        hop_length=hop,
-        win_length=n_fft,
-        window=torch.hann_window(n_fft, periodic=True),
-        center=True,
-        pad_mode="constant",
-        return_complex=True,
+        hop,
+        torch.hann_window(n_fft, periodic=True),
+        torch.from_numpy(fb) if kind == "logmel" and fb is not None else None,
     )
-    power = stft.abs().square()  # (n_fft // 2 + 1, frames)
-    if kind == "logmel":
-        if fb is None:
-            fb = mel_filterbank(sample_rate, n_fft, n_mels)
-        power = torch.from_numpy(fb) @ power
-    return torch.log(power + LOG_EPS).unsqueeze(0).numpy()
+    return out.unsqueeze(0).numpy()

@@ -17,10 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec, Split, stratified_split
+from mmrobust.data.base import (
+    PIXEL_UNITS,
+    DataBundle,
+    DatasetMeta,
+    ModalitySpec,
+    Normalization,
+    Split,
+    stratified_split,
+)
 from mmrobust.data.fetch import WheelFile, cache_dir, read_member
 from mmrobust.data.registry import DATASETS
-from mmrobust.data.transforms import fit_normalizer, normalize, normalized_range
+from mmrobust.data.transforms import fit_normalizer
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.io import atomic_write_bytes
 from mmrobust.options import build_options
@@ -108,9 +116,12 @@ class AVDigitsOptions:
 def load_avdigits(seed: int = 0, **options: Any) -> DataBundle:
     """Build the AV-digits splits (deterministic in ``seed``); ``options`` fill :class:`AVDigitsOptions`.
 
-    Audio: ``(13, seq_len)`` MFCC sequences, standardised per coefficient on train frames, then
-    zero-padded (= the train mean) or cropped. Image: ``(1, 28, 28)`` in [0, 1], standardised by
-    one train mean/std, so its valid range stays an interval.
+    Stored values are raw; the model standardises them (``spec.normalization``, see docs/units.md).
+    Audio: ``(13, seq_len)`` MFCC sequences (units "MFCC"), padded with the per-coefficient train
+    mean (which the model's standardisation maps to 0) or cropped; normalization per coefficient
+    (``axis=0``) from the train frames. Image: ``(1, 28, 28)`` pixel intensities in [0, 1];
+    normalization one train mean/std (so an l2 ball in pixel units stays a ball).
+    The model's input is bit for bit what earlier versions stored already standardised.
     """
     opts = build_options(AVDigitsOptions, options, "avdigits")
     seq_len, val_fraction, test_fraction = opts.seq_len, opts.val_fraction, opts.test_fraction
@@ -131,9 +142,10 @@ def load_avdigits(seed: int = 0, **options: Any) -> DataBundle:
 
     splits = []
     for a_idx, i_idx in zip(audio_idx, image_idx, strict=True):
-        audio = np.zeros((len(a_idx), N_MFCC, seq_len), dtype=np.float32)
+        # padding = the train mean: (mean - mean) / std is exactly the 0 earlier versions padded with
+        audio = np.broadcast_to(a_mean[None, :, None], (len(a_idx), N_MFCC, seq_len)).copy()
         for row, i in enumerate(a_idx):
-            c = ((clips[i] - a_mean) / a_std)[:seq_len]
+            c = clips[i][:seq_len]
             audio[row, :, : len(c)] = c.T
         labels = raw["audio_label"][a_idx]
         # pair every clip with a distinct, randomly chosen image of the same class from this split
@@ -145,32 +157,18 @@ def load_avdigits(seed: int = 0, **options: Any) -> DataBundle:
                 raise DataError(f"avdigits: not enough images of class {k} to pair without reuse")
             paired[rows] = pool[: len(rows)]
         images = torch.from_numpy(raw["image"][paired].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
-        splits.append(
-            Split(
-                {"audio": torch.from_numpy(audio), "image": normalize(images, img_mean_t, img_std_t)},
-                torch.from_numpy(labels),
-            )
-        )
+        splits.append(Split({"audio": torch.from_numpy(audio), "image": images}, torch.from_numpy(labels)))
 
+    audio_norm = Normalization(tuple(float(v) for v in a_mean), tuple(float(v) for v in a_std), axis=0)
+    image_norm = Normalization((float(img_mean_t),), (float(img_std_t),))
     meta = DatasetMeta(
         "avdigits",
         [
-            ModalitySpec("audio", "sequence", (N_MFCC, seq_len)),
-            ModalitySpec("image", "image", (1, 28, 28), normalized_range((0.0, 1.0), img_mean_t, img_std_t)),
+            ModalitySpec("audio", "sequence", (N_MFCC, seq_len), None, "MFCC", audio_norm),
+            ModalitySpec("image", "image", (1, 28, 28), (0.0, 1.0), PIXEL_UNITS, image_norm),
         ],
         [str(d) for d in range(10)],
         info={"description": "FSDD spoken-digit MFCCs + same-class MNIST images"},
     )
     train, val, test = splits
-    return DataBundle(
-        meta,
-        train,
-        val,
-        test,
-        source={
-            "normalization": {
-                "audio": {"mean": a_mean.tolist(), "std": a_std.tolist()},
-                "image": {"mean": float(img_mean_t), "std": float(img_std_t)},
-            }
-        },
-    )
+    return DataBundle(meta, train, val, test)

@@ -77,6 +77,13 @@ class Normalization:
 
 #: the units of values stored already standardised (data written before models standardised their inputs)
 STANDARDISED = "standardised"
+#: units of images stored as intensities in [0, 1]
+PIXEL_UNITS = "pixel intensity in [0, 1]"
+#: units of waveforms stored as amplitudes in [-1, 1]
+WAVEFORM_UNITS = "waveform amplitude in [-1, 1]"
+#: ``DatasetMeta.info`` key mapping a modality to the front end the model applies to it (a waveform's
+#: log-mel spectrogram; see :mod:`mmrobust.models.transform`)
+FRONT_ENDS = "front_ends"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
 """Bring-your-own dataset: a folder with ``train.npz``, ``test.npz`` (optional ``val.npz``, ``meta.json``).
 
 Each npz holds one float array per modality (first axis = samples) and an integer array ``label``.
-``meta.json`` may give ``class_names``, per-modality ``kinds`` and raw-space ``valid_ranges``.
+``meta.json`` may give ``class_names``, per-modality ``kinds``, ``valid_ranges`` and ``units``.
 Everything is validated strictly and every error names the file and array at fault.
+
+Values are kept as stored (valid ranges in the same units). With ``normalize`` (the default) each
+modality gets a ``spec.normalization`` fitted on the training split that the *model* applies
+(:mod:`mmrobust.models.transform`): per channel, or one scalar when a valid range is declared (a
+box stays a box). See docs/units.md.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmrobust.data.base import KINDS, DataBundle, DatasetMeta, ModalitySpec, Split, validate_split
-from mmrobust.data.transforms import fit_normalizer, normalize, normalized_range
+from mmrobust.data.base import KINDS, DataBundle, DatasetMeta, ModalitySpec, Normalization, Split, validate_split
+from mmrobust.data.transforms import channel_axis, fit_normalizer
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.options import build_options
 
 _KIND_BY_NDIM = {1: "vector", 2: "sequence", 3: "image", 4: "video"}
-_META_KEYS = ("class_names", "kinds", "valid_ranges", "name", "normalize")
+_META_KEYS = ("class_names", "kinds", "valid_ranges", "name", "normalize", "units")
+#: units of a modality whose meta.json gives none
+FOLDER_UNITS = "as stored in the npz files"
 #: default cap on the decoded size of one array (bytes); raise it with ``--data-opt max_array_gb=N``
 #: or ``$MMROBUST_MAX_ARRAY_GB``
 DEFAULT_MAX_ARRAY_GB = 8.0
@@ -34,7 +41,7 @@ class FolderOptions:
     """Options of a bring-your-own folder (``--data-opt KEY=VALUE``)."""
 
     val_fraction: float = 0.1  # share of train.npz held out for validation when there is no val.npz
-    normalize_inputs: bool = True  # standardise on the training split (meta.json "normalize" must agree)
+    normalize_inputs: bool = True  # the model standardises (fitted on train; meta.json "normalize" must agree)
     max_array_gb: float = 0.0  # 0: $MMROBUST_MAX_ARRAY_GB or 8 GB; refuse larger arrays before reading them
 
     def __post_init__(self) -> None:
@@ -131,12 +138,15 @@ def _read_meta(path: Path) -> dict[str, Any]:
             raise DataError(f"{path}: 'class_names' must be a list of non-empty strings, got {names!r}")
         if len(set(names)) != len(names):
             raise DataError(f"{path}: 'class_names' has duplicates")
-    for key in ("kinds", "valid_ranges"):
+    for key in ("kinds", "valid_ranges", "units"):
         if key in meta and not isinstance(meta[key], dict):
             raise DataError(f"{path}: '{key}' must map modality names to values, got {meta[key]!r}")
     for name, kind in meta.get("kinds", {}).items():
         if kind not in KINDS:
             raise DataError(f"{path}: kinds['{name}'] is {kind!r}; choose from: {', '.join(KINDS)}")
+    for name, units in meta.get("units", {}).items():
+        if not (isinstance(units, str) and units.strip()):
+            raise DataError(f"{path}: units['{name}'] must be a non-empty string, got {units!r}")
     for name, rng in meta.get("valid_ranges", {}).items():
         if not _finite_pair(rng):
             raise DataError(f"{path}: valid_ranges['{name}'] must be [low, high] with finite low < high, got {rng!r}")
@@ -233,12 +243,13 @@ def load_folder(path: str | Path, seed: int = 0, **options: Any) -> DataBundle:
     class_names = meta_json.get("class_names") or [str(k) for k in range(int(labels.max()) + 1)]
     kinds = meta_json.get("kinds", {})
     ranges = meta_json.get("valid_ranges", {})
-    for key, mapping in (("kinds", kinds), ("valid_ranges", ranges)):
+    units = meta_json.get("units", {})
+    for key, mapping in (("kinds", kinds), ("valid_ranges", ranges), ("units", units)):
         extra = set(mapping) - set(names)
         if extra:
             raise DataError(f"{root / 'meta.json'}: '{key}' names unknown modality {sorted(extra)}; arrays are {names}")
 
-    specs, stats = [], {}
+    specs = []
     all_splits = {"train.npz": train, "val.npz": val, "test.npz": test}
     for name in names:
         x = train.inputs[name]
@@ -248,16 +259,14 @@ def load_folder(path: str | Path, seed: int = 0, **options: Any) -> DataBundle:
         raw_range = (float(ranges[name][0]), float(ranges[name][1])) if name in ranges else None
         if raw_range is not None:
             _check_in_range(root, all_splits, name, raw_range)
-        spec = ModalitySpec(name, kind, tuple(x.shape[1:]), raw_range)
+        norm = None
         if do_norm:
             # a scalar normaliser keeps a declared range an interval; otherwise per channel
             mean, std = fit_normalizer(x, kind, per_channel=raw_range is None)
-            for split in (train, val, test):
-                split.inputs[name] = normalize(split.inputs[name], mean, std)
-            spec = ModalitySpec(name, kind, spec.shape, normalized_range(raw_range, mean, std))
-            stats[name] = {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
-        specs.append(spec)
+            axis = max(0, (channel_axis(kind) or 1) - 1)
+            norm = Normalization(tuple(mean.flatten().tolist()), tuple(std.flatten().tolist()), axis)
+        specs.append(ModalitySpec(name, kind, tuple(x.shape[1:]), raw_range, units.get(name, FOLDER_UNITS), norm))
     meta = DatasetMeta(str(meta_json.get("name", root.name)), specs, [str(c) for c in class_names])
     for split, fname in ((train, "train.npz"), (val, "val.npz"), (test, "test.npz")):
         validate_split(meta, split, str(root / fname), check_finite=False)  # checked above, before the statistics
-    return DataBundle(meta, train, val, test, source={"normalization": stats})
+    return DataBundle(meta, train, val, test)

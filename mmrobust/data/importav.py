@@ -10,10 +10,19 @@ Two layouts (see docs/data.md); a *clip folder* holds the clip's frames (``*.jpg
 
 Per clip, ``frames`` frames sampled evenly (segment centres) are centre-cropped to a square and
 resized to ``size`` x ``size`` (Pillow, bilinear), stored uint8 as a ``video`` ``(T, 3, S, S)``
-decoded on the fly as ``(x / 255 - frame_mean) / frame_std``; the WAV is mixed to mono, resampled
-to ``sample_rate`` (FFT), cropped/zero-padded to ``seconds`` and turned into a log spectrogram
-``(1, bins, frames)`` (see :mod:`mmrobust.data.audio`), standardised by one mean/std estimated
-on up to :data:`STATS_CLIPS` training clips.
+decoded on the fly as pixel intensities ``x / 255`` in [0, 1] (the model standardises them with
+``frame_mean``/``frame_std``: ``spec.normalization``); the WAV is mixed to mono, resampled to
+``sample_rate`` (FFT), cropped/zero-padded to ``seconds`` and turned into a log spectrogram
+``(1, bins, frames)`` (see :mod:`mmrobust.data.audio`), stored raw; the model standardises it by
+one mean/std estimated on up to :data:`STATS_CLIPS` training clips.
+
+With ``keep_waveform`` the audio modality is the waveform itself, ``(1, samples)`` float32 in
+[-1, 1] (units "waveform amplitude in [-1, 1]"), and ``meta.info["front_ends"]`` records the
+log-mel front end (same settings, same statistics) that the model applies as a differentiable
+layer (:class:`mmrobust.models.transform.LogMelFrontEnd`): attacks can then perturb the waveform.
+
+Datasets imported by earlier versions store standardised values (units "standardised", no
+normalization) and keep working unchanged.
 
 Every clip is checked (files present, enough frames, image and WAV headers readable) before
 anything is written; bad clips are fatal unless ``skip_bad``. Rows are written in chunks through
@@ -39,7 +48,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmrobust.data import audio
-from mmrobust.data.base import DatasetMeta, ModalitySpec, stratified_split
+from mmrobust.data.base import (
+    FRONT_ENDS,
+    PIXEL_UNITS,
+    WAVEFORM_UNITS,
+    DatasetMeta,
+    ModalitySpec,
+    Normalization,
+    stratified_split,
+)
 from mmrobust.data.ondisk import SPLITS, DiskWriter, Storage, partial_path, publish
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.options import check_range
@@ -86,6 +103,7 @@ class ImportOptions:
     skip_bad: bool = False  # skip clips that fail the checks (counted) instead of stopping
     workers: int = 0  # threads decoding clips (0: in the calling thread); the bytes do not depend on it
     name: str | None = None  # dataset name (default: SRC's folder name)
+    keep_waveform: bool = False  # store the waveform; the model computes the spectrogram (a front end)
 
     def __post_init__(self) -> None:
         _check_range(self.frames, 1, 256, "frames")
@@ -125,6 +143,10 @@ class ImportOptions:
     def spec_shape(self) -> tuple[int, int, int]:
         bins = self.n_mels if self.spectrogram == "logmel" else self.n_fft // 2 + 1
         return (1, bins, 1 + self.samples // self.hop)
+
+    @property
+    def audio_shape(self) -> tuple[int, ...]:
+        return (1, self.samples) if self.keep_waveform else self.spec_shape
 
     @property
     def video_shape(self) -> tuple[int, int, int, int]:
@@ -363,11 +385,24 @@ def load_frame(path: Path, size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
+def load_waveform(path: Path, opts: ImportOptions) -> np.ndarray:
+    """The clip's mono float32 waveform at ``sample_rate``, ``samples`` long (cropped or zero-padded)."""
+    x, rate = audio.read_wav(path)
+    return audio.fix_length(audio.resample(x, rate, opts.sample_rate), opts.samples)
+
+
 def load_audio(path: Path, opts: ImportOptions, fb: np.ndarray | None) -> np.ndarray:
     """The clip's float32 log spectrogram ``(1, bins, frames)``, not standardised."""
-    x, rate = audio.read_wav(path)
-    x = audio.fix_length(audio.resample(x, rate, opts.sample_rate), opts.samples)
+    x = load_waveform(path, opts)
     return audio.spectrogram(x, opts.sample_rate, opts.spectrogram, opts.n_fft, opts.hop, opts.n_mels, fb)
+
+
+def stored_audio(path: Path, opts: ImportOptions, fb: np.ndarray | None) -> np.ndarray:
+    """What the audio modality stores: the spectrogram, or with ``keep_waveform`` the waveform
+    ``(1, samples)`` clipped to [-1, 1] (resampling may ring slightly past full scale)."""
+    if not opts.keep_waveform:
+        return load_audio(path, opts, fb)
+    return np.clip(load_waveform(path, opts), -1.0, 1.0)[None, :]
 
 
 def _filterbank(opts: ImportOptions) -> np.ndarray | None:
@@ -377,13 +412,14 @@ def _filterbank(opts: ImportOptions) -> np.ndarray | None:
 def load_clip(
     clip: Clip, files: ClipFiles, opts: ImportOptions, fb: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(video uint8 (T, 3, S, S), spectrogram (1, bins, frames) in spec_dtype)`` of one clip."""
+    """``(video uint8 (T, 3, S, S), spectrogram (1, bins, frames) in spec_dtype)`` of one clip
+    (with ``keep_waveform``: the float32 waveform ``(1, samples)`` instead of the spectrogram)."""
     try:
         video = np.stack([load_frame(p, opts.size) for p in files.frames])
-        spec = load_audio(files.wav, opts, fb)
+        spec = stored_audio(files.wav, opts, fb)
     except DataError as exc:
         raise DataError(f"clip '{clip.clip_id}': {exc}") from None
-    return video, spec.astype(opts.spec_dtype)
+    return video, spec.astype("float32" if opts.keep_waveform else opts.spec_dtype)
 
 
 def plan_import(src: str | Path, opts: ImportOptions) -> ImportPlan:
@@ -456,18 +492,26 @@ def _audio_stats(plan: ImportPlan, fb: np.ndarray | None) -> tuple[float, float]
     return float(mean), std if std > 1e-6 else 1.0
 
 
+#: units of an imported spectrogram
+SPECTROGRAM_UNITS = {"logmel": "log mel power, log(P + 1e-6)", "linear": "log power, log(P + 1e-6)"}
+
+
 def build_meta(plan: ImportPlan, audio_mean: float, audio_std: float) -> tuple[DatasetMeta, dict[str, Storage]]:
+    """Metadata and storage: values stored raw, the standardisation recorded for the model."""
     opts = plan.options
-    lo, hi = (0.0 - opts.frame_mean) / opts.frame_std, (1.0 - opts.frame_mean) / opts.frame_std
-    specs = [
-        ModalitySpec(AUDIO, "spectrogram", opts.spec_shape, None),
-        ModalitySpec(VIDEO, "video", opts.video_shape, (lo, hi)),
-    ]
-    storage = {
-        AUDIO: Storage(opts.spec_dtype, 1.0, audio_mean, audio_std),
-        VIDEO: Storage("uint8", 1.0 / 255.0, opts.frame_mean, opts.frame_std),
-    }
-    info = {
+    frames = Normalization((opts.frame_mean,), (opts.frame_std,))
+    if opts.keep_waveform:
+        audio_spec = ModalitySpec(AUDIO, "sequence", opts.audio_shape, (-1.0, 1.0), WAVEFORM_UNITS)
+        audio_storage = Storage("float32", 1.0, 0.0, 1.0)
+    else:
+        audio_spec = ModalitySpec(
+            AUDIO, "spectrogram", opts.spec_shape, None, SPECTROGRAM_UNITS[opts.spectrogram],
+            Normalization((audio_mean,), (audio_std,)),
+        )  # fmt: skip
+        audio_storage = Storage(opts.spec_dtype, 1.0, 0.0, 1.0)
+    specs = [audio_spec, ModalitySpec(VIDEO, "video", opts.video_shape, (0.0, 1.0), PIXEL_UNITS, frames)]
+    storage = {AUDIO: audio_storage, VIDEO: Storage("uint8", 1.0 / 255.0, 0.0, 1.0)}
+    info: dict[str, Any] = {
         "importer": "import-av",
         "source": str(plan.src.resolve()),
         "options": opts.processing(),
@@ -475,6 +519,13 @@ def build_meta(plan: ImportPlan, audio_mean: float, audio_std: float) -> tuple[D
         "skipped": [cid for cid, _ in plan.skipped],
         "plan_sha256": plan.fingerprint(),
     }
+    if opts.keep_waveform:
+        info[FRONT_ENDS] = {
+            AUDIO: {
+                "type": "logmel", "spectrogram": opts.spectrogram, "sample_rate": opts.sample_rate,
+                "n_fft": opts.n_fft, "hop": opts.hop, "n_mels": opts.n_mels, "mean": audio_mean, "std": audio_std,
+            }
+        }  # fmt: skip
     name = opts.name or plan.src.resolve().name or "clips"
     return DatasetMeta(name, specs, plan.class_names, info), storage
 

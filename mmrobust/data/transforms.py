@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec, Normalization, Split
+
 _EPS = 1e-6
 
 
@@ -41,3 +43,41 @@ def normalized_range(
         return None
     m, s = float(mean.flatten()[0]), float(std.flatten()[0])
     return ((spec_range[0] - m) / s, (spec_range[1] - m) / s)
+
+
+# --- the standardised view: what earlier versions stored (models without input transforms) ---
+
+
+def standardise(x: torch.Tensor, normalization: Normalization) -> torch.Tensor:
+    """``(x - mean) / std`` over a batch, in float32, exactly as the loaders standardised before."""
+    mean, std = normalization.tensors(tuple(x.shape[1:]))
+    return normalize(x, mean.unsqueeze(0), std.unsqueeze(0))
+
+
+def standardised_meta(meta: DatasetMeta) -> DatasetMeta:
+    """``meta`` as earlier versions recorded it: every modality in units ``"standardised"``, no
+    normalization, a valid range mapped through its (scalar) normalization."""
+    specs = []
+    for s in meta.modalities:
+        vr = s.valid_range
+        if s.normalization is not None and vr is not None:
+            m, sd = s.normalization.mean[0], s.normalization.std[0]
+            vr = ((vr[0] - m) / sd, (vr[1] - m) / sd)
+        specs.append(ModalitySpec(s.name, s.kind, s.shape, vr))
+    return DatasetMeta(meta.name, specs, list(meta.class_names), dict(meta.info))
+
+
+def standardised_split(meta: DatasetMeta, split: Split) -> Split:
+    """A split's inputs standardised by each modality's normalization (others unchanged)."""
+    inputs = dict(split.inputs)
+    for s in meta.modalities:
+        if s.normalization is not None:
+            inputs[s.name] = standardise(inputs[s.name], s.normalization)
+    return Split(inputs, split.labels)
+
+
+def standardised_bundle(bundle: DataBundle) -> DataBundle:
+    """The bundle in the standardised view (:func:`standardised_meta`, :func:`standardised_split`)."""
+    meta = bundle.meta
+    train, val, test = (standardised_split(meta, bundle.split(s)) for s in ("train", "val", "test"))
+    return DataBundle(standardised_meta(meta), train, val, test, dict(bundle.source))
