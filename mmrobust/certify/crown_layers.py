@@ -122,10 +122,11 @@ def build_ops(module: nn.Module, in_shape: tuple[int, ...], prefix: str = "") ->
             ops: list[Op] = []
             for full, child, bn in sequential_parts(module, prefix):
                 if bn is not None:
-                    ops.append(AffineOp(chain_units(nn.Sequential(child, bn), shape, full)[0]))
+                    new = [AffineOp(chain_units(nn.Sequential(child, bn), shape, full)[0])]
                 else:
-                    ops.extend(build_ops(child, shape, full))
-                shape = shape_after(ops[-1:], shape) if ops else shape
+                    new = build_ops(child, shape, full)
+                ops.extend(new)
+                shape = shape_after(new, shape)  # all of the child's ops (a block ends with a ReLU)
             return ops
     raise ConfigError(
         f"CROWN does not support layer '{name}' ({type(module).__name__}); use certifier='sound', or register "
