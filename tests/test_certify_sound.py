@@ -195,7 +195,10 @@ def test_unknown_layer_is_a_clear_error():
         def forward(self, x):
             return torch.sin(x)
 
-    with pytest.raises(ConfigError, match=r"the sound Lipschitz bound does not support node 'sin' \(call_function "
-                       r"torch.sin\) in Sequential.forward; use certifier='empirical', or register a rule for it with "
-                       r"mmrobust.layer_rules.register_function\(torch.sin, lipschitz=...\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the sound Lipschitz bound does not support node 'sin' \(call_function "
+        r"torch.sin\) in Sequential.forward; use certifier='empirical', or register a rule for it with "
+        r"mmrobust.layer_rules.register_function\(torch.sin, lipschitz=...\)$",
+    ):
         sound_lipschitz(nn.Sequential(nn.Linear(3, 3), Weird()), (3,))

@@ -243,9 +243,12 @@ def test_unsupported_layers_are_one_line_errors():
         def forward(self, x):
             return x * 2 + x * x
 
-    with pytest.raises(ConfigError, match=r"CROWN does not support node 'mul_1' \(call_function operator.mul\) "
-                       r"in Sequential.forward \(a product of two tensors\); use certifier='sound', or register a "
-                       r"rule for it with mmrobust.layer_rules.register_function\(operator.mul, crown=...\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"CROWN does not support node 'mul_1' \(call_function operator.mul\) "
+        r"in Sequential.forward \(a product of two tensors\); use certifier='sound', or register a "
+        r"rule for it with mmrobust.layer_rules.register_function\(operator.mul, crown=...\)$",
+    ):
         build_ops(nn.Sequential(Weird()), (3,))
 
     class Leaf(nn.Module):  # an unregistered torch layer is a leaf of the trace: refused by name
@@ -253,8 +256,11 @@ def test_unsupported_layers_are_one_line_errors():
             return x
 
     Leaf.__module__ = "torch.nn.modules.fake"
-    with pytest.raises(ConfigError, match=r"CROWN does not support layer 'encoders.x.1' \(Leaf\); use certifier='sound', "
-                       r"or register a rule for it with mmrobust.layer_rules.register_layer\(Leaf, crown=...\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"CROWN does not support layer 'encoders.x.1' \(Leaf\); use certifier='sound', "
+        r"or register a rule for it with mmrobust.layer_rules.register_layer\(Leaf, crown=...\)",
+    ):
         build_ops(nn.Sequential(nn.Linear(3, 3), Leaf()), (3,), "encoders.x")
 
 

@@ -52,7 +52,9 @@ def _intervals(seed: int, n: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
     width = 10 ** (torch.rand(n, generator=gen, dtype=torch.float64) * 5 - 4) * 1.2  # 1.2e-4 .. 12
     lo, hi = centre - width / 2, centre + width / 2
     sl, su = zip(*SPECIAL, strict=True)
-    return torch.cat([lo, torch.tensor(sl, dtype=torch.float64)]), torch.cat([hi, torch.tensor(su, dtype=torch.float64)])
+    return torch.cat([lo, torch.tensor(sl, dtype=torch.float64)]), torch.cat(
+        [hi, torch.tensor(su, dtype=torch.float64)]
+    )
 
 
 def _violations(act: Activation, lo: torch.Tensor, hi: torch.Tensor, lines: tuple[torch.Tensor, ...],

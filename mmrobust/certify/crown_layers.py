@@ -122,7 +122,7 @@ def build_ops(module: nn.Module, in_shape: tuple[int, ...], prefix: str = "") ->
             ops: list[Op] = []
             for full, child, bn in sequential_parts(module, prefix):
                 if bn is not None:
-                    new = [AffineOp(chain_units(nn.Sequential(child, bn), shape, full)[0])]
+                    new: list[Op] = [AffineOp(chain_units(nn.Sequential(child, bn), shape, full)[0])]
                 else:
                     new = build_ops(child, shape, full)
                 ops.extend(new)

@@ -305,7 +305,7 @@ class GraphOp(Op):
             if st.kind == "layer":
                 vals.append(run_forward(st.ops, ins[0]))
             elif st.kind == "add":
-                vals.append(sum(s * v for s, v in zip(st.signs, ins, strict=True)))  # type: ignore[misc]
+                vals.append(_signed_sum(st.signs, ins))
             else:
                 vals.append(torch.cat(ins, dim=st.dim + 1))
         return vals[-1]
@@ -330,7 +330,7 @@ class GraphOp(Op):
                 d = step.dim + 1
                 cat = [torch.cat([getattr(v, k) for v in ins], dim=d) for k in ("z", "lo", "hi", "lip")]
                 g = torch.stack([v.g for v in ins]).pow(2).sum(0).sqrt()
-                states.append(State(*cat, g))
+                states.append(State(cat[0], cat[1], cat[2], cat[3], g))
         return states[-1]
 
     def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,3 +360,10 @@ class GraphOp(Op):
         out = coef[0]
         assert out is not None
         return out, const
+
+
+def _signed_sum(signs: tuple[float, ...], values: list[torch.Tensor]) -> torch.Tensor:
+    out = signs[0] * values[0]
+    for s, v in zip(signs[1:], values[1:], strict=True):
+        out = out + s * v
+    return out

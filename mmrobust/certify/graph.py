@@ -248,7 +248,7 @@ class EncoderGraph:
                 yield node
                 continue
             local = {a: 0}
-            nodes = []
+            nodes: list[GraphNode] = []
             for k in range(a + 1, b + 1):
                 src = self.nodes[k]
                 local[k] = len(nodes) + 1
@@ -516,7 +516,7 @@ def _fuse_and_prune(graph: EncoderGraph, out: int) -> EncoderGraph:
             keep.update(nodes[j].inputs)
     keep.add(0)
     new: dict[int, int] = {}
-    kept = []
+    kept: list[GraphNode] = []
     for j, node in enumerate(nodes):
         if j in keep and node.kind != "fused":
             new[j] = len(kept)
@@ -536,10 +536,17 @@ def evaluate(graph: EncoderGraph | Region, x: torch.Tensor, apply: Callable[[Gra
         elif node.kind == "layer":
             values.append(apply(node, ins[0]))
         elif node.kind == "add":
-            values.append(sum(s * v for s, v in zip(node.signs, ins, strict=True)))  # type: ignore[misc]
+            values.append(_signed_sum(node.signs, ins))
         else:
             values.append(torch.cat(ins, dim=node.dim + 1))
     return values[-1]
+
+
+def _signed_sum(signs: tuple[float, ...], values: list[torch.Tensor]) -> torch.Tensor:
+    out = signs[0] * values[0]
+    for s, v in zip(signs[1:], values[1:], strict=True):
+        out = out + s * v
+    return out
 
 
 def _apply_module(node: GraphNode, x: torch.Tensor) -> torch.Tensor:
