@@ -9,10 +9,19 @@ compute something else, so it must register itself):
 * ``crown(name, layer, in_shape) -> list[Op]``: linear-bound-propagation operators
   (:mod:`mmrobust.certify.crown`) for layers that are not affine.
 
-Rules for torch's layers are registered in ``sound.py`` and ``crown.py``; a new layer registers
+Rules for torch's layers are registered in ``sound.py`` and ``crown_layers.py``; a new layer registers
 its rules next to its definition (see :mod:`mmrobust.models.lipschitz`)::
 
     register_layer(MyLayer, lipschitz=my_units, crown=my_ops)
+
+Encoders are traced with ``torch.fx`` (:mod:`mmrobust.certify.graph`): a module with a rule is one
+node (its rule applies), any other module is traced through its ``forward``. A *function* called in
+a ``forward`` (``torch.sin(x)``, ``x.clamp(0, 1)``) that the graph does not know has its rules in
+``FUNCTION_RULES``, registered the same way; the rules receive a :class:`FunctionCall` in place
+of the layer (call it on a tensor to apply the function with the call's other arguments)::
+
+    register_function(torch.sin, lipschitz=my_units, crown=my_ops)  # torch.sin(x)
+    register_function("sin", lipschitz=my_units, crown=my_ops)      # x.sin() (a Tensor method)
 
 This module imports nothing from the model zoo, so model modules may import it.
 """
@@ -83,3 +92,63 @@ def register_layer(
 def find_rule(layer: nn.Module) -> LayerRule:
     """The rules registered for ``type(layer)`` (empty rules when none are)."""
     return LAYER_RULES.get(type(layer), LayerRule())
+
+
+@dataclass
+class FunctionCall:
+    """One call of a function in a traced ``forward``, as a function rule sees it.
+
+    ``fn`` is the function (or the name of a Tensor method), ``args``/``kwargs`` its arguments with
+    the traced input replaced by ``None`` at position ``pos`` (graph values such as sizes replaced by
+    their values). Calling the object applies the function to a new input, with the same other
+    arguments.
+    """
+
+    fn: Callable[..., Any] | str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    pos: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        args = list(self.args)
+        args[self.pos] = x
+        if isinstance(self.fn, str):
+            return getattr(x, self.fn)(*args[1:], **self.kwargs)
+        return self.fn(*args, **self.kwargs)
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """The argument at position ``index`` (the input counts) or keyword ``name``, else ``default``."""
+        if index < len(self.args):
+            return self.args[index]
+        return self.kwargs.get(name, default)
+
+
+#: function (or Tensor method name) -> its rules; looked up by :func:`find_function_rule`
+FUNCTION_RULES: dict[Any, LayerRule] = {}
+
+
+def register_function(
+    *fns: Callable[..., Any] | str, lipschitz: LipschitzRule | None = None, crown: CrownRule | None = None
+) -> None:
+    """Register the Lipschitz and/or CROWN rule of functions called in a traced ``forward``.
+
+    ``fns`` are functions (``torch.sin``) or Tensor method names (``"sin"`` for ``x.sin()``). The
+    rules are called as ``rule(name, call, in_shape)`` with a :class:`FunctionCall` in place of the
+    layer, exactly like a layer's rules (:func:`register_layer`); registering one rule twice is a bug.
+    """
+    for fn in fns:
+        rule = FUNCTION_RULES.setdefault(fn, LayerRule())
+        for attr, value in (("lipschitz", lipschitz), ("crown", crown)):
+            if value is None:
+                continue
+            if getattr(rule, attr) is not None:
+                raise ValueError(f"{attr} rule for {getattr(fn, '__name__', fn)} is registered twice")
+            setattr(rule, attr, value)
+
+
+def find_function_rule(fn: Any) -> LayerRule:
+    """The rules registered for the function (or Tensor method name) ``fn`` (empty rules when none are)."""
+    try:
+        return FUNCTION_RULES.get(fn, LayerRule())
+    except TypeError:  # an unhashable target
+        return LayerRule()

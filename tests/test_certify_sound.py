@@ -193,7 +193,12 @@ def test_conv_then_bn_is_fused_into_one_tighter_unit():
 def test_unknown_layer_is_a_clear_error():
     class Weird(nn.Module):
         def forward(self, x):
-            return x * 2
+            return torch.sin(x)
 
-    with pytest.raises(ConfigError, match="does not support layer .*Weird"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the sound Lipschitz bound does not support node 'sin' \(call_function "
+        r"torch.sin\) in Sequential.forward; use certifier='empirical', or register a rule for it with "
+        r"mmrobust.layer_rules.register_function\(torch.sin, lipschitz=...\)$",
+    ):
         sound_lipschitz(nn.Sequential(nn.Linear(3, 3), Weird()), (3,))

@@ -239,12 +239,29 @@ def test_unsupported_layers_are_one_line_errors():
         build_ops(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(3, 2, 1)), (1, 8, 8))
     assert exc.value.param == "certifier"
 
-    class Weird(nn.Module):
+    class Weird(nn.Module):  # a custom forward is traced: x * 2 is supported, x * x is not
         def forward(self, x):
-            return x * 2
+            return x * 2 + x * x
 
-    with pytest.raises(ConfigError, match=r"CROWN does not support layer '0' \(Weird\); use certifier='sound'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"CROWN does not support node 'mul_1' \(call_function operator.mul\) "
+        r"in Sequential.forward \(a product of two tensors\); use certifier='sound', or register a "
+        r"rule for it with mmrobust.layer_rules.register_function\(operator.mul, crown=...\)$",
+    ):
         build_ops(nn.Sequential(Weird()), (3,))
+
+    class Leaf(nn.Module):  # an unregistered torch layer is a leaf of the trace: refused by name
+        def forward(self, x):
+            return x
+
+    Leaf.__module__ = "torch.nn.modules.fake"
+    with pytest.raises(
+        ConfigError,
+        match=r"CROWN does not support layer 'encoders.x.1' \(Leaf\); use certifier='sound', "
+        r"or register a rule for it with mmrobust.layer_rules.register_layer\(Leaf, crown=...\)",
+    ):
+        build_ops(nn.Sequential(nn.Linear(3, 3), Leaf()), (3,), "encoders.x")
 
 
 @pytest.mark.parametrize(

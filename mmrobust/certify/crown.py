@@ -4,7 +4,7 @@ For a sample ``x`` with label ``y`` and every class ``k``, the margin ``g_k(x') 
 is bounded from below over a ball ``B(x, r)`` by propagating a linear lower bound backwards from
 the head through every layer of every encoder (Zhang et al., 2018). The work is split by concern:
 
-* :mod:`mmrobust.certify.crown_ops`: the operators (affine, ReLU, MaxMin, max-pool, residual) and
+* :mod:`mmrobust.certify.crown_ops`: the operators (affine, ReLU, MaxMin, max-pool, residual, graph regions) and
   their relaxations;
 * :mod:`mmrobust.certify.crown_layers`: which operators a layer becomes (rules registered in
   :mod:`mmrobust.layer_rules`) and :func:`build_ops`;

@@ -19,8 +19,19 @@ import math
 import torch
 from torch import nn
 
+from mmrobust.certify.activations import ActivationOp
 from mmrobust.certify.crown_layers import build_ops, shape_after
-from mmrobust.certify.crown_ops import AffineOp, ReLUOp, State, bcast, run_backward, run_forward, widen
+from mmrobust.certify.crown_ops import AffineOp, Op, ReLUOp, State, bcast, run_backward, run_forward, widen
+
+
+def relaxed_neurons(op: Op, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor | None:
+    """Which inputs of ``op`` are relaxed (tighter bounds on them tighten the relaxation): ReLU-like
+    ones where ``lo < 0 < hi``, smooth activations wherever ``lo < hi``; ``None`` for other ops."""
+    if isinstance(op, ReLUOp) or isinstance(op, ActivationOp) and op.act.slope is not None:
+        return (lo < 0) & (hi > 0)
+    if isinstance(op, ActivationOp):
+        return hi > lo
+    return None
 
 
 def dual_norm(a: torch.Tensor, norm: str) -> torch.Tensor:
@@ -49,7 +60,7 @@ class EncoderBounds:
         # (the first nonlinearity needs none: an affine prefix already has exact bounds on the ball)
         first = next((i for i, op in enumerate(self.ops) if not isinstance(op, AffineOp)), len(self.ops))
         self.tighten = [
-            isinstance(op, ReLUOp)
+            isinstance(op, ReLUOp | ActivationOp)
             and i > first
             and (intermediate == "crown" or (intermediate == "auto" and 2 * n * w <= budget))
             for i, (op, (n, w)) in enumerate(zip(self.ops, widths, strict=True))
@@ -74,17 +85,19 @@ class EncoderBounds:
         return st
 
     def _crown_tighten(self, i: int, st: State, x: torch.Tensor, r: torch.Tensor) -> State:
-        """Intersect the bounds of the input of op ``i`` (a ReLU) with CROWN run backwards from it.
+        """Intersect the bounds of the input of op ``i`` (an activation) with CROWN run backwards from it.
 
-        Only the neurons still unstable (``lo < 0 < hi``) are bounded: a stable ReLU is exact in
-        every later relaxation whatever its bounds, and the bounds of later layers are intersections,
-        so skipping them never makes anything unsound. Rows are processed ``memory`` elements at a
+        Only the neurons still relaxed (:func:`relaxed_neurons`; a ReLU: ``lo < 0 < hi``) are bounded:
+        a stable ReLU is exact in every later relaxation whatever its bounds, and the bounds of later
+        layers are intersections, so skipping them never makes anything unsound. Rows are processed ``memory`` elements at a
         time (one lower and one upper bound row per neuron and sample).
         """
         b, shape = st.z.shape[0], st.z.shape[1:]
         n = math.prod(shape)
         lo, hi = st.lo.reshape(b, n).clone(), st.hi.reshape(b, n).clone()
-        unstable = (lo < 0) & (hi > 0)
+        mask = relaxed_neurons(self.ops[i], lo, hi)
+        assert mask is not None
+        unstable = mask
         counts = unstable.sum(1)
         kmax = int(counts.max()) if b else 0
         if kmax == 0:

@@ -4,6 +4,11 @@
 Affine layers need no rule of their own: their sound Lipschitz rule (:mod:`mmrobust.certify.sound`)
 describes them exactly (``"linear"`` units with an ``offset``) and becomes an :class:`AffineOp`.
 A layer without either kind of rule (see :mod:`mmrobust.layer_rules`) is a one-line error naming it.
+
+A module without a rule of its own is traced (:mod:`mmrobust.certify.graph`): its layers become
+chains of operators, its regions with sums or concatenations a :class:`GraphOp`. The activations
+of :mod:`mmrobust.certify.activations` (GELU, SiLU, Tanh, Sigmoid, LeakyReLU, ELU, Softplus,
+Hardswish, as modules or, through the graph, functional calls) get an :class:`ActivationOp`.
 """
 
 from __future__ import annotations
@@ -11,8 +16,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmrobust.certify.crown_ops import AffineOp, MaxMinOp, MaxPoolOp, Op, ReLUOp, ResidualOp, run_forward
-from mmrobust.certify.sound import chain_units, sequential_parts
+from mmrobust.certify.activations import ActivationOp, activation_of
+from mmrobust.certify.crown_ops import (
+    AffineOp,
+    GraphOp,
+    MaxMinOp,
+    MaxPoolOp,
+    Op,
+    ReLUOp,
+    ResidualOp,
+    Step,
+    run_forward,
+)
+from mmrobust.certify.graph import EncoderGraph, GraphNode, Region, refuse, trace_graph
+from mmrobust.certify.sound import _affine_unit, chain_units, sequential_parts
 from mmrobust.errors import ConfigError
 from mmrobust.layer_rules import find_rule, register_layer
 from mmrobust.models.encoders import BasicBlock, ResNet18
@@ -58,7 +75,18 @@ def _maxmin_rule(name: str, layer: MaxMin, in_shape: tuple[int, ...]) -> list[Op
     return [MaxMinOp(name)]
 
 
+def _activation_rule(name: str, layer: nn.Module, in_shape: tuple[int, ...]) -> list[Op]:
+    try:
+        act = activation_of(layer)
+    except ValueError as exc:
+        raise ConfigError(f"CROWN: layer '{name}' ({type(layer).__name__}): {exc}; use certifier='sound'",
+                          param="certifier") from None  # fmt: skip
+    return [ActivationOp(name, act)]
+
+
 register_layer(nn.ReLU, crown=_relu_rule)
+register_layer(nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Hardswish,
+               crown=_activation_rule)  # fmt: skip
 register_layer(MaxMin, crown=_maxmin_rule)
 register_layer(nn.MaxPool1d, nn.MaxPool2d, crown=_maxpool_rule)
 register_layer(BasicBlock, crown=_basic_block_rule)
@@ -72,18 +100,13 @@ def shape_after(ops: list[Op], shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def build_ops(module: nn.Module, in_shape: tuple[int, ...], prefix: str = "") -> list[Op]:
-    """The CROWN operators of ``module`` (eval mode) for per-sample inputs of ``in_shape``."""
+    """The CROWN operators of ``module`` (eval mode) for per-sample inputs of ``in_shape``.
+
+    A module with a rule is its rule's operators; any other module is traced into a graph
+    (:func:`graph_ops`); an ``nn.Sequential`` that cannot be traced is walked child by child.
+    """
     shape = tuple(int(s) for s in in_shape)
     name = prefix or type(module).__name__
-    if isinstance(module, nn.Sequential):
-        ops: list[Op] = []
-        for full, child, bn in sequential_parts(module, prefix):
-            if bn is not None:
-                ops.append(AffineOp(chain_units(nn.Sequential(child, bn), shape, full)[0]))
-            else:
-                ops.extend(build_ops(child, shape, full))
-            shape = shape_after(ops[-1:], shape) if ops else shape
-        return ops
     rule = find_rule(module)
     if rule.crown is not None:
         return rule.crown(name, module, shape)
@@ -91,8 +114,52 @@ def build_ops(module: nn.Module, in_shape: tuple[int, ...], prefix: str = "") ->
         units = rule.lipschitz(name, module, shape)
         if all(u.kind == "linear" and u.offset is not None for u in units):
             return [AffineOp(u) for u in units]
+    else:
+        graph = trace_graph(module, shape, prefix, "crown")
+        if graph is not None:
+            return graph_ops(graph)
+        if isinstance(module, nn.Sequential):
+            ops: list[Op] = []
+            for full, child, bn in sequential_parts(module, prefix):
+                if bn is not None:
+                    new: list[Op] = [AffineOp(chain_units(nn.Sequential(child, bn), shape, full)[0])]
+                else:
+                    new = build_ops(child, shape, full)
+                ops.extend(new)
+                shape = shape_after(new, shape)  # all of the child's ops (a block ends with a ReLU)
+            return ops
     raise ConfigError(
         f"CROWN does not support layer '{name}' ({type(module).__name__}); use certifier='sound', or register "
         "a CROWN rule for it with mmrobust.layer_rules.register_layer",
         param="certifier",
     )
+
+
+def node_ops(node: GraphNode) -> list[Op]:
+    """The operators of one layer node of a traced graph."""
+    if node.bn is not None:
+        return [AffineOp(_affine_unit(node.name, node.layer, node.bn, node.in_shape))]
+    if node.rule.crown is not None:
+        return node.rule.crown(node.name, node.layer, node.in_shape)
+    if node.rule.lipschitz is not None:
+        units = node.rule.lipschitz(node.name, node.layer, node.in_shape)
+        if all(u.kind == "linear" and u.offset is not None for u in units):
+            return [AffineOp(u) for u in units]
+    raise refuse("crown", node.place, node.hint or "mmrobust.layer_rules.register_layer(..., crown=...)")
+
+
+def graph_ops(graph: EncoderGraph) -> list[Op]:
+    """The operators of a traced graph: layers as chains, regions as one :class:`GraphOp` each."""
+    ops: list[Op] = []
+    for piece in graph.pieces():
+        if not isinstance(piece, Region):
+            ops.extend(node_ops(piece))
+            continue
+        shapes = [piece.in_shape] + [n.out_shape for n in piece.nodes]
+        steps = [
+            Step(n.kind, n.inputs, node_ops(n) if n.kind == "layer" else [], n.signs, n.dim,
+                 tuple(shapes[i][n.dim] for i in n.inputs) if n.kind == "cat" else ())
+            for n in piece.nodes
+        ]  # fmt: skip
+        ops.append(GraphOp(piece.name, steps))
+    return ops

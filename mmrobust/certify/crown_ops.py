@@ -270,3 +270,100 @@ def run_backward(ops: list[Op], a: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         a, c = op.backward(a)
         const = const + c
     return a, const
+
+
+@dataclass
+class Step:
+    """One node of a :class:`GraphOp`: ``kind`` ``layer`` (``ops``), ``add`` (``signs``) or ``cat``
+    (``dim``: per-sample axis, ``sizes``: the inputs' sizes along it); ``inputs`` index the values (0: the op's input, ``i + 1``: step ``i``)."""
+
+    kind: str
+    inputs: list[int]
+    ops: list[Op]
+    signs: tuple[float, ...] = ()
+    dim: int = 0
+    sizes: tuple[int, ...] = ()  # cat: each input's size along ``dim``
+
+
+class GraphOp(Op):
+    """A region of a traced graph (sums and concatenations of op chains), e.g. ``x + f(x)``.
+
+    Forward bounds per node: a layer runs its ops; a signed sum ``sum s_i v_i`` adds the matching
+    ends of the intervals, ``sum |s_i| lip_i`` and ``sum |s_i| G_i`` (intersected with the Lipschitz
+    interval, as :class:`ResidualOp`); a concatenation concatenates and has ``G = sqrt(sum G_i^2)``.
+    Backward: the coefficients of every node's consumers are summed (a sum sends ``s_i a`` to
+    input ``i``, a concatenation each input its slice) before going through its ops.
+    """
+
+    def __init__(self, name: str, steps: list[Step]) -> None:
+        self.name, self.steps = name, steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals = [x]
+        for st in self.steps:
+            ins = [vals[i] for i in st.inputs]
+            if st.kind == "layer":
+                vals.append(run_forward(st.ops, ins[0]))
+            elif st.kind == "add":
+                vals.append(_signed_sum(st.signs, ins))
+            else:
+                vals.append(torch.cat(ins, dim=st.dim + 1))
+        return vals[-1]
+
+    def propagate(self, st: State, r: torch.Tensor) -> State:
+        states = [st]
+        for step in self.steps:
+            ins = [states[i] for i in step.inputs]
+            if step.kind == "layer":
+                states.append(run_propagate(step.ops, ins[0], r))
+            elif step.kind == "add":
+                z = sum(s * v.z for s, v in zip(step.signs, ins, strict=True))
+                lo = sum(v.lo * s if s > 0 else v.hi * s for s, v in zip(step.signs, ins, strict=True))
+                hi = sum(v.hi * s if s > 0 else v.lo * s for s, v in zip(step.signs, ins, strict=True))
+                lip = sum(abs(s) * v.lip for s, v in zip(step.signs, ins, strict=True))
+                g = sum(abs(s) * v.g for s, v in zip(step.signs, ins, strict=True))
+                assert isinstance(z, torch.Tensor) and isinstance(lip, torch.Tensor)
+                rr = bcast(r, z)
+                lo_, hi_ = widen(torch.maximum(lo, z - rr * lip), torch.minimum(hi, z + rr * lip))  # type: ignore[arg-type]
+                states.append(State(z, lo_, hi_, lip, g))  # type: ignore[arg-type]
+            else:
+                d = step.dim + 1
+                cat = [torch.cat([getattr(v, k) for v in ins], dim=d) for k in ("z", "lo", "hi", "lip")]
+                g = torch.stack([v.g for v in ins]).pow(2).sum(0).sqrt()
+                states.append(State(cat[0], cat[1], cat[2], cat[3], g))
+        return states[-1]
+
+    def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        coef: list[torch.Tensor | None] = [None] * (len(self.steps) + 1)
+        coef[-1] = a
+        const = torch.zeros(a.shape[:2], dtype=a.dtype)
+
+        def send(i: int, v: torch.Tensor) -> None:
+            old = coef[i]
+            coef[i] = v if old is None else old + v
+
+        for k in range(len(self.steps) - 1, -1, -1):
+            step, ak = self.steps[k], coef[k + 1]
+            if ak is None:
+                continue
+            coef[k + 1] = None  # free it
+            if step.kind == "layer":
+                a_in, c = run_backward(step.ops, ak)
+                const = const + c
+                send(step.inputs[0], a_in)
+            elif step.kind == "add":
+                for s, i in zip(step.signs, step.inputs, strict=True):
+                    send(i, ak * s)
+            else:
+                for i, part in zip(step.inputs, ak.split(list(step.sizes), dim=step.dim + 2), strict=True):
+                    send(i, part)
+        out = coef[0]
+        assert out is not None
+        return out, const
+
+
+def _signed_sum(signs: tuple[float, ...], values: list[torch.Tensor]) -> torch.Tensor:
+    out = signs[0] * values[0]
+    for s, v in zip(signs[1:], values[1:], strict=True):
+        out = out + s * v
+    return out

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmrobust.certify.graph import EncoderGraph, GraphNode, Reduce, Region, Reshape, Scale, evaluate, trace_graph
+from mmrobust.certify.graph import refuse as refuse_node
 from mmrobust.certify.linear_maps import vjp
 from mmrobust.errors import ConfigError
 from mmrobust.layer_rules import Unit, find_rule, register_layer
@@ -58,10 +60,11 @@ _ACTIVATION_LIP: dict[type[nn.Module], float] = {
     nn.Sigmoid: 0.25,
     nn.GELU: 1.13,
     nn.SiLU: 1.10,
+    nn.Hardswish: 1.5,
 }
 #: activations whose derivative lies in [0, 1] everywhere (used by the row-aware bound)
 _MONOTONE_CONTRACTIVE = (nn.ReLU, nn.Tanh, nn.Sigmoid)
-_NEUTRAL = (nn.Flatten, nn.Identity, nn.Dropout)
+_NEUTRAL = (nn.Flatten, nn.Identity, nn.Dropout, Reshape)
 _CONV = (nn.Conv1d, nn.Conv2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
@@ -301,7 +304,25 @@ def _leaky_rule(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:
 
 
 def _elu_rule(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:
-    return [Unit(name, "other", max(1.0, float(layer.alpha)), in_shape, in_shape, layer)]
+    # elu' is alpha e^x (x < 0) or 1: in [0, 1] when 0 <= alpha <= 1
+    alpha = float(layer.alpha)
+    return [Unit(name, "act" if 0.0 <= alpha <= 1.0 else "other", max(1.0, abs(alpha)), in_shape, in_shape, layer)]
+
+
+def _softplus_rule(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:
+    # softplus' = sigmoid(beta x) in (0, 1) for beta > 0 (torch switches to x above the threshold: a
+    # step of log1p(exp(-threshold)) / beta, 2e-9 by default, that no Lipschitz bound covers)
+    if float(layer.beta) <= 0:
+        raise ConfigError(f"sound Lipschitz bound: Softplus '{name}' needs beta > 0, got {layer.beta}")
+    return [Unit(name, "act", 1.0, in_shape, in_shape, layer)]
+
+
+def _scale_rule(name: str, layer: Scale, in_shape: tuple[int, ...]) -> list[Unit]:
+    """``x * scale + shift`` (a traced ``x * c``, ``x - mean``, ``-x``): a diagonal affine map."""
+    s = layer.scale
+    fn, abs_fn, sq_fn = (partial(torch.mul, other=v) for v in (s, s.abs(), s**2))
+    lip = float(s.abs().max()) * (1 + SVD_PAD) if s.numel() else 0.0
+    return [Unit(name, "linear", lip, in_shape, in_shape, fn, abs_fn, sq_fn, layer.shift.clone())]
 
 
 def _activation_rule(lip: float, kind: str) -> Callable[[str, Any, tuple[int, ...]], list[Unit]]:
@@ -332,7 +353,9 @@ def _resnet_rule(name: str, module: ResNet18, in_shape: tuple[int, ...]) -> list
 register_layer(nn.Linear, *_CONV, lipschitz=_affine_rule)
 register_layer(*_BN, lipschitz=_bn_rule)
 register_layer(*_NEUTRAL, lipschitz=_neutral_rule)
-register_layer(*_AVG, lipschitz=_avg_rule)
+register_layer(*_AVG, Reduce, lipschitz=_avg_rule)
+register_layer(Scale, lipschitz=_scale_rule)
+register_layer(nn.Softplus, lipschitz=_softplus_rule)
 register_layer(*_MAX, lipschitz=_max_rule)
 register_layer(nn.LeakyReLU, lipschitz=_leaky_rule)
 register_layer(nn.ELU, lipschitz=_elu_rule)
@@ -359,26 +382,89 @@ def sequential_parts(module: nn.Sequential, prefix: str) -> Iterator[tuple[str, 
 def chain_units(module: nn.Module, in_shape: tuple[int, ...], prefix: str = "") -> list[Unit]:
     """Decompose ``module`` into a chain of :class:`Unit` s whose product bounds its Lipschitz constant.
 
-    Sequentials are flattened (a Linear/Conv followed by a BatchNorm is fused); every other layer
-    is looked up in :data:`~mmrobust.layer_rules.LAYER_RULES` (residual blocks and ResNets
-    become single ``"other"`` units with their own composed bound).
+    A module with a rule in :data:`~mmrobust.layer_rules.LAYER_RULES` is its rule's units (residual
+    blocks and ResNets become single ``"other"`` units with their own composed bound). Any other
+    module is traced (:func:`mmrobust.certify.graph.trace_graph`): its graph is a chain of layers
+    (a Linear/Conv followed by a BatchNorm is fused) and of regions with sums or concatenations,
+    each region one ``"other"`` unit bounded by :func:`region_lipschitz`. An ``nn.Sequential`` that
+    cannot be traced is walked child by child.
     """
     shape = tuple(int(s) for s in in_shape)
     name = prefix or type(module).__name__
-    if isinstance(module, nn.Sequential):
-        units: list[Unit] = []
-        for full, child, bn in sequential_parts(module, prefix):
-            units.extend([_affine_unit(full, child, bn, shape)] if bn is not None else chain_units(child, shape, full))
-            shape = units[-1].out_shape if units else shape
-        return units
-    rule = find_rule(module).lipschitz
-    if rule is None:
-        raise ConfigError(
-            f"the sound Lipschitz bound does not support layer '{name}' ({type(module).__name__}); "
-            "use certifier='empirical', or register a bound for it with mmrobust.layer_rules.register_layer",
-            param="certifier",
-        )
-    return rule(name, module, shape)
+    rule = find_rule(module)
+    if rule.lipschitz is not None:
+        return rule.lipschitz(name, module, shape)
+    if rule.crown is None:
+        graph = trace_graph(module, shape, prefix, "sound")
+        if graph is not None:
+            return graph_units(graph)
+        if isinstance(module, nn.Sequential):
+            units: list[Unit] = []
+            for full, child, bn in sequential_parts(module, prefix):
+                units.extend(
+                    [_affine_unit(full, child, bn, shape)] if bn is not None else chain_units(child, shape, full)
+                )
+                shape = units[-1].out_shape if units else shape
+            return units
+    raise ConfigError(
+        f"the sound Lipschitz bound does not support layer '{name}' ({type(module).__name__}); "
+        "use certifier='empirical', or register a bound for it with mmrobust.layer_rules.register_layer",
+        param="certifier",
+    )
+
+
+def node_units(node: GraphNode) -> list[Unit]:
+    """The units of one layer node of a traced graph (a fused BatchNorm makes one affine unit)."""
+    if node.bn is not None:
+        return [_affine_unit(node.name, node.layer, node.bn, node.in_shape)]
+    if node.rule.lipschitz is None:
+        raise refuse_node("sound", node.place, node.hint)
+    return node.rule.lipschitz(node.name, node.layer, node.in_shape)
+
+
+def _apply_units(units: list[Unit], x: torch.Tensor) -> torch.Tensor:
+    for u in units:
+        x = u.fn(x) + u.offset if u.offset is not None else u.fn(x)
+    return x
+
+
+def region_lipschitz(region: Region) -> tuple[float, Callable[[torch.Tensor], torch.Tensor]]:
+    """A Lipschitz bound of a region and its float64 forward.
+
+    Per node, a bound ``L_v`` on ``||v(x') - v(x)|| / ||x' - x||`` from the region's input: a layer
+    multiplies its input's bound by its units' product, a signed sum ``sum s_i v_i`` has at most
+    ``sum |s_i| L_i`` (triangle inequality), a concatenation ``sqrt(sum L_i^2)`` (its squared norm
+    is the sum of the parts').
+    """
+    lips = [1.0]
+    units_of: dict[int, list[Unit]] = {}
+    for i, node in enumerate(region.nodes):
+        ins = [lips[j] for j in node.inputs]
+        if node.kind == "layer":
+            units_of[i] = node_units(node)
+            lips.append(chain_lipschitz(units_of[i]) * ins[0])
+        elif node.kind == "add":
+            lips.append(sum(abs(s) * v for s, v in zip(node.signs, ins, strict=True)))
+        else:
+            lips.append(math.sqrt(sum(v * v for v in ins)))
+    index = {id(node): i for i, node in enumerate(region.nodes)}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return evaluate(region, x, lambda node, v: _apply_units(units_of[index[id(node)]], v))
+
+    return lips[-1], forward
+
+
+def graph_units(graph: EncoderGraph) -> list[Unit]:
+    """The chain of units of a traced graph: layers as their rules' units, regions as one unit each."""
+    units: list[Unit] = []
+    for piece in graph.pieces():
+        if isinstance(piece, Region):
+            lip, fn = region_lipschitz(piece)
+            units.append(Unit(piece.name, "other", lip, piece.in_shape, piece.out_shape, fn))
+        else:
+            units.extend(node_units(piece))
+    return units
 
 
 def chain_lipschitz(units: list[Unit]) -> float:
