@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -15,12 +15,20 @@ FILLS = ("zero", "mean", "noise")
 class MissingModality:
     """Replace ``modalities`` by a fill; the others stay bit-identical.
 
-    ``zero``: zeros in the model's input space (= the train mean for standardised data);
-    ``mean``: the per-sample mean of the modality, broadcast; ``noise``: standard Gaussian noise
-    (seeded). Call it like an attack: ``adv = MissingModality(["audio"])(inputs, labels)``.
+    ``zero``: zeros in the model's standardised space (the train mean); ``mean``: the per-sample
+    mean of the modality, broadcast; ``noise``: standard Gaussian noise in the standardised space
+    (seeded). ``standardization`` gives ``(mean, std)`` of the modalities the model standardises
+    itself (stored values ``x`` enter it as ``(x - mean) / std``): their fills are mapped back to
+    stored units. Call it like an attack: ``adv = MissingModality(["audio"])(inputs, labels)``.
     """
 
-    def __init__(self, modalities: Sequence[str], fill: str = "zero", seed: int = 0) -> None:
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        fill: str = "zero",
+        seed: int = 0,
+        standardization: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         if fill not in FILLS:
             raise ConfigError(f"unknown fill '{fill}'; choose from: {', '.join(FILLS)}")
         if not modalities:
@@ -28,6 +36,7 @@ class MissingModality:
         self.modalities = list(modalities)
         self.fill = fill
         self.generator = torch.Generator().manual_seed(seed)
+        self.standardization = dict(standardization or {})
 
     def __call__(self, inputs: Batch, labels: torch.Tensor | None = None) -> Batch:
         out = dict(inputs)
@@ -35,10 +44,16 @@ class MissingModality:
             if m not in inputs:
                 raise ConfigError(f"unknown modality '{m}'; the batch has: {', '.join(inputs)}")
             x = inputs[m]
-            if self.fill == "zero":
-                out[m] = torch.zeros_like(x)
-            elif self.fill == "mean":
+            if self.fill == "mean":
                 out[m] = x.flatten(1).mean(1).view(-1, *[1] * (x.ndim - 1)).expand_as(x).clone()
-            else:
-                out[m] = torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
+                continue
+            z = (
+                torch.zeros_like(x)
+                if self.fill == "zero"
+                else torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
+            )
+            if m in self.standardization:  # the fill is defined in the standardised space: map it back
+                mean, std = (t.to(device=x.device, dtype=x.dtype) for t in self.standardization[m])
+                z = z * std + mean
+            out[m] = z
         return out

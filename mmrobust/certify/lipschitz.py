@@ -34,13 +34,19 @@ def _encoder(model: nn.Module, modality: str) -> nn.Module:
 def score_jacobian(
     model: nn.Module, inputs: Batch, modality: str, rows: torch.Tensor, chunk_size: int | None = None
 ) -> torch.Tensor:
-    """Per-sample Jacobian ``d(rows @ phi^(m)(x_m)) / d x_m``, shape ``(N, R, *input_shape)``.
+    """Per-sample Jacobian ``d(rows @ phi^(m)(x_m)) / d x_m``, shape ``(N, R, *input_shape)``, with
+    respect to the encoder's input (for a model that standardises its inputs: the standardised values,
+    the coordinates its certified bounds are stated in).
 
     Computed with ``vmap(jacrev)`` over samples: R vector-Jacobian products per sample, batched,
     instead of R separate backward passes per batch. The encoder is evaluated in eval mode.
     """
     enc = _encoder(model, modality)
     x = inputs[modality]
+    transforms = getattr(model, "transforms", None)
+    if transforms is not None and modality in transforms:  # the encoder's input: standardised values
+        with torch.no_grad():
+            x = transforms[modality](x)
     rows = rows.to(x.device, x.dtype).detach()
     if rows.ndim != 2:
         raise ConfigError(f"rows must be a (R, d) matrix, got shape {tuple(rows.shape)}")

@@ -9,7 +9,8 @@ the demo show results and merge them into ``RUN/certify.json`` through :mod:`mmr
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ import torch
 
 from mmrobust.certify.base import CERTIFIERS, Certifier, CertifyContext
 from mmrobust.certify.results import DEFAULT_RADII, CertifyResult, normalize_certify
-from mmrobust.data.base import DatasetMeta, Split
+from mmrobust.data.base import STANDARDISED, DatasetMeta, Split
+from mmrobust.data.transforms import standardised_meta, standardised_split
 from mmrobust.errors import ConfigError
 from mmrobust.io import read_json
 from mmrobust.memory import input_gradient_plan, parse_bytes
+from mmrobust.models.transform import Standardize
 from mmrobust.options import build_options
 from mmrobust.precision import full_precision
 
@@ -58,8 +61,8 @@ def certify_model(
 
     ``fit_data`` is what a certifier may fit on (the empirical estimator maximises over it; the CLI
     passes the training split so the test split is never used to fit anything). Radii are l2 norms
-    in the model's input space (each modality's stored units, scale 1: recorded in the result's
-    ``units``/``scales``); misclassified samples get radius 0. ``batch_size`` None (the
+    of ``delta_m / scale_m`` (recorded in the result's ``units``/``scales``; see
+    :func:`standardised_view`); misclassified samples get radius 0. ``batch_size`` None (the
     default) sizes the forward batches to ``memory_budget`` (:mod:`mmrobust.memory`); an integer is
     used as given.
 
@@ -76,19 +79,58 @@ def certify_model(
         cert = certifier
     else:
         cert = build_certifier(certifier, options)
-    with full_precision():  # the probe too: it sizes float32 passes
-        if batch_size is None:
-            batch_size = input_gradient_plan(model, split, memory_budget, _device(model)).batch_size
-        certificate = cert.certify(model, meta, split, CertifyContext(fit_data=fit_data, batch_size=batch_size))
+    with full_precision(), standardised_view(model, meta, split, fit_data) as (meta_v, split_v, fit_v, units, scales):
+        if batch_size is None:  # the probe too: it sizes float32 passes
+            batch_size = input_gradient_plan(model, split_v, memory_budget, _device(model)).batch_size
+        certificate = cert.certify(model, meta_v, split_v, CertifyContext(fit_data=fit_v, batch_size=batch_size))
     opts = cert.options
     used = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) and not isinstance(opts, type) else {}
     for alias in getattr(opts, "aliases", {}):  # deprecated option names: recorded under their new name only
         used.pop(alias, None)
     reads_fit = getattr(cert, "uses_fit_data", False) and fit_data is not None
-    # radii are l2 norms in the model's input space: each modality's stored units, scale 1
-    units = {s.name: s.units for s in meta.modalities}
     return CertifyResult(certificate, split_name, grid, used, fit_split if reads_fit else None,
-                         units=units, scales=dict.fromkeys(units, 1.0))  # fmt: skip
+                         units=units, scales=scales)  # fmt: skip
+
+
+@contextmanager
+def standardised_view(
+    model: torch.nn.Module, meta: DatasetMeta, split: Split, fit_data: Split | None
+) -> Iterator[tuple[DatasetMeta, Split, Split | None, dict[str, str], dict[str, float]]]:
+    """What the certifiers see, and the units of the radii they give.
+
+    A model that standardises its inputs (``Standardize`` input transforms, :mod:`mmrobust.models.transform`)
+    is certified in its standardised coordinates: while the certifier runs, the transforms are set
+    aside and the data are standardised batch by batch. Standardising is a translation of
+    ``x / std``, so the radii measure ``delta_m / std_m``: the scales of the default joint-l2 threat
+    model, in which attacks measure their budgets too. A scalar normalization is recorded as the
+    modality's units with scale ``std``; a per-coefficient one as ``standardised`` units, scale 1. A
+    model without transforms is certified in its stored units, scale 1. Front ends that are not a
+    standardisation (a waveform's log-mel features) are refused: no certifier bounds them.
+    """
+    transforms = getattr(model, "transforms", None)
+    units = {s.name: s.units for s in meta.modalities}
+    scales = dict.fromkeys(units, 1.0)
+    if not transforms:
+        yield meta, split, fit_data, units, scales
+        return
+    other = sorted(m for m, t in transforms.items() if not isinstance(t, Standardize))
+    if other:
+        raise ConfigError(
+            f"the input front end of modality {other} ({type(transforms[other[0]]).__name__}) is not bounded by the "
+            "certifiers; certify the feature-space model instead (the same data imported without its waveform)",
+            param="certifier",
+        )
+    for s in meta.modalities:
+        if s.name in transforms and s.normalization is not None:
+            units[s.name], scales[s.name] = (
+                (s.units, s.normalization.std[0]) if s.normalization.scalar else (STANDARDISED, 1.0)
+            )
+    fit_v = standardised_split(meta, fit_data) if fit_data is not None else None
+    model.set_transforms(None)  # type: ignore[operator]
+    try:
+        yield standardised_meta(meta), standardised_split(meta, split), fit_v, units, scales
+    finally:
+        model.set_transforms(dict(transforms.items()))  # type: ignore[operator]
 
 
 def certify_run(
@@ -153,8 +195,9 @@ def certify_run_many(
             from mmrobust.certify.soundness import soundness_check
 
             r = result.certificate.radii
-            with full_precision():
-                result.soundness = soundness_check(run.model, run.meta, data,
+            # attacked in the coordinates the radii measure (see standardised_view)
+            with full_precision(), standardised_view(run.model, run.meta, data, None) as (meta_v, data_v, *_):
+                result.soundness = soundness_check(run.model, meta_v, data_v,
                                                    {"joint": r.joint, "unimodal": r.unimodal},
                                                    max_samples=soundness_samples, steps=attack_steps)  # fmt: skip
         if tightness_samples > 0:
@@ -162,8 +205,8 @@ def certify_run_many(
 
             joint = result.certificate.radii.joint
             if attack is None:
-                with full_precision():
-                    attack = tightness(run.model, data, joint, "joint", TightnessOptions(samples=tightness_samples))
+                with full_precision(), standardised_view(run.model, run.meta, data, None) as (_, data_v, *_):
+                    attack = tightness(run.model, data_v, joint, "joint", TightnessOptions(samples=tightness_samples))
                 result.tightness = attack
             else:
                 result.tightness = compare("joint", attack.indices, joint[attack.indices], attack.attack_radius)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import cast
+
 import torch
 
-from mmrobust.data.base import DataBundle, DatasetMeta, ModalitySpec, Normalization, Split
+from mmrobust.data.base import Batch, DataBundle, DatasetMeta, ModalitySpec, Normalization, Split
 
 _EPS = 1e-6
 
@@ -67,13 +70,49 @@ def standardised_meta(meta: DatasetMeta) -> DatasetMeta:
     return DatasetMeta(meta.name, specs, list(meta.class_names), dict(meta.info))
 
 
-def standardised_split(meta: DatasetMeta, split: Split) -> Split:
-    """A split's inputs standardised by each modality's normalization (others unchanged)."""
-    inputs = dict(split.inputs)
+def standardise_batch(meta: DatasetMeta, inputs: Batch) -> Batch:
+    """One batch standardised by each modality's normalization (others unchanged)."""
+    out = dict(inputs)
     for s in meta.modalities:
-        if s.normalization is not None:
-            inputs[s.name] = standardise(inputs[s.name], s.normalization)
-    return Split(inputs, split.labels)
+        if s.normalization is not None and s.name in out:
+            out[s.name] = standardise(out[s.name], s.normalization)
+    return out
+
+
+def standardised_split(meta: DatasetMeta, split: Split) -> Split:
+    """A split's inputs standardised by each modality's normalization (others unchanged): a new
+    in-memory split, or for a streamed (on-disk) split a view that standardises each batch it reads."""
+    if type(split) is Split:
+        return Split(standardise_batch(meta, split.inputs), split.labels)
+    return cast(Split, _StandardisedView(meta, split))
+
+
+class _StandardisedView:
+    """A streamed split whose batches are standardised as they are read (nothing is loaded whole)."""
+
+    def __init__(self, meta: DatasetMeta, split: Split) -> None:
+        self.meta, self.split = meta, split
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.split.labels
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def take(self, index: torch.Tensor | slice) -> tuple[Batch, torch.Tensor]:
+        inputs, labels = self.split.take(index)
+        return standardise_batch(self.meta, inputs), labels
+
+    def subset(self, index: torch.Tensor | slice) -> Split:
+        return standardised_split(self.meta, self.split.subset(index))
+
+    @property
+    def stream(self) -> Callable[[list[torch.Tensor]], Iterator[tuple[Batch, torch.Tensor]]] | None:
+        inner = getattr(self.split, "stream", None)
+        if inner is None:
+            return None
+        return lambda batches: ((standardise_batch(self.meta, x), y) for x, y in inner(batches))
 
 
 def standardised_bundle(bundle: DataBundle) -> DataBundle:

@@ -14,6 +14,7 @@ from mmrobust.attacks.missing import MissingModality
 from mmrobust.data.base import Split, iterate_batches
 from mmrobust.eval.metrics import accuracy, macro_f1, predict
 from mmrobust.eval.results import EvalRow, MaskingGap, MaskingReport, Underflow
+from mmrobust.models.transform import Standardize
 from mmrobust.torchutil import eval_mode, to_device
 
 #: a CE-vs-CW accuracy gap above this on the same setting flags gradient masking
@@ -36,8 +37,17 @@ def attack_predictions(
 
 def missing_predictions(model: nn.Module, split: Split, modalities: Sequence[str], fill: str, batch_size: int = 256,
                         device: str | torch.device = "cpu") -> torch.Tensor:  # fmt: skip
-    """Predicted labels with ``modalities`` replaced by ``fill``."""
-    return predict(model, split, batch_size, device=device, transform=MissingModality(list(modalities), fill))
+    """Predicted labels with ``modalities`` replaced by ``fill`` (defined in the model's standardised
+    space, see :class:`~mmrobust.attacks.missing.MissingModality`)."""
+    transforms = getattr(model, "transforms", None) or {}
+    scales = {m: (t.mean, t.std) for m, t in transforms.items() if isinstance(t, Standardize)}
+    return predict(
+        model,
+        split,
+        batch_size,
+        device=device,
+        transform=MissingModality(list(modalities), fill, standardization=scales),
+    )
 
 
 def result_row(setting: Mapping[str, Any], preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> EvalRow:

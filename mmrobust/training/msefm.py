@@ -28,6 +28,7 @@ from mmrobust.data.base import Batch, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import ModelConfig
 from mmrobust.models.memory import SparseCodingMemory
+from mmrobust.torchutil import to_device
 from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require
 from mmrobust.training.context import TrainContext
 
@@ -97,9 +98,10 @@ class MSEFM(Strategy[MSEFMOptions]):
         sample = ctx.train.subset(pick[: o.memory_size])
         feats: dict[str, list[torch.Tensor]] = {m: [] for m in model.modalities}
         for inputs, _ in iterate_batches(sample, 256):
+            inputs = model.transform(to_device(inputs, ctx.device))  # the encoders' inputs (standardised)
             for m, enc in model.encoders.items():
                 assert isinstance(enc, SparseCodingMemory)
-                feats[m].append(enc.encoder(inputs[m].to(ctx.device)))
+                feats[m].append(enc.encoder(inputs[m]))
         for m, enc in model.encoders.items():
             assert isinstance(enc, SparseCodingMemory)
             enc.fill(torch.cat(feats[m]), o.memory_lambda, o.memory_iters)
