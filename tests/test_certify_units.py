@@ -1,0 +1,75 @@
+"""Certificates of a model that standardises its own inputs: computed in the standardised
+coordinates, so they equal those of the same weights on standardised data, with units stated."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from mmrobust.certify.runner import certify_model
+from mmrobust.data import DataConfig, load_data
+from mmrobust.data.base import DatasetMeta, Normalization, Split
+from mmrobust.errors import ConfigError
+from mmrobust.eval.robust import missing_predictions
+from mmrobust.models.fusion import ModelConfig, build_model
+
+STD = 2.0  # a power of two: stored = 2 * standardised exactly, so both models see identical floats
+
+
+@pytest.fixture(scope="module")
+def pair():
+    bundle = load_data(DataConfig("synthetic", options={"n_train": 64, "n_val": 16, "n_test": 48, "dim": 8}))
+    meta = bundle.meta
+    raw_specs = [
+        dataclasses.replace(s, units="volts", normalization=Normalization((0.0,), (STD,))) if s.name == "strong" else s
+        for s in meta.modalities
+    ]
+    raw_meta = DatasetMeta(meta.name, raw_specs, list(meta.class_names), dict(meta.info))
+
+    def raw(split: Split) -> Split:
+        return Split({**split.inputs, "strong": split.inputs["strong"] * STD}, split.labels)
+
+    torch.manual_seed(0)
+    std_model = build_model(meta, ModelConfig(feature_dim=16)).eval()
+    raw_model = build_model(raw_meta, ModelConfig(feature_dim=16)).eval()
+    assert raw_model.transforms is not None and std_model.transforms is None
+    missing = raw_model.load_state_dict(std_model.state_dict(), strict=False)
+    assert set(missing.missing_keys) == {"transforms.strong.mean", "transforms.strong.std"}
+    with torch.no_grad():  # the same function of the data
+        torch.testing.assert_close(raw_model(raw(bundle.test).inputs), std_model(bundle.test.inputs), rtol=0, atol=0)
+    return bundle, meta, raw_meta, std_model, raw_model, raw
+
+
+@pytest.mark.parametrize("certifier", ["sound", "crown", "empirical"])
+def test_radii_of_a_standardising_model_are_those_in_standardised_coordinates(pair, certifier: str) -> None:
+    bundle, meta, raw_meta, std_model, raw_model, raw = pair
+    opts = {"steps": 6} if certifier == "crown" else None
+    ref = certify_model(std_model, meta, bundle.test, certifier, bundle.train, options=opts)
+    got = certify_model(raw_model, raw_meta, raw(bundle.test), certifier, raw(bundle.train), options=opts)
+    torch.testing.assert_close(got.certificate.radii.joint, ref.certificate.radii.joint)
+    for m in ref.certificate.radii.unimodal:
+        torch.testing.assert_close(got.certificate.radii.unimodal[m], ref.certificate.radii.unimodal[m])
+    assert got.certificate.radii.joint.max() > 0
+    # radii measure delta / std: the units and scales say so; the stored-units model keeps its transforms
+    assert got.units == {"strong": "volts", "weak": "standardised"} and got.scales == {"strong": STD, "weak": 1.0}
+    assert raw_model.transforms is not None and "strong" in raw_model.transforms
+
+
+def test_a_front_end_that_is_not_a_standardisation_is_refused(pair) -> None:
+    bundle, meta, _, std_model, _, _ = pair
+    model = build_model(meta, ModelConfig(feature_dim=16))
+    model.set_transforms({"weak": nn.Tanh()})
+    with pytest.raises(ConfigError, match=r"input front end of modality \['weak'\] \(Tanh\) is not bounded"):
+        certify_model(model, meta, bundle.test, "sound", bundle.train)
+    assert isinstance(model.transforms["weak"], nn.Tanh)
+
+
+def test_missing_modality_fills_are_defined_in_the_standardised_space(pair) -> None:
+    bundle, _, _, std_model, raw_model, raw = pair
+    for fill in ("zero", "noise"):
+        ref = missing_predictions(std_model, bundle.test, ["strong"], fill)
+        got = missing_predictions(raw_model, raw(bundle.test), ["strong"], fill)
+        assert torch.equal(got, ref), fill
