@@ -261,6 +261,14 @@ class CRMTBase(Strategy[OptionsT]):
 
     # --- step 2 ---------------------------------------------------------------------------
 
+    def on_train_start(self, ctx: TrainContext) -> None:
+        o = self.options
+        if isinstance(o, Step1Options) and o.rho > 0:
+            ctx.on_message(
+                f"{self.name}: the loss is CE + {o.rho:g} * L1, where L1 (a log-sum-exp of the uni-modal margin gaps) "
+                "turns negative once the margins are large: a loss below 0 is expected"
+            )
+
     def after_training(self, ctx: TrainContext) -> dict[str, Any]:
         """Estimate tau, then (if this method has a step 2) optimise ``a^(m)`` alone.
 
@@ -316,6 +324,9 @@ class CRMTBase(Strategy[OptionsT]):
         if result.best_epoch and o.step2_attack_check:
             check = self._attack_check(ctx, tau, val_scores, val_labels, a0, result.best_a)
         kept, reason = choose_step2(result, check)
+        ctx.on_message(
+            f"{self.name} step 2 (modality weights a^(m)): kept {'step 2' if kept == 'step2' else 'step 1'}: {reason}"
+        )
         final = result.best_a if kept == "step2" else a0
         with torch.no_grad():
             for m, p in head.a.items():
