@@ -73,3 +73,19 @@ def test_missing_modality_fills_are_defined_in_the_standardised_space(pair) -> N
         ref = missing_predictions(std_model, bundle.test, ["strong"], fill)
         got = missing_predictions(raw_model, raw(bundle.test), ["strong"], fill)
         assert torch.equal(got, ref), fill
+
+
+def test_accuracy_curves_carry_their_radii_label_and_units(pair) -> None:
+    bundle, _, raw_meta, _, raw_model, raw = pair
+    res = certify_model(raw_model, raw_meta, raw(bundle.test), "sound", raw(bundle.train), radii=[0, 0.1, 0.5])
+    curve = res.accuracy_curve("joint")
+    assert curve.radii == (0.0, 0.1, 0.5) and len(curve) == 3 and curve.label == "sound (sound), joint l2"
+    assert curve.units == {"strong": "volts", "weak": "standardised"} and curve.scales["strong"] == STD
+    assert list(curve) == res.to_json()["certified_accuracy"]["joint"] and curve == list(curve)
+    assert curve.at(0.0) == pytest.approx(res.clean_accuracy) and curve[0] >= curve[1] >= curve[2]
+    strong = res.accuracy_curve("strong")
+    assert strong.units == {"strong": "volts"} and strong.threat == "strong"
+    with pytest.raises(ConfigError, match="unknown threat 'audio'; choose from: joint, strong, weak"):
+        res.accuracy_curve("audio")
+    with pytest.raises(ConfigError, match="radius 0.2 is not on the grid"):
+        curve.at(0.2)

@@ -11,8 +11,9 @@ for one release, also under the older key ``estimators``. :func:`normalize_certi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -20,6 +21,7 @@ from mmrobust.certify.base import Certificate, Guarantee
 from mmrobust.certify.radius import certified_accuracy
 from mmrobust.certify.tightness import Tightness
 from mmrobust.data.base import STANDARDISED
+from mmrobust.errors import ConfigError
 from mmrobust.runs import Run
 
 #: version of the ``certify.json`` layout (2: entries under ``certifiers``, ``estimators`` kept beside it)
@@ -31,6 +33,43 @@ DEFAULT_RADII = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
 
 def _median(x: torch.Tensor) -> float | None:
     return float(x.double().median()) if x.numel() else None
+
+
+@dataclass(frozen=True)
+class AccuracyCurve(Sequence[float]):
+    """Certified accuracy against the radius: ``accuracy[i]`` at ``radii[i]`` (l2 norms of
+    ``delta_m / scales[m]`` in ``units[m]``), for ``threat`` (``joint`` or one modality) and the
+    certifier named in ``label``. Iterates, indexes and compares like the list of accuracies."""
+
+    radii: tuple[float, ...]
+    accuracy: tuple[float, ...]
+    threat: str
+    label: str
+    units: dict[str, str] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+
+    @overload
+    def __getitem__(self, i: int) -> float: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[float]: ...
+    def __getitem__(self, i: int | slice) -> float | Sequence[float]:
+        return self.accuracy[i]
+
+    def __len__(self) -> int:
+        return len(self.accuracy)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AccuracyCurve):
+            return (self.radii, self.accuracy, self.threat) == (other.radii, other.accuracy, other.threat)
+        return isinstance(other, list | tuple) and list(self.accuracy) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def at(self, radius: float) -> float:
+        """The certified accuracy at a grid radius (a radius not on the grid is refused)."""
+        if radius not in self.radii:
+            raise ConfigError(f"radius {radius:g} is not on the grid {list(self.radii)}", param="radius")
+        return self.accuracy[self.radii.index(radius)]
 
 
 @dataclass
@@ -83,10 +122,23 @@ class CertifyResult:
     def clean_accuracy(self) -> float:
         return float(self.certificate.radii.correct.double().mean())
 
-    def accuracy_curve(self, threat: str = "joint") -> list[float]:
-        """Certified accuracy at every grid radius for ``joint`` or one modality alone."""
+    def accuracy_curve(self, threat: str = "joint") -> AccuracyCurve:
+        """Certified accuracy at every grid radius for ``joint`` or one modality alone, with its radii,
+        label and units (it reads like the list of accuracies)."""
         r = self.certificate.radii
-        return certified_accuracy(r.joint if threat == "joint" else r.unimodal[threat], self.grid)
+        if threat != "joint" and threat not in r.unimodal:
+            choices = ", ".join(["joint", *r.unimodal])
+            raise ConfigError(f"unknown threat '{threat}'; choose from: {choices}", param="threat")
+        acc = certified_accuracy(r.joint if threat == "joint" else r.unimodal[threat], self.grid)
+        c = self.certificate
+        kind = c.guarantee.value + (f", alpha={c.alpha:g}" if c.alpha is not None else "")
+        mods = list(r.unimodal) if threat == "joint" else [threat]
+        units = self.radius_units()
+        return AccuracyCurve(
+            radii=tuple(self.grid), accuracy=tuple(acc), threat=threat, label=f"{c.certifier} ({kind}), {threat} l2",
+            units={m: units["units"].get(m, STANDARDISED) for m in mods},
+            scales={m: units["scales"].get(m, 1.0) for m in mods},
+        )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         c, r = self.certificate, self.certificate.radii
@@ -117,8 +169,8 @@ class CertifyResult:
             "certified_accuracy": {
                 **units,
                 "radii": list(self.grid),
-                "joint": self.accuracy_curve("joint"),
-                "unimodal": {m: self.accuracy_curve(m) for m in r.unimodal},
+                "joint": list(self.accuracy_curve("joint")),
+                "unimodal": {m: list(self.accuracy_curve(m)) for m in r.unimodal},
             },
             "radii": {"joint": r.joint.tolist(), "unimodal": {m: v.tolist() for m, v in r.unimodal.items()}},
             "labels": c.labels.tolist(),

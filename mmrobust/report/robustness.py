@@ -66,8 +66,10 @@ def print_eval_table(result: EvalResult, title: str) -> None:
     table.add_column("eps", no_wrap=True)
     table.add_column("units")
     table.add_column("steps", justify="right")
-    for loss in [*losses, "worst"]:
-        table.add_column(loss.upper() if loss != "worst" else "worst", justify="right", no_wrap=True)
+    for loss in losses:
+        table.add_column(loss.upper(), justify="right", no_wrap=True)
+    table.add_column("worst of " + "/".join(k.upper() for k in losses) if losses else "accuracy", justify="right",
+                     no_wrap=True)  # fmt: skip
     table.add_column("note", no_wrap=True)
     table.add_row("clean", "–", "–", "–", *["–"] * len(losses), fmt(result.clean_accuracy), "")
     for e in entries:
@@ -84,8 +86,8 @@ def print_eval_table(result: EvalResult, title: str) -> None:
         table.add_row(setting, eps, r.units_label or "–", str(r.steps or "–"), *cells, fmt(e.acc["worst"]), note,
                       style="yellow" if _masked(e) else None)  # fmt: skip
     wc = result.worst_case.accuracy
-    if wc is not None:
-        table.add_row("worst case", "", "", "", *[""] * len(losses), fmt(wc), "", style="bold")
+    if wc is not None and any(e.row.attack != "missing" for e in entries):  # a row with no attack has no worst case
+        table.add_row("worst case over every attack", "", "", "", *[""] * len(losses), fmt(wc), "", style="bold")
     out.print(table)
 
 
