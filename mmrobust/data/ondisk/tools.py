@@ -17,10 +17,11 @@ import torch
 
 from mmrobust.data.base import DataBundle, DatasetMeta
 from mmrobust.data.ondisk.arrays import digest_and_check, rows_per_chunk
-from mmrobust.data.ondisk.format import SPLITS, Storage, array_names, open_complete, read_meta
+from mmrobust.data.ondisk.format import SPLITS, Storage, array_names, open_complete, read_meta, verify_splits
 from mmrobust.data.ondisk.writer import DiskWriter, partial_path, publish
 from mmrobust.errors import DataError
 from mmrobust.progress import ProgressFn
+from mmrobust.publish import Lock, check_destination, resolve_target
 
 
 @dataclass
@@ -63,6 +64,15 @@ def verify_ondisk(path: str | Path, progress: ProgressFn | None = None) -> Verif
             if progress is not None:
                 progress("verify", done, total)
     return VerifyResult(root, len(SPLITS) * len(names), nbytes, mismatched, time.perf_counter() - t0)
+
+
+def check_splits(bundle: DataBundle, splits: Sequence[str]) -> None:
+    """For an on-disk bundle: :func:`verify_splits` of ``splits`` (nothing for in-memory data, whose
+    fingerprint covers every value)."""
+    from mmrobust.data.ondisk.reader import DiskSplit
+
+    if isinstance(bundle.train, DiskSplit):
+        verify_splits(Path(bundle.train.where).parent, splits)
 
 
 def ondisk_fingerprint(path: str | Path) -> str:
@@ -126,9 +136,22 @@ def convert(
     import time
 
     t0 = time.perf_counter()
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise DataError(f"{dst}: already exists; pass force=True to replace it", param="force")
+    dst = resolve_target(dst)
+    check_destination(dst, force=force, param="dst", empty_ok=False, error=DataError)
+    with Lock(dst, "dataset"):
+        return _convert(bundle, dst, uint8, info, progress, t0)
+
+
+def _convert(
+    bundle: DataBundle,
+    dst: Path,
+    uint8: Sequence[str],
+    info: Mapping[str, Any] | None,
+    progress: ProgressFn | None,
+    t0: float,
+) -> ConvertResult:
+    import time
+
     meta = bundle.meta
     for m in uint8:
         spec = meta.spec(m)
