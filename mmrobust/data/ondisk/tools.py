@@ -41,20 +41,23 @@ def verify_ondisk(path: str | Path, progress: ProgressFn | None = None) -> Verif
 
     Opening a dataset reads no array data (so that opening 50 GB is instant); this is the full check
     for copies, old disks and network file systems. Values are re-validated on the way (finite
-    inputs, labels in range: a one-line :class:`DataError` names the file). Nothing is written.
+    inputs inside their declared valid range, labels in range: a one-line :class:`DataError` names the
+    file and the first offending row). Nothing is written.
     """
     import time
 
     t0 = time.perf_counter()
     root = Path(path)
-    d, meta, _, sizes, arrays = open_complete(root)  # a malformed folder fails before any hashing
+    d, meta, storage, sizes, arrays = open_complete(root)  # a malformed folder fails before any hashing
     names = array_names(meta)
     total, done, nbytes, mismatched = sum(sizes.values()) * len(names), 0, 0, []
     for split in SPLITS:
         for name, f in arrays[split].items():
             fd = os.open(f.path, os.O_RDONLY)
+            st = storage.get(name)
+            vr = meta.spec(name).valid_range if name != "label" else None
             try:
-                digest = digest_and_check(fd, f, name, meta.num_classes)
+                digest = digest_and_check(fd, f, name, meta.num_classes, st.decode if st is not None else None, vr)
             finally:
                 os.close(fd)
             if digest != d["sha256"][split].get(name):
