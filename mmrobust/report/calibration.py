@@ -13,7 +13,7 @@ from mmrobust.calibration.store import save_heads
 from mmrobust.calibration.study import CalibrationStudy
 from mmrobust.eval.results import fmt_eps
 from mmrobust.io import SCHEMA_VERSION, atomic_write_bytes, write_json
-from mmrobust.publish import Lock, check_destination, partial_path, publish_folder, resolve_target, seal_folder
+from mmrobust.publish import Lock, check_destination, partial_path, publish_folder, resolve_target
 from mmrobust.report.markdown import md_table
 from mmrobust.report.plots import plt, save_figure
 
@@ -171,8 +171,7 @@ def write_study_folder(out: str | Path, study: CalibrationStudy, *, force: bool 
         shutil.rmtree(partial, ignore_errors=True)
         try:
             partial.mkdir(parents=True)
-            write_study(partial, study)
-            seal_folder(partial)
+            write_study(partial, study)  # calibration.json is its record (and signature)
             publish_folder(partial, path)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
