@@ -34,6 +34,7 @@ from mmrobust.eval.results import EvalResult
 from mmrobust.eval.suites import SUITES, parse_eps
 from mmrobust.io import read_json, sha256_file, write_json
 from mmrobust.models.fusion import build_model
+from mmrobust.publish import Lock, check_destination, is_mmrobust_folder, resolve_target
 from mmrobust.runs import RunFolder, load_run
 from mmrobust.training import METHODS, FitResult, method_model_config, train
 from mmrobust.training.checkpoint import CHECKPOINT_JSON
@@ -383,9 +384,25 @@ def run_benchmark(
     cfg: BenchmarkConfig, out: str | Path, force: bool = False, progress: ProgressHook | None = None
 ) -> BenchmarkResult:
     """Run (or resume) the grid into ``out``; see the module docstring."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out {out}: exists and is not a folder", param="out")
+    out = check_benchmark_out(out)
+    with Lock(out, "benchmark"):
+        return _run_locked(cfg, out, force, progress)
+
+
+def check_benchmark_out(out: str | Path) -> Path:
+    """Resolve ``out`` once (a symlink: its target) and refuse, before any work, what the grid could not
+    be published into: a file or device, a non-empty folder mmrobust did not write (a benchmark resumes
+    into its own folder), a folder another mmrobust process is writing."""
+    path = resolve_target(out)
+    check_destination(path, existing_ok=True)
+    if path.is_dir() and any(path.iterdir()) and not is_mmrobust_folder(path):
+        raise RunError(f"{path}: not empty and not a benchmark folder (no {SETTINGS_FILE}); choose another out",
+                       param="out")  # fmt: skip
+    Lock(path, "benchmark").refuse_if_taken()
+    return path
+
+
+def _run_locked(cfg: BenchmarkConfig, out: Path, force: bool, progress: ProgressHook | None) -> BenchmarkResult:
     plan = plan_benchmark(cfg, out)
     if plan.invalidated and not force:
         raise ConfigError(

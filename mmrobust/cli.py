@@ -55,6 +55,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing run folder (all of it)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue although the data changed since the run started (both fingerprints "
+                   "are recorded and metrics.json says reproducible: false)")  # fmt: skip
 
 
 def _add_scale_args(p: argparse.ArgumentParser, precision: bool = True, layout: bool = True) -> None:
@@ -136,9 +139,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmrobust.report.console import echo, out, progress_callback
     from mmrobust.training import train
 
+    _bounded("seed", args.seed)  # the config bounds the other fields; the seed also seeds generators (x1000)
+    if args.allow_data_change and not args.resume:
+        raise ConfigError("--allow-data-change applies to --resume only (a new run records the data it starts on)")
     cfg = build_run_config(args)
+    out_path = _run_destination(args.out, force=args.force, resume=args.resume)
     with progress_callback(cfg.train.progress) as progress:
-        result = train(cfg, out=args.out, force=args.force, resume=args.resume, on_epoch=echo, progress=progress)
+        result = train(cfg, out=out_path, force=args.force, resume=args.resume, allow_data_change=args.allow_data_change,
+                       on_epoch=echo, progress=progress)  # fmt: skip
     if result.out is not None:
         m = result.metrics
         out.print(
@@ -179,6 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_certify(args: argparse.Namespace) -> int:
     from mmrobust.certify.base import CERTIFIERS
     from mmrobust.certify.runner import build_certifier, certify_run_many, parse_radii
+    from mmrobust.io import LIMITS, check_limit
     from mmrobust.report.certify import save_certify, save_certify_plot, show_certify
     from mmrobust.report.console import out
     from mmrobust.runs import check_writable, load_run
@@ -198,8 +207,19 @@ def cmd_certify(args: argparse.Namespace) -> int:
             if key in options[n]:
                 raise ConfigError(f"--{flag.replace('_', '-')} and --cert-opt {key}=... both given; keep one")
             options[n][key] = value
+    for name, value, param in (("samples", args.fit_samples, "fit_samples"), ("samples", args.check_soundness, "check_soundness"),
+                        ("steps", args.attack_steps, "attack_steps"), ("samples", args.tightness, "tightness"),
+                        ("batch_size", args.batch_size, "batch_size")):  # fmt: skip
+        if isinstance(value, int) and value > LIMITS[name][1]:  # the certifiers check the low end in their words
+            check_limit(name, value, param)
     radii = parse_radii(args.radii) if args.radii else None
+    if radii is not None:
+        if len(radii) > 10_000:
+            raise ConfigError(f"--radii: at most 10000 radii, got {len(radii)}")
+        for r in radii:
+            check_limit("radii", float(r), "radii")
     check_writable(args.run)  # refuse now rather than after the work
+    _check_finite_weights(args.run)
     results = certify_run_many(
         args.run, [(n, options[n]) for n in names], split=args.split, radii=radii,
         fit_split=args.fit_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
@@ -214,6 +234,29 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if len(results) > 1:
         out.print(f"wrote {save_certify_plot(run, results)}")
     return 0
+
+
+def _run_destination(out: str, *, force: bool, resume: bool) -> Path:
+    """A run folder's destination, resolved once and checked before the data are loaded."""
+    from mmrobust.runs import RunFolder
+
+    folder = RunFolder(out, force=force, resume=resume)
+    folder._check_target()
+    return folder.out
+
+
+def _check_finite_weights(run_path: str) -> None:
+    """A run whose weights hold NaN or inf cannot be certified or attacked meaningfully: refuse it."""
+    import torch
+
+    from mmrobust.runs import MODEL_FILE, load_run
+
+    run = load_run(run_path)
+    for name, t in run.model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise MMRobustError(
+                f"{Path(run_path) / MODEL_FILE}: weight '{name}' holds NaN or inf values; retrain the run"
+            )
 
 
 def _names(text: str, flag: str) -> list[str]:
@@ -231,17 +274,25 @@ def _per_name_options(items: list[str] | None, flag: str, names: list[str]) -> d
     for item in items or []:
         head, sep, rest = item.partition(":")
         targets, kv = ([head], rest) if sep and "=" not in head else (names, item)
+        if targets == [head] and head not in names:
+            raise ConfigError(f"{flag} {item!r}: '{head}' is not one of the chosen names ({', '.join(names)})")
         for name, (k, v) in ((n, kv_) for n in targets for kv_ in parse_kv([kv], flag).items()):
             out.setdefault(name, {})[k] = v
     return out
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from mmrobust.benchmark import BenchmarkConfig, plan_benchmark, run_benchmark
+    from mmrobust.benchmark import BenchmarkConfig, check_benchmark_out, plan_benchmark, run_benchmark
+    from mmrobust.io import LIMITS, check_limit
     from mmrobust.report.benchmark import grid_progress, print_tables, write_benchmark
     from mmrobust.report.console import console, out
 
+    for name, value, param in (("seeds", args.seeds, "seeds"), ("epochs", args.epochs, "epochs"),
+                               ("samples", args.max_samples, "max_samples"), ("feature_dim", args.feature_dim, "feature_dim")):  # fmt: skip
+        if isinstance(value, int) and value > LIMITS[name][1]:  # BenchmarkConfig checks the low end
+            check_limit(name, value, param)
     data, methods = _names(args.data, "--data"), _names(args.methods, "--methods")
+    check_benchmark_out(args.out)  # resolved and checked before any work
     cfg = BenchmarkConfig(
         data=data, methods=methods, seeds=args.seeds, epochs=args.epochs, suite=args.suite,
         eps=args.eps, max_samples=args.max_samples, recipe=args.recipe, attack_strength=args.attack_strength,
@@ -307,11 +358,9 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     from mmrobust.report.console import out, progress_callback
 
     uint8 = _names(args.uint8, "--uint8") if args.uint8 is not None else []
-    dst = Path(args.dst)
-    if dst.exists() and not args.force:
-        raise ConfigError(f"{dst}: already exists; pass --force to replace it")
-    cfg = DataConfig(args.src, args.seed, parse_kv(args.data_opt, "--data-opt"))
-    if Path(cfg.name).absolute() == dst.absolute():
+    dst = _destination(args.dst, force=args.force, param="dst", what="dataset")
+    cfg = DataConfig(args.src, _bounded("seed", args.seed), parse_kv(args.data_opt, "--data-opt"))
+    if Path(cfg.name).resolve() == dst:
         raise ConfigError(f"{dst}: source and destination are the same folder")
     bundle = load_data(cfg)
     for m in uint8:
@@ -325,6 +374,24 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     out.print(f"wrote {res.path}: {'/'.join(str(n) for n in res.sizes.values())} samples (train/val/test), "
               f"{stored}, {res.bytes / 2**20:.1f} MiB{resumed}" + (f"; max decode error {err}" if err else ""))  # fmt: skip
     return 0
+
+
+def _destination(out: str, *, force: bool, param: str, what: str) -> Path:
+    """Resolve a command's destination once, before any work (a symlink: its target) and refuse what
+    the command could not publish into, or a destination another mmrobust process is writing."""
+    from mmrobust.publish import Lock, check_destination, resolve_target
+
+    target = resolve_target(out)
+    check_destination(target, force=force, param=param, empty_ok=False)
+    Lock(target, what).refuse_if_taken()
+    return target
+
+
+def _bounded(name: str, value: Any) -> Any:
+    """``value`` checked against the documented limit of ``name`` (:data:`mmrobust.io.LIMITS`)."""
+    from mmrobust.io import check_limit
+
+    return check_limit(name, value) if value is not None else None
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
@@ -672,10 +739,29 @@ def _add_to_every_command(parser: argparse.ArgumentParser) -> None:
                             "attacks or layer rules (repeatable; see docs/your-model.md)")  # fmt: skip
 
 
+def _check_environment() -> None:
+    """Environment variables that size work are bounded like flags (:data:`mmrobust.io.LIMITS`)."""
+    import os
+
+    from mmrobust.io import LIMITS
+
+    text = os.environ.get("MMROBUST_MAX_ARRAY_GB", "").strip()
+    if text:
+        low, high = LIMITS["max_array_gb"]
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"$MMROBUST_MAX_ARRAY_GB must be a number, got {text!r}") from None
+        if not (math.isfinite(value) and low < value <= high):
+            raise ConfigError(f"$MMROBUST_MAX_ARRAY_GB must be a number in ({low}, {high}], got {text!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_environment()
+
         from mmrobust.plugins import import_plugins
 
         import_plugins(args.plugin or [])

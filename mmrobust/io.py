@@ -20,7 +20,41 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from mmrobust.errors import RunError
+from mmrobust.errors import ConfigError, RunError
+
+#: The documented bounds of every numeric input that the data cannot bound themselves
+#: (docs/reliability.md shows this table): ``name -> (lowest, highest)``, both inclusive. Inputs the
+#: data bound (samples <= the split's size, targets < the number of classes) are clamped or checked
+#: against the data as well.
+LIMITS: dict[str, tuple[float, float]] = {
+    "seed": (0, 2**32 - 1),  # torch/numpy seeds; also split seeds
+    "seeds": (1, 1000),  # benchmark: seeds 0..N-1 per cell
+    "epochs": (1, 100_000),
+    "batch_size": (1, 1 << 20),
+    "feature_dim": (1, 1 << 16),
+    "samples": (0, 1 << 31),  # max_samples, fit_samples, check_soundness, tightness (also <= split size)
+    "steps": (0, 100_000),  # attack iterations, attack_steps
+    "restarts": (1, 1000),
+    "queries": (1, 10_000_000),
+    "targets": (1, 10_000),  # also < the number of classes
+    "workers": (0, 256),
+    "max_array_gb": (0, 1 << 20),  # GB per array; $MMROBUST_MAX_ARRAY_GB
+    "sample_elements": (1, 1 << 28),  # elements of one sample of one modality (meta.json shapes)
+    "radii": (0, 1e6),  # certify: each l2 radius; at most 10_000 of them
+}
+
+
+def check_limit(name: str, value: Any, param: str | None = None) -> Any:
+    """``value`` if it is a number (an integer where the bounds are) inside ``LIMITS[name]``; else a
+    one-line :class:`ConfigError` naming ``param`` (default: ``name``) and the bounds."""
+    low, high = LIMITS[name]
+    param = param or name
+    integral = isinstance(low, int) and isinstance(high, int)
+    ok_type = isinstance(value, int) if integral else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type or not (math.isfinite(value) and low <= value <= high):
+        raise ConfigError(f"{param} must be {'an integer' if integral else 'a number'} in [{low}, {high}], got {value!r}",
+                          param=param)  # fmt: skip
+    return value
 
 
 def sha256_file(path: str | Path) -> str:

@@ -26,6 +26,8 @@ from mmrobust.errors import ConfigError, RunError
 from mmrobust.io import SCHEMA_VERSION, load_tensors, read_json, save_tensors, sha256_file, write_json
 from mmrobust.models.fusion import LateFusionModel, build_model
 from mmrobust.models.transform import build_transforms
+from mmrobust.plugins import import_plugin
+from mmrobust.publish import Lock, check_destination, partial_path, publish_folder, resolve_target
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.json", "metrics.json"
 MANIFEST_FILE = "manifest.json"
@@ -33,24 +35,15 @@ MANIFEST_FILE = "manifest.json"
 _PINNED = (MODEL_FILE, CONFIG_FILE, METRICS_FILE)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunFolder:
-    """Transactional writer of one run folder (a context manager).
+    """Transactional writer of one run folder (a context manager), on :mod:`mmrobust.publish`.
 
-    On enter, before any work: ``out`` must be a folder path whose parent is writable; an existing
-    non-empty ``out`` is refused unless ``force`` (replace it whole, stale evaluation files
-    included) or ``resume`` (continue from the checkpoint in ``partial``); the lock file is taken
-    (a second writer gets a one-line error; a lock left by a dead process is taken over). Files go
-    to :attr:`partial`; :meth:`commit` writes the manifest and renames ``partial`` into place.
+    On enter, before any work: ``out`` is resolved once (a symlink is followed: the run is published
+    at its target) and must be a folder path whose parent is writable; an existing non-empty ``out``
+    is refused unless ``force`` (replace it whole, stale evaluation files included; only a folder
+    mmrobust wrote) or ``resume`` (continue from the checkpoint in ``partial``); the lock file is
+    taken (a second writer gets a one-line error; a lock left by a dead process is taken over).
+    Files go to :attr:`partial`; :meth:`commit` writes the manifest and renames ``partial`` into place.
     """
 
     def __init__(self, out: str | Path, *, force: bool = False, resume: bool = False) -> None:
@@ -58,27 +51,16 @@ class RunFolder:
             raise ConfigError(
                 "force and resume exclude each other: replace the run or continue it", param=("force", "resume")
             )
-        self.out = Path(out).absolute()
+        self.out = resolve_target(out)
         self.force, self.resume = force, resume
-        self.partial = self.out.with_name(f".{self.out.name}.partial")
-        self.lock = self.out.with_name(f".{self.out.name}.lock")
-        self._locked = False
+        self.partial = partial_path(self.out)
+        self._lock = Lock(self.out, "run")
+        self.lock = self._lock.path
 
     def _check_target(self) -> None:
         out = self.out
-        if out.exists() and not out.is_dir():
-            raise RunError(f"{out}: exists and is not a folder; choose another out folder", param="out")
-        parent = out.parent
-        if not parent.is_dir():
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise RunError(f"{parent}: cannot create the folder for out ({exc.strerror})", param="out") from None
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise RunError(f"{parent}: not writable; choose another out folder", param="out")
-        owner = self._lock_owner()
-        if owner is not None and owner != os.getpid():
-            raise RunError(f"{out}: another mmrobust process (pid {owner}) is writing this run")
+        check_destination(out, force=self.force, resumable=True)
+        self._lock.refuse_if_taken()
         if not (self.force or self.resume) and (self.partial / "checkpoint.json").is_file():
             raise RunError(
                 f"{out}: an interrupted run of this folder has a checkpoint; pass resume=True to continue it "
@@ -98,33 +80,9 @@ class RunFolder:
                 )
             raise RunError(f"{out}: no interrupted run to resume (no checkpoint in {self.partial.name})")
 
-    def _lock_owner(self) -> int | None:
-        """The pid holding the lock if that process is alive, else None."""
-        try:
-            pid = int(self.lock.read_text().strip() or "0")
-        except (OSError, ValueError):
-            return None
-        return pid if pid and _pid_alive(pid) else None
-
-    def _acquire(self) -> None:
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._lock_owner()
-                if owner is not None:
-                    raise RunError(f"{self.out}: another mmrobust process (pid {owner}) is writing this run") from None
-                self.lock.unlink(missing_ok=True)  # stale: its writer died
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            self._locked = True
-            return
-        raise RunError(f"{self.out}: could not take the lock {self.lock}")
-
     def __enter__(self) -> RunFolder:
         self._check_target()
-        self._acquire()
+        self._lock.acquire()
         try:
             # again under the lock: another writer may have completed this run since the first check
             self._check_target()
@@ -142,18 +100,10 @@ class RunFolder:
             if name.startswith("checkpoint"):
                 (self.partial / name).unlink()
         seal_run(self.partial)
-        old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-        if self.out.exists():
-            os.replace(self.out, old)
-        os.replace(self.partial, self.out)
-        if old.exists():
-            shutil.rmtree(old)
-        return self.out
+        return publish_folder(self.partial, self.out)
 
     def __exit__(self, *exc: Any) -> None:
-        if self._locked:
-            self.lock.unlink(missing_ok=True)
-            self._locked = False
+        self._lock.release()
 
 
 def seal_run(path: str | Path) -> None:
@@ -244,11 +194,13 @@ def load_run(path: str | Path, *, allow_data_change: bool = False) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise RunError(f"{path}: run folder not found")
+    _verify_manifest(path)  # before config.json is trusted: an edited, unsealed config never builds a model
     raw = read_json(path / CONFIG_FILE)
     if not isinstance(raw, dict):
         raise RunError(f"{path / CONFIG_FILE}: must hold a JSON object")
+    _import_run_plugins(path, raw.get("plugins", []))  # they register the run's encoders and dataset
     try:
-        cfg = RunConfig.from_dict({k: raw[k] for k in ("data", "model", "train")})
+        cfg = RunConfig.from_dict({k: raw[k] for k in ("data", "model", "train", "plugins") if k in raw})
         meta = DatasetMeta.from_dict(raw["dataset"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
@@ -263,7 +215,6 @@ def load_run(path: str | Path, *, allow_data_change: bool = False) -> Run:
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise RunError(f"{path / MODEL_FILE}: weights do not match the model in config.json ({first})") from None
-    _verify_manifest(path)
     model.eval()
     source = raw.get("data_source")
     fp = source.get("fingerprint") if isinstance(source, dict) else None
@@ -271,6 +222,21 @@ def load_run(path: str | Path, *, allow_data_change: bool = False) -> Run:
     if _legacy_standardised(meta, source):
         _upgrade_legacy(run)
     return run
+
+
+def _import_run_plugins(path: Path, plugins: Any) -> None:
+    """Import the plug-ins recorded in a run's config.json; one that is missing is a one-line error
+    naming it and the run."""
+    if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
+        raise RunError(f"{path / CONFIG_FILE}: 'plugins' must be a list of module names, got {plugins!r}")
+    for module in plugins:
+        try:
+            import_plugin(module)
+        except ConfigError as exc:
+            raise RunError(
+                f"{path}: this run needs the plug-in '{module}' (recorded in config.json), which cannot be imported "
+                f"({str(exc).split(': ', 1)[-1]}); make it importable, e.g. add its folder to PYTHONPATH"
+            ) from None
 
 
 def _legacy_standardised(meta: DatasetMeta, source: Any) -> bool:
@@ -320,6 +286,22 @@ def _verify_manifest(path: Path) -> None:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or set(files) != set(_PINNED):
         raise RunError(f"{path / MANIFEST_FILE}: malformed manifest")
-    changed = [name for name in _PINNED if sha256_file(path / name) != files[name]]
+    changed = [name for name in _PINNED if not (path / name).is_file() or sha256_file(path / name) != files[name]]
     if changed:
         raise RunError(f"{path}: {', '.join(changed)} changed after the run was written (mixed or edited run folder)")
+    _check_metrics(path / METRICS_FILE)
+
+
+#: metrics.json fields every command reads as numbers (a sealed file may still hold nonsense)
+_NUMERIC_METRICS = ("val_accuracy", "test_accuracy")
+
+
+def _check_metrics(path: Path) -> None:
+    """The fields of ``metrics.json`` that commands compute with must be numbers (or null)."""
+    metrics = read_json(path)
+    if not isinstance(metrics, dict):
+        raise RunError(f"{path}: must hold a JSON object")
+    for key in _NUMERIC_METRICS:
+        v = metrics.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1):
+            raise RunError(f"{path}: '{key}' must be a number in [0, 1] or null, got {v!r}")

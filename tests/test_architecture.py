@@ -19,7 +19,21 @@ ROOT = Path(mmrobust.__file__).parent
 
 #: the floors, lowest first; a node may import nodes on its own floor or below, never above
 FLOORS: list[tuple[str, set[str]]] = [
-    ("ground", {"errors", "registry", "plugins", "options", "io", "progress", "torchutil", "precision", "layer_rules"}),
+    (
+        "ground",
+        {
+            "errors",
+            "registry",
+            "plugins",
+            "options",
+            "io",
+            "publish",
+            "progress",
+            "torchutil",
+            "precision",
+            "layer_rules",
+        },
+    ),
     ("data", {"data"}),
     ("models", {"models"}),
     ("attacks", {"attacks", "memory"}),

@@ -34,7 +34,7 @@ CASES = [
     (["train", "--data", "synthetic", "--weight-decay", "-5", "--out", "{tmp}/new"], "'train.optim.weight_decay'"),
     (
         ["train", "--data", "synthetic", "--seed", str(2**64), "--out", "{tmp}/new"],
-        "seed must be an integer in 0..2^63-1",
+        "--seed must be an integer in [0, 4294967295]",
     ),
     (["train", "--data", "synthetic", "--feature-dim", str(10**9), "--out", "{tmp}/new"], "'model.feature_dim'"),
     (["train", "--data", "synthetic", "--optimizer", "lbfgs", "--out", "{tmp}/new"], "invalid choice: 'lbfgs'"),

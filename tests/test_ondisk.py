@@ -247,7 +247,8 @@ def test_verify_rehashes_every_array_and_names_the_changed_ones(disk, tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "2 of 9 arrays differ from the sha256 in meta.json (val/weak, test/weak)" in err
     assert sorted(p.name for p in bad.rglob("*")) == before  # nothing written
-    load_data(DataConfig(str(bad)))  # opening stays cheap: it does not hash
+    with pytest.raises(DataError, match=r"val/weak.npy: changed since the dataset was written"):
+        load_data(DataConfig(str(bad)))  # opening re-hashes the small splits (val, test): issue 22
 
 
 def test_convert_cli_refusals(tmp_path, capsys):

@@ -18,7 +18,7 @@ import torch
 
 from mmrobust.cli import main
 from mmrobust.errors import RunError
-from mmrobust.runs import load_run
+from mmrobust.runs import load_run, seal_run
 from mmrobust.training import Trainer
 from tests.conftest import free_port
 
@@ -94,16 +94,26 @@ def test_run_config_and_metrics_are_validated(tiny_run, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     cfg["train"]["lr"] = "fast"  # unknown key
     (run / "config.json").write_text(json.dumps(cfg))
+    # the manifest is checked before config.json is trusted: an unsealed edit is refused as such
+    with pytest.raises(RunError, match=r"config.json changed after the run was written"):
+        load_run(run)
+    seal_run(run)  # sealed on purpose: now the config itself is validated
     with pytest.raises(RunError, match=r"invalid run config .*unknown key\(s\) \['lr'\]"):
         load_run(run)
     cfg["train"].pop("lr")
     cfg["train"]["epochs"] = "two"
     (run / "config.json").write_text(json.dumps(cfg))
+    seal_run(run)
     with pytest.raises(RunError, match="'train.epochs' expects int"):
         load_run(run)
     shutil.copy(tiny_run / "config.json", run / "config.json")
     (run / "metrics.json").write_text("[1, 2]")
+    seal_run(run)
     with pytest.raises(RunError, match="metrics.json: must hold a JSON object"):
+        load_run(run)
+    (run / "metrics.json").write_text(json.dumps({"test_accuracy": "high"}))  # sealed, but not a number
+    seal_run(run)
+    with pytest.raises(RunError, match="'test_accuracy' must be a number"):
         load_run(run)
 
 
@@ -285,3 +295,172 @@ def test_torchrun_kill_then_resume_is_bit_identical(tmp_path):
         line for line in resumed.stderr.splitlines() if "mmrobust" in line or "Error" in line
     ]
     assert _sha(tmp_path / "r" / "model.safetensors") == _sha(tmp_path / "full" / "model.safetensors")
+
+
+# -- issue 22: verified resume, outputs resolved once, one writer protocol ----------------------------
+
+
+def _interrupted(argv: list[str], monkeypatch, after: int = 2) -> None:
+    """Run ``mmrobust train`` and stop it (KeyboardInterrupt) while it reports epoch ``after``: the
+    checkpoint of epoch ``after - 1`` stays in the partial folder."""
+    import mmrobust.report.console as console
+
+    def stop(line: str) -> None:
+        if f"epoch {after}/" in line:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(console, "echo", stop)
+    assert main(argv) == 130
+    monkeypatch.undo()
+
+
+def _partial_files(out: Path) -> dict[str, str]:
+    partial = out.with_name(f".{out.name}.partial")
+    return {p.name: _sha(p) for p in sorted(partial.iterdir())}
+
+
+@pytest.mark.parametrize("tamper", ["tensor-bytes", "epoch", "history"])
+def test_resume_refuses_a_tampered_checkpoint_and_keeps_it(tmp_path, capsys, monkeypatch, tamper):
+    out = tmp_path / "r"
+    argv = ["train", *TINY, "--epochs", "3", "--out", str(out)]
+    _interrupted(argv, monkeypatch)
+    capsys.readouterr()
+    partial = out.with_name(".r.partial")
+    doc = json.loads((partial / "checkpoint.json").read_text())
+    tensors = partial / doc["tensors"]
+    saved = {p.name: p.read_bytes() for p in partial.iterdir()}
+    if tamper == "tensor-bytes":
+        raw = bytearray(tensors.read_bytes())
+        raw[-3] ^= 0x01  # one bit of one weight
+        tensors.write_bytes(bytes(raw))
+        named = doc["tensors"]
+    else:
+        if tamper == "epoch":
+            doc["epoch"] = 2  # claims a later epoch than it holds
+        else:
+            doc["history"][0]["val_accuracy"] = 1.0
+        (partial / "checkpoint.json").write_text(json.dumps(doc))
+        named = "checkpoint.json"
+    before = _partial_files(out)
+    assert main([*argv, "--resume"]) == 2
+    line = _err_line(capsys)
+    assert named in line and ("changed after it was written" in line or "edited after it was written" in line), line
+    assert _partial_files(out) == before and not out.exists()  # nothing lost, nothing published
+    for name, data in saved.items():  # restored: the resume continues and says so
+        (partial / name).write_bytes(data)
+    assert main([*argv, "--resume"]) == 0
+    metrics = load_run(out).metrics
+    assert metrics["resumed"] is True and metrics["resumed_from_epoch"] == 1 and metrics["reproducible"] is True
+
+
+def _npz_folder(root: Path, shift: float = 0.0) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(exist_ok=True)
+    for split, n in (("train", 96), ("test", 32)):
+        y = rng.integers(0, 3, n)
+        x = rng.standard_normal((n, 6)).astype(np.float32) + y[:, None]
+        z = rng.standard_normal((n, 4)).astype(np.float32)
+        np.savez(root / f"{split}.npz", a=x + shift, b=z, label=y)
+    return root
+
+
+def test_resume_refuses_changed_data_unless_allowed_and_records_both_fingerprints(tmp_path, capsys, monkeypatch):
+    data = _npz_folder(tmp_path / "data")
+    out = tmp_path / "r"
+    argv = ["train", "--data", str(data), "--feature-dim", "8", "--no-progress", "--epochs", "3", "--out", str(out)]
+    _interrupted(argv, monkeypatch)
+    capsys.readouterr()
+    first = json.loads((out.with_name(".r.partial") / "checkpoint.json").read_text())["data_fingerprint"]
+    _npz_folder(data, shift=0.5)  # the data are regenerated differently while the run is down
+    before = _partial_files(out)
+    assert main([*argv, "--resume"]) == 2
+    line = _err_line(capsys)
+    assert "the data changed since the interrupted run started" in line and "--allow-data-change" in line
+    assert _partial_files(out) == before and not out.exists()
+    assert main([*argv, "--allow-data-change"]) == 2  # only with --resume
+    assert "--allow-data-change applies to --resume only" in _err_line(capsys)
+    assert main([*argv, "--resume", "--allow-data-change"]) == 0
+    metrics = load_run(out, allow_data_change=True).metrics
+    assert metrics["resumed_from_epoch"] == 1 and metrics["reproducible"] is False
+    assert metrics["data_fingerprints"][0] == first and len(set(metrics["data_fingerprints"])) == 2
+
+
+def test_resume_rehashes_an_ondisk_train_split(tmp_path, capsys, monkeypatch):
+    disk = tmp_path / "disk"
+    assert main(["data", "convert", "synthetic", str(disk), "--data-opt", "n_train=120", "--data-opt", "n_val=40",
+                 "--data-opt", "n_test=40", "--data-opt", "dim=8", "--no-progress"]) == 0  # fmt: skip
+    out = tmp_path / "r"
+    argv = ["train", "--data", str(disk), "--feature-dim", "8", "--no-progress", "--epochs", "3", "--out", str(out)]
+    _interrupted(argv, monkeypatch)
+    capsys.readouterr()
+    arr = np.load(disk / "train" / "weak.npy", mmap_mode="r+")
+    arr[5, 0] += 1.0  # one value, still finite: only a re-hash sees it
+    arr.flush()
+    del arr
+    assert main([*argv, "--resume"]) == 2
+    assert "train/weak.npy: changed since the dataset was written" in _err_line(capsys)
+    assert (out.with_name(".r.partial") / "checkpoint.json").is_file()
+
+
+def test_outputs_are_published_at_a_symlink_target(tmp_path, capsys):
+    big = tmp_path / "bigdisk"
+    big.mkdir()
+    link = tmp_path / "runs"
+    link.symlink_to(big, target_is_directory=True)
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(link / "r")]) == 0
+    assert load_run(big / "r").metrics["resumed"] is False
+    target = tmp_path / "elsewhere"
+    (tmp_path / "r2").symlink_to(target)  # a dangling link to the place the run should go
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "r2")]) == 0
+    assert (tmp_path / "r2").is_symlink() and (target / "manifest.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing stranded
+
+
+@pytest.mark.parametrize("command", ["train", "convert"])
+def test_force_replaces_only_mmrobust_folders(tmp_path, capsys, command):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    (tmp_path / "f.txt").write_text("keep")
+    if command == "train":
+        argv = lambda dst: ["train", *TINY, "--epochs", "1", "--out", str(dst), "--force"]  # noqa: E731
+    else:
+        argv = lambda dst: ["data", "convert", "synthetic", str(dst), "--data-opt", "n_train=60", "--data-opt",  # noqa: E731
+                            "n_val=20", "--data-opt", "n_test=20", "--no-progress", "--force"]  # fmt: skip
+    for dst, msg in ((foreign, "not a folder written by mmrobust"), (tmp_path / "f.txt", "is not a folder"),
+                     (Path(os.devnull), "is not a folder")):  # fmt: skip
+        assert main(argv(dst)) == 2
+        assert msg in _err_line(capsys)
+    assert (foreign / "holiday.jpg").read_bytes() == b"x" and (tmp_path / "f.txt").read_text() == "keep"
+    assert Path(os.devnull).is_char_device()
+
+
+def test_concurrent_certify_keeps_both_results(tiny_run, tmp_path):
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "mmrobust", "certify", str(run), "--certifier"]
+    runs = (["empirical", "--fit-samples", "16"], ["sound"])
+    procs = [
+        subprocess.Popen([*cmd, *extra], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL) for extra in runs
+    ]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read() if p.stderr else ""
+    doc = json.loads((run / "certify.json").read_text())
+    assert {"empirical", "sound"} <= set(doc["certifiers"])
+
+
+def test_a_second_concurrent_convert_is_refused_in_one_line(tmp_path, capsys):
+    from mmrobust.publish import Lock, resolve_target
+
+    dst = tmp_path / "ds"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = Lock(resolve_target(dst), "dataset")
+        lock.path.write_text(str(sleeper.pid))  # the first convert, still running
+        assert main(["data", "convert", "synthetic", str(dst), "--no-progress"]) == 2
+        assert f"another mmrobust process (pid {sleeper.pid}) is writing this dataset" in _err_line(capsys)
+        assert not dst.exists() and not dst.with_name(".ds.partial").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()

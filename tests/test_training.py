@@ -49,15 +49,20 @@ def test_training_is_deterministic_by_seed():
 
 def test_load_run_rejects_corrupt_weights(tiny_run, tmp_path):
     from mmrobust.errors import RunError
+    from mmrobust.runs import seal_run
 
     run_dir = tmp_path / "bad"
     shutil.copytree(tiny_run, run_dir)
     data = (run_dir / "model.safetensors").read_bytes()
     (run_dir / "model.safetensors").write_bytes(data[: len(data) // 3])
+    # the manifest is checked first (issue 22): nothing unsealed is parsed
+    with pytest.raises(RunError, match="model.safetensors changed after the run was written"):
+        load_run(run_dir)
+    seal_run(run_dir)
     with pytest.raises(RunError, match="corrupt or truncated safetensors"):
         load_run(run_dir)
     (run_dir / "config.json").write_text("{not json")
-    with pytest.raises(RunError, match="config.json: not valid JSON"):
+    with pytest.raises(RunError, match="config.json changed after the run was written"):
         load_run(run_dir)
 
 

@@ -60,6 +60,7 @@ from mmrobust.data.base import (
 from mmrobust.data.ondisk import SPLITS, DiskWriter, Storage, partial_path, publish
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.options import check_range
+from mmrobust.publish import Lock, check_destination, resolve_target
 
 if TYPE_CHECKING:
     from mmrobust.progress import ProgressFn
@@ -566,11 +567,18 @@ def import_av(
     if chunk < 1:
         raise ConfigError(f"chunk must be >= 1, got {chunk}")
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and not force:
-        raise DataError(f"{dst}: already exists; pass force=True to replace it", param="force")
+    src, dst = Path(src), resolve_target(dst)
+    check_destination(dst, force=force, param="dst", empty_ok=False, error=DataError)
     if dst.resolve().is_relative_to(src.resolve()):
         raise ConfigError(f"DST {dst} lies inside SRC {src}; choose a folder outside it")
+    with Lock(dst, "dataset"):
+        return _import_locked(src, dst, opts, progress, chunk, t0)
+
+
+def _import_locked(
+    src: Path, dst: Path, opts: ImportOptions, progress: ProgressFn | None, chunk: int, t0: float
+) -> ImportResult:
+    """:func:`import_av` once DST is resolved, checked and locked."""
     plan = plan_import(src, opts)
     partial = partial_path(dst)
     writer, resumed = _open_writer(plan, partial)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,9 @@ import torch
 from mmrobust.calibration.evaluate import Evaluation
 from mmrobust.calibration.store import save_heads
 from mmrobust.calibration.study import CalibrationStudy
-from mmrobust.errors import RunError
 from mmrobust.eval.results import fmt_eps
 from mmrobust.io import SCHEMA_VERSION, atomic_write_bytes, write_json
+from mmrobust.publish import Lock, check_destination, partial_path, publish_folder, resolve_target
 from mmrobust.report.markdown import md_table
 from mmrobust.report.plots import plt, save_figure
 
@@ -153,30 +152,27 @@ def _mean_robust(ev: Evaluation) -> float:
     return sum(e.budgets[-1].worst.accuracy for e in ev.modalities.values()) / len(ev.modalities)
 
 
-def check_out_folder(out: str | Path, *, force: bool = False) -> None:
-    """Refuse, before any work, an ``--out`` that is a file or a non-empty folder (unless ``force``)."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise RunError(f"{path}: exists and is not a folder; choose another out folder", param="out")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise RunError(f"{path}: already exists; pass force=True to replace it", param="force")
+def check_out_folder(out: str | Path, *, force: bool = False) -> Path:
+    """Resolve ``out`` once (a symlink: its target) and refuse, before any work, what the study could
+    not be published into: a file or device, a non-empty folder (unless ``force``: then only a study
+    folder mmrobust wrote), a folder another mmrobust process is writing."""
+    path = resolve_target(out)
+    check_destination(path, force=force)
+    Lock(path, "study").refuse_if_taken()
+    return path
 
 
 def write_study_folder(out: str | Path, study: CalibrationStudy, *, force: bool = False) -> Path:
-    """Write the study into a hidden sibling folder and rename it into place: an interrupted or
-    failed write never leaves a half-written ``out``."""
-    path = Path(out).absolute()
-    check_out_folder(path, force=force)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir(parents=True)
-        write_study(partial, study)
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(partial, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
+    """Write the study into the hidden partial folder and publish it (:mod:`mmrobust.publish`): an
+    interrupted or failed write never leaves a half-written ``out``."""
+    path = check_out_folder(out, force=force)
+    partial = partial_path(path)
+    with Lock(path, "study"):
         shutil.rmtree(partial, ignore_errors=True)
+        try:
+            partial.mkdir(parents=True)
+            write_study(partial, study)  # calibration.json is its record (and signature)
+            publish_folder(partial, path)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return path

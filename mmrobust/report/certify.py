@@ -16,21 +16,24 @@ from mmrobust.certify.results import CertifyResult
 from mmrobust.certify.runner import CERTIFY_FILE
 from mmrobust.errors import RunError
 from mmrobust.io import read_json, write_json
+from mmrobust.publish import folder_update
 from mmrobust.report.console import out
 from mmrobust.report.tables import print_table
 from mmrobust.runs import Run
 
 
 def save_certify(run: Run, result: CertifyResult) -> Path:
-    """Merge ``result`` into ``RUN/certify.json`` under its key (written atomically)."""
+    """Merge ``result`` into ``RUN/certify.json`` under its key (written atomically), under the run
+    folder's update lock: concurrent ``certify`` runs on one folder never lose each other's results."""
     target = run.path / CERTIFY_FILE
-    doc: dict[str, Any] = {}
-    if target.is_file():
-        try:
-            doc = read_json(target)
-        except RunError:
-            doc = {}  # a corrupt previous file is replaced, never half-merged
-    write_json(target, result.document(run, doc))
+    with folder_update(run.path):
+        doc: dict[str, Any] = {}
+        if target.is_file():
+            try:
+                doc = read_json(target)
+            except RunError:
+                doc = {}  # a corrupt previous file is replaced, never half-merged
+        write_json(target, result.document(run, doc))
     return target
 
 

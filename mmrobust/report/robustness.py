@@ -15,6 +15,7 @@ from typing import Any
 from mmrobust.eval.results import EvalResult, Setting, fmt_eps
 from mmrobust.eval.robust import is_masking_gap
 from mmrobust.io import write_json
+from mmrobust.publish import folder_update
 from mmrobust.report.console import console
 from mmrobust.report.markdown import fmt
 from mmrobust.report.plots import plt, save_figure
@@ -37,14 +38,17 @@ def save_eval(run_dir: str | Path, result: EvalResult, plot: bool = True) -> Eva
     the plot names recorded."""
     run_dir = Path(run_dir)
     plots = []
-    if plot and result.suite == "paper":
-        plots.append(plot_setting_bars(result, run_dir / "paper_suite.png").name)
-    if plot and result.curves is not None:
-        plots.append(plot_robustness_curves({run_dir.name or "model": result}, run_dir / "robustness_curves.png").name)
-    result = replace(result, plots=plots)
-    doc = result.to_json()
-    write_json(run_dir / f"eval_{result.suite}.json", doc)
-    write_json(run_dir / "eval.json", doc)
+    with folder_update(run_dir):  # the one writer protocol: files added to a run under its update lock
+        if plot and result.suite == "paper":
+            plots.append(plot_setting_bars(result, run_dir / "paper_suite.png").name)
+        if plot and result.curves is not None:
+            plots.append(
+                plot_robustness_curves({run_dir.name or "model": result}, run_dir / "robustness_curves.png").name
+            )
+        result = replace(result, plots=plots)
+        doc = result.to_json()
+        write_json(run_dir / f"eval_{result.suite}.json", doc)
+        write_json(run_dir / "eval.json", doc)
     return result
 
 

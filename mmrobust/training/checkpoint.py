@@ -2,17 +2,23 @@
 
 A checkpoint holds everything the next epoch depends on: model and best-so-far weights,
 optimiser and scheduler state, the global and the strategy's RNG states, the strategy's own state,
-the history and the selection key. Resuming from it reproduces the uninterrupted run bit for bit
+the history and the selection key, and the data fingerprint taken when the run first started.
+Resuming from it reproduces the uninterrupted run bit for bit
 (same seed, same data order: the shuffle of epoch ``e`` depends only on ``(seed, e)``).
 
 Layout (inside the run's ``.NAME.partial`` folder): ``checkpoint-E.safetensors`` (every tensor)
 and ``checkpoint.json`` (everything else, and which tensor file belongs to it). The JSON file is
 replaced atomically after its tensor file is complete, so a kill at any moment leaves a
 consistent pair; older tensor files are removed afterwards.
+
+Before a checkpoint is used it is verified: ``checkpoint.json`` records the sha256 of its tensor file
+and of its own fields (everything but the digests: epoch, history, settings, ...); tampered bytes
+or an edited epoch are refused in one line naming the file, and the checkpoint is left in place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +27,10 @@ from typing import Any
 import torch
 
 from mmrobust.errors import RunError
-from mmrobust.io import load_tensors, read_json, save_tensors, write_json
+from mmrobust.io import _clean_floats, _json_default, load_tensors, read_json, save_tensors, sha256_file, write_json
 
 CHECKPOINT_JSON = "checkpoint.json"
-FORMAT = 1
+FORMAT = 2  # 2: sha256 digests of the tensor file and of the fields; the data fingerprint
 
 
 @dataclass
@@ -44,6 +50,8 @@ class TrainingState:
     history: list[dict[str, Any]]
     config: dict[str, Any]
     scaler: dict[str, Any] | None = None  # fp16 gradient scaler (loss scale and growth tracker)
+    data_fingerprint: str | None = None  # of the data when the run first started (checked at resume)
+    data_fingerprints: list[str] | None = None  # every fingerprint accepted (allow_data_change)
 
 
 def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -85,20 +93,55 @@ def save_checkpoint(folder: Path, state: TrainingState) -> None:
         "generator": _split_tensors(state.generator, "gen", tensors),
         "strategy": _split_tensors(state.strategy, "strategy", tensors),
         "scaler": _split_tensors(state.scaler, "scaler", tensors) if state.scaler is not None else None,
+        "data_fingerprint": state.data_fingerprint,
+        "data_fingerprints": state.data_fingerprints,
     }
     name = f"checkpoint-{state.epoch}.safetensors"
     doc["tensors"] = name
     save_tensors(folder / name, tensors)
+    doc = json.loads(json.dumps(_clean_floats(doc), default=_json_default))  # exactly what is read back
+    doc["sha256"] = {"tensors": sha256_file(folder / name), "fields": _fields_digest(doc)}
     write_json(folder / CHECKPOINT_JSON, doc)
     for old in folder.glob("checkpoint-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
 
 
-def load_checkpoint(folder: Path) -> TrainingState:
-    doc = read_json(folder / CHECKPOINT_JSON)
+def _fields_digest(doc: dict[str, Any]) -> str:
+    """sha256 of every field of ``checkpoint.json`` but the digests themselves (canonical JSON)."""
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def verify_checkpoint(folder: Path) -> dict[str, Any]:
+    """``checkpoint.json``, checked against its digests (its fields and its tensor file) before use."""
+    path = folder / CHECKPOINT_JSON
+    doc = read_json(path)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise RunError(f"{folder / CHECKPOINT_JSON}: not a checkpoint of this mmrobust version")
+        raise RunError(f"{path}: not a checkpoint of this mmrobust version; pass force=True to start over",
+                       param="force")  # fmt: skip
+    digests = doc.get("sha256")
+    name = doc.get("tensors")
+    if not isinstance(digests, dict) or not isinstance(name, str) or "/" in name or name.startswith("."):
+        raise RunError(f"{path}: malformed checkpoint (no digests); pass force=True to start over", param="force")
+    if digests.get("fields") != _fields_digest(doc):
+        raise RunError(
+            f"{path}: edited after it was written (its fields, e.g. epoch or history, no longer match their "
+            "sha256); the checkpoint is kept: restore it, or pass force=True to start over",
+            param="force",
+        )
+    tensor_file = folder / name
+    if not tensor_file.is_file() or sha256_file(tensor_file) != digests.get("tensors"):
+        raise RunError(
+            f"{tensor_file}: missing or changed after it was written (sha256 differs from {CHECKPOINT_JSON}); "
+            "the checkpoint is kept: restore it, or pass force=True to start over",
+            param="force",
+        )
+    return doc
+
+
+def load_checkpoint(folder: Path) -> TrainingState:
+    doc = verify_checkpoint(folder)
     try:
         tensors = load_tensors(folder / doc["tensors"])
         best = doc["best_model"]
@@ -118,6 +161,8 @@ def load_checkpoint(folder: Path) -> TrainingState:
             history=list(doc["history"]),
             config=dict(doc["config"]),
             scaler=_join_tensors(scaler, tensors) if scaler is not None else None,
+            data_fingerprint=doc.get("data_fingerprint"),
+            data_fingerprints=doc.get("data_fingerprints"),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise RunError(f"{folder / CHECKPOINT_JSON}: corrupt checkpoint ({exc})") from None

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mmrobust.config import RunConfig, optimizer_for, scheduler_for
 from mmrobust.data.base import DataBundle, iterate_batches
 from mmrobust.data.registry import load_data
-from mmrobust.errors import ConfigError
+from mmrobust.errors import ConfigError, DataError
 from mmrobust.eval.metrics import accuracy, predict
 from mmrobust.io import atomic_write_bytes
 from mmrobust.models.fusion import LateFusionModel, ModelConfig, build_model
@@ -73,6 +73,9 @@ class _FitState:
     best_key: tuple[float, float] = (-1.0, 0.0)
     best_epoch: int = -1
     best_state: dict[str, torch.Tensor] | None = None
+    data_fingerprint: str | None = None  # of the data when the run first started (kept across resumes)
+    data_fingerprints: list[str] | None = None  # set when a resume accepted changed data
+    resumed_from: int | None = None  # the epoch a resumed run continued from
 
 
 def _ignore(message: str) -> None:
@@ -191,6 +194,7 @@ class Trainer:
         *,
         force: bool = False,
         resume: bool = False,
+        allow_data_change: bool = False,
         on_epoch: MessageFn | None = None,
         progress: ProgressFn | None = None,
     ) -> FitResult:
@@ -199,7 +203,11 @@ class Trainer:
         A checkpoint is kept after every epoch while the run is in progress; ``resume`` continues
         from it and gives the same model as an uninterrupted run. Rank 0 reports each epoch's log
         line (and the strategy's messages) to ``on_epoch`` and the training steps done to ``progress``.
+        A resume verifies the checkpoint (its digests) and the data (the fingerprint taken when the run
+        first started; an on-disk train split is re-hashed): changed data are refused unless
+        ``allow_data_change`` (the run's metrics then record both fingerprints and ``reproducible: false``).
         """
+        self._allow_data_change = allow_data_change
         from mmrobust.runs import RunFolder
 
         if not self.dist.is_main:
@@ -240,7 +248,9 @@ class Trainer:
         opt = optimizer_for(self.strategy.parameters(self.model), t.optim)
         sched = scheduler_for(opt, t.optim, t.epochs)
         gen = torch.Generator().manual_seed(t.seed * 1000 + self.dist.rank)
-        return _FitState(opt, sched, scaler, gen, self.cfg.to_dict())
+        state = _FitState(opt, sched, scaler, gen, self.cfg.to_dict())
+        state.data_fingerprint = self.bundle.source.get("fingerprint")  # taken at the start of the first attempt
+        return state
 
     def _resume(self, state: _FitState, resume_from: Path) -> None:
         """Continue from the checkpoint in ``resume_from``, if there is one (a fresh run folder has none)."""
@@ -248,7 +258,7 @@ class Trainer:
 
         if not (resume_from / CHECKPOINT_JSON).is_file():
             return
-        ck = load_checkpoint(resume_from)
+        ck = load_checkpoint(resume_from)  # verified against its digests first
         changed = config_difference(ck.config, state.config)
         if changed:
             raise ConfigError(
@@ -256,6 +266,8 @@ class Trainer:
                 "use the same settings, or pass force=True to start over",
                 param="force",
             )
+        self._check_resume_data(state, ck.data_fingerprint, ck.data_fingerprints)
+        state.resumed_from = ck.epoch
         self.model.load_state_dict(ck.model)
         state.opt.load_state_dict(ck.optimizer)
         if state.sched is not None and ck.scheduler is not None:
@@ -268,6 +280,33 @@ class Trainer:
         self.history = ck.history
         state.best_key, state.best_epoch, state.best_state = ck.best_key, ck.best_epoch, ck.best_model
         state.first_epoch = ck.epoch
+
+    def _check_resume_data(self, state: _FitState, first: str | None, accepted: list[str] | None) -> None:
+        """The data at resume must be those the run started on (fingerprint; an on-disk train split
+        re-hashed against its meta.json), unless ``allow_data_change``."""
+        from mmrobust.data.ondisk import check_splits
+
+        now = state.data_fingerprint
+        try:
+            check_splits(self.bundle, ("train",))  # values edited inside an on-disk array file
+            same = first is None or now == first
+        except DataError:
+            if not self._allow_data_change:
+                raise
+            same = False
+        known = list(accepted or ([first] if first else []))
+        if not same:
+            if not self._allow_data_change:
+                raise ConfigError(
+                    f"cannot resume: the data changed since the interrupted run started (fingerprint {str(now)[:12]} "
+                    f"!= {str(first)[:12]}); restore them, pass allow_data_change=True to continue on the new data "
+                    "(the run is then marked not reproducible), or force=True to start over",
+                    param=("allow_data_change", "force"),
+                )
+            known.append(str(now))
+        state.data_fingerprint = first or now
+        if len(known) > 1:
+            state.data_fingerprints = known
 
     def _ticker(self, first_epoch: int, progress: ProgressFn | None) -> Callable[[], None]:
         """A function to call after every training step: reports the steps done to ``progress``."""
@@ -348,6 +387,7 @@ class Trainer:
                 state.opt.state_dict(), state.sched.state_dict() if state.sched is not None else None,
                 torch.get_rng_state(), state.gen.get_state(), self.strategy.state_dict(), self.history,
                 state.config, state.scaler.state_dict() if state.scaler is not None else None,
+                state.data_fingerprint, state.data_fingerprints,
             ),
         )  # fmt: skip
 
@@ -370,7 +410,12 @@ class Trainer:
             "train_time_s": time.perf_counter() - start,
             "history": self.history,
             **extra,
+            "resumed": state.resumed_from is not None,
+            "resumed_from_epoch": state.resumed_from,
+            "reproducible": state.data_fingerprints is None,
         }
+        if state.data_fingerprints is not None:
+            metrics["data_fingerprints"] = state.data_fingerprints  # the first, then each accepted change
         path = None
         if folder is not None:
             save_run(folder.partial, self.model, self.cfg, self.bundle, metrics)
@@ -415,16 +460,20 @@ def train(
     *,
     force: bool = False,
     resume: bool = False,
+    allow_data_change: bool = False,
     on_epoch: MessageFn | None = None,
     progress: ProgressFn | None = None,
 ) -> FitResult:
     """Train a model from a :class:`RunConfig`; write the run folder to ``out`` if given.
 
     An existing ``out`` is refused unless ``force`` (replace it) or ``resume`` (continue an
-    interrupted run from its last epoch checkpoint). ``on_epoch``/``progress``: see :meth:`Trainer.fit`.
+    interrupted run from its last epoch checkpoint; ``allow_data_change``: see :meth:`Trainer.fit`).
+    ``on_epoch``/``progress``: see :meth:`Trainer.fit`.
     """
     if out is not None and int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 owns the folder
         from mmrobust.runs import RunFolder
 
         RunFolder(out, force=force, resume=resume)._check_target()  # refuse before loading data
-    return Trainer(cfg, bundle).fit(out, force=force, resume=resume, on_epoch=on_epoch, progress=progress)
+    return Trainer(cfg, bundle).fit(
+        out, force=force, resume=resume, allow_data_change=allow_data_change, on_epoch=on_epoch, progress=progress
+    )

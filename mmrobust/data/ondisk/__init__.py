@@ -27,10 +27,12 @@ from mmrobust.data.ondisk.reader import DEFAULT_MAX_INPUTS_GB, DiskSplit, OnDisk
 from mmrobust.data.ondisk.tools import (
     ConvertResult,
     VerifyResult,
+    check_splits,
     convert,
     ondisk_fingerprint,
     uint8_storage,
     verify_ondisk,
+    verify_splits,
 )
 from mmrobust.data.ondisk.writer import DiskWriter, partial_path, publish
 
@@ -47,7 +49,9 @@ __all__ = [
     "OnDiskOptions",
     "Storage",
     "VerifyResult",
+    "check_splits",
     "convert",
+    "verify_splits",
     "is_ondisk",
     "ondisk_fingerprint",
     "open_ondisk",

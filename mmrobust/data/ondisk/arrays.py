@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,8 +101,17 @@ def preallocate(path: Path, shape: tuple[int, ...], dtype: str) -> None:
         fh.truncate(fh.tell() + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
 
 
-def digest_and_check(fd: int, f: ArrayFile, name: str, num_classes: int) -> str:
-    """sha256 of the whole .npy file (header + rows, read in chunks) and a finiteness/label check."""
+def digest_and_check(
+    fd: int,
+    f: ArrayFile,
+    name: str,
+    num_classes: int,
+    decode: Callable[[np.ndarray], Any] | None = None,
+    valid_range: tuple[float, float] | None = None,
+) -> str:
+    """sha256 of the whole .npy file (header + rows, read in chunks: memory stays at one chunk) and a
+    check of its values on the way: labels in range, inputs finite and, with ``valid_range``, inside it
+    (after ``decode``, the storage's decoding to model inputs). The first offending row is named."""
     h = hashlib.sha256()
     head = np.empty(f.offset, dtype=np.uint8)
     _pread_into(fd, head.data, 0, f.path)
@@ -109,10 +120,25 @@ def digest_and_check(fd: int, f: ArrayFile, name: str, num_classes: int) -> str:
     for a in range(0, f.rows, step):
         chunk = read_rows(fd, f, np.arange(a, min(f.rows, a + step)))
         if name == "label":
-            lo, hi = int(chunk.min()), int(chunk.max())
-            if lo < 0 or hi >= num_classes:
-                raise DataError(f"{f.path}: label values must be in 0..{num_classes - 1}, found {lo}..{hi}")
+            bad = (chunk < 0) | (chunk >= num_classes)
+            if bad.any():
+                row = a + int(np.argmax(bad))
+                raise DataError(
+                    f"{f.path}: label values must be in 0..{num_classes - 1}, found {int(chunk[row - a])} (row {row})"
+                )
         elif chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
-            raise DataError(f"{f.path}: contains NaN or inf values (rows {a}..{min(f.rows, a + step) - 1})")
+            row = a + int(np.argmax(~np.isfinite(chunk.reshape(len(chunk), -1)).all(1)))
+            raise DataError(f"{f.path}: contains NaN or inf values (first in row {row})")
+        if valid_range is not None and name != "label":
+            x = np.asarray(decode(chunk) if decode is not None else chunk, dtype=np.float64).reshape(len(chunk), -1)
+            lo, hi = valid_range
+            tol = 1e-4 * (hi - lo)  # uint8/float16 storage rounds
+            out = ((x < lo - tol) | (x > hi + tol)).any(1)
+            if out.any():
+                row = a + int(np.argmax(out))
+                raise DataError(
+                    f"{f.path}: values outside the declared valid range [{lo:g}, {hi:g}] (first in row {row}: "
+                    f"{x[row - a].min():g}..{x[row - a].max():g})"
+                )
         h.update(chunk.data)
     return h.hexdigest()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from mmrobust.data.base import DatasetMeta
-from mmrobust.data.ondisk.arrays import ArrayFile, array_file
+from mmrobust.data.ondisk.arrays import ArrayFile, array_file, digest_and_check
 from mmrobust.errors import DataError
 
 FORMAT = "mmrobust-ondisk"
@@ -108,12 +109,28 @@ def read_meta(root: Path) -> dict[str, Any]:
     return d
 
 
+def _check_shapes(where: str, d: dict[str, Any], meta: DatasetMeta) -> None:
+    """Declared shapes are bounded before anything is allocated or built from them: one sample of a
+    modality at most ``LIMITS['sample_elements']`` values, every split's arrays at most the array limit."""
+    from mmrobust.io import LIMITS
+
+    most = int(LIMITS["sample_elements"][1])
+    for m in meta.modalities:
+        n = math.prod(m.shape)
+        if any(s < 1 for s in m.shape) or n > most:
+            raise DataError(
+                f"{where}: modality '{m.name}' declares shape {tuple(m.shape)} ({n:,} values per sample); "
+                f"each dimension must be >= 1 and a sample at most {most:,} values"
+            )
+
+
 def parse_meta(root: Path, d: dict[str, Any]) -> tuple[DatasetMeta, dict[str, Storage], dict[str, int]]:
     where = str(root / "meta.json")
     try:
         meta = DatasetMeta.from_dict(d)
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{where}: bad dataset description ({exc})") from None
+    _check_shapes(where, d, meta)
     storage_d = d["storage"]
     if not isinstance(storage_d, dict) or set(storage_d) != set(meta.modality_names):
         raise DataError(f"{where}: 'storage' must name exactly the modalities {meta.modality_names}")
@@ -122,8 +139,8 @@ def parse_meta(root: Path, d: dict[str, Any]) -> tuple[DatasetMeta, dict[str, St
     if not isinstance(sizes, dict) or set(sizes) != set(SPLITS):
         raise DataError(f"{where}: 'sizes' must give train, val and test, got {sizes!r}")
     for s, n in sizes.items():
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise DataError(f"{where}: sizes['{s}'] must be an integer >= 1, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1 << 40:
+            raise DataError(f"{where}: sizes['{s}'] must be an integer in [1, {1 << 40}], got {n!r}")
     return meta, storage, dict(sizes)
 
 
@@ -171,3 +188,24 @@ def open_complete(
         for split in SPLITS
     }
     return d, meta, storage, sizes, arrays
+
+
+def verify_splits(root: Path, splits: Sequence[str]) -> None:
+    """Re-hash the arrays of ``splits`` against the sha256 in meta.json, checking their values as they
+    stream (finite, inside the declared valid range, labels in range); the first changed or bad array
+    is named in a one-line :class:`DataError`. Memory stays at one chunk."""
+    d, meta, storage, _, arrays = open_complete(root)
+    for split in splits:
+        for name, f in arrays[split].items():
+            st = storage.get(name)
+            vr = meta.spec(name).valid_range if name != "label" else None
+            fd = os.open(f.path, os.O_RDONLY)
+            try:
+                digest = digest_and_check(fd, f, name, meta.num_classes, st.decode if st is not None else None, vr)
+            finally:
+                os.close(fd)
+            if digest != d["sha256"][split].get(name):
+                raise DataError(
+                    f"{f.path}: changed since the dataset was written (sha256 differs from meta.json); "
+                    "restore it, or convert or import the data again"
+                )

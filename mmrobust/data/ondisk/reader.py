@@ -14,7 +14,7 @@ import torch
 
 from mmrobust.data.base import Batch, DataBundle, DatasetMeta, Split
 from mmrobust.data.ondisk.arrays import ArrayFile, read_rows
-from mmrobust.data.ondisk.format import FORMAT, SPLITS, Storage, open_complete
+from mmrobust.data.ondisk.format import FORMAT, SPLITS, Storage, open_complete, verify_splits
 from mmrobust.errors import ConfigError, DataError
 
 #: materialising ``DiskSplit.inputs`` is refused above this many decoded bytes ($MMROBUST_MAX_INPUTS_GB)
@@ -215,4 +215,7 @@ def open_ondisk(path: str | Path, seed: int = 0, **options: Any) -> DataBundle:
                 f"{files['label'].path}: values must be in 0..{meta.num_classes - 1}, found {label.min()}..{label.max()}"
             )
         splits[split] = DiskSplit(f"{root}/{split}", meta, storage, handles, torch.from_numpy(label), None, opts)
+    # one changed value in the small splits every command reads is caught before any result is
+    # written (train is re-hashed at resume; `mmrobust data verify` re-hashes everything)
+    verify_splits(root, ("val", "test"))
     return DataBundle(meta, splits["train"], splits["val"], splits["test"], source={"format": FORMAT})

@@ -17,10 +17,11 @@ import torch
 
 from mmrobust.data.base import DataBundle, DatasetMeta
 from mmrobust.data.ondisk.arrays import digest_and_check, rows_per_chunk
-from mmrobust.data.ondisk.format import SPLITS, Storage, array_names, open_complete, read_meta
+from mmrobust.data.ondisk.format import SPLITS, Storage, array_names, open_complete, read_meta, verify_splits
 from mmrobust.data.ondisk.writer import DiskWriter, partial_path, publish
 from mmrobust.errors import DataError
 from mmrobust.progress import ProgressFn
+from mmrobust.publish import Lock, check_destination, resolve_target
 
 
 @dataclass
@@ -40,20 +41,23 @@ def verify_ondisk(path: str | Path, progress: ProgressFn | None = None) -> Verif
 
     Opening a dataset reads no array data (so that opening 50 GB is instant); this is the full check
     for copies, old disks and network file systems. Values are re-validated on the way (finite
-    inputs, labels in range: a one-line :class:`DataError` names the file). Nothing is written.
+    inputs inside their declared valid range, labels in range: a one-line :class:`DataError` names the
+    file and the first offending row). Nothing is written.
     """
     import time
 
     t0 = time.perf_counter()
     root = Path(path)
-    d, meta, _, sizes, arrays = open_complete(root)  # a malformed folder fails before any hashing
+    d, meta, storage, sizes, arrays = open_complete(root)  # a malformed folder fails before any hashing
     names = array_names(meta)
     total, done, nbytes, mismatched = sum(sizes.values()) * len(names), 0, 0, []
     for split in SPLITS:
         for name, f in arrays[split].items():
             fd = os.open(f.path, os.O_RDONLY)
+            st = storage.get(name)
+            vr = meta.spec(name).valid_range if name != "label" else None
             try:
-                digest = digest_and_check(fd, f, name, meta.num_classes)
+                digest = digest_and_check(fd, f, name, meta.num_classes, st.decode if st is not None else None, vr)
             finally:
                 os.close(fd)
             if digest != d["sha256"][split].get(name):
@@ -63,6 +67,15 @@ def verify_ondisk(path: str | Path, progress: ProgressFn | None = None) -> Verif
             if progress is not None:
                 progress("verify", done, total)
     return VerifyResult(root, len(SPLITS) * len(names), nbytes, mismatched, time.perf_counter() - t0)
+
+
+def check_splits(bundle: DataBundle, splits: Sequence[str]) -> None:
+    """For an on-disk bundle: :func:`verify_splits` of ``splits`` (nothing for in-memory data, whose
+    fingerprint covers every value)."""
+    from mmrobust.data.ondisk.reader import DiskSplit
+
+    if isinstance(bundle.train, DiskSplit):
+        verify_splits(Path(bundle.train.where).parent, splits)
 
 
 def ondisk_fingerprint(path: str | Path) -> str:
@@ -126,9 +139,22 @@ def convert(
     import time
 
     t0 = time.perf_counter()
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise DataError(f"{dst}: already exists; pass force=True to replace it", param="force")
+    dst = resolve_target(dst)
+    check_destination(dst, force=force, param="dst", empty_ok=False, error=DataError)
+    with Lock(dst, "dataset"):
+        return _convert(bundle, dst, uint8, info, progress, t0)
+
+
+def _convert(
+    bundle: DataBundle,
+    dst: Path,
+    uint8: Sequence[str],
+    info: Mapping[str, Any] | None,
+    progress: ProgressFn | None,
+    t0: float,
+) -> ConvertResult:
+    import time
+
     meta = bundle.meta
     for m in uint8:
         spec = meta.spec(m)

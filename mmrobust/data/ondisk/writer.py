@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from mmrobust.data.ondisk.format import SPLITS, Storage, array_names, expected_a
 from mmrobust.errors import DataError
 from mmrobust.io import write_json
 from mmrobust.progress import ProgressFn
+from mmrobust.publish import partial_path as _partial_path
+from mmrobust.publish import publish_folder
 
 #: while a folder is incomplete: the row ranges of each split already on disk (what a resumed writer skips)
 _PROGRESS = "progress.json"
@@ -213,16 +214,10 @@ class DiskWriter:
 
 def partial_path(dst: Path) -> Path:
     """Where a conversion or an import writes until it is complete: ``.<name>.partial`` beside DST."""
-    return dst.parent / f".{dst.name}.partial"
+    return _partial_path(dst)
 
 
 def publish(partial: Path, dst: Path) -> None:
-    """Move the complete partial folder to DST; an existing DST (``force``) goes only now."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(partial, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, dst)
+    """Move the complete partial folder to DST (fsynced, atomic); an existing DST (``force``) goes only
+    now. The one writer protocol of :mod:`mmrobust.publish`."""
+    publish_folder(partial, dst)
