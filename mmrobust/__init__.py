@@ -9,7 +9,11 @@ The most used entry points are importable from the top level (loaded lazily, so 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
+
+# library messages go to the "mmrobust" logger; silent unless the application configures logging
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 

@@ -52,6 +52,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu | cuda | auto")
     _add_scale_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log", metavar="LOGGERS",
+                   help="experiment logs in RUN/logs/: csv (metrics.csv) and/or tensorboard (event files; needs the "
+                   "tensorboard extra), comma-separated")  # fmt: skip
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing run folder (all of it)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
@@ -142,11 +145,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     _bounded("seed", args.seed)  # the config bounds the other fields; the seed also seeds generators (x1000)
     if args.allow_data_change and not args.resume:
         raise ConfigError("--allow-data-change applies to --resume only (a new run records the data it starts on)")
+    from mmrobust.training.logs import check_loggers
+
     cfg = build_run_config(args)
+    loggers = check_loggers(args.log)  # before any work: an unknown logger or a missing package is one line
     out_path = _run_destination(args.out, force=args.force, resume=args.resume)
     with progress_callback(cfg.train.progress) as progress:
         result = train(cfg, out=out_path, force=args.force, resume=args.resume, allow_data_change=args.allow_data_change,
-                       on_epoch=echo, progress=progress)  # fmt: skip
+                       on_epoch=echo, progress=progress, log=loggers)  # fmt: skip
     if result.out is not None:
         m = result.metrics
         out.print(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,9 +39,12 @@ from mmrobust.training.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from mmrobust.training.logs import EpochLogs, check_loggers
 
 if TYPE_CHECKING:
     from mmrobust.runs import RunFolder
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,10 +130,16 @@ class Trainer:
     def context(self, on_message: MessageFn | None = None) -> TrainContext:
         """What the strategy's hooks see of this run (``on_message``: where their messages go)."""
         t = self.cfg.train
+        sink = on_message or _ignore
+
+        def message(text: str) -> None:  # to the caller and to Python logging
+            _log.info(text)
+            sink(text)
+
         return TrainContext(
             model=self.model, device=self.device, train=self.train_split, val=self.bundle.val, seed=t.seed,
             batch_size=t.batch_size, memory_budget=t.memory_budget, evaluate=self.evaluate_split,
-            on_message=on_message or _ignore,
+            on_message=message,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -197,6 +207,7 @@ class Trainer:
         allow_data_change: bool = False,
         on_epoch: MessageFn | None = None,
         progress: ProgressFn | None = None,
+        log: Sequence[str] = (),
     ) -> FitResult:
         """Train; with ``out``, write the run folder transactionally (see :class:`~mmrobust.runs.RunFolder`).
 
@@ -206,8 +217,10 @@ class Trainer:
         A resume verifies the checkpoint (its digests) and the data (the fingerprint taken when the run
         first started; an on-disk train split is re-hashed): changed data are refused unless
         ``allow_data_change`` (the run's metrics then record both fingerprints and ``reproducible: false``).
+        ``log``: experiment loggers writing into the run folder's ``logs/`` (:mod:`mmrobust.training.logs`).
         """
         self._allow_data_change = allow_data_change
+        self._log_names = check_loggers(log) if out is not None else ()
         from mmrobust.runs import RunFolder
 
         if not self.dist.is_main:
@@ -235,7 +248,14 @@ class Trainer:
         tick = self._ticker(state.first_epoch, progress)
         ctx = self.context(on_epoch)
         self.strategy.on_train_start(ctx)
-        self._run_epochs(state, ctx, tick, folder, on_epoch)
+        logs = EpochLogs(getattr(self, "_log_names", ()), folder.partial) if folder is not None else None
+        if logs is not None:
+            logs._written = state.first_epoch  # a resumed run's earlier epochs are logged already
+        try:
+            self._run_epochs(state, ctx, tick, folder, on_epoch, logs)
+        finally:
+            if logs is not None:
+                logs.close()
         return self._finish(state, ctx, folder, start)
 
     def _setup(self) -> _FitState:
@@ -330,8 +350,9 @@ class Trainer:
         tick: Callable[[], None],
         folder: RunFolder | None,
         on_epoch: MessageFn | None,
+        logs: EpochLogs | None = None,
     ) -> None:
-        """The epoch loop: train, validate, keep the best model, report and checkpoint each epoch."""
+        """The epoch loop: train, validate, keep the best model, report, log and checkpoint each epoch."""
         t = self.cfg.train
         # only the model's forwards are autocast (hooks on the model; DDP calls it); the selected
         # weights are float32 and everything after training (test accuracy, CRMT step 2) runs in fp32
@@ -340,10 +361,14 @@ class Trainer:
                 row = self._epoch(state, ctx, epoch, tick)
                 self.history.append(row)
                 self._select(state, epoch, row)
+                line = _epoch_line(t.method, t.epochs, row)
+                _log.info(line)
                 if on_epoch is not None:
-                    on_epoch(_epoch_line(t.method, t.epochs, row))
+                    on_epoch(line)
                 if folder is not None:
                     self._save_epoch(state, epoch, folder.partial)
+                if logs is not None:
+                    logs.update(self.history)
 
     def _epoch(self, state: _FitState, ctx: TrainContext, epoch: int, tick: Callable[[], None]) -> dict[str, Any]:
         """Train one epoch (with the strategy's epoch hooks), step the schedule and validate: the history row."""
@@ -463,17 +488,24 @@ def train(
     allow_data_change: bool = False,
     on_epoch: MessageFn | None = None,
     progress: ProgressFn | None = None,
+    log: Sequence[str] = (),
 ) -> FitResult:
     """Train a model from a :class:`RunConfig`; write the run folder to ``out`` if given.
 
     An existing ``out`` is refused unless ``force`` (replace it) or ``resume`` (continue an
     interrupted run from its last epoch checkpoint; ``allow_data_change``: see :meth:`Trainer.fit`).
-    ``on_epoch``/``progress``: see :meth:`Trainer.fit`.
+    ``on_epoch``/``progress``/``log``: see :meth:`Trainer.fit`.
     """
     if out is not None and int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 owns the folder
         from mmrobust.runs import RunFolder
 
         RunFolder(out, force=force, resume=resume)._check_target()  # refuse before loading data
     return Trainer(cfg, bundle).fit(
-        out, force=force, resume=resume, allow_data_change=allow_data_change, on_epoch=on_epoch, progress=progress
+        out,
+        force=force,
+        resume=resume,
+        allow_data_change=allow_data_change,
+        on_epoch=on_epoch,
+        progress=progress,
+        log=log,
     )
