@@ -94,3 +94,7 @@ def write_folder_dataset(root, setup: CalibrationSetup, valid_ranges: bool = Tru
     if valid_ranges:
         meta["valid_ranges"] = {m: [0.0, 1.0] for m in setup.meta.modality_names}
     (root / "meta.json").write_text(json.dumps(meta))
+
+
+#: not a factory (the calibrate command must refuse it in one line)
+NOT_A_FACTORY = 3

@@ -74,6 +74,7 @@ def test_bad_options_exit_2_before_any_work(user_files, tmp_path, capsys, extra,
       "encoder 'audio' returned NaN"),
      ({"data": "data_norange"}, "'audio' has no valid input range"),
      ({"enc": "audio=tests.calibration_setups:nope"}, "has no 'nope'"),
+     ({"enc": "audio=tests.calibration_setups:NOT_A_FACTORY"}, "is a int, not a factory to call"),
      ({"enc": "audio"}, "MODALITY=MODULE:FACTORY"),
      ({"centres": "missing.safetensors"}, "file not found")],
 )  # fmt: skip

@@ -44,8 +44,6 @@ EXEMPT: dict[tuple[str, str], str] = {
     ("demo", "*"): "trains avdigits for minutes per successful case; its flags are checked in test_cli_faults",
     ("calibrate", "*"): "needs the calibration extra and trains encoders; walked in test_calibration_cli",
     ("train", "--device"): "'0'/'-1' name CUDA devices on a GPU machine; validated by TrainConfig",
-    ("data import-av", "--split-seed"): "PENDING its owner (importav.ImportOptions): a negative split seed reaches "
-    "numpy (ValueError traceback); fix: check_range(split_seed, 0, 2**32 - 1) in ImportOptions.__post_init__",
     ("train", "--config"): "a path: every value is a missing file (one line), covered by test_cli_faults",
 }  # fmt: skip
 

@@ -297,6 +297,7 @@ def test_csv_layout_with_split_column_and_label_checks(tmp_path):
         "split.csv": ("clip_id,label,split\nid0,cat,dev\n", r"split.csv:2: clip 'id0' has split 'dev'"),
         "out.csv": ("clip_id,label\n../x,cat\nid1,dog\n", r"out.csv:2: clip id '../x' points outside"),
         "head.csv": ("id,label\nid0,cat\n", "the header must be 'clip_id,label'"),
+        "nul.csv": ("clip_id,label\nid0,c\x00at\n", r"nul.csv:2: a NUL byte; this is not a text CSV file"),
         "empty.csv": ("clip_id,label\n", "no clips listed"),
     }
     for name, (text, msg) in bad.items():

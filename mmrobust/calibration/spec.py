@@ -9,7 +9,6 @@ every modality, or one tensor per modality named after it.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from mmrobust.errors import ConfigError, RunError
 from mmrobust.io import load_tensors
+from mmrobust.plugins import load_object
 
 
 def parse_encoder_spec(spec: str) -> dict[str, tuple[str, str]]:
@@ -40,17 +40,18 @@ def parse_encoder_spec(spec: str) -> dict[str, tuple[str, str]]:
 
 
 def load_encoders(spec: str) -> dict[str, Any]:
-    """Import and call each factory of SPEC."""
+    """Import and call each factory of SPEC (imported with :func:`mmrobust.plugins.load_object`)."""
     encoders = {}
     for m, (module, factory) in parse_encoder_spec(spec).items():
         try:
-            fn = getattr(importlib.import_module(module), factory)
-        except ImportError as exc:
+            fn = load_object(f"{module}:{factory}", "encoders", param="encoders")
+        except ConfigError as exc:
+            raise ConfigError(f"encoders: {exc} (for '{m}')", param="encoders") from None
+        if not callable(fn):
             raise ConfigError(
-                f"encoders: cannot import module '{module}' for '{m}' ({exc})", param="encoders"
-            ) from None
-        except AttributeError:
-            raise ConfigError(f"encoders: module '{module}' has no '{factory}' (for '{m}')", param="encoders") from None
+                f"encoders: '{module}:{factory}' (for '{m}') is a {type(fn).__name__}, not a factory to call",
+                param="encoders",
+            )
         encoders[m] = fn()
     return encoders
 

@@ -118,6 +118,7 @@ class ImportOptions:
         _check_range(self.workers, 0, 256, "workers")
         _check_range(self.val, 0, 1, "val")
         _check_range(self.test, 0, 1, "test")
+        _check_range(self.split_seed, 0, 2**32 - 1, "split_seed")
         if self.val + self.test >= 1:
             raise ConfigError(f"val + test must be < 1, got {self.val} + {self.test}", param=("val", "test"))
         if self.spectrogram not in audio.SPECTROGRAMS:
@@ -275,6 +276,9 @@ def scan_csv(src: Path, csv_path: Path, opts: ImportOptions) -> tuple[list[Clip]
         raise DataError(f"{csv_path}: CSV file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{csv_path}: unreadable CSV file ({exc})") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DataError(f"{csv_path}:{line}: a NUL byte; this is not a text CSV file")
     reader = csv.reader(text.splitlines())
     header = [h.strip() for h in next(reader, [])]
     if header[:2] != ["clip_id", "label"] or header[2:] not in ([], ["split"]):
