@@ -19,6 +19,7 @@ import torch
 
 from mmrobust.data.base import DatasetMeta, Split
 from mmrobust.errors import ConfigError
+from mmrobust.progress import ProgressFn
 from mmrobust.registry import Registry
 
 #: the default of a parameter that has a deprecated alias: tells "not given" from every given value
@@ -80,6 +81,7 @@ class CertifyContext:
     fit_data: Split | None = None  # e.g. the training split the empirical estimator maximises over
     batch_size: int = 256
     seed: int = 0
+    progress: ProgressFn | None = None  # ``progress(description, done, total)`` over the certified samples
 
 
 class Certifier:

@@ -56,6 +56,7 @@ from mmrobust.certify.sound import sound_row_lipschitz
 from mmrobust.data.base import Batch, DatasetMeta, Split, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import LateFusionModel
+from mmrobust.progress import ProgressFn
 
 NORMS = ("l2", "linf")
 INTERMEDIATE = ("auto", "crown", "fast")
@@ -205,9 +206,17 @@ def _bisect(
     return lo
 
 
-def crown_radii(model: LateFusionModel, meta: DatasetMeta, split: Split, options: CrownOptions | None = None) -> Radii:
-    """CROWN-certified radii (joint, and per modality if ``options.unimodal``) for every sample."""
+def crown_radii(
+    model: LateFusionModel,
+    meta: DatasetMeta,
+    split: Split,
+    options: CrownOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> Radii:
+    """CROWN-certified radii (joint, and per modality if ``options.unimodal``) for every sample;
+    ``progress`` hears the samples done."""
     options = options or CrownOptions()
+    done, total = 0, len(split)
     bounds = ModelBounds(model, meta, options)
     names = bounds.names
     joint: list[torch.Tensor] = []
@@ -220,6 +229,9 @@ def crown_radii(model: LateFusionModel, meta: DatasetMeta, split: Split, options
         if options.unimodal:
             for m in names:
                 uni[m].append(_bisect(bounds, inputs, labels, [m], options))
+        done += len(labels)
+        if progress is not None:
+            progress("crown", done, total)
     unimodal = {m: torch.cat(v) for m, v in uni.items() if v}
     return Radii(torch.cat(joint), unimodal, torch.cat(correct))
 
@@ -235,7 +247,7 @@ class CrownCertifier(Certifier):
         if not isinstance(model, LateFusionModel):
             raise ConfigError(f"crown certifies a LateFusionModel, got {type(model).__name__}")
         t0 = time.perf_counter()
-        radii = crown_radii(model, meta, split, self.options)
+        radii = crown_radii(model, meta, split, self.options, ctx.progress)
         opts = self.options
         info = {"steps": opts.steps, "start": opts.start, "intermediate": opts.intermediate, "chunk": opts.chunk}
         return Certificate(

@@ -34,6 +34,7 @@ from torch import nn
 from mmrobust.certify.base import CERTIFIERS, Certificate, Certifier, CertifyContext, Guarantee, Radii
 from mmrobust.data.base import Batch, DatasetMeta, Split, chunk_rows, iterate_batches
 from mmrobust.errors import ConfigError
+from mmrobust.progress import ProgressFn
 
 
 def binomial_tail(k: torch.Tensor, n: int, p: torch.Tensor) -> torch.Tensor:
@@ -139,10 +140,16 @@ def smoothed_certify(
 
 
 def smoothing_radii(
-    model: nn.Module, meta: DatasetMeta, split: Split, options: SmoothingOptions | None = None
+    model: nn.Module,
+    meta: DatasetMeta,
+    split: Split,
+    options: SmoothingOptions | None = None,
+    progress: ProgressFn | None = None,
 ) -> Radii:
-    """Smoothed-classifier radii for every sample: joint (noise on all modalities) and per modality."""
+    """Smoothed-classifier radii for every sample: joint (noise on all modalities) and per modality;
+    ``progress`` hears the samples done."""
     options = options or SmoothingOptions()
+    done, total = 0, len(split)
     model.eval()
     gen = torch.Generator().manual_seed(options.seed)
     names = meta.modality_names
@@ -159,6 +166,9 @@ def smoothing_radii(
                 pm, rm = smoothed_certify(model, inputs, [m], options, gen)
                 part[m] = torch.where(pm == labels, rm, torch.zeros_like(rm))
         unimodal_parts.append(part)
+        done += len(labels)
+        if progress is not None:
+            progress("smoothing", done, total)
     unimodal = {m: torch.cat([p[m] for p in unimodal_parts]) for m in unimodal_parts[0]} if unimodal_parts else {}
     return Radii(torch.cat(joints), unimodal, torch.cat(corrects))
 
@@ -173,7 +183,7 @@ class SmoothingCertifier(Certifier):
     def certify(self, model: nn.Module, meta: DatasetMeta, split: Split, ctx: CertifyContext) -> Certificate:
         t0 = time.perf_counter()
         o = self.options
-        radii = smoothing_radii(model, meta, split, o)
+        radii = smoothing_radii(model, meta, split, o, ctx.progress)
         info = {
             "sigma": o.sigma,
             "n0": o.n0,
