@@ -80,6 +80,7 @@ def build_run_config(args: argparse.Namespace):  # -> RunConfig
     from mmrobust.options import apply_overrides
 
     cfg = RunConfig.from_file(args.config) if args.config else RunConfig()
+    cfg.plugins = list(dict.fromkeys([*cfg.plugins, *(args.plugin or [])]))  # re-imported when the run is loaded
     if args.set:
         cfg = RunConfig.from_dict(apply_overrides(cfg.to_dict(), args.set, ("data", "model", "train")))
     if args.data is not None:
@@ -224,6 +225,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
             raise ConfigError(f"--radii: at most 10000 radii, got {len(radii)}")
         for r in radii:
             check_limit("radii", float(r), "radii")
+    for n in names:  # names and options first: they need no run
+        build_certifier(n, options[n])
     check_writable(args.run)  # refuse now rather than after the work
     _check_finite_weights(args.run)
     results = certify_run_many(

@@ -16,7 +16,6 @@ from mmrobust.errors import ConfigError
 from mmrobust.memory import check_budget
 from mmrobust.models.fusion import ModelConfig
 from mmrobust.options import build_options, check_range, check_types
-from mmrobust.plugins import imported_plugins
 from mmrobust.precision import check_precision
 
 OPTIMIZERS = ("adam", "sgd")
@@ -174,8 +173,9 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """A run's configuration. ``plugins``: modules to import before the run can be rebuilt (the
-    plug-ins that registered its dataset or encoders; filled in by :meth:`validate`)."""
+    """A run's configuration. ``plugins``: modules to import before the run can be rebuilt: those
+    given (the CLI's ``--plugin``) and those that registered its dataset or encoders (added by
+    :meth:`validate`)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -190,7 +190,7 @@ class RunConfig:
         self.train.validate()
         if not isinstance(self.plugins, list) or not all(isinstance(m, str) and m for m in self.plugins):
             raise ConfigError(f"plugins must be a list of module names, got {self.plugins!r}", param="plugins")
-        self.plugins = list(dict.fromkeys([*self.plugins, *imported_plugins(), *self._registering_modules()]))
+        self.plugins = list(dict.fromkeys([*self.plugins, *self._registering_modules()]))
 
     def _registering_modules(self) -> list[str]:
         """Modules outside mmrobust that registered the dataset or an encoder this config names."""

@@ -116,8 +116,11 @@ def test_meta_normalize_false_is_honoured(tmp_path):
     raw = np.load(root / "test.npz")["audio"]
     bundle = load_data(DataConfig(str(root), 0))
     assert torch.equal(bundle.test.inputs["audio"], torch.from_numpy(raw))  # untouched
+    assert bundle.meta.spec("audio").normalization is None  # and the model will not standardise it
     normed = load_data(DataConfig(str(_folder(tmp_path / "ds2")), 0))
-    assert not torch.equal(normed.test.inputs["audio"], torch.from_numpy(raw))
+    # by default the data stay as stored and the model standardises them (the normalization in the meta)
+    assert torch.equal(normed.test.inputs["audio"], torch.from_numpy(raw))
+    assert normed.meta.spec("audio").normalization is not None
 
 
 def test_array_limit_is_configurable(tmp_path, monkeypatch):
