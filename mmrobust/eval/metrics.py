@@ -35,11 +35,10 @@ def predict(
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (or buffer); the CPU for a model without any."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+    first: torch.Tensor | None = next(iter(model.parameters()), None)
+    if first is None:
+        first = next(iter(model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
