@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from mmrobust.certify.results import normalize_certify
-from mmrobust.certify.runner import CERTIFY_FILE, build_certifier, certify_model
-from mmrobust.config import RECIPES, OptimConfig, RunConfig, options_dataclass
+from mmrobust.certify.runner import CERTIFY_FILE, build_certifier, certify_model, split_on_device
+from mmrobust.config import RECIPES, OptimConfig, RunConfig, options_dataclass, resolve_device
 from mmrobust.data.base import DataBundle
 from mmrobust.data.registry import DATASETS, DataConfig, dataset_folder, load_data
 from mmrobust.errors import ConfigError, RunError
@@ -72,8 +72,10 @@ class BenchmarkConfig:
     ``max_samples``: attack only the first N test samples; ``recipe``: a :data:`~mmrobust.config.RECIPES`
     name applied to every method; ``attack_strength="paper"`` also evaluates the paper's CE-only
     4-step PGD (:data:`PAPER_ATTACK`); ``certifier``: a certifier name; ``data_options`` /
-    ``method_options``: per dataset / method. The old keywords ``protocol``, ``samples`` and
-    ``certify`` are still accepted for one release.
+    ``method_options``: per dataset / method; ``device``: where cells train, attack and certify
+    (``auto``: CUDA if available, else CPU; recorded in each cell's ``cell.json``, not part of the
+    settings hash: a grid started on a GPU resumes on a laptop). The old keywords ``protocol``,
+    ``samples`` and ``certify`` are still accepted for one release.
     """
 
     data: list[str]
@@ -90,6 +92,7 @@ class BenchmarkConfig:
     feature_dim: int | None = None
     data_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    device: str = "auto"
     protocol: InitVar[str | None] = None  # old name of attack_strength
     samples: InitVar[int | None] = None  # old name of max_samples
     certify: InitVar[str | None] = None  # old name of certifier
@@ -124,6 +127,7 @@ class BenchmarkConfig:
                 raise ConfigError(f"method variant '{m}': the tag after '@' may use letters, digits and _ . = - only")
             METHODS.get(base)  # unknown name -> one-line error listing the methods
         _check_int(self.seeds, "seeds", 1)
+        resolve_device(self.device)  # a malformed name, or CUDA that is not there: refused before any work
         _check_int(self.batch_size, "batch_size", 1)
         for name in ("epochs", "max_samples", "feature_dim"):
             if getattr(self, name) is not None:
@@ -455,6 +459,7 @@ def _run_config(cell: Cell, cfg: BenchmarkConfig) -> RunConfig:
     rc.train.optim = OptimConfig.from_recipe(cfg.recipe)
     rc.train.method_options = dict(cfg.method_options.get(cell.method, {}))
     rc.train.progress = False
+    rc.train.device = cfg.device
     rc.validate()
     return rc
 
@@ -475,6 +480,7 @@ def _run_cell(cell: Cell, out: Path, cfg: BenchmarkConfig, bundle: DataBundle) -
     if folder.exists():  # an interrupted or invalidated cell: start clean, no stale file survives
         shutil.rmtree(folder)
     seconds: dict[str, float] = {}
+    device = resolve_device(cfg.device)
     t = time.perf_counter()
     fit = _train_cell(_run_config(cell, cfg), folder, bundle)
     seconds["train"] = time.perf_counter() - t
@@ -496,7 +502,8 @@ def _run_cell(cell: Cell, out: Path, cfg: BenchmarkConfig, bundle: DataBundle) -
     summary = None
     if cfg.certifier is not None:
         t = time.perf_counter()
-        res = certify_model(fit.model, bundle.meta, test, cfg.certifier, bundle.train, CERTIFY_RADII, fit_split="train")
+        res = certify_model(fit.model, bundle.meta, split_on_device(test, device), cfg.certifier,
+                            split_on_device(bundle.train, device), CERTIFY_RADII, fit_split="train")  # fmt: skip
         write_json(folder / CERTIFY_FILE, res.document(load_run(folder)))  # the cell's sealed run folder
         files.append(CERTIFY_FILE)
         summary = _certify_summary(res.to_json())
@@ -507,6 +514,7 @@ def _run_cell(cell: Cell, out: Path, cfg: BenchmarkConfig, bundle: DataBundle) -
         "settings_hash": cell.settings_hash(cfg),
         "settings": cfg.cell_settings(),
         "seconds": seconds,
+        "device": str(device),  # where the cell computed (timings depend on it; not a setting)
         "files": {name: sha256_file(folder / name) for name in files},
     }
     write_json(folder / MANIFEST_FILE, manifest)  # last: its presence marks the cell finished

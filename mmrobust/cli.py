@@ -49,7 +49,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="encoders that are 1-Lipschitz in l2 by construction (AOL layers, MaxMin; see docs/certify.md); "
                    "saved in the run config (model.lipschitz_encoders); --no-lipschitz-encoders overrides a config")  # fmt: skip
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu | cuda | auto")
     _add_scale_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log", metavar="LOGGERS",
@@ -61,6 +60,49 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-data-change", action="store_true",
                    help="with --resume: continue although the data changed since the run started (both fingerprints "
                    "are recorded and metrics.json says reproducible: false)")  # fmt: skip
+
+
+#: the commands that compute: each takes --device (added by _add_device_to_computing_commands)
+COMPUTING_COMMANDS = ("train", "evaluate", "certify", "benchmark", "demo", "calibrate")
+
+
+def _device_name(text: str) -> str:
+    """argparse type: a device name of the right form (its availability is checked by the command)."""
+    from mmrobust.config import DEVICE_CHOICES, parse_device
+
+    try:
+        return parse_device(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose {DEVICE_CHOICES}") from None
+
+
+def _add_device_to_computing_commands(sub: argparse._SubParsersAction) -> None:
+    """``--device`` on every command of :data:`COMPUTING_COMMANDS` (one flag, one meaning everywhere)."""
+    for name in COMPUTING_COMMANDS:
+        p = sub.choices[name]
+        p.add_argument("--device", type=_device_name, metavar="DEVICE",
+                       help="where to compute: auto (default: CUDA if available, else CPU), cpu, cuda or cuda:N; "
+                       "a setting of this command, not of the run (recorded in its results)")  # fmt: skip
+
+
+def _device(args: argparse.Namespace) -> str:
+    """The command's device, checked before any work: cuda without CUDA (or cuda:N beyond the GPU
+    count) is a one-line error and nothing is written."""
+    from mmrobust.config import resolve_device
+
+    name = args.device or "auto"
+    resolve_device(name)
+    return name
+
+
+def _add_data_copy_args(p: argparse.ArgumentParser) -> None:
+    """--data / --allow-data-change of the commands that read a run (evaluate, certify)."""
+    p.add_argument("--data", metavar="PATH",
+                   help="another copy of the run's data (a folder); its fingerprint must match the run's unless "
+                   "--allow-data-change (then recorded in the results)")  # fmt: skip
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="accept data whose fingerprint differs from the one recorded at training (which data, and "
+                   "both fingerprints, are recorded in the results)")  # fmt: skip
 
 
 def _add_scale_args(p: argparse.ArgumentParser, precision: bool = True, layout: bool = True) -> None:
@@ -149,6 +191,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmrobust.training.logs import check_loggers
 
     cfg = build_run_config(args)
+    from mmrobust.training.distributed import resolve_device
+
+    resolve_device(cfg.train.device, "device")  # cuda without CUDA: refused before any work
     loggers = check_loggers(args.log)  # before any work: an unknown logger or a missing package is one line
     out_path = _run_destination(args.out, force=args.force, resume=args.resume)
     with progress_callback(cfg.train.progress) as progress:
@@ -178,10 +223,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.no_random_start:
         options["random_start"] = False
+    device = _device(args)
     check_writable(args.run)  # refuse now rather than after the work
     with progress_callback(not args.no_progress) as progress:
         result = evaluate_run(args.run, suite=args.suite, split=args.split, fill=args.fill,
-                              batch_size=args.batch_size, progress=progress,
+                              batch_size=args.batch_size, progress=progress, device=device, data=args.data,
                               allow_data_change=args.allow_data_change, precision=args.precision or "fp32",
                               channels_last=args.channels_last, memory_budget=args.memory_budget or "auto",
                               **options)  # fmt: skip
@@ -199,6 +245,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from mmrobust.report.console import out
     from mmrobust.runs import check_writable, load_run
 
+    device = _device(args)
     names = list(CERTIFIERS.names()) if args.certifier.strip() == "all" else _names(args.certifier, "--certifier")
     # one certifier: --cert-opt KEY=VALUE; several: NAME:KEY=VALUE (KEY=VALUE goes to every one)
     per_name = _per_name_options(args.cert_opt, "--cert-opt", names)
@@ -233,9 +280,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
         args.run, [(n, options[n]) for n in names], split=args.split, radii=radii,
         fit_split=args.fit_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
         attack_steps=args.attack_steps, allow_data_change=args.allow_data_change, tightness_samples=args.tightness,
-        precision=args.precision or "fp32", memory_budget=args.memory_budget or "auto",
+        precision=args.precision or "fp32", memory_budget=args.memory_budget or "auto", device=device, data=args.data,
     )  # fmt: skip
-    run = load_run(args.run, allow_data_change=args.allow_data_change)
+    run = load_run(args.run, allow_data_change=args.allow_data_change, data=args.data)
     for result in results:
         show_certify(run, result)
         path = save_certify(run, result)
@@ -308,6 +355,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         certifier=args.certifier,
         feature_dim=args.feature_dim, data_options=_per_name_options(args.data_opt, "--data-opt", data),
         method_options=_per_name_options(args.method_opt, "--method-opt", methods),
+        device=args.device or "auto",
     )  # fmt: skip
     plan = plan_benchmark(cfg, args.out)
     if plan.finished:
@@ -326,7 +374,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mmrobust.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(epochs=args.epochs, seed=args.seed, progress=not args.no_progress,
-                     lipschitz_model=args.lipschitz_encoders)  # fmt: skip
+                     lipschitz_model=args.lipschitz_encoders, device=_device(args))  # fmt: skip
     if args.methods:
         from mmrobust.training import METHODS
 
@@ -350,7 +398,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     p = plan(example=args.example, example_options=parse_kv(args.example_opt, "--example-opt"), encoders=args.encoders,
              centres=args.centres, data=args.data, losses=args.loss, lora_ranks=args.lora_rank, eps=args.eps,
              epochs=args.epochs, calibration_options=parse_kv(args.calib_opt, "--calib-opt"), eval_eps=args.eval_eps,
-             eval_options=parse_kv(args.eval_opt, "--eval-opt"))  # fmt: skip
+             eval_options=parse_kv(args.eval_opt, "--eval-opt"), device=_device(args))  # fmt: skip
     check_out_folder(args.out, force=args.force)
     setup = p.build_setup()
     study = run_study(setup, p.losses, p.lora_ranks, p.calibration, p.evaluation,
@@ -572,8 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a run folder; writes RUN/eval.json")
     p.add_argument("run", help="run folder written by `mmrobust train`")
-    p.add_argument("--allow-data-change", action="store_true",
-                   help="accept data whose fingerprint differs from the one recorded at training")  # fmt: skip
+    _add_data_copy_args(p)
     p.add_argument(
         "--suite", default="basic",
         help="basic: clean + each modality missing; paper: the CRMT protocol (FGM/PGD joint and per modality, "
@@ -615,8 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certify", help="certified radii and vulnerability indicators; writes RUN/certify.json")
     p.add_argument("run", help="run folder written by `mmrobust train`")
-    p.add_argument("--allow-data-change", action="store_true",
-                   help="accept data whose fingerprint differs from the one recorded at training")  # fmt: skip
+    _add_data_copy_args(p)
     p.add_argument(
         "--certifier",
         "--lipschitz",
@@ -732,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     _add_data_commands(sub)
+    _add_device_to_computing_commands(sub)
     _add_to_every_command(parser)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,7 +145,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
     seed: int = 0
-    device: str = "cpu"  # cpu | cuda | auto
+    #: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N; a per-command setting, not part of the
+    #: run's identity (a resume on another device continues the run; see parse_device)
+    device: str = "auto"
     optim: OptimConfig = field(default_factory=OptimConfig)
     method_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
@@ -165,10 +168,44 @@ class TrainConfig:
         check_range(self.epochs, 0, 100_000, f"{where}.epochs")
         check_range(self.batch_size, 1, 2**20, f"{where}.batch_size")
         check_range(self.seed, 0, 2**63 - 1, f"{where}.seed")
-        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"option '{where}.device' must be cpu, cuda, cuda:N or auto, got '{self.device}'")
+        parse_device(self.device, f"{where}.device")  # the form only: availability is checked where it computes
         check_precision(self.precision, self.device, f"{where}.precision")
         check_budget(self.memory_budget, f"{where}.memory_budget")
+
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_DEVICE_FORM = re.compile(r"cpu|auto|cuda(:(0|[1-9][0-9]{0,5}))?")
+
+
+def parse_device(name: Any, param: str = "device") -> str:
+    """Check the form of a device name (``auto``, ``cpu``, ``cuda``, ``cuda:N``) without looking for
+    the device; returns it. ``gpu``, ``cuda:x``, ``cuda:-1`` are one-line errors naming ``param``."""
+    if not isinstance(name, str) or not _DEVICE_FORM.fullmatch(name):
+        raise ConfigError(f"option '{param}': unknown device {name!r}; choose {DEVICE_CHOICES}", param=param)
+    return name
+
+
+def resolve_device(name: Any, param: str = "device") -> torch.device:
+    """The ``torch.device`` that ``name`` asks for, checked before any work.
+
+    ``auto`` is CUDA when available, else the CPU. ``cuda`` / ``cuda:N`` without CUDA, or with ``N``
+    beyond the GPU count, is a one-line :class:`ConfigError` (nothing falls back silently).
+    """
+    name = parse_device(name, param)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available; use cpu or auto", param=param)
+    index = int(name.split(":")[1]) if ":" in name else None
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise ConfigError(
+            f"device '{name}' requested but only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})",
+            param=param,
+        )
+    return torch.device(name)
 
 
 @dataclass

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from mmrobust.certify.results import CertifyResult
-from mmrobust.certify.runner import certify_model
-from mmrobust.config import RunConfig
+from mmrobust.certify.runner import certify_model, split_on_device
+from mmrobust.config import RunConfig, resolve_device
 from mmrobust.data.registry import DataConfig, load_data
 from mmrobust.eval.api import evaluate_model
 from mmrobust.eval.compare import comparison_tables
@@ -65,6 +65,7 @@ class DemoConfig:
     crown_options: dict[str, Any] = field(default_factory=lambda: {"steps": 8, "unimodal": False})
     eval_samples: int | None = 300  # attack the first N test samples (keeps the demo < 10 min; the report says so)
     progress: bool = True
+    device: str = "auto"  # where everything computes: auto (CUDA if available, else CPU), cpu, cuda, cuda:N
 
 
 LIPSCHITZ_MODEL = "crmt-jt-lip"
@@ -85,6 +86,7 @@ def _train_all(cfg: DemoConfig, out: Path, bundle: Any) -> dict[str, dict[str, A
         epochs = cfg.lipschitz_epochs if lip else cfg.epochs
         rc.train.method, rc.train.epochs, rc.train.seed, rc.train.progress = method, epochs, cfg.seed, cfg.progress
         rc.train.method_options = dict(cfg.method_options.get(method, {}))
+        rc.train.device = cfg.device
         if lip:
             rc.model.lipschitz_encoders = True
             rc.train.optim.lr = cfg.lipschitz_lr
@@ -97,6 +99,7 @@ def _train_all(cfg: DemoConfig, out: Path, bundle: Any) -> dict[str, dict[str, A
 def run_demo(out: Path, cfg: DemoConfig | None = None) -> Path:
     """Run the whole demo (``DemoConfig()`` by default) into ``out``; returns the path of ``report.md``."""
     cfg = cfg or DemoConfig()
+    device = resolve_device(cfg.device)  # before anything is written
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     bundle = load_data(DataConfig(cfg.data.name, cfg.seed, dict(cfg.data.options)))
@@ -106,7 +109,7 @@ def run_demo(out: Path, cfg: DemoConfig | None = None) -> Path:
     t1 = time.perf_counter()
     basic, paper, curves = {}, {}, {}
     for method in model_names(cfg):
-        run = load_run(out / method)
+        run = load_run(out / method, device=device)
         full = run.data().test
         test = full.subset(slice(0, cfg.eval_samples)) if cfg.eval_samples is not None else full
         basic[method] = evaluate_model(run.model, run.meta, full, "basic")
@@ -124,8 +127,9 @@ def run_demo(out: Path, cfg: DemoConfig | None = None) -> Path:
     certs: dict[str, CertifyResult] = {}
     groups: dict[str, str] = {}
     for method in model_names(cfg):
-        run = load_run(out / method)
+        run = load_run(out / method, device=device)
         bundle_m = run.data()
+        train_d = split_on_device(bundle_m.train, device)
         part = bundle_m.test.subset(slice(0, cfg.cert_samples))
         plan: list[tuple[str, Any, dict[str, Any]]] = [
             ("empirical", bundle_m.test, {"fit_samples": cfg.lipschitz_samples}),
@@ -138,7 +142,14 @@ def run_demo(out: Path, cfg: DemoConfig | None = None) -> Path:
             label = f"{method} ({est})" if data is bundle_m.test else f"{method} ({est}, first {len(part)})"
             console.print(f"== certifying {label}", markup=False)
             certs[label] = res = certify_model(
-                run.model, run.meta, data, est, bundle_m.train, CERTIFY_RADII, options=opts, fit_split="train"
+                run.model,
+                run.meta,
+                split_on_device(data, device),
+                est,
+                train_d,
+                CERTIFY_RADII,
+                options=opts,
+                fit_split="train",
             )
             groups[label] = method
             if data is bundle_m.test:  # certify.json holds whole-split results

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mmrobust import __version__
-from mmrobust.config import RunConfig
+from mmrobust.config import RunConfig, resolve_device
 from mmrobust.data.base import STANDARDISED, DataBundle, DatasetMeta
-from mmrobust.data.registry import fingerprint, load_data
+from mmrobust.data.registry import DATASETS, DataConfig, dataset_folder, fingerprint, load_data
 from mmrobust.data.transforms import standardised_bundle
 from mmrobust.errors import ConfigError, RunError
 from mmrobust.io import SCHEMA_VERSION, load_tensors, read_json, save_tensors, sha256_file, write_json
@@ -132,11 +134,31 @@ def save_run(
         "mmrobust_version": __version__,
         **cfg.to_dict(),
         "dataset": bundle.meta.to_dict(),
-        "data_source": bundle.source,
+        "data_source": _with_relative_path(bundle.source, out),
     }
     write_json(out / CONFIG_FILE, config)
     write_json(out / METRICS_FILE, metrics)
     return out
+
+
+#: the data folder relative to the run folder, beside the absolute path in ``data_source["name"]``
+RELATIVE_DATA_KEY = "relative_path"
+
+
+def _with_relative_path(source: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``source`` plus the data folder's path relative to the run folder (a folder dataset only).
+
+    ``out`` may be the run's ``.NAME.partial`` sibling: it sits at the same depth as the final folder,
+    so the relative path is the same."""
+    name = source.get("name")
+    folder = dataset_folder(name) if isinstance(name, str) and name not in DATASETS else None
+    if folder is None:
+        return source
+    try:
+        rel = os.path.relpath(folder, out.absolute())
+    except ValueError:  # another drive (Windows): no relative path
+        return source
+    return {**source, RELATIVE_DATA_KEY: Path(rel).as_posix()}
 
 
 def check_writable(path: str | Path) -> None:
@@ -163,34 +185,91 @@ class Run:
     allow_data_change: bool = False
     #: written before models standardised their inputs: the input transforms were added at load
     legacy_inputs: bool = False
+    #: where the model lives (``load_run(device=...)``)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: the data given in place of the recorded ones (``load_run(data=...)``), else None
+    data_path: str | None = None
+    #: the data folder relative to the run folder, as recorded at training time (None: not recorded)
+    relative_data_path: str | None = None
 
     def data(self) -> DataBundle:
         """Rebuild the run's data exactly (cached after the first call).
 
-        The rebuilt arrays must hash to the fingerprint recorded at training time: data edited,
-        moved or regenerated differently since then are refused (``allow_data_change`` overrides).
+        The data are those of config.json; ``load_run(data=PATH)`` gives another copy instead, and a
+        folder dataset that is gone from its absolute path is looked for at the path recorded relative
+        to the run folder (runs and data moved together). The rebuilt arrays must hash to the
+        fingerprint recorded at training time: other data are refused (``allow_data_change`` accepts
+        them, and :meth:`data_record` says which were used).
         """
         if self._bundle is None:
-            bundle = load_data(self.config.data)
-            if bundle.meta.to_dict() != self.meta.to_dict():
-                raise RunError(f"{self.path}: the data rebuilt from config.json no longer match the run's dataset")
-            got = bundle.source.get("fingerprint")
-            if self.data_fingerprint is not None and got != self.data_fingerprint and not self.allow_data_change:
+            bundle = load_data(self.data_config())
+            if not _same_dataset(bundle.meta, self.meta, moved=self.data_config() is not self.config.data):
                 raise RunError(
-                    f"{self.path}: the data of '{self.config.data.name}' changed since training (fingerprint "
-                    f"{str(got)[:12]} != {self.data_fingerprint[:12]}); pass allow_data_change=True to use them anyway",
-                    param="allow_data_change",
+                    f"{self.path}: the data rebuilt from {self._data_origin()} no longer match the run's dataset"
                 )
+            self._check_fingerprint(bundle.source.get("fingerprint"))
             self._bundle = bundle
         return self._bundle
 
+    def data_config(self) -> DataConfig:
+        """The data this run reads: the recorded ones, another copy (``data``) or the recorded relative
+        path when the absolute one is gone."""
+        cfg = self.config.data
+        name = self.data_path
+        gone = cfg.name not in DATASETS and not Path(cfg.name).is_dir()
+        if name is None and self.relative_data_path is not None and gone:
+            moved = Path(os.path.normpath((self.path / self.relative_data_path).absolute()))
+            if moved.is_dir():
+                name = str(moved)
+        if name is None:
+            return cfg
+        return DataConfig(name, cfg.seed, dict(cfg.options))
 
-def load_run(path: str | Path, *, allow_data_change: bool = False) -> Run:
+    def data_record(self) -> dict[str, Any]:
+        """Which data were used, for results files: ``path`` (and, where the data differ from the
+        run's, ``fingerprint`` vs ``run_fingerprint`` and ``changed: true``)."""
+        cfg = self.data_config()
+        record: dict[str, Any] = {"path": cfg.name}
+        if self._bundle is not None:
+            got = self._bundle.source.get("fingerprint")
+            if self.data_fingerprint is not None and got != self.data_fingerprint:
+                record.update(changed=True, fingerprint=got, run_fingerprint=self.data_fingerprint)
+        return record
+
+    def _data_origin(self) -> str:
+        cfg = self.data_config()
+        return "config.json" if cfg is self.config.data else f"'{cfg.name}'"
+
+    def _check_fingerprint(self, got: Any) -> None:
+        if self.data_fingerprint is None or got == self.data_fingerprint or self.allow_data_change:
+            return
+        cfg = self.data_config()
+        what = "changed since training" if cfg is self.config.data else f"at '{cfg.name}' differ from the run's"
+        raise RunError(
+            f"{self.path}: the data of '{self.config.data.name}' {what} (fingerprint {str(got)[:12]} != "
+            f"{self.data_fingerprint[:12]}); pass allow_data_change=True to use them anyway",
+            param="allow_data_change",
+        )
+
+
+def load_run(
+    path: str | Path,
+    *,
+    allow_data_change: bool = False,
+    device: str | torch.device = "cpu",
+    data: str | Path | None = None,
+) -> Run:
     """Load a run folder written by :func:`save_run`; never unpickles anything.
 
-    Refuses incomplete or mixed folders (see :func:`seal_run`); ``allow_data_change`` accepts data
-    whose fingerprint differs from the one recorded at training time.
+    Refuses incomplete or mixed folders (see :func:`seal_run`). ``device``: where the model is put
+    (``auto``, ``cpu``, ``cuda``, ``cuda:N`` or a ``torch.device``; checked before the folder is read).
+    ``data``: another copy of the run's data (a folder), read by :meth:`Run.data` in place of the
+    recorded path; it must hash to the recorded fingerprint. ``allow_data_change`` accepts data whose
+    fingerprint differs from the one recorded at training time.
     """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if data is not None:
+        data = _data_folder(data)
     path = Path(path)
     if not path.is_dir():
         raise RunError(f"{path}: run folder not found")
@@ -218,10 +297,32 @@ def load_run(path: str | Path, *, allow_data_change: bool = False) -> Run:
     model.eval()
     source = raw.get("data_source")
     fp = source.get("fingerprint") if isinstance(source, dict) else None
-    run = Run(path, cfg, meta, model, metrics, data_fingerprint=fp, allow_data_change=allow_data_change)
+    rel = source.get(RELATIVE_DATA_KEY) if isinstance(source, dict) else None
+    run = Run(path, cfg, meta, model, metrics, data_fingerprint=fp, allow_data_change=allow_data_change,
+              data_path=data, relative_data_path=rel if isinstance(rel, str) and rel else None)  # fmt: skip
     if _legacy_standardised(meta, source):
         _upgrade_legacy(run)
+    run.model.to(dev)
+    run.device = dev
     return run
+
+
+def _same_dataset(got: DatasetMeta, recorded: DatasetMeta, *, moved: bool) -> bool:
+    """Metadata of rebuilt data match the run's; data read from another folder may be named after it
+    (a folder without meta.json takes its folder's name)."""
+    a, b = got.to_dict(), recorded.to_dict()
+    if moved:
+        a.pop("name", None)
+        b.pop("name", None)
+    return a == b
+
+
+def _data_folder(data: str | Path) -> str:
+    """The folder of ``load_run(data=...)``: an existing folder, made absolute."""
+    folder = dataset_folder(str(data))
+    if folder is None or not folder.is_dir():
+        raise RunError(f"{data}: data folder not found (data must be a folder holding a copy of the run's data)")
+    return str(folder)
 
 
 def _import_run_plugins(path: Path, plugins: Any) -> None:
@@ -258,18 +359,12 @@ def _upgrade_legacy(run: Run) -> None:
     the run's data: in the standardised view (:func:`~mmrobust.data.transforms.standardised_bundle`)
     the metadata equals config.json's and the arrays hash to the recorded fingerprint.
     """
-    bundle = load_data(run.config.data)
+    bundle = load_data(run.data_config())
     view = standardised_bundle(bundle)
-    if view.meta.to_dict() != run.meta.to_dict():
-        raise RunError(f"{run.path}: the data rebuilt from config.json no longer match the run's dataset")
+    if not _same_dataset(view.meta, run.meta, moved=run.data_config() is not run.config.data):
+        raise RunError(f"{run.path}: the data rebuilt from {run._data_origin()} no longer match the run's dataset")
     if run.data_fingerprint is not None and not run.allow_data_change:
-        got = fingerprint(view)
-        if got != run.data_fingerprint:
-            raise RunError(
-                f"{run.path}: the data of '{run.config.data.name}' changed since training (fingerprint "
-                f"{got[:12]} != {run.data_fingerprint[:12]}); pass allow_data_change=True to use them anyway",
-                param="allow_data_change",
-            )
+        run._check_fingerprint(fingerprint(view))
     run.model.set_transforms(build_transforms(bundle.meta))
     run.model.eval()
     run.meta, run._bundle, run.legacy_inputs = bundle.meta, bundle, True

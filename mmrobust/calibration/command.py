@@ -7,13 +7,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from mmrobust.calibration.options import CALIBRATION_LOSSES, CalibrationOptions, EvalOptions, check_eps
 from mmrobust.calibration.pipeline import BindModel
 from mmrobust.calibration.setup import CalibrationSetup
-from mmrobust.data.base import DatasetMeta, ModalitySpec
+from mmrobust.config import resolve_device
+from mmrobust.data.base import DatasetMeta, ModalitySpec, Split
 from mmrobust.errors import ConfigError
 from mmrobust.eval.suites import parse_eps
 from mmrobust.options import build_options
+from mmrobust.torchutil import to_device
 
 
 @dataclass
@@ -76,8 +80,13 @@ def plan(
     calibration_options: dict[str, str],
     eval_eps: str | None,
     eval_options: dict[str, str],
+    device: str = "auto",
 ) -> CalibratePlan:
-    """Validate everything a ``calibrate`` command was given; nothing heavy is built yet."""
+    """Validate everything a ``calibrate`` command was given; nothing heavy is built yet.
+
+    ``device`` (``auto``: CUDA if available, else CPU) is checked here; the built setup's model and
+    data are moved there (and its ``info`` records it)."""
+    dev = resolve_device(device)
     defaults: dict[str, dict[str, Any]] = {"calibration": {}, "evaluation": {}}
     build: Callable[[], CalibrationSetup]
     if example is not None:
@@ -124,7 +133,25 @@ def plan(
             ev[key] = tuple(int(s) if key == "retrieval_k" and s.isdigit() else s for s in items)
     calibration = build_options(CalibrationOptions, cal, "calibration")
     evaluation = build_options(EvalOptions, ev, "evaluation")
-    return CalibratePlan(build, parse_losses(losses), parse_ranks(lora_ranks), calibration, evaluation)
+    inner = build
+
+    def build_on_device() -> CalibrationSetup:
+        return setup_on_device(inner(), dev)
+
+    return CalibratePlan(build_on_device, parse_losses(losses), parse_ranks(lora_ranks), calibration, evaluation)
+
+
+def setup_on_device(setup: CalibrationSetup, device: torch.device) -> CalibrationSetup:
+    """``setup`` with its model and in-memory splits on ``device`` (recorded in its ``info``)."""
+    setup.info = {**setup.info, "device": str(device)}
+    if device.type == "cpu":
+        return setup
+    setup.model.to(device)
+    for name in ("train", "val", "test"):
+        split = setup.data.split(name)
+        if getattr(split, "stream", None) is None and isinstance(split, Split):
+            setattr(setup.data, name, Split(to_device(split.inputs, device), split.labels.to(device)))
+    return setup
 
 
 def user_setup(spec: str, centres_path: str, data_name: str) -> CalibrationSetup:

@@ -26,6 +26,7 @@ from mmrobust.memory import input_gradient_plan, parse_bytes
 from mmrobust.models.transform import Standardize
 from mmrobust.options import build_options
 from mmrobust.precision import full_precision
+from mmrobust.torchutil import to_device
 
 CERTIFY_FILE = "certify.json"
 
@@ -154,6 +155,8 @@ def certify_run_many(
     tightness_samples: int = 0,
     precision: str = "fp32",
     memory_budget: str | int | None = "auto",
+    device: str = "auto",
+    data: str | Path | None = None,
 ) -> list[CertifyResult]:
     """Certify a run folder's ``split`` with several ``(certifier, options)``, in order, on one loaded run;
     ``fit_split`` is the data a certifier may fit on.
@@ -164,9 +167,16 @@ def certify_run_many(
     (:func:`~mmrobust.certify.tightness.tightness`: the expensive part) and compared with every
     certifier's radii. With ``soundness_samples > 0`` the radii of that many samples are attacked
     (:func:`~mmrobust.certify.soundness.soundness_check`) and the violation rates kept.
+
+    ``device`` (``auto``: CUDA if available, else CPU): the model and the in-memory splits are moved
+    there and the certifiers compute there; ``data``: another copy of the run's data (a folder; see
+    :func:`~mmrobust.runs.load_run`). Each result's ``info`` records the device and, where the data
+    are not the recorded ones, which data were used.
     """
+    from mmrobust.config import resolve_device
     from mmrobust.runs import load_run
 
+    dev = resolve_device(device)  # before any work: cuda without CUDA is refused here
     check_certify_precision(precision)
     if memory_budget is not None and memory_budget != "auto":
         parse_bytes(memory_budget, "memory_budget")
@@ -180,23 +190,28 @@ def certify_run_many(
         raise ConfigError(f"soundness_samples must be >= 0, got {soundness_samples}", param="soundness_samples")
     if attack_steps < 1:
         raise ConfigError(f"attack_steps must be >= 1, got {attack_steps}", param="attack_steps")
-    run = load_run(path, allow_data_change=allow_data_change)
+    run = load_run(path, allow_data_change=allow_data_change, device=dev, data=data)
     bundle = run.data()
-    data = bundle.split(split)
+    record = run.data_record()
+    moved_data = data is not None or bool(record.get("changed")) or record["path"] != run.config.data.name
+    samples, fit_data = split_on_device(bundle.split(split), dev), split_on_device(bundle.split(fit_split), dev)
     if batch_size is None:  # one probe for all certifiers
         with full_precision():
-            batch_size = input_gradient_plan(run.model, data, memory_budget, _device(run.model)).batch_size
+            batch_size = input_gradient_plan(run.model, samples, memory_budget, _device(run.model)).batch_size
     results = []
     attack = None
     for cert in certs:
-        result = certify_model(run.model, run.meta, data, cert, bundle.split(fit_split), grid, batch_size,
+        result = certify_model(run.model, run.meta, samples, cert, fit_data, grid, batch_size,
                                split_name=split, fit_split=fit_split, memory_budget=memory_budget)  # fmt: skip
+        result.certificate.info["device"] = str(dev)
+        if moved_data:
+            result.certificate.info["data"] = record
         if soundness_samples > 0:
             from mmrobust.certify.soundness import soundness_check
 
             r = result.certificate.radii
             # attacked in the coordinates the radii measure (see standardised_view)
-            with full_precision(), standardised_view(run.model, run.meta, data, None) as (meta_v, data_v, *_):
+            with full_precision(), standardised_view(run.model, run.meta, samples, None) as (meta_v, data_v, *_):
                 result.soundness = soundness_check(run.model, meta_v, data_v,
                                                    {"joint": r.joint, "unimodal": r.unimodal},
                                                    max_samples=soundness_samples, steps=attack_steps)  # fmt: skip
@@ -205,7 +220,7 @@ def certify_run_many(
 
             joint = result.certificate.radii.joint
             if attack is None:
-                with full_precision(), standardised_view(run.model, run.meta, data, None) as (_, data_v, *_):
+                with full_precision(), standardised_view(run.model, run.meta, samples, None) as (_, data_v, *_):
                     attack = tightness(run.model, data_v, joint, "joint", TightnessOptions(samples=tightness_samples))
                 result.tightness = attack
             else:
@@ -222,6 +237,14 @@ def check_certify_precision(precision: str) -> None:
             "use precision='fp32'",
             param="precision",
         )
+
+
+def split_on_device(split: Split, device: torch.device) -> Split:
+    """An in-memory split's tensors on ``device`` (certifiers batch the split they are given; an
+    on-disk split streams its batches and stays where it is)."""
+    if device.type == "cpu" or getattr(split, "stream", None) is not None or not isinstance(split, Split):
+        return split
+    return Split(to_device(split.inputs, device), split.labels.to(device))
 
 
 def _device(model: torch.nn.Module) -> torch.device:

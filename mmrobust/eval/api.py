@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from mmrobust.data.base import DatasetMeta, Split
@@ -45,16 +46,21 @@ def evaluate_model(
     error). ``precision``/``channels_last``: the model's forwards only (attack arithmetic stays
     float32, see :mod:`mmrobust.precision`). ``batch_size`` None (or absent) sizes batches to
     ``memory_budget`` (at most 256, see :mod:`mmrobust.memory`).
+
+    Everything runs on the model's device (move the model first, e.g. ``load_run(path, device=...)``):
+    batches are moved there with :func:`~mmrobust.torchutil.to_device` and attack tensors stay there;
+    the result's parameters record the device.
     """
     fn = SUITES.get(suite)
     check_options(suite, fn, options)
     check_memory_budget(memory_budget)
-    device = next((p.device for p in model.parameters()), "cpu")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     check_precision(precision, device)
     with model_precision(model, precision, device, channels_last):
         if options.get("batch_size") is None:
             options["batch_size"] = input_gradient_plan(model, split, memory_budget, device).batch_size
-        return replace(fn(model, meta, split, **options), split=split_name)
+        result = fn(model, meta, split, **options)
+    return replace(result, split=split_name, parameters={**result.parameters, "device": str(device)})
 
 
 def check_options(suite: str, fn: Callable[..., Any], options: dict[str, Any]) -> None:

@@ -16,10 +16,13 @@ def predict(
     model: nn.Module,
     split: Split,
     batch_size: int = 256,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     transform: Callable[[Batch, torch.Tensor], Batch] | None = None,
 ) -> torch.Tensor:
-    """Predicted labels for a split in eval mode; ``transform`` may alter each batch first."""
+    """Predicted labels for a split in eval mode; ``transform`` may alter each batch first.
+
+    Batches go to ``device`` (None: the model's device, see :func:`model_device`)."""
+    device = model_device(model) if device is None else device
     preds = []
     with eval_mode(model):
         for inputs, labels in iterate_batches(split, batch_size):
@@ -28,6 +31,14 @@ def predict(
                 inputs = transform(inputs, labels.to(device))
             preds.append(model(inputs).argmax(1).cpu())
     return torch.cat(preds)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); the CPU for a model without any."""
+    first: torch.Tensor | None = next(iter(model.parameters()), None)
+    if first is None:
+        first = next(iter(model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ from mmrobust.attacks.base import Attack
 from mmrobust.attacks.losses import ce_loss
 from mmrobust.attacks.missing import MissingModality
 from mmrobust.data.base import Split, iterate_batches
-from mmrobust.eval.metrics import accuracy, macro_f1, predict
+from mmrobust.eval.metrics import accuracy, macro_f1, model_device, predict
 from mmrobust.eval.results import EvalRow, MaskingGap, MaskingReport, Underflow
 from mmrobust.models.transform import Standardize
 from mmrobust.torchutil import eval_mode, to_device
@@ -24,9 +24,11 @@ UNDERFLOW_THRESHOLD = 0.05
 
 
 def attack_predictions(
-    attack: Attack, split: Split, batch_size: int = 256, device: str | torch.device = "cpu"
+    attack: Attack, split: Split, batch_size: int = 256, device: str | torch.device | None = None
 ) -> torch.Tensor:
-    """Predicted labels on the adversarial version of every sample of ``split``."""
+    """Predicted labels on the adversarial version of every sample of ``split`` (batches on ``device``;
+    None: the attacked model's)."""
+    device = model_device(attack.model) if device is None else device
     preds = []
     for inputs, labels in iterate_batches(split, batch_size):
         inputs = to_device(inputs, device)
@@ -36,7 +38,7 @@ def attack_predictions(
 
 
 def missing_predictions(model: nn.Module, split: Split, modalities: Sequence[str], fill: str, batch_size: int = 256,
-                        device: str | torch.device = "cpu") -> torch.Tensor:  # fmt: skip
+                        device: str | torch.device | None = None) -> torch.Tensor:  # fmt: skip
     """Predicted labels with ``modalities`` replaced by ``fill`` (defined in the model's standardised
     space, see :class:`~mmrobust.attacks.missing.MissingModality`)."""
     transforms = getattr(model, "transforms", None) or {}
@@ -65,7 +67,7 @@ def worst_predictions(preds: Sequence[torch.Tensor], labels: torch.Tensor) -> to
 
 
 def ce_gradient_underflow(
-    model: nn.Module, split: Split, batch_size: int = 256, device: str | torch.device = "cpu"
+    model: nn.Module, split: Split, batch_size: int = 256, device: str | torch.device | None = None
 ) -> Underflow:
     """Share of correctly classified samples whose CE input gradient (all modalities) is exactly 0.
 
@@ -73,6 +75,7 @@ def ce_gradient_underflow(
     gradient underflow to zero, and a CE attack cannot move the sample: the model looks robust
     while a margin (CW) attack may still break it.
     """
+    device = model_device(model) if device is None else device
     n_correct = n_zero = 0
     top = []
     with eval_mode(model):

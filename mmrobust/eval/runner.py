@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from mmrobust.config import resolve_device
 from mmrobust.errors import ConfigError
 from mmrobust.eval.api import COMMON_OPTIONS, check_memory_budget, check_options, evaluate_model
 from mmrobust.eval.results import EvalResult
@@ -28,12 +29,18 @@ def evaluate_run(
     max_samples: int | None = None,
     *,
     allow_data_change: bool = False,
+    device: str = "auto",
+    data: str | Path | None = None,
     precision: str = "fp32",
     channels_last: bool = False,
     memory_budget: str | int | None = "auto",
     **options: Any,
 ) -> EvalResult:
-    """Run ``suite`` on a run folder's ``split`` (``allow_data_change``: see :func:`~mmrobust.runs.load_run`).
+    """Run ``suite`` on a run folder's ``split`` on ``device`` (``auto``: CUDA if available, else CPU).
+
+    ``data``: another copy of the run's data (a folder); ``allow_data_change``: accept data whose
+    fingerprint differs from the run's (see :func:`~mmrobust.runs.load_run`). The result's
+    parameters record the device and, where the data are not the recorded ones, which data were used.
 
     ``max_samples`` evaluates only the first samples of the split (quick looks; say so in reports).
     On the whole split, a clean accuracy that differs from the one recorded at training time adds
@@ -41,16 +48,20 @@ def evaluate_run(
     """
     # cheap checks first: a bad option fails before the run and its data are loaded
     check_options(suite, SUITES.get(suite), options)
-    check_precision(precision, "cpu" if precision != "fp16" else "auto")
+    dev = resolve_device(device)  # before any work: cuda without CUDA is refused here
+    check_precision(precision, dev)
     check_memory_budget(memory_budget)
     if max_samples is not None and max_samples < 1:
         raise ConfigError(f"max_samples must be >= 1, got {max_samples}", param="max_samples")
-    run = load_run(path, allow_data_change=allow_data_change)
-    data = run.data().split(split)
+    run = load_run(path, allow_data_change=allow_data_change, device=dev, data=data)
+    samples = run.data().split(split)
     if max_samples is not None:
-        data = data.subset(slice(0, max_samples))
-    result = evaluate_model(run.model, run.meta, data, suite, split_name=split, precision=precision,
+        samples = samples.subset(slice(0, max_samples))
+    result = evaluate_model(run.model, run.meta, samples, suite, split_name=split, precision=precision,
                             channels_last=channels_last, memory_budget=memory_budget, **options)  # fmt: skip
+    record = run.data_record()
+    if data is not None or record.get("changed") or record["path"] != run.config.data.name:
+        result = replace(result, parameters={**result.parameters, "data": record})
     expected = run.metrics.get(f"{split}_accuracy")
     if max_samples is None and expected is not None and abs(expected - result.clean_accuracy) > 1e-9:
         warning = f"clean {split} accuracy {result.clean_accuracy:.6f} differs from the training run's {expected:.6f}"

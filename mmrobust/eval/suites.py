@@ -32,7 +32,7 @@ from mmrobust.attacks.threat import ThreatModel, parse_eps_list
 from mmrobust.attacks.threat import parse_modality_eps as _parse_modality_eps
 from mmrobust.data.base import DatasetMeta, Split, chunk_rows, iterate_batches
 from mmrobust.errors import ConfigError
-from mmrobust.eval.metrics import accuracy, macro_f1, predict
+from mmrobust.eval.metrics import accuracy, macro_f1, model_device, predict
 from mmrobust.eval.results import Curves, EvalResult, EvalRow
 from mmrobust.eval.robust import (
     attack_predictions,
@@ -44,6 +44,7 @@ from mmrobust.eval.robust import (
 )
 from mmrobust.progress import ProgressFn
 from mmrobust.registry import Registry
+from mmrobust.torchutil import to_device
 
 #: name -> ``suite(model, meta, split, **options) -> EvalResult``; suites compute only (no output of any kind)
 SUITES: Registry[Callable[..., EvalResult]] = Registry("evaluation suite")
@@ -416,11 +417,12 @@ def _autoattack_cascade(
         stages: dict[str, list[torch.Tensor]] = {}
         dropped: dict[str, str] = {}
         start = 0
+        device = model_device(ev.model)  # the attack's tensors stay on the model's device
         for inputs, labels in iterate_batches(ev.split, chunk_rows(ev.meta)):
-            res = attack.detailed(inputs, labels)
-            finals.append(predict(ev.model, Split(res.adversarial, labels), options.batch_size))
+            res = attack.detailed(to_device(inputs, device), labels.to(device))
+            finals.append(predict(ev.model, Split(res.adversarial, labels.to(device)), options.batch_size))
             for stage in res.stages:
-                stages.setdefault(stage.attack, []).append(stage.broken_index + start)
+                stages.setdefault(stage.attack, []).append(stage.broken_index.cpu() + start)
             dropped.update(res.dropped)
             notes += [w for w in res.skipped + res.warnings if w not in notes]
             start += len(labels)

@@ -169,8 +169,9 @@ def load_checkpoint(folder: Path) -> TrainingState:
 
 
 def config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """The first setting that differs between two config dicts (dotted key), ignoring progress bars and
-    the memory budget (it only sizes the batches of the passes after training)."""
+    """The first setting that differs between two config dicts (dotted key), ignoring progress bars,
+    the memory budget (it only sizes the batches of the passes after training) and the device (a
+    per-command setting: a run interrupted on a GPU may continue on another one, or on the CPU)."""
 
     def flat(d: Any, prefix: str = "") -> dict[str, str]:
         if isinstance(d, dict):
@@ -182,7 +183,7 @@ def config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | N
 
     a, b = flat(saved), flat(current)
     for key in sorted(set(a) | set(b)):
-        if key in ("train.progress", "train.memory_budget"):
+        if key in ("train.progress", "train.memory_budget", "train.device"):
             continue
         if a.get(key) != b.get(key):
             return key

@@ -60,17 +60,12 @@ def teardown_distributed(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA if present, else CPU; under torchrun on CUDA, one GPU per local rank."""
-    from mmrobust.errors import ConfigError
+def resolve_device(name: str, param: str = "train.device") -> torch.device:
+    """``auto`` -> CUDA if present, else CPU (:func:`mmrobust.config.resolve_device`: a malformed name,
+    or CUDA that is not there, is a one-line error); under torchrun on CUDA, one GPU per local rank."""
+    from mmrobust.config import resolve_device as resolve
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' requested but no CUDA GPU is available")
-        if name == "cuda" and "LOCAL_RANK" in os.environ:
-            name = f"cuda:{os.environ['LOCAL_RANK']}"
-    elif name != "cpu":
-        raise ConfigError(f"unknown device '{name}'; choose from: cpu, cuda, auto")
-    return torch.device(name)
+    device = resolve(name, param)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = resolve(f"cuda:{os.environ['LOCAL_RANK']}", param)
+    return device
