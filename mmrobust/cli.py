@@ -223,6 +223,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.no_random_start:
         options["random_start"] = False
+    from mmrobust.io import check_limit
+
+    for key in ("steps", "restarts", "queries", "targets"):  # the work they size is bounded (io.LIMITS)
+        if key in options:
+            check_limit(key, options[key], key)
     device = _device(args)
     check_writable(args.run)  # refuse now rather than after the work
     with progress_callback(not args.no_progress) as progress:
@@ -233,7 +238,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               **options)  # fmt: skip
     print_eval_table(result, f"{args.run} — {result.suite} suite on {result.split} ({result.samples} samples)")
     print_warnings(result.warnings)
-    save_eval(args.run, result)
+    saved = save_eval(args.run, result)
+    run_dir = Path(args.run)
+    written = [run_dir / f"eval_{result.suite}.json", run_dir / "eval.json", *(run_dir / p for p in saved.plots)]
+    from mmrobust.report.console import out
+
+    out.print("wrote " + ", ".join(str(w) for w in written), markup=False)
     return 0
 
 
@@ -276,12 +286,16 @@ def cmd_certify(args: argparse.Namespace) -> int:
         build_certifier(n, options[n])
     check_writable(args.run)  # refuse now rather than after the work
     _check_finite_weights(args.run)
-    results = certify_run_many(
-        args.run, [(n, options[n]) for n in names], split=args.split, radii=radii,
-        fit_split=args.fit_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
-        attack_steps=args.attack_steps, allow_data_change=args.allow_data_change, tightness_samples=args.tightness,
-        precision=args.precision or "fp32", memory_budget=args.memory_budget or "auto", device=device, data=args.data,
-    )  # fmt: skip
+    from mmrobust.report.console import progress_callback
+
+    with progress_callback(not args.no_progress) as progress:
+        results = certify_run_many(
+            args.run, [(n, options[n]) for n in names], split=args.split, radii=radii,
+            fit_split=args.fit_split, batch_size=args.batch_size, soundness_samples=args.check_soundness,
+            attack_steps=args.attack_steps, allow_data_change=args.allow_data_change, tightness_samples=args.tightness,
+            precision=args.precision or "fp32", memory_budget=args.memory_budget or "auto", device=device,
+            data=args.data, progress=progress,
+        )  # fmt: skip
     run = load_run(args.run, allow_data_change=args.allow_data_change, data=args.data)
     for result in results:
         show_certify(run, result)
@@ -704,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="attack the certified balls of the first N samples and report violations",
     )
     p.add_argument("--attack-steps", type=int, default=50, help="PGD steps of the soundness check")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tightness", type=int, default=0, metavar="N",
                    help="find the smallest adversarial joint-l2 radius of N correct samples (bisection over eps, "
                    "CE/CW PGD + APGD) and report certified / attack radius")  # fmt: skip

@@ -89,3 +89,14 @@ def test_accuracy_curves_carry_their_radii_label_and_units(pair) -> None:
         res.accuracy_curve("audio")
     with pytest.raises(ConfigError, match="radius 0.2 is not on the grid"):
         curve.at(0.2)
+
+
+@pytest.mark.parametrize(("certifier", "options"), [("crown", {"steps": 4}), ("smoothing", {"n": 20, "n0": 5})])
+def test_long_certifiers_report_progress_over_the_samples(pair, certifier: str, options: dict) -> None:
+    bundle, meta, _, std_model, _, _ = pair
+    calls: list[tuple[str, int, int]] = []
+    certify_model(std_model, meta, bundle.test, certifier, bundle.train, options=options,
+                  progress=lambda d, done, total: calls.append((d, done, total)))  # fmt: skip
+    n = len(bundle.test)
+    assert calls and calls[-1] == (certifier, n, n)
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls)  # done only grows

@@ -26,6 +26,7 @@ from mmrobust.memory import input_gradient_plan, parse_bytes
 from mmrobust.models.transform import Standardize
 from mmrobust.options import build_options
 from mmrobust.precision import full_precision
+from mmrobust.progress import ProgressFn
 from mmrobust.torchutil import to_device
 
 CERTIFY_FILE = "certify.json"
@@ -57,8 +58,10 @@ def certify_model(
     split_name: str = "test",
     fit_split: str | None = None,
     memory_budget: str | int | None = "auto",
+    progress: ProgressFn | None = None,
 ) -> CertifyResult:
-    """Certify every sample of ``split`` with ``certifier`` (a name and ``options``, or an instance).
+    """Certify every sample of ``split`` with ``certifier`` (a name and ``options``, or an instance);
+    ``progress(description, done, total)`` hears the samples certified (CROWN and smoothing).
 
     ``fit_data`` is what a certifier may fit on (the empirical estimator maximises over it; the CLI
     passes the training split so the test split is never used to fit anything). Radii are l2 norms
@@ -83,7 +86,9 @@ def certify_model(
     with full_precision(), standardised_view(model, meta, split, fit_data) as (meta_v, split_v, fit_v, units, scales):
         if batch_size is None:  # the probe too: it sizes float32 passes
             batch_size = input_gradient_plan(model, split_v, memory_budget, _device(model)).batch_size
-        certificate = cert.certify(model, meta_v, split_v, CertifyContext(fit_data=fit_v, batch_size=batch_size))
+        certificate = cert.certify(
+            model, meta_v, split_v, CertifyContext(fit_data=fit_v, batch_size=batch_size, progress=progress)
+        )
     opts = cert.options
     used = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) and not isinstance(opts, type) else {}
     for alias in getattr(opts, "aliases", {}):  # deprecated option names: recorded under their new name only
@@ -157,6 +162,7 @@ def certify_run_many(
     memory_budget: str | int | None = "auto",
     device: str = "auto",
     data: str | Path | None = None,
+    progress: ProgressFn | None = None,
 ) -> list[CertifyResult]:
     """Certify a run folder's ``split`` with several ``(certifier, options)``, in order, on one loaded run;
     ``fit_split`` is the data a certifier may fit on.
@@ -202,7 +208,8 @@ def certify_run_many(
     attack = None
     for cert in certs:
         result = certify_model(run.model, run.meta, samples, cert, fit_data, grid, batch_size,
-                               split_name=split, fit_split=fit_split, memory_budget=memory_budget)  # fmt: skip
+                               split_name=split, fit_split=fit_split, memory_budget=memory_budget,
+                               progress=progress)  # fmt: skip
         result.certificate.info["device"] = str(dev)
         if moved_data:
             result.certificate.info["data"] = record
