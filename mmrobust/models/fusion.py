@@ -13,7 +13,7 @@ from torch import nn
 from mmrobust.data.base import Batch, DatasetMeta
 from mmrobust.errors import ConfigError, DataError
 from mmrobust.models.encoders import build_encoder
-from mmrobust.models.heads import HEADS, FusionHead
+from mmrobust.models.heads import HEADS, ConcatHead, FusionHead
 from mmrobust.models.lipschitz import lipschitz_encoder
 from mmrobust.models.memory import SparseCodingMemory
 from mmrobust.models.transform import build_transforms, encoder_spec
@@ -165,15 +165,15 @@ class LateFusionModel(nn.Module):
                     param="head",
                 )
             num_classes = head.out_features
-            fusion = HEADS.get("concat")(dims, num_classes)
+            concat = ConcatHead(dims, num_classes)
             w = head.weight.detach()
             with torch.no_grad():
                 start = 0
                 for m, d in dims.items():
-                    fusion.linears[m].weight.copy_(w[:, start : start + d])
+                    cast(nn.Linear, concat.linears[m]).weight.copy_(w[:, start : start + d])
                     start += d
-                fusion.bias.copy_(head.bias.detach() if head.bias is not None else torch.zeros(num_classes))
-            fusion.to(device=w.device, dtype=w.dtype)
+                concat.bias.copy_(head.bias.detach() if head.bias is not None else torch.zeros(num_classes))
+            fusion = concat.to(device=w.device, dtype=w.dtype)
         else:
             raise ConfigError(
                 f"from_modules: head must be an nn.Linear over the concatenated features or a FusionHead, got "
