@@ -33,7 +33,8 @@ from mmrobust.eval.compare import Column, ComparisonTable, Stat, comparison_tabl
 from mmrobust.eval.results import EvalResult
 from mmrobust.eval.suites import SUITES, parse_eps
 from mmrobust.io import read_json, sha256_file, write_json
-from mmrobust.models.fusion import build_model
+from mmrobust.models.fusion import ModelConfig, build_model
+from mmrobust.plugins import import_plugin
 from mmrobust.publish import Lock, check_destination, is_mmrobust_folder, resolve_target
 from mmrobust.runs import RunFolder, load_run
 from mmrobust.training import METHODS, FitResult, method_model_config, train
@@ -93,6 +94,11 @@ class BenchmarkConfig:
     data_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str = "auto"
+    #: the model every cell trains (a :class:`~mmrobust.models.fusion.ModelConfig` as a dict: encoders per
+    #: modality, feature_dim, lipschitz_encoders...); the methods' heads apply on top. ``{}``: the defaults
+    model: dict[str, Any] = field(default_factory=dict)
+    #: plug-in modules imported first (they register the encoders or datasets the grid names)
+    plugins: list[str] = field(default_factory=list)
     protocol: InitVar[str | None] = None  # old name of attack_strength
     samples: InitVar[int | None] = None  # old name of max_samples
     certify: InitVar[str | None] = None  # old name of certifier
@@ -112,6 +118,7 @@ class BenchmarkConfig:
                 raise ConfigError(f"benchmark option '{name}' must be a non-empty list of names, got {value!r}")
             if len(set(value)) != len(value):
                 raise ConfigError(f"benchmark option '{name}' lists a name twice: {value}")
+        self._check_model()  # plug-ins first: they may register the datasets and methods named below
         for d in self.data:
             folder = dataset_folder(d)
             if d not in DATASETS and (folder is None or not folder.is_dir()):
@@ -152,6 +159,38 @@ class BenchmarkConfig:
                 METHODS.get(method_name(m)).Options, dict(opts), m
             )  # bad keys/values fail now, not mid-grid
 
+    def _check_model(self) -> None:
+        if not isinstance(self.plugins, list) or not all(isinstance(m, str) and m for m in self.plugins):
+            raise ConfigError(f"benchmark option 'plugins' must be a list of module names, got {self.plugins!r}")
+        for module in self.plugins:
+            import_plugin(module)
+        if not isinstance(self.model, dict):
+            raise ConfigError(f"benchmark option 'model' must be a mapping, got {self.model!r}", param="model")
+        model = self.model_config()
+        if model.factory:
+            raise ConfigError(
+                "benchmark option 'model.factory': a benchmark trains its models from scratch; a wrapped model does "
+                "not apply (register its encoders in a plug-in and name them in model.encoders)",
+                param="model",
+            )
+        if (
+            self.feature_dim is not None
+            and "feature_dim" in self.model
+            and self.model["feature_dim"] != self.feature_dim
+        ):
+            raise ConfigError(
+                f"give feature_dim or model.feature_dim, not both ({self.feature_dim} != {self.model['feature_dim']})",
+                param="feature_dim",
+            )
+        from mmrobust.models.encoders import ENCODERS
+
+        for name in model.encoders.values():
+            ENCODERS.get(name)  # unknown encoder -> one-line error listing them, before any training
+
+    def model_config(self) -> ModelConfig:
+        """The cells' :class:`~mmrobust.models.fusion.ModelConfig` (strictly validated, like ``train``'s)."""
+        return RunConfig.from_dict({"model": json.loads(json.dumps(self.model))}).model
+
     def suite_options(self) -> dict[str, Any]:
         return {"eps": list(self.eps)} if self.eps is not None else {}
 
@@ -160,7 +199,10 @@ class BenchmarkConfig:
         constants included. The keys are those of the first cell manifests (``protocol`` for
         ``attack_strength``, ``paper_protocol`` for :data:`PAPER_ATTACK`), so old cells stay valid."""
         fixed = {"paper_protocol": PAPER_ATTACK, "certify_radii": CERTIFY_RADII}
-        return {**{_HASH_KEYS.get(k, k): _plain(getattr(self, k)) for k in CELL_SETTINGS}, "constants": _plain(fixed)}
+        settings = {_HASH_KEYS.get(k, k): _plain(getattr(self, k)) for k in CELL_SETTINGS}
+        if self.model:  # the model changes what a cell computes; absent when default, so older cells stay valid
+            settings["model"] = _plain(self.model)
+        return {**settings, "constants": _plain(fixed)}
 
     def cells(self) -> list[Cell]:
         """The grid in run order: per dataset, per seed, every method (all methods of seed 0 come first)."""
@@ -451,6 +493,7 @@ def _check_cells(cfg: BenchmarkConfig, cells: Sequence[Cell], bundle: Callable[[
 def _run_config(cell: Cell, cfg: BenchmarkConfig) -> RunConfig:
     rc = RunConfig()
     rc.data = DataConfig(cell.dataset, cell.seed, dict(cfg.data_options.get(cell.dataset, {})))
+    rc.model = cfg.model_config()
     if cfg.feature_dim is not None:
         rc.model.feature_dim = cfg.feature_dim
     rc.train.method, rc.train.seed, rc.train.batch_size = method_name(cell.method), cell.seed, cfg.batch_size

@@ -362,13 +362,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         if isinstance(value, int) and value > LIMITS[name][1]:  # BenchmarkConfig checks the low end
             check_limit(name, value, param)
     data, methods = _names(args.data, "--data"), _names(args.methods, "--methods")
+    model, plugins = _benchmark_model(args.config, args.set)
     check_benchmark_out(args.out)  # resolved and checked before any work
     cfg = BenchmarkConfig(
         data=data, methods=methods, seeds=args.seeds, epochs=args.epochs, suite=args.suite,
         eps=args.eps, max_samples=args.max_samples, recipe=args.recipe, attack_strength=args.attack_strength,
         certifier=args.certifier,
         feature_dim=args.feature_dim, data_options=_per_name_options(args.data_opt, "--data-opt", data),
-        method_options=_per_name_options(args.method_opt, "--method-opt", methods),
+        method_options=_per_name_options(args.method_opt, "--method-opt", methods), model=model, plugins=plugins,
         device=args.device or "auto",
     )  # fmt: skip
     plan = plan_benchmark(cfg, args.out)
@@ -381,6 +382,57 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     print_tables(result.tables())
     out.print(f"{len(result.cells)} cells ({result.resumed} resumed) in {result.seconds:.0f} s; wrote "
               f"{Path(args.out) / 'tables'} and {paths[-1]}")  # fmt: skip
+    return 0
+
+
+def _benchmark_model(config: str | None, items: list[str] | None) -> tuple[dict[str, Any], list[str]]:
+    """The grid's model section and plug-ins: ``--config`` (a YAML/JSON file with ``model`` and
+    ``plugins`` keys, e.g. a run's config.json reduced to them) with ``--set model.KEY=VALUE`` over it."""
+    import yaml
+
+    from mmrobust.options import apply_overrides
+
+    tree: dict[str, Any] = {}
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: must hold a mapping with keys model/plugins")
+        unknown = sorted(set(tree) - {"model", "plugins"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown section(s) {unknown}; a benchmark config has model and plugins "
+                              "(the grid's flags set the data, methods and training)")  # fmt: skip
+    tree = apply_overrides(tree, items, ("model",))
+    model, plugins = tree.get("model", {}), tree.get("plugins", [])
+    if not isinstance(model, dict):
+        raise ConfigError(f"config section 'model' must be a mapping, got {model!r}")
+    if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
+        raise ConfigError(f"config 'plugins' must be a list of module names, got {plugins!r}")
+    return model, plugins
+
+
+def cmd_wrap(args: argparse.Namespace) -> int:
+    from mmrobust.config import parse_kv
+    from mmrobust.data.registry import DataConfig
+    from mmrobust.report.console import out
+    from mmrobust.wrap import wrap_model
+
+    seed = _bounded("seed", args.seed) or 0
+    if args.batch_size is not None:
+        _bounded("batch_size", args.batch_size)
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    data = DataConfig(args.data, seed, parse_kv(args.data_opt, "--data-opt"))
+    res = wrap_model(args.model, args.weights, data, args.out, force=args.force, batch_size=args.batch_size or 256)
+    acc = " ".join(f"{k} {res.metrics[k]:.4f}" for k in ("val_accuracy", "test_accuracy") if res.metrics[k] is not None)
+    kind = "additive late fusion: every attack and certifier" if res.late_fusion else (
+        "not additive late fusion: every attack and the empirical estimate")  # fmt: skip
+    out.print(f"wrapped {args.model} ({kind}); {acc}; wrote {res.out}", markup=False, soft_wrap=True)
     return 0
 
 
@@ -755,8 +807,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-opt", action="append", metavar="[DATASET:]KEY=VALUE", help="dataset option (repeatable)")
     p.add_argument("--method-opt", action="append", metavar="[METHOD:]KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--force", action="store_true", help="redo cells finished with other settings")
+    p.add_argument("--config", help="YAML/JSON with the grid's model section and plug-ins (keys model, plugins), "
+                   "validated like train's; --set overrides it")  # fmt: skip
+    p.add_argument("--set", action="append", metavar="model.KEY=VALUE", dest="set",
+                   help="model setting of every cell (repeatable), e.g. model.encoders.image=my-encoder or "
+                   "model.lipschitz_encoders=true; part of the cell settings (see docs/your-model.md)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("wrap", help="turn a trained model (a factory + safetensors weights) into a run folder")
+    p.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                   help="function building the model: FACTORY(meta) or FACTORY(); returns a LateFusionModel "
+                   "(e.g. LateFusionModel.from_modules) or any dict -> logits module (see docs/your-model.md)")  # fmt: skip
+    p.add_argument("--weights", required=True, help="the model's state_dict as a .safetensors file (never a pickle)")
+    p.add_argument("--data", required=True, help="dataset name (see `mmrobust datasets`) or a folder path")
+    p.add_argument("--data-opt", action="append", metavar="KEY=VALUE", help="dataset option (repeatable)")
+    p.add_argument("--seed", type=int, help="split seed of the dataset (default 0)")
+    p.add_argument("--batch-size", type=int, help="samples per batch of the accuracy pass (default 256)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder (all of it)")
+    p.set_defaults(func=cmd_wrap)
 
     p = sub.add_parser("demo", help="train, evaluate and write a report on avdigits")
     p.add_argument("--out", default="demo_out", help="folder for runs and report.md")

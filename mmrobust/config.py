@@ -239,6 +239,8 @@ class RunConfig:
             found.append(DATASETS.get(self.data.name))
         found += [ENCODERS.get(name) for name in self.model.encoders.values()]
         modules = [getattr(obj, "__module__", "") for obj in found]
+        if self.model.factory:  # the module of the user's model factory (re-imported by load_run)
+            modules.append(self.model.factory.strip().rpartition(":")[0])
         return [m for m in modules if m and m != "__main__" and not m.startswith("mmrobust.")]
 
     def to_dict(self) -> dict[str, Any]:

@@ -40,7 +40,7 @@ FLOORS: list[tuple[str, set[str]]] = [
     ("runs", {"config", "runs"}),
     ("compute", {"certify", "eval"}),
     ("training", {"training"}),
-    ("applications", {"benchmark", "calibration"}),
+    ("applications", {"benchmark", "calibration", "wrap"}),
     ("report", {"report"}),
     ("demo", {"demo"}),
     ("entry", {"cli", "__main__"}),

@@ -147,7 +147,7 @@ class CertifyResult:
         if "lipschitz" in info:  # where the Lipschitz estimate was fitted (None: it reads no data)
             info["lipschitz"] = {
                 **info["lipschitz"],
-                "info": {**info["lipschitz"]["info"], "data_split": self.fit_split},
+                "info": {**info["lipschitz"].get("info", {}), "data_split": self.fit_split},
             }
         units = self.radius_units()
         d: dict[str, Any] = {
