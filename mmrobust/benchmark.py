@@ -35,6 +35,7 @@ from mmrobust.eval.suites import SUITES, parse_eps
 from mmrobust.io import read_json, sha256_file, write_json
 from mmrobust.models.fusion import ModelConfig, build_model
 from mmrobust.plugins import import_plugin
+from mmrobust.progress import MessageFn, ProgressFn
 from mmrobust.publish import Lock, check_destination, is_mmrobust_folder, resolve_target
 from mmrobust.runs import RunFolder, load_run
 from mmrobust.training import METHODS, FitResult, method_model_config, train
@@ -211,7 +212,9 @@ class BenchmarkConfig:
     def to_json(self) -> dict[str, Any]:
         """The config as JSON; renamed settings are also written under their old keys (one release)."""
         d = _plain(asdict(self))
-        return {**d, **{old: d[new] for old, new in _OLD_NAMES.items()}}
+        units = ("joint l2 budgets measure delta_m / scale_m with the modality's standardisation std as scale; l-inf "
+                 "budgets are in each modality's stored units; every result row states its units and scales")  # fmt: skip
+        return {**d, "eps_units": units, **{old: d[new] for old, new in _OLD_NAMES.items()}}
 
 
 def _plain(v: Any) -> Any:
@@ -374,20 +377,6 @@ class BenchmarkPlan:
         return [c for c in self.cells if c not in done]
 
 
-@dataclass
-class BenchmarkEvent:
-    """Progress report: ``status`` is ``start`` or ``done`` for the ``index``-th of ``total`` cells to run."""
-
-    cell: Cell
-    status: str
-    index: int
-    total: int
-    seconds: float = 0.0
-
-
-ProgressHook = Callable[[BenchmarkEvent], None]
-
-
 def _manifest(cell: Cell, out: Path) -> dict[str, Any] | None:
     try:
         m = read_json(cell.folder(out) / MANIFEST_FILE)
@@ -427,12 +416,18 @@ def _describe_change(plan: BenchmarkPlan) -> str:
 
 
 def run_benchmark(
-    cfg: BenchmarkConfig, out: str | Path, force: bool = False, progress: ProgressHook | None = None
+    cfg: BenchmarkConfig,
+    out: str | Path,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+    on_message: MessageFn | None = None,
 ) -> BenchmarkResult:
-    """Run (or resume) the grid into ``out``; see the module docstring."""
+    """Run (or resume) the grid into ``out``; see the module docstring. ``progress("benchmark", done,
+    total)`` hears the cells finished; ``on_message`` gets one line per finished cell (its time, the
+    elapsed time and an estimate of the time left)."""
     out = check_benchmark_out(out)
     with Lock(out, "benchmark"):
-        return _run_locked(cfg, out, force, progress)
+        return _run_locked(cfg, out, force, progress, on_message)
 
 
 def check_benchmark_out(out: str | Path) -> Path:
@@ -448,7 +443,9 @@ def check_benchmark_out(out: str | Path) -> Path:
     return path
 
 
-def _run_locked(cfg: BenchmarkConfig, out: Path, force: bool, progress: ProgressHook | None) -> BenchmarkResult:
+def _run_locked(
+    cfg: BenchmarkConfig, out: Path, force: bool, progress: ProgressFn | None, on_message: MessageFn | None
+) -> BenchmarkResult:
     plan = plan_benchmark(cfg, out)
     if plan.invalidated and not force:
         raise ConfigError(
@@ -468,12 +465,17 @@ def _run_locked(cfg: BenchmarkConfig, out: Path, force: bool, progress: Progress
     _check_cells(cfg, todo, bundle)
     write_json(out / SETTINGS_FILE, cfg.to_json())
     results = {c: _read_cell(c, out, cfg) for c in plan.finished}
+    n = len(todo)
     for i, cell in enumerate(todo):
         if progress:
-            progress(BenchmarkEvent(cell, "start", i, len(todo)))
+            progress("benchmark", i, n)
         results[cell] = _run_cell(cell, out, cfg, bundle(cell.dataset, cell.seed))
+        elapsed = time.perf_counter() - t0
         if progress:
-            progress(BenchmarkEvent(cell, "done", i + 1, len(todo), sum(results[cell].seconds.values())))
+            progress("benchmark", i + 1, n)
+        if on_message:
+            seconds, eta = sum(results[cell].seconds.values()), elapsed / (i + 1) * (n - i - 1)
+            on_message(f"[{i + 1}/{n}] {cell.label}: {seconds:.0f} s; elapsed {elapsed:.0f} s, ETA {eta:.0f} s")
     return BenchmarkResult(cfg, [results[c] for c in plan.cells], time.perf_counter() - t0)
 
 

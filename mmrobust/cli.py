@@ -354,8 +354,8 @@ def _per_name_options(items: list[str] | None, flag: str, names: list[str]) -> d
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from mmrobust.benchmark import BenchmarkConfig, check_benchmark_out, plan_benchmark, run_benchmark
     from mmrobust.io import LIMITS, check_limit
-    from mmrobust.report.benchmark import grid_progress, print_tables, write_benchmark
-    from mmrobust.report.console import console, out
+    from mmrobust.report.benchmark import print_tables, write_benchmark
+    from mmrobust.report.console import console, echo, out, progress_callback
 
     for name, value, param in (("seeds", args.seeds, "seeds"), ("epochs", args.epochs, "epochs"),
                                ("samples", args.max_samples, "max_samples"), ("feature_dim", args.feature_dim, "feature_dim")):  # fmt: skip
@@ -376,8 +376,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if plan.finished:
         console.print(f"resuming {args.out}: {len(plan.finished)} of {len(plan.cells)} cells finished, skipped",
                       markup=False)  # fmt: skip
-    with grid_progress(not args.no_progress) as hook:
-        result = run_benchmark(cfg, args.out, force=args.force, progress=hook)
+    with progress_callback(not args.no_progress) as progress:
+        result = run_benchmark(cfg, args.out, force=args.force, progress=progress,
+                               on_message=None if args.no_progress else echo)  # fmt: skip
     paths = write_benchmark(args.out, result)
     print_tables(result.tables())
     out.print(f"{len(result.cells)} cells ({result.resumed} resumed) in {result.seconds:.0f} s; wrote "

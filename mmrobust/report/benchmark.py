@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
-from mmrobust.benchmark import BenchmarkEvent, BenchmarkResult, ProgressHook
+from mmrobust.benchmark import BenchmarkResult
 from mmrobust.eval.compare import ComparisonTable, Stat
 from mmrobust.eval.robust import GAP_THRESHOLD
 from mmrobust.io import atomic_write_bytes, write_json
-from mmrobust.report.console import console, out, progress
+from mmrobust.report.console import out
 from mmrobust.report.markdown import md_table
 from mmrobust.report.paper import plot_certified_curves, spread, table_latex, tidy_csv
 from mmrobust.report.plots import plt, save_figure
@@ -139,25 +137,3 @@ def print_tables(tables: Sequence[ComparisonTable]) -> None:
         out.print(table)
         for n in t.notes:
             out.print(n, style="dim", markup=False)
-
-
-@contextmanager
-def grid_progress(enabled: bool = True) -> Iterator[ProgressHook]:
-    """A hook for :func:`~mmrobust.benchmark.run_benchmark`: a bar over the cells still to run (with
-    rich's ETA) on a terminal, and one line per finished cell with the elapsed time and an ETA
-    (mean time per cell so far x cells left)."""
-    t0 = time.perf_counter()
-    with progress(enabled) as bar:
-        task = bar.add_task("benchmark", total=None)
-
-        def hook(ev: BenchmarkEvent) -> None:
-            if ev.status == "start":
-                bar.update(task, total=ev.total, description=f"cell {ev.index + 1}/{ev.total}: {ev.cell.label}")
-                return
-            bar.update(task, completed=ev.index)
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / ev.index * (ev.total - ev.index)
-            console.print(f"[{ev.index}/{ev.total}] {ev.cell.label}: {ev.seconds:.0f} s; elapsed {elapsed:.0f} s, "
-                          f"ETA {eta:.0f} s", markup=False)  # fmt: skip
-
-        yield hook

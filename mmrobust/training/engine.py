@@ -102,6 +102,12 @@ class Trainer:
     def __init__(self, cfg: RunConfig, bundle: DataBundle | None = None) -> None:
         cfg = copy.deepcopy(cfg)  # validation normalises fields (data paths): on the trainer's copy only
         cfg.validate()  # fields may have been set after construction (CLI flags, Python API)
+        if cfg.model.factory:
+            raise ConfigError(
+                f"model.factory ({cfg.model.factory}): a model built by your own factory is trained by your own code; "
+                "mmrobust wraps its weights (wrap_model / mmrobust wrap) to attack, evaluate and certify it",
+                param="factory",
+            )
         t = cfg.train
         self.device = resolve_device(t.device)
         self.dist: DistInfo = setup_distributed(self.device)
