@@ -665,26 +665,25 @@ def error_message(exc: MMRobustError, parser: argparse.ArgumentParser | None = N
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from mmrobust import __version__
-
-    parser = _Parser(prog="mmrobust", description="Adversarial robustness of multi-modal classifiers.")
-    parser.add_argument("--version", action="version", version=f"mmrobust {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_list_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="what can be chosen by name, with each item's options and defaults")
     p.add_argument("kind", nargs="*", metavar="KIND",
                    help="any of: datasets, encoders, methods, attacks, suites, certifiers (default: all)")  # fmt: skip
     p.set_defaults(func=cmd_list)
 
+
+def _add_datasets_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("datasets", help="list datasets, training methods and certifiers (short form of `list`)")
     p.set_defaults(func=cmd_datasets)
 
+
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a multi-modal model")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a run folder; writes RUN/eval.json")
     p.add_argument("run", help="run folder written by `mmrobust train`")
     _add_data_copy_args(p)
@@ -727,6 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_certify_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("certify", help="certified radii and vulnerability indicators; writes RUN/certify.json")
     p.add_argument("run", help="run folder written by `mmrobust train`")
     _add_data_copy_args(p)
@@ -785,6 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scale_args(p, layout=False)  # --precision is accepted only to refuse anything but fp32
     p.set_defaults(func=cmd_certify)
 
+
+def _add_benchmark_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "benchmark", help="train, attack (and certify) every dataset x method x seed; tables mean ± std over seeds"
     )
@@ -816,6 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_benchmark)
 
+
+def _add_wrap_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("wrap", help="turn a trained model (a factory + safetensors weights) into a run folder")
     p.add_argument("--model", required=True, metavar="MODULE:FACTORY",
                    help="function building the model: FACTORY(meta) or FACTORY(); returns a LateFusionModel "
@@ -829,6 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing run folder (all of it)")
     p.set_defaults(func=cmd_wrap)
 
+
+def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train, evaluate and write a report on avdigits")
     p.add_argument("--out", default="demo_out", help="folder for runs and report.md")
     p.add_argument("--epochs", type=int, default=8)
@@ -839,6 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_calibrate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "calibrate", help="harden frozen Bind-style encoders with adversarially trained projection heads"
     )
@@ -863,6 +872,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_calibrate)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmrobust import __version__
+
+    parser = _Parser(prog="mmrobust", description="Adversarial robustness of multi-modal classifiers.")
+    parser.add_argument("--version", action="version", version=f"mmrobust {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_list_command(sub)
+    _add_datasets_command(sub)
+    _add_train_command(sub)
+    _add_evaluate_command(sub)
+    _add_certify_command(sub)
+    _add_benchmark_command(sub)
+    _add_wrap_command(sub)
+    _add_demo_command(sub)
+    _add_calibrate_command(sub)
     _add_data_commands(sub)
     _add_device_to_computing_commands(sub)
     _add_to_every_command(parser)
