@@ -226,7 +226,7 @@ class Trainer:
         ``log``: experiment loggers writing into the run folder's ``logs/`` (:mod:`mmrobust.training.logs`).
         """
         self._allow_data_change = allow_data_change
-        self._log_names = check_loggers(log) if out is not None else ()
+        loggers = check_loggers(log)  # before the run folder is touched
         from mmrobust.runs import RunFolder
 
         if not self.dist.is_main:
@@ -236,7 +236,7 @@ class Trainer:
                 return self._fit(RunFolder(out, resume=True).partial, None, on_epoch, progress)
             return self._fit(None, None, on_epoch, progress)
         with RunFolder(out, force=force, resume=resume) as folder, _terminate_as_interrupt():
-            return self._fit(folder.partial, folder, on_epoch, progress)
+            return self._fit(folder.partial, folder, on_epoch, progress, loggers)
 
     def _fit(
         self,
@@ -244,9 +244,10 @@ class Trainer:
         folder: RunFolder | None,
         on_epoch: MessageFn | None,
         progress: ProgressFn | None,
+        loggers: tuple[str, ...] = (),
     ) -> FitResult:
         """Train, continuing from the checkpoint in ``resume_from`` if there is one; ``folder``: the run
-        folder this process writes (checkpoints, log, the run), or None."""
+        folder this process writes (checkpoints, log, experiment ``loggers``, the run), or None."""
         state = self._setup()
         if resume_from is not None:
             self._resume(state, resume_from)
@@ -254,9 +255,8 @@ class Trainer:
         tick = self._ticker(state.first_epoch, progress)
         ctx = self.context(on_epoch)
         self.strategy.on_train_start(ctx)
-        logs = EpochLogs(getattr(self, "_log_names", ()), folder.partial) if folder is not None else None
-        if logs is not None:
-            logs._written = state.first_epoch  # a resumed run's earlier epochs are logged already
+        # a resumed run's earlier epochs were logged by the interrupted attempt
+        logs = EpochLogs(loggers, folder.partial, state.first_epoch) if folder is not None else None
         try:
             self._run_epochs(state, ctx, tick, folder, on_epoch, logs)
         finally:

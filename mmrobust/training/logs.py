@@ -63,13 +63,15 @@ def flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class EpochLogs:
-    """The loggers of one run; :meth:`update` after every epoch with the whole history."""
+    """The loggers of one run (``names`` as checked by :func:`check_loggers`); :meth:`update` after
+    every epoch with the whole history. ``logged``: epochs a previous attempt already sent to
+    TensorBoard (a resumed run starts after them)."""
 
-    def __init__(self, names: Iterable[str], folder: Path) -> None:
-        self.names = check_loggers(names)
+    def __init__(self, names: tuple[str, ...], folder: Path, logged: int = 0) -> None:
+        self.names = names
         self.folder = Path(folder) / "logs"
         self._writer: Any = None
-        self._written = 0  # epochs already sent to TensorBoard
+        self._written = logged  # epochs already sent to TensorBoard
 
     def update(self, history: list[dict[str, Any]]) -> None:
         if not self.names:
