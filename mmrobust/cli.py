@@ -285,7 +285,6 @@ def cmd_certify(args: argparse.Namespace) -> int:
     for n in names:  # names and options first: they need no run
         build_certifier(n, options[n])
     check_writable(args.run)  # refuse now rather than after the work
-    _check_finite_weights(args.run)
     from mmrobust.report.console import progress_callback
 
     with progress_callback(not args.no_progress) as progress:
@@ -313,20 +312,6 @@ def _run_destination(out: str, *, force: bool, resume: bool) -> Path:
     folder = RunFolder(out, force=force, resume=resume)
     folder._check_target()
     return folder.out
-
-
-def _check_finite_weights(run_path: str) -> None:
-    """A run whose weights hold NaN or inf cannot be certified or attacked meaningfully: refuse it."""
-    import torch
-
-    from mmrobust.runs import MODEL_FILE, load_run
-
-    run = load_run(run_path)
-    for name, t in run.model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise MMRobustError(
-                f"{Path(run_path) / MODEL_FILE}: weight '{name}' holds NaN or inf values; retrain the run"
-            )
 
 
 def _names(text: str, flag: str) -> list[str]:

@@ -12,7 +12,7 @@ from torch import nn
 from mmrobust.certify.runner import certify_model
 from mmrobust.data import DataConfig, load_data
 from mmrobust.data.base import DatasetMeta, Normalization, Split
-from mmrobust.errors import ConfigError
+from mmrobust.errors import ConfigError, RunError
 from mmrobust.eval.robust import missing_predictions
 from mmrobust.models.fusion import ModelConfig, build_model
 
@@ -100,3 +100,24 @@ def test_long_certifiers_report_progress_over_the_samples(pair, certifier: str, 
     n = len(bundle.test)
     assert calls and calls[-1] == (certifier, n, n)
     assert [c[1] for c in calls] == sorted(c[1] for c in calls)  # done only grows
+
+
+def test_a_run_with_nan_weights_is_refused_before_any_certificate(tmp_path, capsys) -> None:
+    from mmrobust.certify.runner import certify_run
+    from mmrobust.cli import main
+    from mmrobust.io import load_tensors, save_tensors
+    from mmrobust.runs import seal_run
+
+    run = tmp_path / "run"
+    tiny = ["--data-opt", "n_train=64", "--data-opt", "n_val=16", "--data-opt", "n_test=16"]
+    assert main(["train", "--data", "synthetic", *tiny, "--epochs", "1", "--no-progress", "--out", str(run)]) == 0
+    state = load_tensors(run / "model.safetensors")
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key].clone().fill_(float("nan"))
+    save_tensors(run / "model.safetensors", state)
+    seal_run(run)  # an edit made on purpose: the run loads, its weights are NaN
+    with pytest.raises(RunError, match=f"weight '{key}' holds NaN or inf values"):
+        certify_run(run, "sound")
+    capsys.readouterr()
+    assert main(["certify", str(run), "--certifier", "sound", "--no-progress"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (run / "certify.json").exists()

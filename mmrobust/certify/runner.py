@@ -20,7 +20,7 @@ from mmrobust.certify.base import CERTIFIERS, Certifier, CertifyContext
 from mmrobust.certify.results import DEFAULT_RADII, CertifyResult, normalize_certify
 from mmrobust.data.base import STANDARDISED, DatasetMeta, Split
 from mmrobust.data.transforms import standardised_meta, standardised_split
-from mmrobust.errors import ConfigError
+from mmrobust.errors import ConfigError, RunError
 from mmrobust.io import read_json
 from mmrobust.memory import input_gradient_plan, parse_bytes
 from mmrobust.models.transform import Standardize
@@ -180,7 +180,7 @@ def certify_run_many(
     are not the recorded ones, which data were used.
     """
     from mmrobust.config import resolve_device
-    from mmrobust.runs import load_run
+    from mmrobust.runs import MODEL_FILE, load_run
 
     dev = resolve_device(device)  # before any work: cuda without CUDA is refused here
     check_certify_precision(precision)
@@ -197,6 +197,9 @@ def certify_run_many(
     if attack_steps < 1:
         raise ConfigError(f"attack_steps must be >= 1, got {attack_steps}", param="attack_steps")
     run = load_run(path, allow_data_change=allow_data_change, device=dev, data=data)
+    for name, t in run.model.state_dict().items():  # NaN weights give NaN bounds, not certificates
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise RunError(f"{Path(path) / MODEL_FILE}: weight '{name}' holds NaN or inf values; retrain the run")
     bundle = run.data()
     record = run.data_record()
     moved_data = data is not None or bool(record.get("changed")) or record["path"] != run.config.data.name
