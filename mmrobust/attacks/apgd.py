@@ -115,20 +115,11 @@ class APGDT(APGD):
     targeted = True
 
     def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            clean_logits = self.forward(packed, packed.x0)
-        self.check_applicable(clean_logits.shape[1], self.targets)
-        best = BestTracker(packed.x0, clean_logits, labels)
-        order = clean_logits.sort(dim=1).indices
-        for t in range(2, self.targets + 2):
-            for _ in range(self.restarts):
-                idx = (~best.broken).nonzero().squeeze(1)
-                if len(idx) == 0:
-                    return best.x, best.logits
-                target = order[idx, -t]
+        best, runs = self.targeted_runs(packed, labels)
+        for _, idx, target in runs:
 
-                def loss_fn(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor = target) -> torch.Tensor:
-                    return dlr_targeted_loss(logits, y, target)
+            def loss_fn(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor = target) -> torch.Tensor:
+                return dlr_targeted_loss(logits, y, target)
 
-                self._apgd(packed.take(idx), labels[idx], loss_fn, best, idx)
+            self._apgd(packed.take(idx), labels[idx], loss_fn, best, idx)
         return best.x, best.logits

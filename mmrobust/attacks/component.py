@@ -11,12 +11,13 @@ a modality is clamped to its declared valid range, or not at all).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from mmrobust.attacks.base import ATTACKS, Attack, Packed
+from mmrobust.attacks.base import ATTACKS, Attack, BestTracker, Packed
 from mmrobust.attacks.threat import ThreatModel
 from mmrobust.errors import ConfigError
 
@@ -74,6 +75,28 @@ class AutoAttackComponent(Attack):
     def describe(self) -> dict[str, Any]:
         d = {**super().describe(), "steps": self.steps, "restarts": self.restarts}
         return {**d, "targets": self.targets} if self.targeted else d
+
+    def targeted_runs(
+        self, packed: Packed, labels: torch.Tensor
+    ) -> tuple[BestTracker, Iterator[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """The reference's targeted schedule, shared by APGD-T and FAB-T: the tracker of the best
+        points, and ``(restart, idx, target)`` for each of the ``targets`` highest-scoring wrong
+        classes and each restart, ``idx`` the samples still robust (it stops once none is)."""
+        with torch.no_grad():
+            clean_logits = self.forward(packed, packed.x0)
+        self.check_applicable(clean_logits.shape[1], self.targets)
+        best = BestTracker(packed.x0, clean_logits, labels)
+        order = clean_logits.sort(dim=1).indices
+
+        def runs() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+            for t in range(2, self.targets + 2):
+                for restart in range(self.restarts):
+                    idx = (~best.broken).nonzero().squeeze(1)
+                    if len(idx) == 0:
+                        return
+                    yield restart, idx, order[idx, -t]
+
+        return best, runs()
 
     @classmethod
     def check_applicable(cls, num_classes: int, targets: int = 9) -> None:

@@ -29,20 +29,12 @@ class FABT(AutoAttackComponent):
     alpha_max, eta, beta = 0.1, 1.05, 0.9
 
     def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            clean_logits = self.forward(packed, packed.x0)
-        self.check_applicable(clean_logits.shape[1], self.targets)
-        best = BestTracker(packed.x0, clean_logits, labels)
-        order = clean_logits.sort(dim=1).indices
-        for t in range(2, self.targets + 2):
-            for restart in range(self.restarts):
-                idx = (~best.broken).nonzero().squeeze(1)
-                if len(idx) == 0:
-                    return best.x, best.logits
-                sub, y, target = packed.take(idx), labels[idx], order[idx, -t]
-                found = self._fab(sub, y, target, random_start=restart > 0)
-                with torch.no_grad():
-                    best.update(found, self.forward(sub, found), idx)
+        best, runs = self.targeted_runs(packed, labels)
+        for restart, idx, target in runs:
+            sub, y = packed.take(idx), labels[idx]
+            found = self._fab(sub, y, target, random_start=restart > 0)
+            with torch.no_grad():
+                best.update(found, self.forward(sub, found), idx)
         return best.x, best.logits
 
     def _closest_boundary(
