@@ -33,7 +33,6 @@ from mmrobust.errors import ConfigError
 ENTRY_POINT_GROUP = "mmrobust.plugins"
 
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_imported: list[str] = []  # plug-ins imported by name, in order (what a run records)
 _installed_loaded = False
 
 
@@ -53,18 +52,11 @@ def import_plugin(module: str) -> ModuleType:
         raise ConfigError(
             f"plugin '{module}': importing it raised {type(exc).__name__}: {exc}", param="plugin"
         ) from None
-    if module not in _imported:
-        _imported.append(module)
     return loaded
 
 
 def import_plugins(modules: list[str] | tuple[str, ...]) -> list[ModuleType]:
     return [import_plugin(m) for m in modules]
-
-
-def imported_plugins() -> list[str]:
-    """The plug-ins imported by name so far, in order (recorded in a run's ``config.json``)."""
-    return list(_imported)
 
 
 def load_installed() -> list[str]:
@@ -94,10 +86,9 @@ def load_object(spec: str, what: str = "object", param: str | None = None) -> An
     module, sep, name = spec.strip().rpartition(":")
     if not sep or not module or not name or not _MODULE.fullmatch(name):
         raise ConfigError(f"{what} '{spec}' must look like MODULE:NAME", param=param)
-    loaded = import_plugin(module) if _MODULE.fullmatch(module) else None
-    if loaded is None:
+    if not _MODULE.fullmatch(module):
         raise ConfigError(f"{what} '{spec}': {module!r} is not a module name", param=param)
-    obj: Any = loaded
+    obj: Any = import_plugin(module)
     for part in name.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"{what} '{spec}': module '{module}' has no '{name}'", param=param)
