@@ -238,12 +238,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               **options)  # fmt: skip
     print_eval_table(result, f"{args.run} — {result.suite} suite on {result.split} ({result.samples} samples)")
     print_warnings(result.warnings)
-    saved = save_eval(args.run, result)
-    run_dir = Path(args.run)
-    written = [run_dir / f"eval_{result.suite}.json", run_dir / "eval.json", *(run_dir / p for p in saved.plots)]
     from mmrobust.report.console import out
 
-    out.print("wrote " + ", ".join(str(w) for w in written), markup=False)
+    out.print("wrote " + ", ".join(str(w) for w in save_eval(args.run, result)), markup=False)
     return 0
 
 

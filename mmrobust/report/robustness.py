@@ -32,24 +32,22 @@ def _loss_columns(entries: list[Setting]) -> list[str]:
     return [k for k in _LOSS_ORDER if k in present] + sorted(present - set(_LOSS_ORDER))
 
 
-def save_eval(run_dir: str | Path, result: EvalResult, plot: bool = True) -> EvalResult:
+def save_eval(run_dir: str | Path, result: EvalResult, plot: bool = True) -> list[Path]:
     """Write ``RUN/eval_<suite>.json`` and ``RUN/eval.json`` (the latest evaluation), plus the suite's
-    plot (``paper_suite.png`` / ``robustness_curves.png``) when ``plot``; returns the result with
-    the plot names recorded."""
+    plot (``paper_suite.png`` / ``robustness_curves.png``) when ``plot``, whose names the JSON
+    records; returns the paths written."""
     run_dir = Path(run_dir)
     plots = []
     with folder_update(run_dir):  # the one writer protocol: files added to a run under its update lock
         if plot and result.suite == "paper":
-            plots.append(plot_setting_bars(result, run_dir / "paper_suite.png").name)
+            plots.append(plot_setting_bars(result, run_dir / "paper_suite.png"))
         if plot and result.curves is not None:
-            plots.append(
-                plot_robustness_curves({run_dir.name or "model": result}, run_dir / "robustness_curves.png").name
-            )
-        result = replace(result, plots=plots)
-        doc = result.to_json()
-        write_json(run_dir / f"eval_{result.suite}.json", doc)
-        write_json(run_dir / "eval.json", doc)
-    return result
+            plots.append(plot_robustness_curves({run_dir.name or "model": result}, run_dir / "robustness_curves.png"))
+        doc = replace(result, plots=[p.name for p in plots]).to_json()
+        files = [run_dir / f"eval_{result.suite}.json", run_dir / "eval.json"]
+        for path in files:
+            write_json(path, doc)
+    return [*files, *plots]
 
 
 def print_warnings(warnings: list[str]) -> None:
