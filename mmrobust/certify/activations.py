@@ -151,9 +151,10 @@ def activation_of(layer: nn.Module) -> Activation:
 Lines = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _piecewise_relax(act: Activation, lo: torch.Tensor, hi: torch.Tensor) -> Lines:
+def _piecewise_relax(act: Activation, lo: torch.Tensor, hi: torch.Tensor, alpha: torch.Tensor | None = None) -> Lines:
     """``s x + (1 - s) relu(x)``: the ReLU triangle relaxation scaled by ``1 - s`` (which line of the
-    ReLU is the lower one flips with the sign of ``1 - s``)."""
+    ReLU is the lower one flips with the sign of ``1 - s``); ``alpha`` in ``[0, 1]``: the slopes of
+    the ReLU's lower lines on unstable neurons (alpha-CROWN; default 1 if ``u > -l`` else 0)."""
     assert act.slope is not None
     s = act.slope
     zero = torch.zeros_like(lo)
@@ -161,7 +162,7 @@ def _piecewise_relax(act: Activation, lo: torch.Tensor, hi: torch.Tensor) -> Lin
     active = (lo >= 0).double()
     up_a = torch.where(unstable, hi / (hi - lo).clamp_min(1e-300), active)  # relu <= up_a x + up_b
     up_b = torch.where(unstable, -up_a * lo, zero)
-    lo_a = torch.where(unstable, (hi > -lo).double(), active)  # relu >= lo_a x
+    lo_a = torch.where(unstable, (hi > -lo).double() if alpha is None else alpha, active)  # relu >= lo_a x
     if s > 1:
         lo_a, up_a, up_b, lo_b = up_a, lo_a, zero, up_b
     else:
@@ -246,12 +247,18 @@ class ActivationOp(Op):
     def __init__(self, name: str, act: Activation) -> None:
         self.name, self.act = name, act
         self.lines: Lines | None = None
+        self.lo = self.hi = torch.zeros(0)
+        self.alpha = None  # lower slopes of the ReLU part of a piecewise-linear one (alpha-CROWN)
+
+    def slope_bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.lo, self.hi) if self.act.slope is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act.torch_fn(x)
 
     def propagate(self, st: State, r: torch.Tensor) -> State:
         self.lines = relax(self.act, st.lo, st.hi)
+        self.lo, self.hi = st.lo, st.hi
         lo, hi = value_range(self.act, st.lo, st.hi)
         z = self.forward(st.z)
         lip = st.lip * self.act.lip  # |f(z') - f(z)| <= sup|f'| |z' - z|
@@ -261,6 +268,9 @@ class ActivationOp(Op):
 
     def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.lines is not None
-        al, bl, au, bu = (t.unsqueeze(1) for t in self.lines)
+        if self.alpha is not None and self.act.slope is not None:
+            al, bl, au, bu = _piecewise_relax(self.act, self.lo.unsqueeze(1), self.hi.unsqueeze(1), self.alpha)
+        else:
+            al, bl, au, bu = (t.unsqueeze(1) for t in self.lines)
         a_pos, a_neg = a.clamp_min(0), a.clamp_max(0)
         return a_pos * al + a_neg * au, (a_pos * bl + a_neg * bu).flatten(2).sum(2)

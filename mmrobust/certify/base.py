@@ -106,6 +106,7 @@ CERTIFIERS: Registry[type[Certifier]] = Registry(
     modules=(
         "mmrobust.certify.estimators",  # empirical, sound
         "mmrobust.certify.crown",  # crown (linear bound propagation)
+        "mmrobust.certify.alpha_crown",  # alpha-crown (CROWN with optimised slopes)
         "mmrobust.certify.smoothing",  # smoothing (randomized smoothing, probabilistic)
     ),
 )

@@ -44,6 +44,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -85,22 +86,24 @@ class CrownOptions:
     memory: int = 2**23
     chunk: int = 8  # small tensors are reused by malloc; big ones are mapped anew (module docstring)
     unimodal: bool = True
+    #: the certifier named in error messages
+    where: ClassVar[str] = "crown"
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
-            raise ConfigError(f"crown: unknown norm '{self.norm}'; choose from: {', '.join(NORMS)}")
+            raise ConfigError(f"{self.where}: unknown norm '{self.norm}'; choose from: {', '.join(NORMS)}")
         if self.intermediate not in INTERMEDIATE:
             raise ConfigError(
-                f"crown: unknown intermediate '{self.intermediate}'; choose from: {', '.join(INTERMEDIATE)}"
+                f"{self.where}: unknown intermediate '{self.intermediate}'; choose from: {', '.join(INTERMEDIATE)}"
             )
         for key in ("steps", "budget", "memory", "chunk"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"crown: {key} must be an integer >= 1, got {v!r}")
+                raise ConfigError(f"{self.where}: {key} must be an integer >= 1, got {v!r}")
         if isinstance(self.start, bool) or not isinstance(self.start, int | float) or not 0 < self.start < math.inf:
-            raise ConfigError(f"crown: start must be a finite number > 0, got {self.start!r}")
+            raise ConfigError(f"{self.where}: start must be a finite number > 0, got {self.start!r}")
         if not isinstance(self.unimodal, bool):
-            raise ConfigError(f"crown: unimodal must be true or false, got {self.unimodal!r}")
+            raise ConfigError(f"{self.where}: unimodal must be true or false, got {self.unimodal!r}")
 
 
 class ModelBounds:
@@ -155,12 +158,19 @@ class ModelBounds:
     def lower(self, inputs: Batch, labels: torch.Tensor, r: torch.Tensor, attacked: list[str]) -> torch.Tensor:
         """``(B, K)`` lower bounds of ``h_y - h_k`` over the ball of radius ``r`` (per sample) on the
         concatenation of the ``attacked`` modalities (the others fixed); ``+inf`` at ``k = y``."""
+        fixed, options = self.candidates(inputs, labels, r, attacked)
+        return self.combine(fixed, options, labels, r)
+
+    def candidates(
+        self, inputs: Batch, labels: torch.Tensor, r: torch.Tensor, attacked: list[str]
+    ) -> tuple[torch.Tensor, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """The fixed part of the margins (bias and the modalities not attacked) and, per attacked
+        modality, candidate ``(value, dual)`` pairs with ``term_m >= value - r_m * dual`` over
+        ``||d_m|| <= r_m``: CROWN (first), interval propagation (dual 0: it holds on the whole ball)
+        and the Lipschitz bound. Leaves each encoder's operators holding this ball's bounds."""
         spec, beta = self.specs(labels)
         fixed = beta.clone()
-        # per attacked modality, candidate (value, dual) pairs with term_m >= value - r_m * dual over
-        # ||d_m|| <= r_m: CROWN, interval propagation (dual 0: it holds on the whole ball) and the
-        # Lipschitz bound; any choice per modality combines into one joint bound with the shared dual norm
-        options: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        options: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for m in self.names:
             exact = (spec[m] * self.enc[m].forward(inputs[m]).unsqueeze(1)).sum(2)
             if m not in attacked:
@@ -170,9 +180,20 @@ class ModelBounds:
             cands = [(lin, dual), (ibp, torch.zeros_like(ibp))]
             if m in self.row_lip:
                 cands.append((exact, self.row_lip[m][labels]))
-            options.append(cands)
+            options[m] = cands
+        return fixed, options
+
+    def combine(
+        self,
+        fixed: torch.Tensor,
+        options: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+        labels: torch.Tensor,
+        r: torch.Tensor,
+    ) -> torch.Tensor:
+        """The best joint bound over every choice of one candidate per modality (they share one dual
+        norm); ``+inf`` at ``k = y``."""
         best = torch.full_like(fixed, -math.inf)
-        for choice in itertools.product(*options):
+        for choice in itertools.product(*options.values()):
             total = fixed + sum(v for v, _ in choice)
             duals = torch.stack([d for _, d in choice])
             total = total - r[:, None] * (duals.pow(2).sum(0).sqrt() if self.norm == "l2" else duals.sum(0))
@@ -181,9 +202,15 @@ class ModelBounds:
 
 
 def _bisect(
-    bounds: ModelBounds, inputs: Batch, labels: torch.Tensor, attacked: list[str], options: CrownOptions
+    bounds: ModelBounds,
+    inputs: Batch,
+    labels: torch.Tensor,
+    attacked: list[str],
+    options: CrownOptions,
+    floor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per sample, the largest verified radius over ``options.steps`` rounds (0 if misclassified)."""
+    """Per sample, the largest verified radius over ``options.steps`` rounds (0 if misclassified);
+    ``floor``: radii already verified (by a looser bound), searched above."""
     n = labels.shape[0]
     with torch.no_grad():
         correct = bounds.logits(inputs).argmax(1) == labels
@@ -194,6 +221,8 @@ def _bisect(
         return lo
     # start from the closed-form Lipschitz radius (itself a sound certificate) and search above it
     lo[idx] = bounds.lipschitz_radius({m: v[idx] for m, v in inputs.items()}, labels[idx], attacked)
+    if floor is not None:
+        lo[idx] = torch.maximum(lo[idx], floor[idx].double())
     r = torch.where(lo > 0, 2 * lo, torch.full_like(lo, float(options.start)))
     sub = {m: v[idx] for m, v in inputs.items()}
     for _ in range(options.steps):

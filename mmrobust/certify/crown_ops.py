@@ -14,17 +14,26 @@ one on its input (Zhang et al., 2018):
 
 Every computed interval is widened by :data:`PAD` (relative) against float64 rounding. Which
 operators a layer becomes is decided by :mod:`mmrobust.certify.crown_layers`.
+
+**Optimisable lower slopes (alpha-CROWN).** The ReLU-like operators (:class:`ReLUOp`,
+:class:`MaxMinOp`, and LeakyReLU in :mod:`mmrobust.certify.activations`) have an ``alpha``
+attribute: ``None`` (the adaptive slope above) or a tensor ``(B, S, *shape)`` of lower slopes in
+``[0, 1]``, one per sample, specification row and neuron, used for the unstable neurons by
+:meth:`Op.backward`. ``relu(z) >= alpha z`` holds on ``[l, u]`` for every ``alpha`` in ``[0, 1]``
+when ``l < 0 < u``, so any such tensor gives a sound bound; :mod:`mmrobust.certify.alpha_crown`
+optimises it by gradient ascent on the bound (the backward pass is differentiable in ``alpha``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmrobust.certify.linear_maps import transpose
+from mmrobust.certify.linear_maps import _CONV_INPUT_GRAD, transpose
 from mmrobust.errors import ConfigError
 from mmrobust.layer_rules import Unit
 
@@ -62,6 +71,18 @@ class Op:
     """One operator of the bound-propagation graph."""
 
     name: str = ""
+    #: lower slopes of the unstable neurons for :meth:`backward` (see the module docstring); ops
+    #: that have them set it to ``None`` and override :meth:`slope_bounds`
+    alpha: torch.Tensor | None = None
+
+    def slope_bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(lo, hi)`` ``(B, *shape)``: the pre-activation bounds of the neurons whose lower slope
+        ``alpha`` sets (from the last :meth:`propagate`); ``None`` for an op without such slopes."""
+        return None
+
+    def children(self) -> list[Op]:
+        """The operators inside this one (a residual block's branches, a graph region's layers)."""
+        return []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -112,8 +133,17 @@ class AffineOp(Op):
         ).flatten(2).sum(2)
 
     def transpose(self, v: torch.Tensor) -> torch.Tensor:
-        """``A^T v`` per row (see :func:`mmrobust.certify.linear_maps.transpose`)."""
-        return transpose(self.unit.fn, self.unit.in_shape, v)
+        """``A^T v`` per row (see :func:`mmrobust.certify.linear_maps.transpose`); differentiable in
+        ``v`` when ``v`` requires a gradient (alpha-CROWN)."""
+        fn = self.unit.fn
+        direct = isinstance(fn, partial) and (fn.func is F.linear or fn.func in _CONV_INPUT_GRAD)
+        if not v.requires_grad or direct:  # the direct maps are differentiable as they are
+            return transpose(fn, self.unit.in_shape, v)
+        with torch.enable_grad():
+            x = torch.zeros(v.shape[0], *self.unit.in_shape, dtype=v.dtype, requires_grad=True)
+            y = fn(x)
+            (g,) = torch.autograd.grad(y, x, v.reshape(y.shape), create_graph=True)
+        return g
 
 
 class ReLUOp(Op):
@@ -122,6 +152,10 @@ class ReLUOp(Op):
     def __init__(self, name: str) -> None:
         self.name = name
         self.lo = self.hi = torch.zeros(0)
+        self.alpha = None
+
+    def slope_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lo, self.hi
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clamp_min(0)
@@ -132,15 +166,25 @@ class ReLUOp(Op):
         return State(st.z.clamp_min(0), st.lo.clamp_min(0), st.hi.clamp_min(0), lip, st.g)
 
     def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return relu_relax(a, self.lo, self.hi)
+        return relu_relax(a, self.lo, self.hi, self.alpha)
 
 
-def relu_relax(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A_in, c)`` with ``A . relu(z) >= A_in . z + c`` for ``lo <= z <= hi`` (``a``: ``(B, S, *shape)``)."""
+def default_slope(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The adaptive lower slope of an unstable ReLU: 1 if ``u > -l`` else 0 (plain CROWN)."""
+    return (hi > -lo).double()
+
+
+def relu_relax(
+    a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, alpha: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A_in, c)`` with ``A . relu(z) >= A_in . z + c`` for ``lo <= z <= hi`` (``a``: ``(B, S, *shape)``);
+    ``alpha`` (``(B, S, *shape)`` in ``[0, 1]``): the lower slopes of the unstable neurons, else
+    :func:`default_slope`."""
     lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)
     unstable = (lo < 0) & (hi > 0)
     upper = torch.where(unstable, hi / (hi - lo).clamp_min(1e-300), (lo >= 0).double())
-    lower = torch.where(unstable, (hi > -lo).double(), (lo >= 0).double())
+    slope = default_slope(lo, hi) if alpha is None else alpha
+    lower = torch.where(unstable, slope, (lo >= 0).double())
     a_pos, a_neg = a.clamp_min(0), a.clamp_max(0)
     const = torch.where(unstable, -upper * lo, torch.zeros_like(lo))
     return a_pos * lower + a_neg * upper, (a_neg * const).flatten(2).sum(2)
@@ -154,6 +198,10 @@ class MaxMinOp(Op):
     def __init__(self, name: str) -> None:
         self.name = name
         self.lo = self.hi = torch.zeros(0)
+        self.alpha = None
+
+    def slope_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lo, self.hi  # of t = a - b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x.chunk(2, dim=1)
@@ -170,7 +218,7 @@ class MaxMinOp(Op):
 
     def backward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a1, a2 = a.chunk(2, dim=2)
-        nu, const = relu_relax(a1 - a2, self.lo, self.hi)
+        nu, const = relu_relax(a1 - a2, self.lo, self.hi, self.alpha)
         return torch.cat([a2 + nu, a1 - nu], dim=2), const
 
 
@@ -236,6 +284,9 @@ class ResidualOp(Op):
     def __init__(self, name: str, body: list[Op], shortcut: list[Op]) -> None:
         self.name, self.body, self.shortcut = name, body, shortcut
 
+    def children(self) -> list[Op]:
+        return [*self.body, *self.shortcut]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_forward(self.body, x) + run_forward(self.shortcut, x)
 
@@ -250,6 +301,16 @@ class ResidualOp(Op):
         af, cf = run_backward(self.body, a)
         as_, cs = run_backward(self.shortcut, a)
         return af + as_, cf + cs
+
+
+def slope_ops(ops: list[Op]) -> list[Op]:
+    """Every operator in ``ops`` (nested ones too) with optimisable lower slopes (``slope_bounds``)."""
+    out: list[Op] = []
+    for op in ops:
+        if op.slope_bounds() is not None:
+            out.append(op)
+        out.extend(slope_ops(op.children()))
+    return out
 
 
 def run_forward(ops: list[Op], x: torch.Tensor) -> torch.Tensor:
@@ -297,6 +358,9 @@ class GraphOp(Op):
 
     def __init__(self, name: str, steps: list[Step]) -> None:
         self.name, self.steps = name, steps
+
+    def children(self) -> list[Op]:
+        return [op for st in self.steps for op in st.ops]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vals = [x]
