@@ -21,7 +21,7 @@ activations and max pooling keep their fixed relaxations.
 Radius: the plain CROWN radius is found first (:func:`mmrobust.certify.crown._bisect`), then the
 bisection goes on above it with the optimised bound (``steps`` more rounds; at each radius tried
 the slopes start from plain CROWN's and take at most ``iterations`` steps, stopping as soon as every
-margin of the sample is positive). ``seconds`` caps the optimisation time per sample (all its
+margin of the sample is positive, or when no margin still negative gained 0.1% in :data:`STALL` steps). ``seconds`` caps the optimisation time per sample (all its
 radii, joint and per modality, together): past it the search uses plain CROWN, which keeps the
 radius sound. The certificate's ``info["alpha_crown"]`` says how much the optimisation tightened
 the radii (median ratio to plain CROWN's) and what it cost.
@@ -45,6 +45,9 @@ from mmrobust.data.base import Batch, DatasetMeta, Split, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import LateFusionModel
 from mmrobust.progress import ProgressFn
+
+#: gradient steps without progress (0.1% on every margin still negative) after which a radius is given up
+STALL = 5
 
 __all__ = ["AlphaCrownCertifier", "AlphaCrownOptions", "AlphaModelBounds", "alpha_crown_radii"]
 
@@ -82,6 +85,7 @@ class AlphaStats:
     steps: int = 0
     budget_stops: int = 0
     skipped: int = 0  # radii checked with plain CROWN only (budget spent)
+    stalls: int = 0  # calls stopped early because the bounds stopped improving
 
 
 class AlphaModelBounds(ModelBounds):
@@ -154,8 +158,10 @@ class AlphaModelBounds(ModelBounds):
                 alphas.append(op.alpha)
         x = {m: inputs[m].double() for m in attacked}
         best_val = torch.full_like(fixed, -math.inf)
+        history: list[torch.Tensor] = []
         best: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        optim = torch.optim.Adam(alphas, lr=opts.lr) if alphas else None
+        # Adam (written out: torch.optim imports torch._dynamo, seconds on first use)
+        moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in alphas]
         try:
             for it in range(opts.iterations + 1):
                 with torch.enable_grad():
@@ -175,8 +181,14 @@ class AlphaModelBounds(ModelBounds):
                     )  # fmt: skip
                 need = todo[:, None] & others & (torch.maximum(plain, best_val) <= 0)
                 done = not bool(need.any())
-                if done or it == opts.iterations or optim is None:
+                if done or it == opts.iterations or not alphas:
                     break
+                history.append(best_val)
+                if len(history) > STALL:  # no margin still negative gained 0.1% in STALL steps: give up
+                    gain = (best_val - history.pop(0))[need]
+                    if bool((gain <= 1e-3 * (1e-3 + best_val[need].abs())).all()):
+                        stats.stalls += 1
+                        break
                 if time.perf_counter() >= self.deadline:
                     stats.budget_stops += 1
                     break
@@ -184,12 +196,15 @@ class AlphaModelBounds(ModelBounds):
                 with torch.enable_grad():
                     loss = -(joint * need).sum()
                 grads = torch.autograd.grad(loss, alphas, allow_unused=True)
-                for p, g in zip(alphas, grads, strict=True):
-                    p.grad = None if g is None else torch.nan_to_num(g)
-                optim.step()
                 with torch.no_grad():
-                    for p in alphas:
-                        p.clamp_(0.0, 1.0)
+                    for p, g, (m1, m2) in zip(alphas, grads, moments, strict=True):
+                        if g is None:
+                            continue
+                        g = torch.nan_to_num(g)
+                        m1.mul_(0.9).add_(g, alpha=0.1)
+                        m2.mul_(0.999).addcmul_(g, g, value=0.001)
+                        step = (m1 / (1 - 0.9 ** (it + 1))) / ((m2 / (1 - 0.999 ** (it + 1))).sqrt() + 1e-8)
+                        p.sub_(opts.lr * step).clamp_(0.0, 1.0)  # descent on -bound, projected on [0, 1]
                 stats.steps += 1
         finally:
             for ops in ops_of.values():
@@ -206,7 +221,7 @@ def alpha_crown_radii(
     progress: ProgressFn | None = None,
 ) -> tuple[Radii, Radii, dict[str, Any]]:
     """alpha-CROWN radii, plain CROWN radii (joint, and per modality if ``options.unimodal``) and the
-    cost ``{"crown_seconds", "alpha_seconds", "calls", "steps", "budget_stops", "skipped"}``."""
+    cost ``{"crown_seconds", "alpha_seconds", "calls", "steps", "budget_stops", "skipped", "stalls"}``."""
     options = options or AlphaCrownOptions()
     bounds = AlphaModelBounds(model, meta, options)
     names = bounds.names
@@ -242,7 +257,7 @@ def alpha_crown_radii(
 
     s = bounds.stats
     cost = {"crown_seconds": crown_s, "alpha_seconds": alpha_s, "calls": s.calls, "steps": s.steps,
-            "budget_stops": s.budget_stops, "skipped": s.skipped}  # fmt: skip
+            "budget_stops": s.budget_stops, "skipped": s.skipped, "stalls": s.stalls}  # fmt: skip
     return radii(opt), radii(plain), cost
 
 
@@ -281,7 +296,10 @@ class AlphaCrownCertifier(Certifier):
             "crown_seconds_per_sample": cost["crown_seconds"] / n,
             "alpha_seconds_per_sample": cost["alpha_seconds"] / n,
             **cost,
-            "crown_radii": {"joint": plain.joint.tolist(), "unimodal": {m: v.tolist() for m, v in plain.unimodal.items()}},
+            "crown_radii": {
+                "joint": plain.joint.tolist(),
+                "unimodal": {m: v.tolist() for m, v in plain.unimodal.items()},
+            },
         }
         info = {"steps": opts.steps, "start": opts.start, "intermediate": opts.intermediate, "chunk": opts.chunk,
                 "iterations": opts.iterations, "lr": opts.lr, "alpha_crown": report}  # fmt: skip
