@@ -8,12 +8,13 @@ and maximises the bound of each margin ``h_y - h_k`` over them by projected grad
 clipped to ``[0, 1]`` after every step). The bound is differentiable in the slopes: the backward
 pass of CROWN runs with autograd on (the weights and the intermediate bounds stay constants).
 
-What is optimised, for a ball of radius ``r``: the joint CROWN bound
-``sum_m (lambda_m . x_m + c_m) - r ||(lambda_1, ..., lambda_M)||_*`` of each margin (plus the
-modalities not attacked, which are exact). Every iterate is a sound bound; per margin the best
-iterate is kept and becomes one more candidate of the final combination (beside plain CROWN,
-interval propagation and the Lipschitz bound, :meth:`ModelBounds.combine`), so the bound is never
-below plain CROWN's. The intermediate (pre-activation) bounds are plain CROWN's (``intermediate``).
+What is optimised, for a ball of radius ``r``: the joint bound of each margin, i.e. the best
+choice, per attacked modality, of the optimised CROWN term ``lambda_m . x_m + c_m`` (dual
+``||lambda_m||_*``), the interval bound or the sound Lipschitz bound (shared dual norm, see
+:meth:`ModelBounds.combine`) among the choices that use CROWN somewhere (the modalities not
+attacked are exact). Every iterate is a sound bound; per margin the best iterate's CROWN terms are
+kept and become one more candidate of the final combination (beside plain CROWN, interval
+propagation and the Lipschitz bound), so the bound is never below plain CROWN's. The intermediate (pre-activation) bounds are plain CROWN's (``intermediate``).
 
 Optimised slopes: ReLU, MaxMin (the ReLU of ``a - b``) and LeakyReLU (its ReLU part); the smooth
 activations and max pooling keep their fixed relaxations.
@@ -29,6 +30,7 @@ the radii (median ratio to plain CROWN's) and what it cost.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -113,20 +115,34 @@ class AlphaModelBounds(ModelBounds):
         if time.perf_counter() >= self.deadline:
             self.stats.skipped += 1
             return plain
-        best = self.optimise_slopes(inputs, labels, r, attacked, fixed, plain, todo)
+        others = {m: cands[1:] for m, cands in options.items()}  # all but plain CROWN's (first)
+        best = self.optimise_slopes(inputs, labels, r, attacked, fixed, others, plain, todo)
         for m, cand in best.items():
             options[m].append(cand)
         return self.combine(fixed, options, labels, r)
 
-    def _joint(
-        self, fixed: torch.Tensor, terms: dict[str, tuple[torch.Tensor, torch.Tensor]], r: torch.Tensor
+    def _objective(
+        self,
+        fixed: torch.Tensor,
+        terms: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        others: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+        r: torch.Tensor,
     ) -> torch.Tensor:
-        """The joint CROWN bound ``fixed + sum_m lin_m - r ||(dual_m)_m||`` (differentiable; the
-        l2 norm is kept away from 0, where its square root has no gradient)."""
-        total = fixed + sum(lin for lin, _ in terms.values())
-        duals = torch.stack([d for _, d in terms.values()])
-        norm = duals.pow(2).sum(0).clamp_min(1e-200).sqrt() if self.norm == "l2" else duals.sum(0)
-        return total - r[:, None] * norm
+        """The best joint bound over the choices of one candidate per modality that use the optimised
+        CROWN term ``terms[m]`` for at least one modality (the others: ``others[m]``, constants).
+        Differentiable in the slopes; the l2 norm is kept away from 0, where its root has no gradient."""
+        names = list(terms)
+        best: torch.Tensor | None = None
+        for choice in itertools.product(*[[terms[m], *others[m]] for m in names]):
+            if all(c is not terms[m] for c, m in zip(choice, names, strict=True)):
+                continue  # nothing to optimise in it: the plain bound has it already
+            total = fixed + sum(v for v, _ in choice)
+            duals = torch.stack([d for _, d in choice])
+            norm = duals.pow(2).sum(0).clamp_min(1e-200).sqrt() if self.norm == "l2" else duals.sum(0)
+            total = total - r[:, None] * norm
+            best = total if best is None else torch.maximum(best, total)
+        assert best is not None
+        return best
 
     def optimise_slopes(
         self,
@@ -135,6 +151,7 @@ class AlphaModelBounds(ModelBounds):
         r: torch.Tensor,
         attacked: list[str],
         fixed: torch.Tensor,
+        others: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
         plain: torch.Tensor,
         todo: torch.Tensor,
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -146,7 +163,7 @@ class AlphaModelBounds(ModelBounds):
         stats.calls += 1
         spec, _ = self.specs(labels)
         k = fixed.shape[1]
-        others = torch.ones_like(fixed, dtype=torch.bool).scatter(1, labels[:, None], False)
+        margins = torch.ones_like(fixed, dtype=torch.bool).scatter(1, labels[:, None], False)
         alphas: list[torch.Tensor] = []
         ops_of: dict[str, list[Any]] = {}
         for m in attacked:
@@ -169,7 +186,7 @@ class AlphaModelBounds(ModelBounds):
                     for m in attacked:
                         a, c = run_backward(self.enc[m].ops, spec[m])
                         terms[m] = ((a * x[m].unsqueeze(1)).flatten(2).sum(2) + c, dual_norm(a, self.norm))
-                    joint = self._joint(fixed, terms, r)
+                    joint = self._objective(fixed, terms, others, r)
                 val = joint.detach()
                 better = val > best_val
                 best_val = torch.where(better, val, best_val)
@@ -179,7 +196,7 @@ class AlphaModelBounds(ModelBounds):
                     best[m] = (lin_d, dual_d) if old is None else (
                         torch.where(better, lin_d, old[0]), torch.where(better, dual_d, old[1])
                     )  # fmt: skip
-                need = todo[:, None] & others & (torch.maximum(plain, best_val) <= 0)
+                need = todo[:, None] & margins & (torch.maximum(plain, best_val) <= 0)
                 done = not bool(need.any())
                 if done or it == opts.iterations or not alphas:
                     break
