@@ -208,9 +208,11 @@ def _bisect(
     attacked: list[str],
     options: CrownOptions,
     floor: torch.Tensor | None = None,
+    grow: float = 2.0,
 ) -> torch.Tensor:
     """Per sample, the largest verified radius over ``options.steps`` rounds (0 if misclassified);
-    ``floor``: radii already verified (by a looser bound), searched above."""
+    ``floor``: radii already verified (by a looser bound), searched above; ``grow``: the first radius
+    tried is ``grow`` times the verified one (the Lipschitz radius or ``floor``)."""
     n = labels.shape[0]
     with torch.no_grad():
         correct = bounds.logits(inputs).argmax(1) == labels
@@ -223,7 +225,7 @@ def _bisect(
     lo[idx] = bounds.lipschitz_radius({m: v[idx] for m, v in inputs.items()}, labels[idx], attacked)
     if floor is not None:
         lo[idx] = torch.maximum(lo[idx], floor[idx].double())
-    r = torch.where(lo > 0, 2 * lo, torch.full_like(lo, float(options.start)))
+    r = torch.where(lo > 0, grow * lo, torch.full_like(lo, float(options.start)))
     sub = {m: v[idx] for m, v in inputs.items()}
     for _ in range(options.steps):
         with torch.no_grad():
