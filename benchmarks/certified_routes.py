@@ -264,7 +264,9 @@ def table_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options (``argv``: the command line without the program; None: ``sys.argv``), with
+    ``--quick`` applied and the KEY=VALUE lists parsed (``grid``, ``method_opts``, ``data_opts``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="synthetic, 1 seed, 3 epochs, 40 samples")
     ap.add_argument("--table", help="print the markdown table of a JSON written before, and stop")
@@ -292,17 +294,12 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="also print the markdown table")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
-    args = ap.parse_args()
-    if args.table:
-        headers, rows = table_rows(read_json(Path(args.table)))
-        print(md_table(headers, rows))
-        return
+    args = ap.parse_args(argv)
     if args.quick:
         args.datasets, args.seeds, args.epochs = "synthetic", "0", args.epochs or 3
         args.samples, args.tightness, args.attack_steps = min(args.samples, 40), min(args.tightness, 10), 10
         args.smoothing_n0, args.smoothing_n, args.crown_steps = 20, 100, 5
         args.alpha_iterations, args.soundness = 5, max(args.soundness, 10)
-    torch.set_num_threads(args.threads)
     args.grid = [float(r) for r in args.radii.split(",")]
     args.lipschitz_encoder = parse_pairs(args.lipschitz_encoder, "--lipschitz-encoder")
     args.method_opts = {}
@@ -313,6 +310,16 @@ def main() -> None:
     for item in args.data_opt:
         ds, _, kv = item.partition(":")
         args.data_opts.setdefault(ds, {}).update(parse_pairs([kv], "--data-opt"))
+    return args
+
+
+def main() -> None:
+    args = parse()
+    if args.table:
+        headers, rows = table_rows(read_json(Path(args.table)))
+        print(md_table(headers, rows))
+        return
+    torch.set_num_threads(args.threads)
     table = routes(args)
     chosen = [r for r in args.routes.split(",") if r]
     unknown = [r for r in chosen if r not in table]
