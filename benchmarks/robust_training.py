@@ -13,6 +13,7 @@ PGD variant's worst-case robust accuracy at joint eps ``--target-eps`` within <=
 
     python benchmarks/robust_training.py --quick              # synthetic, 1 seed, few epochs
     python benchmarks/robust_training.py [--data avdigits,synthetic] [--seeds 3] [--epochs 8]
+    python benchmarks/robust_training.py --step-cost --data avdigits   # one step of each variant vs JT
 
 Writes JSON (every run, the means over seeds, the target check), prints a table and saves a PNG of
 robust accuracy at the target eps against training seconds, with the Pareto front of each dataset.
@@ -174,6 +175,61 @@ def plot(summary: list[dict], args: argparse.Namespace, path: Path) -> None:
     save_figure(fig, path)
 
 
+def step_cost(args: argparse.Namespace) -> int:
+    """Median time of one engine step (loss, backward, after_backward, optimiser step) of every
+    ``method x train_attack`` relative to JT's, on the same batches, interleaved rounds (round 0 warms
+    up). ``free`` does one minibatch pass per step (and m passes per minibatch), so its per-epoch
+    cost ratio equals its step ratio. Epoch hooks (the guard) and after-training work are not steps."""
+    from mmrobust.config import options_dataclass
+    from mmrobust.data.base import iterate_batches
+    from mmrobust.models.fusion import build_model
+    from mmrobust.training import METHODS as REGISTRY
+    from mmrobust.training.base import StepContext
+
+    data = args.data.split(",")[0]
+    bundle = load_data(DataConfig(data, 0))
+    batches = [b for _, b in zip(range(args.block), iterate_batches(bundle.train, 64, shuffle=True), strict=False)]
+    variants: list[tuple[str, str, dict[str, Any]]] = [("jt", "none", {})]
+    for m in args.methods.split(","):
+        for a in args.attacks.split(","):
+            opts: dict[str, Any] = {"train_eps": args.train_eps, "train_attack": a}
+            opts.update({"steps": args.pgd_steps} if a == "pgd" else {"replays": args.replays} if a == "free" else {})
+            variants.append((m, a, opts))
+    runners = []
+    for m, a, opts in variants:
+        cls = REGISTRY.get(m)
+        strategy = cls(options_dataclass(cls.Options, opts, m), bundle.meta)
+        torch.manual_seed(0)
+        model = build_model(bundle.meta, cls.model_config(RunConfig().model, strategy.options))
+        runners.append((f"{m} {a}", strategy, model, torch.optim.AdamW(model.parameters(), lr=1e-3)))
+    times: dict[str, list[float]] = {name: [] for name, *_ in runners}
+    gen = torch.Generator().manual_seed(0)
+    for r in range(args.rounds + 1):
+        for name, strategy, model, opt in runners:
+            model.train()
+            for i, (x, y) in enumerate(batches):
+                t0 = time.perf_counter()
+                ctx = StepContext(0, r * args.block + i, gen)
+                loss, _ = strategy.loss(model, x, y, ctx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                strategy.after_backward(model, ctx)
+                opt.step()
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["jt none"])
+    out = {name: {"median_step_s": statistics.median(ts), "relative_to_jt": statistics.median(ts) / base}
+           for name, ts in times.items()}  # fmt: skip
+    print_table(
+        f"one training step on {data}, batch 64, {torch.get_num_threads()} thread(s), train_eps {args.train_eps:g}",
+        ["variant", "median ms", "vs JT"],
+        [[n, f"{v['median_step_s'] * 1000:.1f}", f"{v['relative_to_jt']:.2f}x"] for n, v in out.items()],
+    )
+    write_json(Path(args.out), {"args": vars(args), "step_cost": out})
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="avdigits,synthetic")
@@ -194,7 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="synthetic only, 1 seed, 4 epochs, 100 samples")
     p.add_argument("--out", default="benchmarks/results/robust_training.json")
     p.add_argument("--plot", default=None, help="PNG path (default: beside --out)")
+    p.add_argument("--step-cost", action="store_true", help="time one training step of each variant vs JT instead")
+    p.add_argument("--rounds", type=int, default=6, help="--step-cost: interleaved timed rounds")
+    p.add_argument("--block", type=int, default=3, help="--step-cost: steps per variant per round")
     args = p.parse_args(argv)
+    if args.step_cost:
+        torch.set_num_threads(args.threads)
+        return step_cost(args)
     if args.quick:
         args.data, args.seeds, args.epochs, args.max_samples, args.replays = "synthetic", 1, 4, 100, 2
     args.eval_eps = [float(e) for e in args.eval_eps.split(",")]
