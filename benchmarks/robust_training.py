@@ -92,7 +92,7 @@ def run_one(data: str, seed: int, method: str, attack: str | None, args: argpars
     m = result.metrics
     row: dict[str, Any] = {
         "data": data, "seed": seed, "method": method, "train_attack": attack or "none", "train_s": train_s,
-        "epochs_run": m["epochs"], "best_epoch": m["best_epoch"], "test_accuracy": m["test_accuracy"],
+        "epochs": args.epochs, "epochs_run": m["epochs"], "best_epoch": m["best_epoch"], "test_accuracy": m["test_accuracy"],
     }  # fmt: skip
     adv = m.get("adversarial_training")
     if adv is not None:
@@ -253,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-cost", action="store_true", help="time one training step of each variant vs JT instead")
     p.add_argument("--rounds", type=int, default=6, help="--step-cost: interleaved timed rounds")
     p.add_argument("--block", type=int, default=3, help="--step-cost: steps per variant per round")
+    p.add_argument(
+        "--runs",
+        nargs="*",
+        default=None,
+        help="summarise the runs of these JSON files (e.g. the "
+        ".partial.json of an interrupted benchmark, several data sets) instead of training",
+    )
     args = p.parse_args(argv)
     if args.step_cost:
         torch.set_num_threads(args.threads)
@@ -261,7 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         args.data, args.seeds, args.epochs, args.max_samples, args.replays = "synthetic", 1, 4, 100, 2
     args.eval_eps = [float(e) for e in args.eval_eps.split(",")]
     torch.set_num_threads(args.threads)
-    rows = []
+    rows: list[dict] = []
+    if args.runs is not None:
+        import json
+
+        for path in args.runs:
+            rows += json.loads(Path(path).read_text())["runs"]
+        return report(rows, args)
     for data in args.data.split(","):
         for seed in range(args.seeds):
             bundle = load_data(DataConfig(data, seed))
@@ -278,10 +291,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{data} seed {seed} {method} {attack or '-'}: {row['train_s']:.1f}s clean {r['clean']:.3f} "
                       + " ".join(f"{k} {v['worst']:.3f}" for k, v in r.items() if isinstance(v, dict)),
                       file=sys.stderr, flush=True)  # fmt: skip
+    return report(rows, args)
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> int:
+    """Print the tables, write the JSON and the plot of ``rows``."""
     summary, checks = summarize(rows, args)
+    epochs = ",".join(str(e) for e in sorted({r.get("epochs", args.epochs) for r in rows}))
+    seeds = max(s["seeds"] for s in summary)
     keys = [f"joint {e:g}" for e in args.eval_eps] + ["per-modality"]
     print_table(
-        f"robust accuracy (l2 PGD {args.eval_steps} steps, worst of CE/CW; {args.seeds} seed(s), {args.epochs} epochs, "
+        f"robust accuracy (l2 PGD {args.eval_steps} steps, worst of CE/CW; up to {seeds} seed(s), {epochs} epochs, "
         f"train_eps {args.train_eps:g} joint l2)",
         ["data", "method", "train_attack", "train s", "x JT", "clean", *keys],
         [[s["data"], s["method"], s["train_attack"], f"{s['train_s']:.1f}±{s['train_s_sd']:.1f}",
