@@ -159,13 +159,14 @@ def plot(summary: list[dict], args: argparse.Namespace, path: Path) -> None:
     key = f"joint {args.target_eps:g}"
     datas = sorted({s["data"] for s in summary})
     fig, axes = plt.subplots(1, len(datas), figsize=(5.2 * len(datas), 4.0), squeeze=False)
+    colours = {"jt": "black", "mmat": "tab:blue", "crmt-at": "tab:red", "varmat-input": "tab:green"}  # by method
     markers = {"none": "s", "pgd": "o", "fgsm-rs": "^", "n-fgsm": "v", "free": "D", "fgsm": "x"}
     for ax, data in zip(axes[0], datas, strict=True):
         rows = [s for s in summary if s["data"] == data]
         for s in rows:
             label = s["method"] if s["train_attack"] == "none" else f"{s['method']} {s['train_attack']}"
-            ax.errorbar(s["train_s"], s[key], xerr=s["train_s_sd"], yerr=s[key + " sd"],
-                        marker=markers.get(s["train_attack"], "o"), linestyle="none", label=label)  # fmt: skip
+            ax.errorbar(s["train_s"], s[key], xerr=s["train_s_sd"], yerr=s[key + " sd"], linestyle="none", label=label,
+                        marker=markers.get(s["train_attack"], "o"), color=colours.get(s["method"], "0.2"))  # fmt: skip
         front = pareto([(s["train_s"], s[key]) for s in rows])
         ax.plot([t for t, _ in front], [a for _, a in front], color="0.4", linestyle="--", label="Pareto front")
         ax.set(xlabel="training wall time (s, whole train call)", ylabel=f"robust accuracy, l2 {key} (CE/CW worst)",
