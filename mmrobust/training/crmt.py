@@ -7,7 +7,7 @@ with ``CE(h~(x), y) + rho * L1``; ``L1`` is the LogSumExp uni-modal margin regul
 bound, with the Lipschitz constants ``tau~`` estimated once after step 1. Step 2 is kept only if it
 improves the validation criterion (see :func:`CRMTBase.after_training`); both results are recorded.
 
-Methods: ``crmt-jt`` (step 1 + 2), ``crmt-at`` (step 1 on joint-l2 PGD examples), ``crmt-mix``
+Methods: ``crmt-jt`` (step 1 + 2), ``crmt-at`` (step 1 on adversarial examples, default joint-l2 PGD), ``crmt-mix``
 (step 1 on mixup batches), and the ablations ``ojt`` (orthogonal head + CE), ``crmt-step1`` (no
 step 2) and ``crmt-step2`` (OJT + step 2). ``margin="normalized"`` is an option of ours, not the
 paper's: it divides each uni-modal score by the feature norm, so the regulariser can no longer be
@@ -31,7 +31,7 @@ from mmrobust.data.base import Batch, Split, iterate_batches
 from mmrobust.models.fusion import LateFusionModel
 from mmrobust.models.heads import OrthogonalHead
 from mmrobust.torchutil import eval_mode, to_device
-from mmrobust.training.adversarial import joint_pgd_examples
+from mmrobust.training.adversarial import AdversarialOptions, AdversarialTraining
 from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require, unwrap
 from mmrobust.training.context import TrainContext
 from mmrobust.training.crmt_step2 import Step2Data, choose_step2, optimise_modality_weights, summarize
@@ -175,21 +175,16 @@ class CRMTOptions(Step2Options, Step1Options):
 
 
 @dataclass
-class CRMTATOptions(CRMTOptions):
-    """CRMT-AT: step 1 on joint-l2 PGD examples (model in eval mode while attacking); the budget is
-    ``train_eps`` as in every adversarial-training method (``at_eps`` is its old name)."""
+class CRMTATOptions(AdversarialOptions, CRMTOptions):
+    """CRMT-AT: step 1 on adversarial examples of the training threat model and attack
+    (:class:`~mmrobust.training.adversarial.AdversarialOptions`, shared with MMAT and VARMAT-input);
+    ``at_eps``, ``at_steps`` and ``at_step_size`` are the old names of ``train_eps``, ``steps`` and
+    ``step_size``."""
 
-    aliases: ClassVar[dict[str, str]] = {**CRMTOptions.aliases, "at_eps": "train_eps"}
-
-    train_eps: float = 0.5
-    at_steps: int = 5
-    at_step_size: float = 0.0  # 0 = 2.5 * eps / steps
-
-    def check(self) -> None:
-        super().check()
-        require(self.train_eps > 0, f"option train_eps must be > 0, got {self.train_eps}", "train_eps")
-        require(self.at_steps >= 1, f"option at_steps must be >= 1, got {self.at_steps}", "at_steps")
-        require(self.at_step_size >= 0, f"option at_step_size must be >= 0, got {self.at_step_size}", "at_step_size")
+    aliases: ClassVar[dict[str, str]] = {
+        **CRMTOptions.aliases, **AdversarialOptions.aliases,
+        "at_eps": "train_eps", "at_steps": "steps", "at_step_size": "step_size",
+    }  # fmt: skip
 
 
 @dataclass
@@ -436,20 +431,15 @@ class OJT(CRMTBase[OJTOptions]):
 
 
 @METHODS.register("crmt-at")
-class CRMTAT(CRMTBase[CRMTATOptions]):
-    """CRMT-AT: CRMT step 1 on joint-l2 PGD adversarial examples, then step 2."""
+class CRMTAT(AdversarialTraining, CRMTBase[CRMTATOptions]):
+    """CRMT-AT: CRMT step 1 on adversarial examples (default joint-l2 PGD), then step 2."""
 
     Options = CRMTATOptions
 
     def prepare(
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
     ) -> tuple[Batch, torch.Tensor | None, float]:
-        o = self.options
-        return (
-            joint_pgd_examples(model, inputs, labels, o.train_eps, o.at_steps, o.at_step_size, self.meta, ctx),
-            None,
-            1.0,
-        )
+        return self.adversarial_examples(model, inputs, labels, ctx), None, 1.0
 
 
 @METHODS.register("crmt-mix")

@@ -30,6 +30,7 @@ from mmrobust.models.fusion import LateFusionModel, ModelConfig, build_model
 from mmrobust.precision import grad_scaler, model_precision
 from mmrobust.progress import MessageFn, ProgressFn
 from mmrobust.torchutil import to_device
+from mmrobust.training.adversarial import AdversarialTraining
 from mmrobust.training.base import StepContext, make_strategy, method_model_config
 from mmrobust.training.context import TrainContext
 from mmrobust.training.distributed import (
@@ -39,6 +40,7 @@ from mmrobust.training.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from mmrobust.training.guard import ROBUST
 from mmrobust.training.logs import EpochLogs, check_loggers
 
 if TYPE_CHECKING:
@@ -128,6 +130,12 @@ class Trainer:
         # the samples that train the model (a method may hold some out, never from val/test)
         self.train_split = self.strategy.training_split(self.bundle.train, t.seed)
         self.history: list[dict[str, Any]] = []
+        # adversarial training: "free" replays each minibatch (and runs epochs / replays epochs), the
+        # catastrophic-overfitting guard chooses the kept epoch by its robust accuracy
+        adv = self.strategy if isinstance(self.strategy, AdversarialTraining) else None
+        self.replays = adv.replays() if adv is not None else 1
+        self.epochs = adv.epochs_to_run(t.epochs) if adv is not None else t.epochs
+        self.selection_metric = adv.selection_metric() if adv is not None else None
 
     def evaluate_split(self, split_name: str) -> float:
         split = self.bundle.split(split_name)
@@ -171,10 +179,10 @@ class Trainer:
         t = self.cfg.train
         self._wrapped.train()
         total_loss, correct, seen = 0.0, 0, 0
-        batches = iterate_batches(
+        batches = _replayed(iterate_batches(
             self.train_split, t.batch_size // self.dist.world_size, shuffle=True, seed=t.seed, epoch=epoch,
             rank=self.dist.rank, world_size=self.dist.world_size,
-        )  # fmt: skip
+        ), self.replays)  # fmt: skip
         for step, (inputs, labels) in enumerate(batches):
             inputs = to_device(inputs, self.device)
             labels = labels.to(self.device, non_blocking=True)
@@ -272,7 +280,7 @@ class Trainer:
         )
         scaler = grad_scaler(t.precision, self.device)
         opt = optimizer_for(self.strategy.parameters(self.model), t.optim)
-        sched = scheduler_for(opt, t.optim, t.epochs)
+        sched = scheduler_for(opt, t.optim, self.epochs)
         gen = torch.Generator().manual_seed(t.seed * 1000 + self.dist.rank)
         state = _FitState(opt, sched, scaler, gen, self.cfg.to_dict())
         state.data_fingerprint = self.bundle.source.get("fingerprint")  # taken at the start of the first attempt
@@ -338,8 +346,8 @@ class Trainer:
         """A function to call after every training step: reports the steps done to ``progress``."""
         t = self.cfg.train
         per_rank = t.batch_size // self.dist.world_size
-        steps = math.ceil(math.ceil(len(self.train_split) / self.dist.world_size) / per_rank)
-        done, total, label = first_epoch * steps, t.epochs * steps, f"{t.method} train"
+        steps = math.ceil(math.ceil(len(self.train_split) / self.dist.world_size) / per_rank) * self.replays
+        done, total, label = first_epoch * steps, self.epochs * steps, f"{t.method} train"
 
         def tick() -> None:
             nonlocal done
@@ -363,11 +371,11 @@ class Trainer:
         # only the model's forwards are autocast (hooks on the model; DDP calls it); the selected
         # weights are float32 and everything after training (test accuracy, CRMT step 2) runs in fp32
         with model_precision(self.model, t.precision, self.device, t.channels_last):
-            for epoch in range(state.first_epoch, t.epochs):
+            for epoch in range(state.first_epoch, self.epochs):
                 row = self._epoch(state, ctx, epoch, tick)
                 self.history.append(row)
                 self._select(state, epoch, row)
-                line = _epoch_line(t.method, t.epochs, row)
+                line = _epoch_line(t.method, self.epochs, row)
                 _log.info(line)
                 if on_epoch is not None:
                     on_epoch(line)
@@ -397,8 +405,12 @@ class Trainer:
 
     def _select(self, state: _FitState, epoch: int, row: dict[str, Any]) -> None:
         """Keep the model of the highest validation accuracy; among equal accuracies (a saturated val
-        split) the lowest validation loss."""
-        key = (row["val_accuracy"], -row["val_loss"])
+        split) the lowest validation loss. With the strategy's ``selection_metric`` (the adversarial
+        methods' guard): the highest value of that column, ties broken by validation accuracy."""
+        if self.selection_metric is not None:
+            key = (float(row[self.selection_metric]), row["val_accuracy"])
+        else:
+            key = (row["val_accuracy"], -row["val_loss"])
         if key > state.best_key:
             state.best_key, state.best_epoch = key, epoch + 1
             state.best_state = copy.deepcopy(self.model.state_dict())
@@ -409,7 +421,7 @@ class Trainer:
 
         t = self.cfg.train
         # the log is derived from the history, so after a resume it lists each epoch once
-        log = "".join(_epoch_line(t.method, t.epochs, r) + "\n" for r in self.history)
+        log = "".join(_epoch_line(t.method, self.epochs, r) + "\n" for r in self.history)
         atomic_write_bytes(partial / "train.log", log.encode())
         save_checkpoint(
             partial,
@@ -430,13 +442,15 @@ class Trainer:
         if state.best_state is not None:
             self.model.load_state_dict(state.best_state)
         extra = self.strategy.after_training(ctx)
+        if isinstance(self.strategy, AdversarialTraining):
+            extra["adversarial_training"] = self.strategy.training_record(t.epochs)
         self.model.eval()
         metrics: dict[str, Any] = {
             "method": t.method,
             "val_accuracy": self.evaluate_split("val"),
             "test_accuracy": self.evaluate_split("test"),
             "best_epoch": state.best_epoch,
-            "epochs": t.epochs,
+            "epochs": self.epochs,
             "world_size": self.dist.world_size,
             "train_time_s": time.perf_counter() - start,
             "history": self.history,
@@ -455,10 +469,18 @@ class Trainer:
         return FitResult(self.model, metrics, self.cfg, self.bundle, path)
 
 
+def _replayed(batches: Iterator[Any], replays: int) -> Iterator[Any]:
+    """Each item of ``batches`` ``replays`` times in a row ("free" adversarial training)."""
+    for batch in batches:
+        for _ in range(replays):
+            yield batch
+
+
 def _epoch_line(method: str, epochs: int, row: dict[str, Any]) -> str:
+    guard = f"  guard robust acc {row[ROBUST]:.4f}" if ROBUST in row else ""
     return (
         f"[{method}] epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  "
-        f"train acc {row['train_accuracy']:.4f}  val acc {row['val_accuracy']:.4f}  ({row['time_s']:.1f}s)"
+        f"train acc {row['train_accuracy']:.4f}  val acc {row['val_accuracy']:.4f}{guard}  ({row['time_s']:.1f}s)"
     )
 
 

@@ -1,8 +1,9 @@
 """MMAT: multi-modal adversarial training (Madry et al., ICLR 2018, over the joint input).
 
-Each step trains on joint-l2 PGD examples ``x' = argmax_{||x' - x||_2 <= eps} CE(h(x'), y)``, the
-budget shared by all modalities (``||(delta_1, ..., delta_M)||_2 <= eps``), found by ``steps`` PGD
-steps from a random start. ``mix_clean = lambda`` trains on a clean/adversarial mix:
+Each step trains on adversarial examples ``x' ~ argmax_{x' in B(x)} CE(h(x'), y)`` inside the training
+threat model ``B`` (default: the joint l2 ball ``||(delta_1, ..., delta_M)||_2 <= train_eps``), found by
+``train_attack`` (default ``steps`` PGD steps from a random start; the fast single-step attacks and
+``free`` are described in :mod:`mmrobust.training.adversarial`). ``mix_clean = lambda`` trains on a clean/adversarial mix:
 ``lambda CE(h(x), y) + (1 - lambda) CE(h(x'), y)`` (0: adversarial only, the default).
 It is CRMT-AT's adversarial step without CRMT's head, regulariser and step 2.
 """
@@ -16,13 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrobust.data.base import Batch
-from mmrobust.training.adversarial import AdversarialOptions, joint_pgd_examples
+from mmrobust.training.adversarial import AdversarialOptions, AdversarialTraining
 from mmrobust.training.base import METHODS, StepContext, Strategy, require
 
 
 @dataclass
 class MMATOptions(AdversarialOptions):
-    """PGD budget ``train_eps`` (old name ``eps``) and steps, and the clean share ``mix_clean`` in [0, 1]."""
+    """Threat model, training attack and guard (:class:`AdversarialOptions`; ``eps`` is the old name of
+    ``train_eps``) and the clean share ``mix_clean`` in [0, 1]."""
 
     mix_clean: float = 0.0
 
@@ -32,16 +34,15 @@ class MMATOptions(AdversarialOptions):
 
 
 @METHODS.register("mmat")
-class MMAT(Strategy[MMATOptions]):
+class MMAT(AdversarialTraining, Strategy[MMATOptions]):
     """Multi-modal adversarial training on the concat head (see module docstring)."""
 
     head = "concat"
     Options = MMATOptions
 
     def examples(self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext) -> Batch:
-        """The step's adversarial examples (inside the joint l2 ball of radius ``train_eps``)."""
-        o = self.options
-        return joint_pgd_examples(model, inputs, labels, o.train_eps, o.steps, o.step_size, self.meta, ctx)
+        """The step's adversarial examples (inside the training threat model)."""
+        return self.adversarial_examples(model, inputs, labels, ctx)
 
     def loss(
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext

@@ -19,7 +19,8 @@ probes a detached copy of ``z`` (so its penalty only trains the fusion module); 
 the graph, so the penalty's gradient also reaches the encoders, as the method's formula states.
 
 Input variant (``varmat-input``, ours): ``V_m,i = ||grad_{x_m,i} CE(h(x), y)||_2`` (same batch-mean
-convention) and ``CE(h(x'), y) + alpha * (1/B) sum_i sum_m V_m,i`` with ``x'`` joint-l2 PGD examples.
+convention) and ``CE(h(x'), y) + alpha * (1/B) sum_i sum_m V_m,i`` with ``x'`` the adversarial examples of
+the training threat model and attack (default joint-l2 PGD; see :mod:`mmrobust.training.adversarial`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrobust.data.base import Batch
-from mmrobust.training.adversarial import AdversarialOptions, joint_pgd_examples
+from mmrobust.training.adversarial import AdversarialOptions, AdversarialTraining
 from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require, unwrap
 
 _NO_DDP = "it differentiates through a gradient (create_graph), which DistributedDataParallel does not support"
@@ -110,7 +111,8 @@ class VARMAT(Strategy[VARMATOptions]):
 
 @dataclass
 class VARMATInputOptions(AdversarialOptions):
-    """Joint-l2 PGD (``train_eps``, old name ``eps``; ``steps``, ``step_size``) and the penalty weight ``alpha``.
+    """Threat model, training attack and guard (:class:`AdversarialOptions`; ``eps`` is the old name of
+    ``train_eps``) and the penalty weight ``alpha``.
 
     ``alpha`` 10, not the latent variant's 1000: input gradients are far larger than latent ones and
     1000 collapsed training (0.31 test accuracy on small synthetic data; validation accuracy 0.95 / 0.94 /
@@ -125,8 +127,8 @@ class VARMATInputOptions(AdversarialOptions):
 
 
 @METHODS.register("varmat-input")
-class VARMATInput(Strategy[VARMATInputOptions]):
-    """Ours: VARMAT's probe and penalty on inputs, trained on joint-l2 PGD examples."""
+class VARMATInput(AdversarialTraining, Strategy[VARMATInputOptions]):
+    """Ours: VARMAT's probe and penalty on inputs, trained on adversarial examples (default joint-l2 PGD)."""
 
     head = "concat"
     Options = VARMATInputOptions
@@ -136,7 +138,7 @@ class VARMATInput(Strategy[VARMATInputOptions]):
         self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         o = self.options
-        adv = joint_pgd_examples(model, inputs, labels, o.train_eps, o.steps, o.step_size, self.meta, ctx)
+        adv = self.adversarial_examples(model, inputs, labels, ctx)
         x = {m: v.detach().requires_grad_(True) for m, v in inputs.items()}
         penalty = vulnerability(F.cross_entropy(model(x), labels), x).sum(1).mean()
         adv_logits = model(adv)
