@@ -336,7 +336,7 @@ def notes_data(opt: NotesCrepeOptions) -> DataBundle:
         synthetic_notes(opt.n_val, base + 2),
         synthetic_notes(opt.n_test, base + 3),
     )]  # fmt: skip
-    return DataBundle(meta, *splits)
+    return DataBundle(meta, splits[0], splits[1], splits[2])
 
 
 @EXAMPLES.register("notes-crepe")
