@@ -290,7 +290,7 @@ class SLLTCN(nn.Sequential):
     """1-Lipschitz temporal CNN: AOL conv lift, SLL convs, a stride-2 AOL conv, SLL convs, SLL dense."""
 
     def __init__(
-        self, spec: ModalitySpec, feature_dim: int = 128, width: int = 64, depth: int = 2, dense: int = 256
+        self, spec: ModalitySpec, feature_dim: int = 128, width: int = 32, depth: int = 2, dense: int = 256
     ) -> None:
         if spec.kind != "sequence":
             raise ConfigError(f"encoder 'sll-tcn' needs a sequence modality, '{spec.name}' is {spec.kind}")
@@ -407,10 +407,11 @@ def sll_parts(name: str, layer: Any, in_shape: tuple[int, ...]) -> tuple[Unit, U
 def _sll_units(name: str, layer: Any, in_shape: tuple[int, ...]) -> list[Unit]:
     """An SLL layer is 1-Lipschitz (proof in :class:`_SLL`); the model computes ``T`` in float32."""
     first, second = sll_parts(name, layer, in_shape)
-    assert first.offset is not None
+    bias = first.offset
+    assert bias is not None
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        return x + second.fn(F.relu(first.fn(x) + first.offset))
+        return x + second.fn(F.relu(first.fn(x) + bias))
 
     return [Unit(name, "other", 1.0 + AOL_PAD, in_shape, in_shape, fn)]
 
