@@ -23,7 +23,7 @@ import torch
 
 import mmrobust.training.lipmargin  # noqa: F401  (registers the lmt method)
 from mmrobust.certify.radius import certified_accuracy
-from mmrobust.certify.runner import certify_model
+from mmrobust.certify.runner import certify_model, standardised_view
 from mmrobust.certify.soundness import soundness_check
 from mmrobust.certify.tightness import TightnessOptions, robust_at
 from mmrobust.config import RunConfig
@@ -74,20 +74,22 @@ def run_cell(cell: str, args: argparse.Namespace, grid: list[float]) -> dict[str
         crown = radii if name == "crown" else crown
     assert crown is not None
     topts = TightnessOptions(steps=args.attack_steps)
-    t0 = time.perf_counter()
-    entry["attack"] = [
-        float(
-            torch.cat([
-                robust_at(run.model, *split.take(slice(i, i + 100)), eps_, run.model.modalities, topts)
-                for i in range(0, len(split), 100)
-            ]).double().mean()
-        )
-        for eps_ in grid
-    ]  # fmt: skip
-    entry["attack_seconds"] = time.perf_counter() - t0
     zeros = {m: torch.zeros(len(split)) for m in run.model.modalities}
-    check = soundness_check(run.model, run.meta, split, {"joint": crown, "unimodal": zeros},
-                            max_samples=args.soundness, steps=args.attack_steps)  # fmt: skip
+    # attacks in the coordinates the radii measure (the model's standardised inputs, as the CLI does)
+    with standardised_view(run.model, run.meta, split, None) as (meta_v, split_v, *_):
+        t0 = time.perf_counter()
+        entry["attack"] = [
+            float(
+                torch.cat([
+                    robust_at(run.model, *split_v.take(slice(i, i + 100)), eps_, run.model.modalities, topts)
+                    for i in range(0, len(split_v), 100)
+                ]).double().mean()
+            )
+            for eps_ in grid
+        ]  # fmt: skip
+        entry["attack_seconds"] = time.perf_counter() - t0
+        check = soundness_check(run.model, meta_v, split_v, {"joint": crown, "unimodal": zeros},
+                                max_samples=args.soundness, steps=args.attack_steps)  # fmt: skip
     entry["soundness"] = {"checked": check["joint"]["checked"], "violations": check["joint"]["violations"]}
     return entry
 

@@ -12,7 +12,7 @@ from torch.func import jvp, vjp
 
 from mmrobust.certify.crown_layers import build_ops
 from mmrobust.certify.crown_ops import run_forward
-from mmrobust.certify.runner import certify_model
+from mmrobust.certify.runner import certify_model, standardised_view
 from mmrobust.certify.sound import sound_lipschitz
 from mmrobust.certify.soundness import soundness_check
 from mmrobust.data.base import ModalitySpec
@@ -162,11 +162,8 @@ def test_lmt_with_sll_encoders_trains_and_both_certifiers_are_sound(tmp_path):
     assert float((radii["crown"] > 0).double().mean()) > 0.5  # certificates exist
     # CROWN starts from the Lipschitz radius of the orthogonal head, never below the sound one
     assert bool((radii["crown"] >= radii["sound"] * (1 - 1e-6)).all())
-    check = soundness_check(
-        run.model,
-        run.meta,
-        split,
-        {"joint": radii["crown"], "unimodal": {m: torch.zeros(40) for m in run.model.modalities}},
-        steps=20,
-    )
+    zeros = {m: torch.zeros(40) for m in run.model.modalities}
+    # attacked in the coordinates the radii measure (the model's standardised inputs)
+    with standardised_view(run.model, run.meta, split, None) as (meta_v, split_v, *_):
+        check = soundness_check(run.model, meta_v, split_v, {"joint": radii["crown"], "unimodal": zeros}, steps=20)
     assert check["joint"]["checked"] > 10 and check["joint"]["violations"] == 0
