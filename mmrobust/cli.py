@@ -47,7 +47,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-dim", type=int)
     p.add_argument("--lipschitz-encoders", action=argparse.BooleanOptionalAction, default=None,
                    help="encoders that are 1-Lipschitz in l2 by construction (AOL layers, MaxMin; see docs/certify.md); "
-                   "saved in the run config (model.lipschitz_encoders); --no-lipschitz-encoders overrides a config")  # fmt: skip
+                   "saved in the run config (model.lipschitz_encoders); --no-lipschitz-encoders overrides a config; "
+                   "deeper SLL encoders: --set model.encoders.MODALITY=sll-mlp|sll-tcn|sll-cnn, certified-margin "
+                   "training: --method lmt (see docs/lipschitz.md)")  # fmt: skip
     p.add_argument("--seed", type=int)
     _add_scale_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

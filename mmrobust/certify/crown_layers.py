@@ -163,3 +163,16 @@ def graph_ops(graph: EncoderGraph) -> list[Op]:
         ]  # fmt: skip
         ops.append(GraphOp(piece.name, steps))
     return ops
+
+
+from mmrobust.models.lipschitz import SLLConv1d, SLLConv2d, SLLLinear, sll_parts  # noqa: E402  (SLL block)
+
+
+def _sll_rule(name: str, layer: nn.Module, in_shape: tuple[int, ...]) -> list[Op]:
+    """An SLL layer ``x - 2 V^T T^(-1) relu(V x + b)`` (:mod:`mmrobust.models.lipschitz`): a residual
+    block whose body is affine, ReLU, linear and whose shortcut is the identity."""
+    inner, outer = sll_parts(name, layer, in_shape)
+    return [ResidualOp(name, [AffineOp(inner), ReLUOp(name + ".relu"), AffineOp(outer)], [])]
+
+
+register_layer(SLLLinear, SLLConv1d, SLLConv2d, crown=_sll_rule)
