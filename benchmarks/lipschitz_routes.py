@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-import mmrobust.training.lipmargin  # noqa: F401  (registers the lmt method)
 from mmrobust.certify.radius import certified_accuracy
 from mmrobust.certify.runner import certify_model, standardised_view
 from mmrobust.certify.soundness import soundness_check
@@ -47,7 +46,6 @@ def run_cell(cell: str, args: argparse.Namespace, grid: list[float]) -> dict[str
     cfg.train.progress = False
     if method == "lmt":
         cfg.train.method_options = {"margin_eps": float(eps[0]) if eps else 2.0, "margin_ramp": args.ramp}
-    cfg.plugins = ["mmrobust.training.lipmargin"]
     if args.feature_dim:
         cfg.model.feature_dim = args.feature_dim
     out = Path(args.runs) / cell.replace(":", "-")

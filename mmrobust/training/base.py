@@ -44,7 +44,7 @@ from mmrobust.training.context import TrainContext
 #: every built-in method's module; importing one registers its methods (done on the first look-up)
 METHOD_MODULES = tuple(
     f"mmrobust.training.{m}"
-    for m in ("crmt", "gaussian", "gb", "jt", "mixup", "mmat", "msefm", "ogm_ge", "pmr", "varmat")
+    for m in ("crmt", "gaussian", "gb", "jt", "lipmargin", "mixup", "mmat", "msefm", "ogm_ge", "pmr", "varmat")
 )
 METHODS: Registry[type[Strategy[Any]]] = Registry("training method", modules=METHOD_MODULES)
 
