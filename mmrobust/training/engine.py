@@ -178,8 +178,9 @@ class Trainer:
         for step, (inputs, labels) in enumerate(batches):
             inputs = to_device(inputs, self.device)
             labels = labels.to(self.device, non_blocking=True)
-            ctx = StepContext(epoch, step, gen)
-            loss, logits = self.strategy.loss(self._wrapped, inputs, labels, ctx)
+            per_rank = math.ceil(len(self.train_split) / self.dist.world_size)
+            ctx = StepContext(epoch, step, gen, math.ceil(per_rank / (t.batch_size // self.dist.world_size)), t.epochs)
+            loss, logits = self.strategy.step_loss(self._wrapped, inputs, labels, ctx)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at epoch {epoch}, step {step}")
             opt.zero_grad(set_to_none=True)

@@ -18,10 +18,11 @@ from torch import nn
 from mmrobust.data.base import Batch
 from mmrobust.training.adversarial import AdversarialOptions, joint_pgd_examples
 from mmrobust.training.base import METHODS, StepContext, Strategy, require
+from mmrobust.training.certified import CertifiedOptions
 
 
 @dataclass
-class MMATOptions(AdversarialOptions):
+class MMATOptions(CertifiedOptions, AdversarialOptions):
     """PGD budget ``train_eps`` (old name ``eps``) and steps, and the clean share ``mix_clean`` in [0, 1]."""
 
     mix_clean: float = 0.0
