@@ -493,6 +493,10 @@ def margin_bounds(
                 crown_total = crown_total - eps * torch.stack(duals).pow(2).sum(0).add(1e-30).sqrt()
             else:  # per-modality l2 (each term carries its radius) or l-inf
                 crown_total = crown_total - torch.stack(duals).sum(0)
+    at_y = labels[:, None]  # k = y: the margin is 0 (its spec is zero; the l2 dual norm's guard adds ~1e-15)
+    zero = torch.zeros_like(at_y, dtype=ibp_total.dtype)
+    ibp_total = ibp_total.scatter(1, at_y, zero)
+    crown_total = crown_total.scatter(1, at_y, zero) if crown_total is not None else None
     return MarginBounds(ibp_total, crown_total, logits)
 
 
