@@ -81,7 +81,9 @@ CASES = [(e, h) for e in ENCODERS for h in ("concat", "orthogonal")]
 
 
 @pytest.mark.parametrize("encoders,head", CASES)
-@pytest.mark.parametrize("norm,budget,eps", [("l2", "joint", 0.1), ("l2", "per-modality", 0.05), ("linf", "joint", 0.01)])
+@pytest.mark.parametrize(
+    "norm,budget,eps", [("l2", "joint", 0.1), ("l2", "per-modality", 0.05), ("linf", "joint", 0.01)]
+)
 def test_bounds_lower_bound_the_pgd_margin_and_the_clean_margin(encoders, head, norm, budget, eps):
     model = _model(encoders, head)
     x = _inputs(8)
@@ -114,9 +116,11 @@ def _sample_joint_ball(x: dict[str, torch.Tensor], eps: float, n: int, meta: Dat
     radius = eps * torch.where(torch.arange(n)[:, None] % 2 == 0, torch.ones_like(norm), torch.rand(n, norm.shape[1]))
     for m, d in dirs.items():
         spec = meta.spec(m)
-        s = torch.tensor(threat.scales[m]).reshape(spec.normalization.broadcast_shape(spec.shape)) if len(
-            threat.scales[m]
-        ) > 1 else torch.tensor(threat.scales[m][0])
+        s = (
+            torch.tensor(threat.scales[m]).reshape(spec.normalization.broadcast_shape(spec.shape))
+            if len(threat.scales[m]) > 1
+            else torch.tensor(threat.scales[m][0])
+        )
         scaled = d / norm.view(n, -1, *([1] * (d.ndim - 2))) * radius.view(n, -1, *([1] * (d.ndim - 2)))
         out[m] = (x[m].unsqueeze(0) + scaled * s).flatten(0, 1)
     return out
@@ -222,7 +226,9 @@ def test_an_unknown_layer_is_refused_in_one_line():
 def test_schedule_warms_up_then_ramps_per_step():
     o = CertifiedOptions(certified="ibp", certified_eps=2.0, certified_warmup=1, certified_ramp=2, certified_mix=0.2)
     g = torch.Generator()
-    at = [o.certified_schedule(StepContext(e, s, g, 10, 5)) for e, s in ((0, 9), (1, 0), (2, 0), (2, 5), (3, 0), (4, 9))]
+    at = [
+        o.certified_schedule(StepContext(e, s, g, 10, 5)) for e, s in ((0, 9), (1, 0), (2, 0), (2, 5), (3, 0), (4, 9))
+    ]
     assert [s.eps for s in at] == pytest.approx([0.0, 0.0, 1.0, 1.5, 2.0, 2.0])
     assert [s.kappa for s in at] == pytest.approx([1.0, 1.0, 0.6, 0.4, 0.2, 0.2])
     assert [s.beta for s in at] == pytest.approx([1.0, 1.0, 0.5, 0.25, 0.0, 0.0])

@@ -302,12 +302,11 @@ class ResidualOp(Op):
 def _bn_make(bn: nn.modules.batchnorm._BatchNorm) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     def make(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1) + (1,) * (x.ndim - 2)
-        if bn.training or bn.running_mean is None:  # batch statistics, as the forward pass uses them
+        mean: torch.Tensor | None = bn.running_mean
+        var: torch.Tensor | None = bn.running_var
+        if bn.training or mean is None or var is None:  # batch statistics, as the forward pass uses them
             dims = [0, *range(2, x.ndim)]
             mean, var = x.mean(dims), x.var(dims, unbiased=False)
-        else:
-            mean, var = bn.running_mean, bn.running_var
-        assert var is not None and mean is not None
         scale = torch.rsqrt(var + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight
