@@ -34,6 +34,23 @@ from mmrobust.training import train
 RADII = (0.5, 1.0, 2.0)
 
 
+def _select_after_ramp() -> None:
+    """Until the engine asks the strategy (``Strategy.selectable``) itself, select on validation
+    accuracy among the epochs the strategy allows (certified training: from the end of the ramp)."""
+    from mmrobust.training.engine import Trainer
+
+    select = Trainer._select
+    if getattr(select, "asks_strategy", False):
+        return
+
+    def patched(self: Any, state: Any, epoch: int, row: dict[str, Any]) -> None:
+        if self.strategy.selectable(epoch):
+            select(self, state, epoch, row)
+
+    patched.asks_strategy = True  # type: ignore[attr-defined]
+    Trainer._select = patched  # type: ignore[method-assign]
+
+
 def run_cell(method: str, certified: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = RunConfig()
     cfg.data = DataConfig(args.data, args.seed, dict(kv.split("=", 1) for kv in args.data_opt))
@@ -61,6 +78,7 @@ def run_cell(method: str, certified: str, args: argparse.Namespace) -> dict[str,
         "method": method,
         "certified": certified,
         "test_accuracy": fit.metrics["test_accuracy"],
+        "best_epoch": fit.metrics["best_epoch"],
         "certified_accuracy": dict(zip(map(str, RADII), certified_accuracy(joint, RADII), strict=True)),
         "median_certified_radius": float(joint.median()),
         "median_ratio": tight.median_ratio,
@@ -78,10 +96,10 @@ def main() -> None:
     p.add_argument("--cells", default="jt:none,jt:ibp,jt:crown-ibp")
     p.add_argument("--data", default="avdigits")
     p.add_argument("--data-opt", action="append", default=[])
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--eps", type=float, default=1.0)
     p.add_argument("--warmup", type=float, default=1.0)
-    p.add_argument("--ramp", type=float, default=3.0)
+    p.add_argument("--ramp", type=float, default=2.0)
     p.add_argument("--samples", type=int, default=100, help="test samples certified by CROWN")
     p.add_argument("--tight", type=int, default=20, help="correct samples attacked for the radius ratio")
     p.add_argument("--seed", type=int, default=0)
@@ -91,6 +109,7 @@ def main() -> None:
     if args.quick:
         args.data, args.epochs, args.samples, args.tight, args.ramp = "synthetic", 2, 20, 5, 1.0
     torch.set_num_threads(1)
+    _select_after_ramp()
     rows = []
     for cell in args.cells.split(","):
         method, _, certified = cell.partition(":")

@@ -99,6 +99,12 @@ class MethodOptions:
         :class:`mmrobust.training.certified.CertifiedOptions`)."""
         return strategy.loss(model, inputs, labels, ctx)
 
+    def selectable(self, epoch: int) -> bool:
+        """Whether the model after ``epoch`` (from 0) may be selected on validation accuracy (an options
+        mixin may rule out epochs that do not train what the method is for: certified training's warm-up
+        and ramp)."""
+        return True
+
 
 @dataclass
 class NoOptions(MethodOptions):
@@ -179,6 +185,12 @@ class Strategy(Generic[OptionsT]):
         if isinstance(self.options, MethodOptions):
             return self.options.step_loss(self, model, inputs, labels, ctx)
         return self.loss(model, inputs, labels, ctx)
+
+    def selectable(self, epoch: int) -> bool:
+        """Whether the engine may select the model after ``epoch`` (from 0) on validation accuracy
+        (``options.selectable``; all epochs unless an options mixin says otherwise). When no epoch is,
+        the last model is kept."""
+        return self.options.selectable(epoch) if isinstance(self.options, MethodOptions) else True
 
     def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
         """Hook run after ``loss.backward()`` and before the optimiser step (gradient modulation)."""

@@ -106,6 +106,11 @@ class CertifiedOptions(MethodOptions):
             p,
         )
 
+    def selectable(self, epoch: int) -> bool:
+        """Only the models trained to the end of the ramp compete on validation accuracy (before it,
+        the natural loss weighs more and validation accuracy is higher)."""
+        return self.certified == "none" or epoch + 1 >= self.certified_warmup + self.certified_ramp
+
     def step_loss(
         self, strategy: Strategy[Any], model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
