@@ -311,3 +311,11 @@ def test_certified_training_raises_the_certified_margin():
             b = margin_bounds(result.model.eval(), val.inputs, val.labels, threat)
         lower[cert] = float(b.ibp.scatter(1, val.labels[:, None], math.inf).min(1).values.mean())
     assert lower["crown-ibp"] > lower["none"] + 0.5
+
+
+def test_only_epochs_from_the_end_of_the_ramp_are_selectable(tiny_bundle):
+    from mmrobust.training.jt import JointTraining, JTOptions
+
+    o = JTOptions(certified="ibp", certified_warmup=1, certified_ramp=2)
+    assert [JointTraining(o, tiny_bundle.meta).selectable(e) for e in range(5)] == [False, False, True, True, True]
+    assert all(JointTraining(JTOptions(), tiny_bundle.meta).selectable(e) for e in range(3))
