@@ -24,8 +24,10 @@ of ``s / std``, a sound enclosure). Valid ranges are not used (the bound holds o
   linear bound through the head and the encoder's layers, with the ReLU (and MaxMin) relaxations
   set by the interval bounds of their inputs. Where the pass reaches the input, the bound is
   minimised over the ball in closed form and the modalities share one dual norm (the joint ball
-  exactly: ``- eps ||(lambda_1, ..., lambda_M)||_2``); where it meets a layer it cannot go through
-  (max pooling, a residual block) it stops and uses the interval bounds of that layer's output.
+  exactly: ``- eps ||(lambda_1, ..., lambda_M)||_2``). Non-overlapping max pooling is relaxed
+  per window (below by the element with the largest lower bound, above by the largest upper
+  bound); where the pass meets a layer it cannot go through (overlapping max pooling, a residual
+  block) it stops and uses the interval bounds of that layer's output.
 
 Supported layers: Linear, Conv1d/2d, BatchNorm1d/2d, ReLU, MaxPool2d, AvgPool2d,
 AdaptiveAvgPool1d/2d, Flatten, Identity, the 1-Lipschitz AOL layers and MaxMin, Standardize,
@@ -279,6 +281,44 @@ class MaxMinOp(Op):
         return torch.cat([a_min + d_coef, a_max - d_coef], dim=2), c
 
 
+class MaxPoolOp(MonotoneOp):
+    """Non-overlapping max pooling (kernel = stride, no padding): backwards, each window's max is bounded
+    below by the element with the largest lower bound and above by the largest upper bound (by that
+    element itself where its lower bound is above every other upper bound: the window is decided)."""
+
+    def __init__(self, name: str, pool: nn.MaxPool2d):
+        super().__init__(name, pool, linear=False)
+        self.k = _pair(pool.kernel_size)
+
+    def backward(self, a: torch.Tensor, box: Interval) -> tuple[torch.Tensor, torch.Tensor]:
+        kh, kw = self.k
+        lo, hi = box
+        b, c, h, w = lo.shape
+        ho, wo = h // kh, w // kw
+
+        def windows(t: torch.Tensor) -> torch.Tensor:  # (B, C, Ho, Wo, kh * kw)
+            t = t[:, :, : ho * kh, : wo * kw].reshape(b, c, ho, kh, wo, kw)
+            return t.permute(0, 1, 2, 4, 3, 5).reshape(b, c, ho, wo, kh * kw)
+
+        lw, hw = windows(lo), windows(hi)
+        best = lw.argmax(-1, keepdim=True)
+        pick = torch.zeros_like(lw).scatter(-1, best, 1.0)  # the element with the largest lower bound
+        other_hi = hw.masked_fill(pick.bool(), float("-inf")).amax(-1)
+        decided = (lw.gather(-1, best).squeeze(-1) >= other_hi).unsqueeze(1)  # (B, 1, C, Ho, Wo)
+        pos, neg = a.clamp_min(0), a.clamp_max(0)
+        neg_linear = torch.where(decided, neg, torch.zeros_like(neg))
+        coef = (pos + neg_linear).unsqueeze(-1) * pick.unsqueeze(1)  # (B, S, C, Ho, Wo, kh * kw)
+        back = coef.reshape(b, -1, c, ho, wo, kh, kw).permute(0, 1, 2, 3, 5, 4, 6).reshape(b, -1, c, ho * kh, wo * kw)
+        back = F.pad(back, (0, w - wo * kw, 0, h - ho * kh))
+        up = hw.amax(-1).unsqueeze(1)
+        const = torch.where(decided, torch.zeros_like(neg), neg * up).flatten(2).sum(2)
+        return back, const
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 class ResidualOp(Op):
     """A ResNet basic block ``relu(F(x) + shortcut(x))``: intervals of both branches added (no backward)."""
 
@@ -358,7 +398,11 @@ def _ops(module: nn.Module, name: str) -> list[Op]:
     if t is BasicBlock:
         return [ResidualOp(name, module)]  # type: ignore[arg-type]
     if t is nn.MaxPool2d:
-        return [MonotoneOp(name, module, linear=False)]
+        pool: Any = module
+        plain = _pair(pool.stride or pool.kernel_size) == _pair(pool.kernel_size) and _pair(pool.padding) == (0, 0)
+        if plain and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode:
+            return [MaxPoolOp(name, pool)]
+        return [MonotoneOp(name, module, linear=False)]  # overlapping windows: intervals only
     if t in (nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten):
         return [MonotoneOp(name, module, linear=True)]
     if t is nn.Identity:
