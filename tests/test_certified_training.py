@@ -319,3 +319,27 @@ def test_only_epochs_from_the_end_of_the_ramp_are_selectable(tiny_bundle):
     o = JTOptions(certified="ibp", certified_warmup=1, certified_ramp=2)
     assert [JointTraining(o, tiny_bundle.meta).selectable(e) for e in range(5)] == [False, False, True, True, True]
     assert all(JointTraining(JTOptions(), tiny_bundle.meta).selectable(e) for e in range(3))
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_the_first_affine_layer_is_bounded_exactly_on_the_l2_ball(layer):
+    from mmrobust.certify.ibp import Ball, _forward_bounds, _ops
+
+    torch.manual_seed(0)
+    if layer == "linear":
+        module, z = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)), torch.randn(2, 3, 4)
+    else:
+        module, z = nn.Conv2d(2, 3, 3, padding=1, stride=2), torch.randn(2, 2, 5, 5)
+    ops = _ops(module, "enc")
+    with torch.no_grad():
+        out = module(z)
+        lo, hi = _forward_bounds(ops, Ball(z, torch.tensor(0.7), "l2"))[-1]
+        # each output's maximiser on the ball: z + 0.7 * (its gradient) / ||gradient||
+        for j in range(out[0].numel()):
+            zz = z.clone().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(module(zz).flatten(1)[:, j].sum(), zz)
+            top = module(z + 0.7 * g / g.flatten(1).norm(dim=1).view(-1, *[1] * (z.ndim - 1))).flatten(1)[:, j]
+            assert torch.allclose(top, hi.flatten(1)[:, j], atol=1e-5)
+            bottom = module(z - 0.7 * g / g.flatten(1).norm(dim=1).view(-1, *[1] * (z.ndim - 1))).flatten(1)[:, j]
+            assert torch.allclose(bottom, lo.flatten(1)[:, j], atol=1e-5)
