@@ -7,7 +7,8 @@ narrow view of the run: model, device, splits, seed, batch size, memory budget, 
     for each epoch:
         on_epoch_start(ctx, epoch)               e.g. PMR's prototypes
         for each batch:
-            loss, logits = loss(model, x, y, step)   step: a StepContext (epoch, step, generator)
+            loss, logits = step_loss(model, x, y, step)   step: a StepContext (epoch, step, generator, ...);
+                                                         loss() unless an options mixin adds a term
             loss.backward()
             after_backward(model, step)          gradient modulation (OGM-GE), before the optimiser step
             optimiser.step()
@@ -90,6 +91,20 @@ class MethodOptions:
     def check(self) -> None:
         """Range checks; raise :class:`ConfigError` naming the option."""
 
+    def step_loss(
+        self, strategy: Strategy[Any], model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of one step: the strategy's own :meth:`Strategy.loss`. An options mixin
+        overrides it to add a term to any method it is mixed into (certified training:
+        :class:`mmrobust.training.certified.CertifiedOptions`)."""
+        return strategy.loss(model, inputs, labels, ctx)
+
+    def selectable(self, epoch: int) -> bool:
+        """Whether the model after ``epoch`` (from 0) may be selected on validation accuracy (an options
+        mixin may rule out epochs that do not train what the method is for: certified training's warm-up
+        and ramp)."""
+        return True
+
 
 @dataclass
 class NoOptions(MethodOptions):
@@ -98,11 +113,15 @@ class NoOptions(MethodOptions):
 
 @dataclass
 class StepContext:
-    """What a strategy may need to know about the current step."""
+    """What a strategy may need to know about the current step: its epoch and step within the epoch
+    (from 0), the step generator, and the schedule's length (``steps_per_epoch``, ``epochs``; 0 where
+    unknown) for losses that ramp per step."""
 
     epoch: int
     step: int
     generator: torch.Generator
+    steps_per_epoch: int = 0
+    epochs: int = 0
 
 
 class Strategy(Generic[OptionsT]):
@@ -158,6 +177,21 @@ class Strategy(Generic[OptionsT]):
         """Return ``(loss, logits)``; logits feed the running train accuracy."""
         raise NotImplementedError
 
+    def step_loss(
+        self, model: nn.Module, inputs: Batch, labels: torch.Tensor, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the engine calls each step: :meth:`loss`, or what the options make of it
+        (``options.step_loss``: certified training mixes in a verified loss)."""
+        if isinstance(self.options, MethodOptions):
+            return self.options.step_loss(self, model, inputs, labels, ctx)
+        return self.loss(model, inputs, labels, ctx)
+
+    def selectable(self, epoch: int) -> bool:
+        """Whether the engine may select the model after ``epoch`` (from 0) on validation accuracy
+        (``options.selectable``; all epochs unless an options mixin says otherwise). When no epoch is,
+        the last model is kept."""
+        return self.options.selectable(epoch) if isinstance(self.options, MethodOptions) else True
+
     def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
         """Hook run after ``loss.backward()`` and before the optimiser step (gradient modulation)."""
 
@@ -188,7 +222,21 @@ class Strategy(Generic[OptionsT]):
 def method_options(cfg: RunConfig) -> Any:
     """The options dataclass of ``cfg.train.method``, built from ``cfg.train.method_options``."""
     cls = METHODS.get(cfg.train.method)
+    given = sorted(k for k in cfg.train.method_options if str(k).startswith("certified"))
+    if given and not _has_certified(cls):
+        supported = [name for name, other in METHODS.items() if _has_certified(other)]
+        raise ConfigError(
+            f"method '{cfg.train.method}' has no certified training (option '{given[0]}'); "
+            f"methods that support it: {', '.join(supported)}",
+            param=given[0],
+        )
     return options_dataclass(cls.Options, cfg.train.method_options, cfg.train.method)
+
+
+def _has_certified(cls: type[Strategy[Any]]) -> bool:
+    """Whether the method's options carry the certified-training mixin (a field named ``certified``)."""
+    options = cls.Options
+    return dataclasses.is_dataclass(options) and any(f.name == "certified" for f in dataclasses.fields(options))
 
 
 def method_model_config(cfg: RunConfig) -> ModelConfig:

@@ -32,7 +32,8 @@ from mmrobust.models.fusion import LateFusionModel
 from mmrobust.models.heads import OrthogonalHead
 from mmrobust.torchutil import eval_mode, to_device
 from mmrobust.training.adversarial import AdversarialOptions, AdversarialTraining
-from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require, unwrap
+from mmrobust.training.base import METHODS, StepContext, Strategy, require, unwrap
+from mmrobust.training.certified import CertifiedOptions
 from mmrobust.training.context import TrainContext
 from mmrobust.training.crmt_step2 import Step2Data, choose_step2, optimise_modality_weights, summarize
 from mmrobust.training.mixup import mixup_batch
@@ -85,7 +86,7 @@ def normalized_scores(
 
 
 @dataclass
-class CRMTBaseOptions(MethodOptions):
+class CRMTBaseOptions(CertifiedOptions):
     """Shared by every orthogonal-head method.
 
     ``fit_samples``: training samples (a seeded random subset) for the empirical Lipschitz constants

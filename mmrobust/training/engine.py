@@ -186,8 +186,10 @@ class Trainer:
         for step, (inputs, labels) in enumerate(batches):
             inputs = to_device(inputs, self.device)
             labels = labels.to(self.device, non_blocking=True)
-            ctx = StepContext(epoch, step, gen)
-            loss, logits = self.strategy.loss(self._wrapped, inputs, labels, ctx)
+            per_rank = math.ceil(len(self.train_split) / self.dist.world_size)
+            per_epoch = math.ceil(per_rank / (t.batch_size // self.dist.world_size)) * self.replays
+            ctx = StepContext(epoch, step, gen, per_epoch, self.epochs)
+            loss, logits = self.strategy.step_loss(self._wrapped, inputs, labels, ctx)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at epoch {epoch}, step {step}")
             opt.zero_grad(set_to_none=True)
@@ -406,7 +408,10 @@ class Trainer:
     def _select(self, state: _FitState, epoch: int, row: dict[str, Any]) -> None:
         """Keep the model of the highest validation accuracy; among equal accuracies (a saturated val
         split) the lowest validation loss. With the strategy's ``selection_metric`` (the adversarial
-        methods' guard): the highest value of that column, ties broken by validation accuracy."""
+        methods' guard): the highest value of that column, ties broken by validation accuracy. Epochs
+        the strategy marks not ``selectable`` never compete (if none does, the last model is kept)."""
+        if not self.strategy.selectable(epoch):  # e.g. certified training before the end of its ramp
+            return
         if self.selection_metric is not None:
             key = (float(row[self.selection_metric]), row["val_accuracy"])
         else:

@@ -19,10 +19,11 @@ from torch import nn
 from mmrobust.data.base import Batch
 from mmrobust.training.adversarial import AdversarialOptions, AdversarialTraining
 from mmrobust.training.base import METHODS, StepContext, Strategy, require
+from mmrobust.training.certified import CertifiedOptions
 
 
 @dataclass
-class MMATOptions(AdversarialOptions):
+class MMATOptions(CertifiedOptions, AdversarialOptions):
     """Threat model, training attack and guard (:class:`AdversarialOptions`; ``eps`` is the old name of
     ``train_eps``) and the clean share ``mix_clean`` in [0, 1]."""
 
