@@ -38,6 +38,8 @@ from mmrobust.training.crmt_step2 import Step2Data, choose_step2, optimise_modal
 from mmrobust.training.mixup import mixup_batch
 
 MARGINS = ("faithful", "normalized")
+#: where step 2 takes its Lipschitz constants: the empirical estimate (the paper's) or the sound certifier's
+STEP2_TAUS = ("empirical", "sound")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,9 +116,17 @@ class Step2Options(CRMTBaseOptions):
     step2_max_acc_drop: float = 0.01  # largest validation-accuracy loss step 2 may cost
     step2_attack_check: bool = True  # ours: also require validation CW-PGD accuracy not to drop
     step2_check_steps: int = 10
+    #: empirical (the paper's estimate) | sound (the ``sound`` certifier's guaranteed constants: the
+    #: maximised bound is then a certificate; meant for 1-Lipschitz encoders, far too loose otherwise)
+    step2_tau: str = "empirical"
 
     def check(self) -> None:
         super().check()
+        require(
+            self.step2_tau in STEP2_TAUS,
+            f"option step2_tau='{self.step2_tau}' is unknown; choose from: {', '.join(STEP2_TAUS)}",
+            "step2_tau",
+        )
         require(
             self.step2_optimizer in OPTIMIZERS,
             f"option step2_optimizer='{self.step2_optimizer}' is unknown; choose from: {', '.join(OPTIMIZERS)}",
@@ -301,8 +311,20 @@ class CRMTBase(Strategy[OptionsT]):
             "modality_weights_step1": {m: v.tolist() for m, v in a0.items()},
         }
         if isinstance(o, Step2Options):
+            if o.step2_tau == "sound":
+                tau = self._sound_tau(model)
+                record["step2_tau"] = {m: t.tolist() for m, t in tau.items()}
+                record["step1_sound"] = summarize(val_scores, a0, head.bias.detach(), val_labels, tau)
             record.update(self._step2(ctx, o, tau, val_scores, val_labels, a0))
         return {"crmt": record}
+
+    def _sound_tau(self, model: LateFusionModel) -> dict[str, torch.Tensor]:
+        """Guaranteed per-class constants of ``W~_k^(m) phi^(m)`` (the ``sound`` certifier, Theorem 3.5 form)."""
+        from mmrobust.certify.estimators import head_lipschitz
+
+        hl = head_lipschitz(model, self.meta, "sound", theorem="3.5")
+        device = next(model.parameters()).device
+        return {m: t.to(device=device, dtype=torch.float32) for m, t in hl.tau.items()}
 
     def _step2(
         self,
