@@ -47,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -167,11 +167,15 @@ class ReferenceLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.epoch += 1
-        for x, y in iterate_batches(self.split, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch):
+        for x, y in iterate_batches(
+            self.split, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch
+        ):
             yield {"clip": x[self.visual], "audio": x[self.audio], "target": y}
 
 
-def reference_model(ref: SimpleNamespace, meta: DatasetMeta, model_cfg: ModelConfig, seed: int, fusion: str) -> nn.Module:
+def reference_model(
+    ref: SimpleNamespace, meta: DatasetMeta, model_cfg: ModelConfig, seed: int, fusion: str
+) -> nn.Module:
     """The reference's ``MultiModalModel`` around the encoders mmrobust builds with ``seed``."""
     visual, audio = reference_slots(meta)
     torch.manual_seed(seed)
@@ -226,7 +230,9 @@ def train_reference(
                         best_acc, best_state, best_at = acc, copy.deepcopy(model.state_dict()), f"step2 epoch {epoch}"
             record["a_step2"] = [layer.a_0.detach().tolist(), layer.a_1.detach().tolist()]
             record["a_max_change"] = max(
-                abs(x - y) for r0, r1 in zip(record["a_step1"], record["a_step2"]) for x, y in zip(r0, r1)
+                abs(x - y)
+                for r0, r1 in zip(record["a_step1"], record["a_step2"], strict=True)
+                for x, y in zip(r0, r1, strict=True)
             )
     model.load_state_dict(best_state)
     model.eval()
@@ -281,7 +287,9 @@ def reference_step2(step1: LateFusionModel, bundle: DataBundle, seed: int, tau: 
     train_s, train_y = raw_scores_of(model, bundle.train)
     val_s, val_y = raw_scores_of(model, bundle.val)
     a0 = {m: p.detach().clone() for m, p in head.a.items()}
-    data = Step2Data(train_s, train_y, val_s, val_y, a0, head.bias.detach(), {m: torch.tensor(t) for m, t in tau.items()})
+    data = Step2Data(
+        train_s, train_y, val_s, val_y, a0, head.bias.detach(), {m: torch.tensor(t) for m, t in tau.items()}
+    )
     o = SimpleNamespace(step2_optimizer="sgd", step2_lr=3e-5, step2_weight_decay=1e-2, step2_epochs=epochs,
                         step2_max_acc_drop=math.inf)  # fmt: skip
     result = optimise_modality_weights(data, o, 64, seed)
@@ -304,8 +312,9 @@ def attack_all(model: nn.Module, meta: DatasetMeta, split: Split, eps: float, st
     y = split.labels
     clean = predict(model, split)
     runs = {
-        "paper": build_attack("pgd-l2", model, meta, threat, loss="ce", steps=4, rel_step_size=1 / 3,
-                              random_start=False),  # fmt: skip
+        "paper": build_attack(
+            "pgd-l2", model, meta, threat, loss="ce", steps=4, rel_step_size=1 / 3, random_start=False
+        ),  # fmt: skip
         "ce": build_attack("pgd-l2", model, meta, threat, loss="ce", steps=steps, seed=0),
         "cw": build_attack("pgd-l2", model, meta, threat, loss="cw", steps=steps, seed=0),
     }
@@ -345,7 +354,7 @@ def run_seed(args: argparse.Namespace, ref: SimpleNamespace | None, bundle: Data
 
     model_cfg = ModelConfig(feature_dim=args.feature_dim)
     if ref is not None:
-        for row, method in zip(REFERENCE_ROWS, ("jt", "crmt-jt")):
+        for row, method in zip(REFERENCE_ROWS, ("jt", "crmt-jt"), strict=True):
             if (seed, row) in done:
                 continue
             t0 = time.perf_counter()
@@ -549,7 +558,9 @@ def _study_report(args: argparse.Namespace, records: list[dict[str, Any]], setti
             "worst": [by_seed[s]["worst"] for s in seeds],
             "d_worst": [100 * (by_seed[s]["worst"] - base[s]["worst"]) for s in seeds],
             "sound_radius": [by_seed[s]["test"]["sound"]["mean_radius"] for s in seeds],
-            "d_sound_radius": [by_seed[s]["test"]["sound"]["mean_radius"] - base[s]["test"]["sound"]["mean_radius"] for s in seeds],
+            "d_sound_radius": [
+                by_seed[s]["test"]["sound"]["mean_radius"] - base[s]["test"]["sound"]["mean_radius"] for s in seeds
+            ],
             "emp_radius": [by_seed[s]["test"]["empirical"]["mean_radius"] for s in seeds],
             "sound_cert": [by_seed[s]["test"]["sound"][f"certified@{e0:g}"] for s in seeds],
             "d_margin": [by_seed[s]["test"]["mean_margin"] - base[s]["test"]["mean_margin"] for s in seeds],
@@ -591,8 +602,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="synthetic data, 2 epochs, 1 seed, 100 samples")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out and run the rest")
     p.add_argument("--merge", nargs="+", help="only rebuild the table from these result files")
-    p.add_argument("--step2-study", action="store_true",
-                   help="instead: step 2 with sound vs empirical tau on 1-Lipschitz and standard encoders")
+    p.add_argument(
+        "--step2-study",
+        action="store_true",
+        help="instead: step 2 with sound vs empirical tau on 1-Lipschitz and standard encoders",
+    )
     p.add_argument("--recipe", default="tuned", help="--step2-study: training recipe of the step-1 models")
     p.add_argument("--cert-eps", default="0.25,0.5", help="--step2-study: radii of the certified accuracy")
     p.add_argument("--out", default="benchmarks/results/crmt_vs_reference.json")
@@ -606,13 +620,22 @@ def main(argv: list[str] | None = None) -> int:
         files = [read_json(f) for f in args.merge]
         records = [r for f in files for r in f["records"]]
         skipped = sorted({s for f in files for s in f.get("skipped", [])})
-        print(report(args, records, skipped, {k: v for k, v in files[0].items() if k not in ("records", "rows", "pairs", "skipped")}))
+        print(
+            report(
+                args,
+                records,
+                skipped,
+                {k: v for k, v in files[0].items() if k not in ("records", "rows", "pairs", "skipped")},
+            )
+        )
         return 0
     have_ref = bool(args.official) and (Path(args.official) / "train.py").is_file()
     if have_ref and args.feature_dim != 512:
         raise SystemExit("the reference's fusion layers take 512 features per modality: use --feature-dim 512")
     ref = import_reference(args.official) if have_ref else None
-    skipped = [] if have_ref else [f"{r} (no reference checkout: --official PATH or $CRMT_OFFICIAL)" for r in REFERENCE_ROWS]
+    skipped = (
+        [] if have_ref else [f"{r} (no reference checkout: --official PATH or $CRMT_OFFICIAL)" for r in REFERENCE_ROWS]
+    )
     records: list[dict[str, Any]] = read_json(args.out)["records"] if args.resume and Path(args.out).is_file() else []
     done = {(r["seed"], r["row"]) for r in records}
     bundle = load_data(run_config(args.data, "jt", "paper", 1, 0, args.feature_dim).data)

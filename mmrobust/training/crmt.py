@@ -16,6 +16,7 @@ lowered by inflating features (the gradient-masking route described in docs/crmt
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -28,8 +29,8 @@ from mmrobust.certify.bounds import orthogonal_bound
 from mmrobust.certify.lipschitz import empirical_lipschitz
 from mmrobust.config import OPTIMIZERS
 from mmrobust.data.base import Batch, Split, iterate_batches
-from mmrobust.models.fusion import LateFusionModel
-from mmrobust.models.heads import OrthogonalHead
+from mmrobust.models.fusion import LateFusionModel, ModelConfig
+from mmrobust.models.heads import ModalityWeightedHead
 from mmrobust.torchutil import eval_mode, to_device
 from mmrobust.training.adversarial import joint_pgd_examples
 from mmrobust.training.base import METHODS, MethodOptions, StepContext, Strategy, require, unwrap
@@ -221,10 +222,15 @@ class OJTOptions(CRMTBaseOptions):
 OptionsT = TypeVar("OptionsT", bound=CRMTBaseOptions)
 
 
-def orthogonal_head(model: LateFusionModel) -> OrthogonalHead:
-    """The model's head, which every method of this module trains as an :class:`OrthogonalHead`."""
+#: heads a CRMT method trains: its own (orthogonal) or, asked for with ``model.head``, the reference code's
+CRMT_HEADS = ("orthogonal", "reference-rownorm")
+
+
+def orthogonal_head(model: LateFusionModel) -> ModalityWeightedHead:
+    """The model's head: an :class:`~mmrobust.models.heads.OrthogonalHead` unless the run asked for the
+    reference code's :class:`~mmrobust.models.heads.RowNormalizedHead` (``model.head``)."""
     head = model.head
-    assert isinstance(head, OrthogonalHead), type(head).__name__
+    assert isinstance(head, ModalityWeightedHead), type(head).__name__
     return head
 
 
@@ -237,6 +243,12 @@ class CRMTBase(Strategy[OptionsT]):
     margin regulariser with :class:`Step1Options` (and ``rho > 0``), step 2 with :class:`Step2Options`."""
 
     head = "orthogonal"
+
+    @classmethod
+    def model_config(cls, model: ModelConfig, options: Any) -> ModelConfig:
+        """The orthogonal head, or the reference code's row-normalised head when ``model.head`` names it
+        (``--set model.head=reference-rownorm``); any other ``model.head`` gives the orthogonal head."""
+        return dataclasses.replace(model, head=model.head if model.head in CRMT_HEADS else cls.head)
 
     # --- step 1 ---------------------------------------------------------------------------
 
