@@ -515,7 +515,7 @@ def step2_study(args: argparse.Namespace) -> int:
                 continue
             t0 = time.perf_counter()
             fit = train(run_config(args.data, "crmt-step1", args.recipe, args.epochs, seed, args.feature_dim,
-                                   lipschitz=enc == "lipschitz"), bundle=bundle)  # fmt: skip
+                                   {"fit_samples": args.fit_samples}, lipschitz=enc == "lipschitz"), bundle=bundle)  # fmt: skip
             step1 = fit.model.eval()
             taus = {"empirical": fit.metrics["crmt"]["tau"], "sound": sound_tau(step1, meta)}
             cache: dict[Any, dict[str, float]] = {}
@@ -524,7 +524,7 @@ def step2_study(args: argparse.Namespace) -> int:
                 record: dict[str, Any] = {}
                 model = step1
                 if options is not None:
-                    model, rec = mmrobust_step2(step1, bundle, seed, options)
+                    model, rec = mmrobust_step2(step1, bundle, seed, {**options, "fit_samples": args.fit_samples})
                     s2 = rec.get("step2") or {}
                     cand = s2.get("candidate_epoch") or 0
                     record = {"kept": rec.get("kept"), "reason": rec.get("reason"), "attack_check": s2.get("attack_check"),
@@ -609,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--recipe", default="tuned", help="--step2-study: training recipe of the step-1 models")
     p.add_argument("--cert-eps", default="0.25,0.5", help="--step2-study: radii of the certified accuracy")
+    p.add_argument("--fit-samples", type=int, default=512, help="--step2-study: training samples of the empirical tau")
     p.add_argument("--out", default="benchmarks/results/crmt_vs_reference.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
