@@ -40,7 +40,7 @@ from mmrobust.certify.sound import chain_lipschitz, chain_units, sound_row_lipsc
 from mmrobust.data.base import DatasetMeta, Split, iterate_batches
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import LateFusionModel
-from mmrobust.models.heads import FusionHead, OrthogonalHead
+from mmrobust.models.heads import FusionHead, OrthogonalHead, RowNormalizedHead
 
 
 @dataclass
@@ -67,7 +67,9 @@ THEOREMS = ("auto", "3.3", "3.5")
 def resolve_theorem(model: LateFusionModel, theorem: str = "auto") -> bool:
     """Whether to use the orthogonal-head form (Theorem 3.5) for ``model``.
 
-    ``auto``: 3.5 for an orthogonal head, 3.3 otherwise. ``3.3`` works for every additive head (on an
+    ``auto``: 3.5 for an orthogonal head (the type :class:`OrthogonalHead`, so never for the reference
+    code's :class:`~mmrobust.models.heads.RowNormalizedHead`, whose rows are unit-norm but not mutually
+    orthogonal), 3.3 otherwise. ``3.3`` works for every additive head (on an
     orthogonal head it uses ``W = a * W~`` row by row and is never looser than 3.5, since
     ``||a_y W~_y - a_k W~_k|| = sqrt(a_y^2 + a_k^2) <= |a_y| + |a_k|`` for orthonormal rows).
     """
@@ -75,7 +77,8 @@ def resolve_theorem(model: LateFusionModel, theorem: str = "auto") -> bool:
     orth = isinstance(model.head, OrthogonalHead)
     if theorem == "3.5" and not orth:
         raise ConfigError(
-            "Theorem 3.5 needs an orthogonal head (train with a CRMT method or method 'ojt'); use theorem='3.3'",
+            f"Theorem 3.5 needs an orthogonal head (train with a CRMT method or method 'ojt'), this model has "
+            f"{type(model.head).__name__} (the reference code's row-normalised head is not orthogonal); use theorem='3.3'",
             param="theorem",
         )
     return orth and theorem != "3.3"
@@ -166,8 +169,10 @@ class LipschitzCertifier(Certifier):
             name = "3.5 (orthogonal head)"
         else:
             name = "3.3 (concat form" + (
-                ", orthogonal head with W = a * W~)" if isinstance(model.head, OrthogonalHead) else ")"
-            )
+                ", orthogonal head with W = a * W~)" if isinstance(model.head, OrthogonalHead)
+                else ", reference row-normalised head with W = a * W^)" if isinstance(model.head, RowNormalizedHead)
+                else ")"
+            )  # fmt: skip
         return HeadLipschitz(self.name, self.guarantee is Guarantee.SOUND, name, pair_lip, tau, info)
 
     def certify(self, model: torch.nn.Module, meta: DatasetMeta, split: Split, ctx: CertifyContext) -> Certificate:

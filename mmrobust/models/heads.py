@@ -1,6 +1,6 @@
 """Fusion heads over per-modality features.
 
-Both heads are additive over modalities, ``logits = sum_m scores[m] + bias``, and expose the
+Every head is additive over modalities, ``logits = sum_m scores[m] + bias``, and exposes the
 per-modality ``scores`` because CRMT, certification and several baselines need them.
 """
 
@@ -73,39 +73,33 @@ class OrthonormalRows(nn.Module):
         return (q * sign).T
 
 
-@HEADS.register("orthogonal")
-class OrthogonalHead(FusionHead):
-    """CRMT's orthogonal head: ``h_k = sum_m a_k^(m) W~_k^(m) phi^(m) + b_k``.
-
-    ``W~^(m)`` (K x d_m) has orthonormal rows by construction (an orthogonal parametrisation, not
-    the row normalisation of the reference code), ``a^(m)`` are per-class modality weights.
+class ModalityWeightedHead(FusionHead):
+    """``h_k = sum_m a_k^(m) B_k^(m) phi^(m) + b_k``: one constrained basis ``B^(m)`` (K x d_m) per
+    modality, per-class modality weights ``a^(m)`` and a bias. Subclasses choose the constraint
+    (``row_map``); CRMT trains any of them. Certifiers pick their theorem by the concrete type: only
+    :class:`OrthogonalHead` gets Theorem 3.5, every other head the general Theorem 3.3.
     """
 
     def __init__(self, feature_dims: dict[str, int], num_classes: int, a_init: float = 1.0) -> None:
-        # a_init 1.0, not the reference's 0.1: with 0.1 the product a * W~ phi starts near a saddle and
-        # small models on short schedules barely leave it (OJT 0.34 vs 0.63 val acc after 5 epochs)
         super().__init__()
-        for m, d in feature_dims.items():
-            if d < num_classes:
-                raise ConfigError(
-                    f"orthogonal head: modality '{m}' has feature dimension {d} < {num_classes} classes; "
-                    f"orthonormal rows need d >= K (raise feature_dim)",
-                    param="feature_dim",
-                )
         self.bases = nn.ModuleDict()
         for m, d in feature_dims.items():
             lin = nn.Linear(d, num_classes, bias=False)
-            parametrize.register_parametrization(lin, "weight", OrthonormalRows())
+            parametrize.register_parametrization(lin, "weight", self.row_map())
             self.bases[m] = lin
         self.a = nn.ParameterDict({m: nn.Parameter(torch.full((num_classes,), float(a_init))) for m in feature_dims})
         self.bias = nn.Parameter(torch.zeros(num_classes))
 
+    def row_map(self) -> nn.Module:
+        """The parametrisation mapping a free ``(K, d)`` matrix to the basis."""
+        raise NotImplementedError
+
     def basis(self, name: str) -> torch.Tensor:
-        """``W~^(m)``: a ``(K, d_m)`` matrix with orthonormal rows."""
+        """``B^(m)``: the ``(K, d_m)`` basis of modality ``name``."""
         return self.bases[name].weight  # type: ignore[return-value]
 
     def raw_scores(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Uni-modal scores ``s^(m) = W~^(m) phi^(m)``, before the modality weights."""
+        """Uni-modal scores ``s^(m) = B^(m) phi^(m)``, before the modality weights."""
         return {m: lin(feats[m]) for m, lin in self.bases.items()}
 
     def scores(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -113,3 +107,66 @@ class OrthogonalHead(FusionHead):
 
     def modality_weight(self, name: str) -> torch.Tensor:
         return self.a[name][:, None] * self.basis(name)
+
+
+@HEADS.register("orthogonal")
+class OrthogonalHead(ModalityWeightedHead):
+    """CRMT's orthogonal head: ``h_k = sum_m a_k^(m) W~_k^(m) phi^(m) + b_k``.
+
+    ``W~^(m)`` (K x d_m) has orthonormal rows by construction (an orthogonal parametrisation, not
+    the row normalisation of the reference code: that one is :class:`RowNormalizedHead`), ``a^(m)``
+    are per-class modality weights.
+    """
+
+    def __init__(self, feature_dims: dict[str, int], num_classes: int, a_init: float = 1.0) -> None:
+        # a_init 1.0, not the reference's 0.1: with 0.1 the product a * W~ phi starts near a saddle and
+        # small models on short schedules barely leave it (OJT 0.34 vs 0.63 val acc after 5 epochs)
+        for m, d in feature_dims.items():
+            if d < num_classes:
+                raise ConfigError(
+                    f"orthogonal head: modality '{m}' has feature dimension {d} < {num_classes} classes; "
+                    f"orthonormal rows need d >= K (raise feature_dim)",
+                    param="feature_dim",
+                )
+        super().__init__(feature_dims, num_classes, a_init)
+
+    def row_map(self) -> nn.Module:
+        return OrthonormalRows()
+
+    def basis(self, name: str) -> torch.Tensor:
+        """``W~^(m)``: a ``(K, d_m)`` matrix with orthonormal rows."""
+        return super().basis(name)
+
+
+class CenteredUnitRows(nn.Module):
+    """Maps a free ``(K, d)`` matrix to one whose rows are each centred (mean 0 over the ``d``
+    features) and scaled to unit l2 norm; the rows are NOT mutually orthogonal. What the CRMT
+    reference code's per-row "orthogonal weight normalisation" (one row per group) computes."""
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        c = v - v.mean(dim=1, keepdim=True)
+        return c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@HEADS.register("reference-rownorm")
+class RowNormalizedHead(ModalityWeightedHead):
+    """The CRMT reference code's head, reproduced: ``h_k = sum_m a_k^(m) W^_k^(m) phi^(m) + b_k`` where
+    each row ``W^_k^(m)`` is centred and scaled to unit norm but the rows are not orthogonal.
+
+    Not an :class:`OrthogonalHead` (deliberately not a subclass): Theorem 3.5 assumes orthonormal rows,
+    so certifiers use the general Theorem 3.3 on ``W^(m) = a^(m) * W^^(m)``. ``a_init`` 1.0 like ours
+    (the reference starts at 0.1), so that comparing the two heads changes the row map only.
+    """
+
+    def __init__(self, feature_dims: dict[str, int], num_classes: int, a_init: float = 1.0) -> None:
+        for m, d in feature_dims.items():
+            if d < 2:
+                raise ConfigError(
+                    f"reference-rownorm head: modality '{m}' has feature dimension {d}; centred rows need d >= 2 "
+                    "(raise feature_dim)",
+                    param="feature_dim",
+                )
+        super().__init__(feature_dims, num_classes, a_init)
+
+    def row_map(self) -> nn.Module:
+        return CenteredUnitRows()

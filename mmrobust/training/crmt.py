@@ -16,6 +16,7 @@ lowered by inflating features (the gradient-masking route described in docs/crmt
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -28,8 +29,8 @@ from mmrobust.certify.bounds import orthogonal_bound
 from mmrobust.certify.lipschitz import empirical_lipschitz
 from mmrobust.config import OPTIMIZERS
 from mmrobust.data.base import Batch, Split, iterate_batches
-from mmrobust.models.fusion import LateFusionModel
-from mmrobust.models.heads import OrthogonalHead
+from mmrobust.models.fusion import LateFusionModel, ModelConfig
+from mmrobust.models.heads import ModalityWeightedHead
 from mmrobust.torchutil import eval_mode, to_device
 from mmrobust.training.adversarial import AdversarialOptions, AdversarialTraining
 from mmrobust.training.base import METHODS, StepContext, Strategy, require, unwrap
@@ -39,6 +40,8 @@ from mmrobust.training.crmt_step2 import Step2Data, choose_step2, optimise_modal
 from mmrobust.training.mixup import mixup_batch
 
 MARGINS = ("faithful", "normalized")
+#: where step 2 takes its Lipschitz constants: the empirical estimate (the paper's) or the sound certifier's
+STEP2_TAUS = ("empirical", "sound")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,9 +118,17 @@ class Step2Options(CRMTBaseOptions):
     step2_max_acc_drop: float = 0.01  # largest validation-accuracy loss step 2 may cost
     step2_attack_check: bool = True  # ours: also require validation CW-PGD accuracy not to drop
     step2_check_steps: int = 10
+    #: empirical (the paper's estimate) | sound (the ``sound`` certifier's guaranteed constants: the
+    #: maximised bound is then a certificate; meant for 1-Lipschitz encoders, far too loose otherwise)
+    step2_tau: str = "empirical"
 
     def check(self) -> None:
         super().check()
+        require(
+            self.step2_tau in STEP2_TAUS,
+            f"option step2_tau='{self.step2_tau}' is unknown; choose from: {', '.join(STEP2_TAUS)}",
+            "step2_tau",
+        )
         require(
             self.step2_optimizer in OPTIMIZERS,
             f"option step2_optimizer='{self.step2_optimizer}' is unknown; choose from: {', '.join(OPTIMIZERS)}",
@@ -207,10 +218,15 @@ class OJTOptions(CRMTBaseOptions):
 OptionsT = TypeVar("OptionsT", bound=CRMTBaseOptions)
 
 
-def orthogonal_head(model: LateFusionModel) -> OrthogonalHead:
-    """The model's head, which every method of this module trains as an :class:`OrthogonalHead`."""
+#: heads a CRMT method trains: its own (orthogonal) or, asked for with ``model.head``, the reference code's
+CRMT_HEADS = ("orthogonal", "reference-rownorm")
+
+
+def orthogonal_head(model: LateFusionModel) -> ModalityWeightedHead:
+    """The model's head: an :class:`~mmrobust.models.heads.OrthogonalHead` unless the run asked for the
+    reference code's :class:`~mmrobust.models.heads.RowNormalizedHead` (``model.head``)."""
     head = model.head
-    assert isinstance(head, OrthogonalHead), type(head).__name__
+    assert isinstance(head, ModalityWeightedHead), type(head).__name__
     return head
 
 
@@ -223,6 +239,12 @@ class CRMTBase(Strategy[OptionsT]):
     margin regulariser with :class:`Step1Options` (and ``rho > 0``), step 2 with :class:`Step2Options`."""
 
     head = "orthogonal"
+
+    @classmethod
+    def model_config(cls, model: ModelConfig, options: Any) -> ModelConfig:
+        """The orthogonal head, or the reference code's row-normalised head when ``model.head`` names it
+        (``--set model.head=reference-rownorm``); any other ``model.head`` gives the orthogonal head."""
+        return dataclasses.replace(model, head=model.head if model.head in CRMT_HEADS else cls.head)
 
     # --- step 1 ---------------------------------------------------------------------------
 
@@ -297,8 +319,20 @@ class CRMTBase(Strategy[OptionsT]):
             "modality_weights_step1": {m: v.tolist() for m, v in a0.items()},
         }
         if isinstance(o, Step2Options):
+            if o.step2_tau == "sound":
+                tau = self._sound_tau(model)
+                record["step2_tau"] = {m: t.tolist() for m, t in tau.items()}
+                record["step1_sound"] = summarize(val_scores, a0, head.bias.detach(), val_labels, tau)
             record.update(self._step2(ctx, o, tau, val_scores, val_labels, a0))
         return {"crmt": record}
+
+    def _sound_tau(self, model: LateFusionModel) -> dict[str, torch.Tensor]:
+        """Guaranteed per-class constants of ``W~_k^(m) phi^(m)`` (the ``sound`` certifier, Theorem 3.5 form)."""
+        from mmrobust.certify.estimators import head_lipschitz
+
+        hl = head_lipschitz(model, self.meta, "sound", theorem="3.5")
+        device = next(model.parameters()).device
+        return {m: t.to(device=device, dtype=torch.float32) for m, t in hl.tau.items()}
 
     def _step2(
         self,

@@ -42,6 +42,8 @@ class Step2Result:
     best_epoch: int = 0
     best_a: Scores = field(default_factory=dict)
     floor: float = 0.0
+    #: the weights after the last epoch, whatever the criterion says (what the reference code keeps)
+    last_a: Scores = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -77,6 +79,7 @@ def optimise_modality_weights(data: Step2Data, options: Any, batch_size: int, se
     result = Step2Result(step1, floor=step1["val_accuracy"] - o.step2_max_acc_drop)
     best_crit = step1["val_mean_radius"]
     result.best_a = {m: v.detach().clone() for m, v in data.a0.items()}
+    result.last_a = result.best_a
     labels = data.train_labels
     n = len(labels)
     for epoch in range(o.step2_epochs):
@@ -97,6 +100,7 @@ def optimise_modality_weights(data: Step2Data, options: Any, batch_size: int, se
             **summarize(data.val_scores, a_now, bias, data.val_labels, data.tau),
         }
         result.history.append(row)
+        result.last_a = a_now
         if row["val_accuracy"] >= result.floor and row["val_mean_radius"] > best_crit:
             best_crit, result.best_epoch, result.best_a = row["val_mean_radius"], epoch + 1, a_now
     return result
