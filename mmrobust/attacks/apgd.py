@@ -1,9 +1,18 @@
 """APGD (Croce & Hein 2020): APGD-CE, APGD-DLR ("plus") and APGD-T (targeted DLR), for l-inf and
 l2, under a joint budget, on the packed modality vector. Step-size schedule and checkpoints as in
-the reference code (see :func:`_checkpoints`)."""
+the reference code (see :func:`_checkpoints`).
+
+With ``early_stop`` (what :class:`~mmrobust.attacks.autoattack.AutoAttack` asks for) a run drops a
+sample from its batch as soon as any iterate misclassifies it, and APGD-T attacks several target
+classes in one batch (one row per sample and target, see
+:meth:`~mmrobust.attacks.component.AutoAttackComponent.targeted_runs`) instead of one pass per target. Every row's
+trajectory is the one it has alone (the step sizes are per row), so which samples end up broken
+does not change; only the work spent on samples already broken is saved (see docs/attacks.md).
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,12 +49,27 @@ class APGD(AutoAttackComponent):
             self._apgd(packed.take(idx), labels[idx], loss_fn, best, idx)
         return best.x, best.logits
 
-    def _apgd(self, packed: Packed, labels: torch.Tensor, loss_fn: Any, best: BestTracker, index: torch.Tensor) -> None:
+    def _apgd(
+        self,
+        packed: Packed,
+        labels: torch.Tensor,
+        loss_fn: Any,
+        best: BestTracker,
+        index: torch.Tensor,
+        target: torch.Tensor | None = None,
+    ) -> None:
+        """One APGD run on the rows of ``packed`` (row i is sample ``index[i]`` of ``best``; ``target``:
+        the target class per row for a targeted ``loss_fn(logits, labels, target)``). With
+        ``early_stop``, rows whose sample is broken leave the batch."""
         n_iter = self.steps
+
+        def loss_of(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+            return loss_fn(logits, y) if t is None else loss_fn(logits, y, t)
+
         x0 = packed.x0
         x = self._random_point(packed, x0, packed.expand(packed.eps))
         step = 2 * packed.eps.expand(x0.shape[0], -1)[:, :1].clone()  # (N, 1)
-        loss, grad, logits = self.loss_and_grad(packed, x, labels, loss_fn)
+        loss, grad, logits = self.loss_and_grad(packed, x, labels, partial(loss_of, t=target))
         best.update(x, logits, index)
         x_best, loss_best, grad_best = x.clone(), loss.clone(), grad.clone()
         x_old = x.clone()
@@ -59,12 +83,24 @@ class APGD(AutoAttackComponent):
         reduced_last = torch.ones_like(loss, dtype=torch.bool)
         loss_best_last = loss_best.clone()
         for i in range(n_iter):
+            if self.early_stop:
+                keep = ~best.broken[index]
+                if not bool(keep.all()):
+                    if not bool(keep.any()):
+                        return
+                    rows = keep.nonzero().squeeze(1)
+                    packed, labels, index = packed.take(rows), labels[rows], index[rows]
+                    target = None if target is None else target[rows]
+                    x0, x, x_old, grad, step = packed.x0, x[rows], x_old[rows], grad[rows], step[rows]
+                    x_best, loss_best, grad_best = x_best[rows], loss_best[rows], grad_best[rows]
+                    losses = [v[rows] for v in losses]
+                    reduced_last, loss_best_last = reduced_last[rows], loss_best_last[rows]
             with torch.no_grad():
                 a = 0.75 if i > 0 else 1.0
                 x1 = packed.step_to(x - x0 + step * packed.normalize(grad, self.norm), self.norm)
                 x1 = packed.step_to(x - x0 + (x1 - x) * a + (x - x_old) * (1 - a), self.norm)
                 x_old, x = x, x1
-            loss, grad, logits = self.loss_and_grad(packed, x, labels, loss_fn)
+            loss, grad, logits = self.loss_and_grad(packed, x, labels, partial(loss_of, t=target))
             best.update(x, logits, index)
             losses.append(loss)
             improved = loss > loss_best
@@ -76,6 +112,7 @@ class APGD(AutoAttackComponent):
                 reduced_last, loss_best_last, last_check = reduce, loss_best.clone(), i + 1
                 step[reduce] /= 2
                 x[reduce], grad[reduce] = x_best[reduce], grad_best[reduce]
+                losses = losses[-1:]  # the next checkpoint looks back at most to this one
 
 
 @ATTACKS.register("apgd-ce")
@@ -117,9 +154,5 @@ class APGDT(APGD):
     def run(self, packed: Packed, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         best, runs = self.targeted_runs(packed, labels)
         for _, idx, target in runs:
-
-            def loss_fn(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor = target) -> torch.Tensor:
-                return dlr_targeted_loss(logits, y, target)
-
-            self._apgd(packed.take(idx), labels[idx], loss_fn, best, idx)
+            self._apgd(packed.take(idx), labels[idx], dlr_targeted_loss, best, idx, target)
         return best.x, best.logits

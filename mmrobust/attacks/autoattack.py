@@ -89,6 +89,8 @@ def component_settings(name: str, *, steps: int, queries: int, restarts: int, ta
     kw: dict[str, Any] = {"steps": queries if query_based else steps, "restarts": restarts}
     if issubclass(cls, AutoAttackComponent) and cls.targeted:
         kw["targets"] = targets
+    if issubclass(cls, AutoAttackComponent):
+        kw["early_stop"] = True  # only which samples break is reported: no work on broken ones
     return kw
 
 

@@ -153,6 +153,23 @@ class BestTracker:
         labels = self.labels if index is None else self.labels[index]
         m = margin(logits, labels)
         broken = logits.argmax(1) != labels
+        if index is not None and len(index) > 1 and int(index.unique().numel()) < len(index):
+            # several rows per sample (one per target): offer each sample only its best row (broken
+            # first, then the larger margin), so that no row overwrites a better one of its sample
+            order = m.argsort(stable=True)
+            order = order[broken[order].to(torch.uint8).argsort(stable=True)]  # by (broken, margin)
+            pos = torch.arange(len(order), device=order.device)
+            last = torch.full((len(self.labels),), -1, dtype=torch.long, device=order.device)
+            last = last.scatter_reduce(0, index[order], pos, reduce="amax")
+            keep = order[last[last >= 0]]
+            index, x, logits, labels, m, broken = (
+                index[keep],
+                x[keep],
+                logits[keep],
+                labels[keep],
+                m[keep],
+                broken[keep],
+            )
         old_m = self.margin if index is None else self.margin[index]
         old_b = self.broken if index is None else self.broken[index]
         better = (broken & ~old_b) | ((broken == old_b) & (m > old_m))

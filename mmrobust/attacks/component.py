@@ -28,6 +28,14 @@ class AutoAttackComponent(Attack):
     ``targeted`` components attack the ``targets`` highest-scoring wrong classes one after the
     other; ``min_classes`` is the fewest classes the component's loss needs (DLR: 3); a
     ``query_based`` component (Square) counts its ``steps`` in queries.
+
+    ``early_stop`` (off by default; :class:`~mmrobust.attacks.autoattack.AutoAttack` turns it on)
+    spends no work on a sample once it is broken: a run drops it from its batch at the next
+    iteration, the targeted components attack several targets in one batch (a row per sample and
+    target, up to ``target_rows`` rows; a sample leaves with all its rows), and FAB stops at the first adversarial point within
+    eps instead of shrinking it further. Which samples are broken is what the protocol reports, and
+    each row follows the trajectory it follows alone, so the attack is as strong; the example
+    returned for a broken sample is the first one found rather than the one of largest margin.
     """
 
     budgets = ("joint",)
@@ -35,6 +43,8 @@ class AutoAttackComponent(Attack):
     targeted: ClassVar[bool] = False
     min_classes: ClassVar[int] = 2
     query_based: ClassVar[bool] = False
+    #: with ``early_stop``, the most rows (samples x targets) a targeted pass puts in one batch
+    target_rows: int = 64
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -50,6 +60,8 @@ class AutoAttackComponent(Attack):
         loss: str | None = None,
         targets: int = 9,
         num_classes: int | None = None,
+        early_stop: bool = False,
+        target_rows: int | None = None,
         **options: Any,
     ) -> None:
         if loss is not None and loss != self.fixed_loss:
@@ -60,6 +72,12 @@ class AutoAttackComponent(Attack):
         if steps < 1 or restarts < 1:
             raise ConfigError(f"{self.name}: steps and restarts must be >= 1, got {steps} and {restarts}")
         self.steps, self.restarts, self.targets = steps, restarts, targets
+        self.early_stop = bool(early_stop)
+        if target_rows is not None:
+            if isinstance(target_rows, bool) or not isinstance(target_rows, int) or target_rows < 1:
+                raise ConfigError(f"{self.name}: target_rows must be an integer >= 1, got {target_rows!r}",
+                                  param="target_rows")  # fmt: skip
+            self.target_rows = target_rows
         k = num_classes or (meta.num_classes if meta is not None else getattr(model, "num_classes", None))
         if k is not None:
             self.check_applicable(int(k), targets)
@@ -81,12 +99,30 @@ class AutoAttackComponent(Attack):
     ) -> tuple[BestTracker, Iterator[tuple[int, torch.Tensor, torch.Tensor]]]:
         """The reference's targeted schedule, shared by APGD-T and FAB-T: the tracker of the best
         points, and ``(restart, idx, target)`` for each of the ``targets`` highest-scoring wrong
-        classes and each restart, ``idx`` the samples still robust (it stops once none is)."""
+        classes and each restart, ``idx`` the samples still robust (it stops once none is).
+
+        With ``early_stop`` a run covers several targets at once: ``idx`` repeats the samples still
+        robust once per target (target-major) and ``target`` holds each row's target; as many
+        targets as fit in :attr:`target_rows` rows (one pass per target once the samples alone
+        fill it: on a CPU, per-row cost stops falling beyond a few dozen rows, and samples broken
+        through an early target then skip the later ones)."""
         with torch.no_grad():
             clean_logits = self.forward(packed, packed.x0)
         self.check_applicable(clean_logits.shape[1], self.targets)
         best = BestTracker(packed.x0, clean_logits, labels)
         order = clean_logits.sort(dim=1).indices
+
+        def batched() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+            for restart in range(self.restarts):
+                rank = 2
+                while rank < self.targets + 2:
+                    idx = (~best.broken).nonzero().squeeze(1)
+                    if len(idx) == 0:
+                        return
+                    # as many targets per pass as fit in target_rows rows (at least one)
+                    ranks = range(rank, min(rank + max(1, self.target_rows // len(idx)), self.targets + 2))
+                    rank = ranks.stop
+                    yield restart, idx.repeat(len(ranks)), torch.cat([order[idx, -t] for t in ranks])
 
         def runs() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
             for t in range(2, self.targets + 2):
@@ -96,7 +132,7 @@ class AutoAttackComponent(Attack):
                         return
                     yield restart, idx, order[idx, -t]
 
-        return best, runs()
+        return best, batched() if self.early_stop else runs()
 
     @classmethod
     def check_applicable(cls, num_classes: int, targets: int = 9) -> None:
