@@ -724,6 +724,7 @@ def _add_certify_command(sub: argparse._SubParsersAction) -> None:
         help="certifier name (see `mmrobust datasets`), a comma list or `all` (several: every one in turn, "
         "side by side in RUN/certify.json and RUN/certified_accuracy.png); empirical: max gradient norm over data "
         "(an estimate, not a guarantee); sound: a true upper bound; crown: linear bound propagation (sound); "
+        "alpha-crown: CROWN with optimised ReLU slopes (sound, never looser than crown, slower; in `all`); "
         "smoothing: randomized smoothing (probabilistic)",
     )
     p.add_argument(
