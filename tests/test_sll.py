@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import jvp, vjp
 
 from mmrobust.certify.crown_layers import build_ops
 from mmrobust.certify.crown_ops import run_forward
@@ -23,20 +22,7 @@ from mmrobust.training.base import METHODS
 from mmrobust.training.lipmargin import LMTOptions, margin_logits, pair_lipschitz
 
 from .conftest import tiny_config
-
-
-def jacobian_norm(fn, x: torch.Tensor, iters: int = 30) -> float:
-    """Largest singular value of the Jacobian of ``fn`` at ``x`` (power iteration on ``J^T J``)."""
-    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
-    est = 0.0
-    for _ in range(iters):
-        v = v / v.norm()
-        _, u = jvp(fn, (x,), (v,))
-        _, back = vjp(fn, x)
-        (w,) = back(u)
-        est, v = float(w.norm()) ** 0.5, w
-    return est
-
+from .test_lipschitz_layers import jacobian_norm
 
 LAYERS = {
     "sll linear": (lambda: SLLLinear(10, 14), (10,)),
