@@ -10,7 +10,10 @@ uni-modal radius vs an attack on that modality alone).
 Per-sample budgets on top of the shared-eps attack: the attack runs on a wrapper model that maps
 ``u -> x0 + s_i (u - x0)``; an eps-ball around ``x0`` in ``u`` is the ``s_i * eps`` ball in ``x``
 (for every modality subset and a joint budget), so one attack call handles a different budget
-per sample. The attack is unconstrained (no valid-range clamp), like the certificate.
+per sample. The attack is unconstrained (no valid-range clamp), like the certificate. The attacked
+batch carries each row's index (:data:`ROW_KEY`), so attacks that forward only some rows (APGD:
+the samples not yet broken) still pair every row with its own centre and scale. The model runs
+in eval mode and each module is left in the mode it had (no BatchNorm statistic is updated).
 """
 
 from __future__ import annotations

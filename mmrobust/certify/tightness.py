@@ -3,7 +3,8 @@
 For ``N`` correctly classified samples, :func:`attack_radius` searches the smallest l2 budget at
 which our strongest attacks change the prediction: l2 PGD on the cross-entropy and on the margin
 (CW) loss plus APGD-CE, all with a per-sample budget (the model is wrapped as
-``u -> x + s_i (u - x)``, so one call handles a different eps per sample). The search doubles each
+``u -> x + s_i (u - x)``, so one call handles a different eps per sample; each row carries its
+index, so subset forwards stay aligned; success is judged in eval mode). The search doubles each
 sample's eps from ``start`` until an attack succeeds, then bisects between the largest failed and
 the smallest successful eps; the radius is the norm of the smallest successful perturbation (an
 *upper* bound on the distance to the decision boundary; ``inf`` if none was found).
