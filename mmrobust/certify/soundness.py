@@ -10,13 +10,17 @@ uni-modal radius vs an attack on that modality alone).
 Per-sample budgets on top of the shared-eps attack: the attack runs on a wrapper model that maps
 ``u -> x0 + s_i (u - x0)``; an eps-ball around ``x0`` in ``u`` is the ``s_i * eps`` ball in ``x``
 (for every modality subset and a joint budget), so one attack call handles a different budget
-per sample. The attack is unconstrained (no valid-range clamp), like the certificate.
+per sample. The attack is unconstrained (no valid-range clamp), like the certificate. The attacked
+batch carries each row's index (:data:`ROW_KEY`), so attacks that forward only some rows (APGD:
+the samples not yet broken) still pair every row with its own centre and scale. The model runs
+in eval mode and each module is left in the mode it had (no BatchNorm statistic is updated).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,23 +28,61 @@ from torch import nn
 
 from mmrobust.data.base import Batch, DatasetMeta, Split, iterate_batches
 
+#: a hidden key of the batch the attacks see: each row's position in the attacked batch. Attacks
+#: index every key of a batch together when they forward a subset of rows (APGD: only the samples
+#: still correctly classified), so the wrapper always finds the right ``x0`` and scale per row.
+ROW_KEY = "__mmrobust_row__"
+
 
 class _Rescaled(nn.Module):
-    """``u -> model(x0 + s * (u - x0))`` on the attacked modalities (rows align with the batch)."""
+    """``u -> model(x0 + s * (u - x0))`` on the attacked modalities, with a per-row ``x0`` and ``s``.
+
+    Give the attack :meth:`batch` (the inputs plus a hidden row-index key): whatever subset or
+    order of rows an attack forwards, :meth:`lift` reads the row indices and pairs each row with
+    its own ``x0`` and ``s``; a batch without them is refused (never silently misaligned).
+    The wrapper is created in eval mode, so an attack's ``eval_mode`` restores the wrapped model
+    to eval mode, never to train mode (a train-mode model uses batch statistics in BatchNorm and
+    updates its running statistics: every later prediction and certificate would change).
+    """
 
     def __init__(self, model: nn.Module, x0: Batch, scale: torch.Tensor, modalities: Sequence[str]) -> None:
         super().__init__()
         self.model, self.x0, self.scale, self.mods = model, x0, scale, list(modalities)
+        self.training = False  # not .eval(): only the flag, the caller's model is left as it is
+
+    def batch(self) -> Batch:
+        """The clean inputs plus the hidden row indices (what the attack must be given)."""
+        n = self.scale.shape[0]
+        return {**self.x0, ROW_KEY: torch.arange(n, device=self.scale.device)}
 
     def forward(self, inputs: Batch) -> torch.Tensor:
         return self.model(self.lift(inputs))
 
     def lift(self, inputs: Batch) -> Batch:
-        out = dict(inputs)
+        """The model's inputs for ``inputs`` in rescaled coordinates (the row-index key removed)."""
+        if ROW_KEY not in inputs:
+            raise RuntimeError("_Rescaled: the batch lacks its row indices (attack the inputs of .batch())")
+        out = {k: v for k, v in inputs.items() if k != ROW_KEY}
+        rows = inputs[ROW_KEY]
         for m in self.mods:
-            s = self.scale.view(-1, *([1] * (inputs[m].ndim - 1))).to(inputs[m].dtype)
-            out[m] = self.x0[m] + s * (inputs[m] - self.x0[m])
+            if inputs[m].shape[0] != rows.shape[0]:
+                raise RuntimeError(f"_Rescaled: {inputs[m].shape[0]} rows of '{m}' for {rows.shape[0]} row indices")
+            x0 = self.x0[m][rows]
+            s = self.scale[rows].view(-1, *([1] * (inputs[m].ndim - 1))).to(inputs[m].dtype)
+            out[m] = x0 + s * (inputs[m] - x0)
         return out
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode and restore every submodule's own mode afterwards."""
+    modes = [(mod, mod.training) for mod in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for mod, mode in modes:
+            mod.training = mode
 
 
 def _attack_at(
@@ -62,10 +104,10 @@ def _attack_at(
     # in the rescaled coordinates every sample's budget is a joint l2 radius of 1 (model input units)
     threat = ThreatModel.parse(None, eps=1.0, norm="l2", budget="joint", modalities=list(modalities))
     attack = PGDL2(wrapped, threat, steps=steps, loss=loss, restarts=restarts, seed=seed)
-    adv_u = attack(inputs, labels)
-    adv = wrapped.lift(adv_u)
-    with torch.no_grad():
-        success = model(adv).argmax(1) != labels
+    with frozen(model):
+        adv = wrapped.lift(attack(wrapped.batch(), labels))
+        with torch.no_grad():
+            success = model(adv).argmax(1) != labels
     norms = torch.sqrt(sum(((adv[m] - inputs[m]).flatten(1).double() ** 2).sum(1) for m in modalities))  # type: ignore[arg-type]
     return success, norms
 
@@ -88,8 +130,7 @@ def min_adversarial_norm(
     ``search_rounds`` times); phase 2 bisects between the largest failed eps and the smallest
     success. Misclassified samples get 0. Only still-open samples are attacked in each round.
     """
-    model.eval()
-    with torch.no_grad():
+    with frozen(model), torch.no_grad():
         clean_ok = model(inputs).argmax(1) == labels
 
     def attack(idx: torch.Tensor, e: torch.Tensor, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,8 @@
 For ``N`` correctly classified samples, :func:`attack_radius` searches the smallest l2 budget at
 which our strongest attacks change the prediction: l2 PGD on the cross-entropy and on the margin
 (CW) loss plus APGD-CE, all with a per-sample budget (the model is wrapped as
-``u -> x + s_i (u - x)``, so one call handles a different eps per sample). The search doubles each
+``u -> x + s_i (u - x)``, so one call handles a different eps per sample; each row carries its
+index, so subset forwards stay aligned; success is judged in eval mode). The search doubles each
 sample's eps from ``start`` until an attack succeeds, then bisects between the largest failed and
 the smallest successful eps; the radius is the norm of the smallest successful perturbation (an
 *upper* bound on the distance to the decision boundary; ``inf`` if none was found).
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmrobust.certify.soundness import _Rescaled, search_min_norm
+from mmrobust.certify.soundness import _Rescaled, frozen, search_min_norm
 from mmrobust.data.base import Batch, Split
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import LateFusionModel
@@ -89,9 +90,10 @@ def _attack(
         attack = APGDCE(wrapped, threat, steps=o.steps, seed=seed, num_classes=num_classes)
     else:
         attack = PGDL2(wrapped, threat, steps=o.steps, loss=name[4:], seed=seed)
-    adv = wrapped.lift(attack(inputs, labels))
-    with torch.no_grad():
-        success = model(adv).argmax(1) != labels
+    with frozen(model):  # success is judged in eval mode, on the lifted input (model input units)
+        adv = wrapped.lift(attack(wrapped.batch(), labels))
+        with torch.no_grad():
+            success = model(adv).argmax(1) != labels
     norms = torch.stack([((adv[m] - inputs[m]).flatten(1).double() ** 2).sum(1) for m in mods]).sum(0).sqrt()
     return success, norms
 
@@ -103,8 +105,7 @@ def robust_at(
     """Per sample, whether it is classified correctly and survives every attack of ``options.attacks``
     at the joint l2 budget ``eps`` over ``modalities`` (the worst case over CE/CW PGD and APGD-CE)."""
     o = options or TightnessOptions()
-    model.eval()
-    with torch.no_grad():
+    with frozen(model), torch.no_grad():
         logits = model(inputs)
     ok = logits.argmax(1) == labels
     for a, name in enumerate(o.attacks):
@@ -124,8 +125,7 @@ def attack_radius(
     """Per sample, the smallest l2 norm (jointly over ``modalities``) of a successful perturbation
     found by any of ``options.attacks``; ``inf`` if none, 0 if the sample is misclassified."""
     o = options
-    model.eval()
-    with torch.no_grad():
+    with frozen(model), torch.no_grad():
         logits = model(inputs)
     k = logits.shape[1]
 
@@ -159,8 +159,7 @@ def tightness(
         raise ConfigError(f"tightness: unknown threat '{threat}'; choose from: joint, {', '.join(names)}")
     if certified.shape[0] != len(split):
         raise ConfigError(f"tightness: {certified.shape[0]} certified radii for a split of {len(split)} samples")
-    model.eval()
-    with torch.no_grad():
+    with frozen(model), torch.no_grad():
         preds = torch.cat(
             [model(split.take(slice(i, i + o.batch))[0]).argmax(1) for i in range(0, len(split), o.batch)]
         )
