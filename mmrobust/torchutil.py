@@ -11,13 +11,16 @@ from torch import nn
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode (BN statistics untouched) and restore its previous mode."""
-    was_training = model.training
+    """Run ``model`` in eval mode (BN statistics untouched) and restore afterwards every submodule's own
+    mode (not ``model.train(flag)``, which would switch a wrapped model to the wrapper's mode: a
+    freshly built wrapper starts in train mode)."""
+    modes = [(mod, mod.training) for mod in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for mod, mode in modes:
+            mod.training = mode
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:

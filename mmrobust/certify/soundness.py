@@ -19,14 +19,14 @@ in eval mode and each module is left in the mode it had (no BatchNorm statistic 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from mmrobust.data.base import Batch, DatasetMeta, Split, iterate_batches
+from mmrobust.torchutil import eval_mode
 
 #: a hidden key of the batch the attacks see: each row's position in the attacked batch. Attacks
 #: index every key of a batch together when they forward a subset of rows (APGD: only the samples
@@ -73,18 +73,6 @@ class _Rescaled(nn.Module):
         return out
 
 
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode and restore every submodule's own mode afterwards."""
-    modes = [(mod, mod.training) for mod in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for mod, mode in modes:
-            mod.training = mode
-
-
 def _attack_at(
     model: nn.Module,
     inputs: Batch,
@@ -104,7 +92,7 @@ def _attack_at(
     # in the rescaled coordinates every sample's budget is a joint l2 radius of 1 (model input units)
     threat = ThreatModel.parse(None, eps=1.0, norm="l2", budget="joint", modalities=list(modalities))
     attack = PGDL2(wrapped, threat, steps=steps, loss=loss, restarts=restarts, seed=seed)
-    with frozen(model):
+    with eval_mode(model):
         adv = wrapped.lift(attack(wrapped.batch(), labels))
         with torch.no_grad():
             success = model(adv).argmax(1) != labels
@@ -130,7 +118,7 @@ def min_adversarial_norm(
     ``search_rounds`` times); phase 2 bisects between the largest failed eps and the smallest
     success. Misclassified samples get 0. Only still-open samples are attacked in each round.
     """
-    with frozen(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         clean_ok = model(inputs).argmax(1) == labels
 
     def attack(idx: torch.Tensor, e: torch.Tensor, rnd: int) -> tuple[torch.Tensor, torch.Tensor]:

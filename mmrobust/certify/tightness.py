@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmrobust.certify.soundness import _Rescaled, frozen, search_min_norm
+from mmrobust.certify.soundness import _Rescaled, search_min_norm
 from mmrobust.data.base import Batch, Split
 from mmrobust.errors import ConfigError
 from mmrobust.models.fusion import LateFusionModel
+from mmrobust.torchutil import eval_mode
 
 ATTACKS = ("pgd-ce", "pgd-cw", "apgd-ce")
 
@@ -90,7 +91,7 @@ def _attack(
         attack = APGDCE(wrapped, threat, steps=o.steps, seed=seed, num_classes=num_classes)
     else:
         attack = PGDL2(wrapped, threat, steps=o.steps, loss=name[4:], seed=seed)
-    with frozen(model):  # success is judged in eval mode, on the lifted input (model input units)
+    with eval_mode(model):  # success is judged in eval mode, on the lifted input (model input units)
         adv = wrapped.lift(attack(wrapped.batch(), labels))
         with torch.no_grad():
             success = model(adv).argmax(1) != labels
@@ -105,7 +106,7 @@ def robust_at(
     """Per sample, whether it is classified correctly and survives every attack of ``options.attacks``
     at the joint l2 budget ``eps`` over ``modalities`` (the worst case over CE/CW PGD and APGD-CE)."""
     o = options or TightnessOptions()
-    with frozen(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         logits = model(inputs)
     ok = logits.argmax(1) == labels
     for a, name in enumerate(o.attacks):
@@ -125,7 +126,7 @@ def attack_radius(
     """Per sample, the smallest l2 norm (jointly over ``modalities``) of a successful perturbation
     found by any of ``options.attacks``; ``inf`` if none, 0 if the sample is misclassified."""
     o = options
-    with frozen(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         logits = model(inputs)
     k = logits.shape[1]
 
@@ -159,7 +160,7 @@ def tightness(
         raise ConfigError(f"tightness: unknown threat '{threat}'; choose from: joint, {', '.join(names)}")
     if certified.shape[0] != len(split):
         raise ConfigError(f"tightness: {certified.shape[0]} certified radii for a split of {len(split)} samples")
-    with frozen(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         preds = torch.cat(
             [model(split.take(slice(i, i + o.batch))[0]).argmax(1) for i in range(0, len(split), o.batch)]
         )
