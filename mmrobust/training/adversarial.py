@@ -210,7 +210,7 @@ class FreePerturbation:
 class AdversarialTraining:
     """Mixin of the strategies that train on adversarial examples (put it first among the bases).
 
-    It provides :meth:`adversarial_examples` and the hooks the engine honours for every such method:
+    It provides :meth:`adversarial_examples` and overrides the :class:`Strategy` hooks the engine honours:
     :meth:`replays` (``free`` replays each minibatch), :meth:`epochs_to_run`, :meth:`selection_metric`
     (the guard's history column the kept epoch is chosen by) and :meth:`training_record` (merged into
     ``metrics.json``); ``after_backward`` updates the ``free`` perturbation and ``on_epoch_end`` runs
@@ -278,7 +278,8 @@ class AdversarialTraining:
         return ROBUST if self._adv.guard_on else None
 
     def training_record(self, epochs: int) -> dict[str, Any]:
-        """What ``metrics.json`` states about the training attack (``epochs``: as requested)."""
+        """What ``metrics.json["adversarial_training"]`` states about the training attack (``epochs``:
+        as requested)."""
         o, threat = self._adv, self._threat()
         run = self.epochs_to_run(epochs)
         record: dict[str, Any] = {
@@ -298,7 +299,7 @@ class AdversarialTraining:
             record["noise"] = o.noise
             record["projected_to"] = "train_eps ball (the paper's unprojected examples reach (1 + noise) eps)"
         record["guard"] = self._guard.summary() if self._guard is not None else {"enabled": False}
-        return record
+        return {"adversarial_training": record}
 
     # --- the guard ------------------------------------------------------------------------------
     def on_epoch_end(self, ctx: TrainContext, epoch: int) -> dict[str, Any]:

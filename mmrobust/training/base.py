@@ -192,6 +192,24 @@ class Strategy(Generic[OptionsT]):
         the last model is kept."""
         return self.options.selectable(epoch) if isinstance(self.options, MethodOptions) else True
 
+    def replays(self) -> int:
+        """How many times the engine runs each minibatch in a row (1; "free" adversarial training: m)."""
+        return 1
+
+    def epochs_to_run(self, epochs: int) -> int:
+        """The epochs the engine runs for ``epochs`` requested (all of them unless a method replays
+        minibatches)."""
+        return epochs
+
+    def selection_metric(self) -> str | None:
+        """The history column the kept epoch is chosen by, or None for validation accuracy."""
+        return None
+
+    def training_record(self, epochs: int) -> dict[str, Any]:
+        """Entries merged into ``metrics.json`` that state how the method trained (``epochs``: as
+        requested); none by default."""
+        return {}
+
     def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
         """Hook run after ``loss.backward()`` and before the optimiser step (gradient modulation)."""
 

@@ -30,7 +30,6 @@ from mmrobust.models.fusion import LateFusionModel, ModelConfig, build_model
 from mmrobust.precision import grad_scaler, model_precision
 from mmrobust.progress import MessageFn, ProgressFn
 from mmrobust.torchutil import to_device
-from mmrobust.training.adversarial import AdversarialTraining
 from mmrobust.training.base import StepContext, make_strategy, method_model_config
 from mmrobust.training.context import TrainContext
 from mmrobust.training.distributed import (
@@ -130,12 +129,11 @@ class Trainer:
         # the samples that train the model (a method may hold some out, never from val/test)
         self.train_split = self.strategy.training_split(self.bundle.train, t.seed)
         self.history: list[dict[str, Any]] = []
-        # adversarial training: "free" replays each minibatch (and runs epochs / replays epochs), the
-        # catastrophic-overfitting guard chooses the kept epoch by its robust accuracy
-        adv = self.strategy if isinstance(self.strategy, AdversarialTraining) else None
-        self.replays = adv.replays() if adv is not None else 1
-        self.epochs = adv.epochs_to_run(t.epochs) if adv is not None else t.epochs
-        self.selection_metric = adv.selection_metric() if adv is not None else None
+        # the strategy's hooks: "free" adversarial training replays each minibatch (and runs epochs /
+        # replays epochs); the catastrophic-overfitting guard chooses the kept epoch by its robust accuracy
+        self.replays = self.strategy.replays()
+        self.epochs = self.strategy.epochs_to_run(t.epochs)
+        self.selection_metric = self.strategy.selection_metric()
 
     def evaluate_split(self, split_name: str) -> float:
         split = self.bundle.split(split_name)
@@ -447,8 +445,7 @@ class Trainer:
         if state.best_state is not None:
             self.model.load_state_dict(state.best_state)
         extra = self.strategy.after_training(ctx)
-        if isinstance(self.strategy, AdversarialTraining):
-            extra["adversarial_training"] = self.strategy.training_record(t.epochs)
+        extra.update(self.strategy.training_record(t.epochs))
         self.model.eval()
         metrics: dict[str, Any] = {
             "method": t.method,
