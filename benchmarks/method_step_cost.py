@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -33,6 +34,29 @@ from mmrobust.training.base import StepContext
 
 ORDER = ["jt", "mixup", "gb", "ogm-ge", "pmr", "msefm", "mmat", "varmat", "varmat-input",
          "ojt", "crmt-jt", "crmt-at", "crmt-mix"]  # fmt: skip
+
+
+def time_steps(
+    runners: dict[str, tuple[Any, Any, Any, torch.Generator]], batches: list[Any], rounds: int
+) -> dict[str, list[float]]:
+    """Seconds of each training step (loss, backward, ``after_backward``, optimiser step) of every
+    ``name: (strategy, model, optimiser, generator)``, in interleaved rounds (every runner once per
+    round, so load from other processes hits all alike); round 0 warms up and is not timed."""
+    times: dict[str, list[float]] = {n: [] for n in runners}
+    for r in range(rounds + 1):
+        for name, (strategy, model, opt, gen) in runners.items():
+            model.train()
+            for i, (x, y) in enumerate(batches):
+                t0 = time.perf_counter()
+                ctx = StepContext(0, r * len(batches) + i, gen)
+                loss, _ = strategy.loss(model, x, y, ctx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                strategy.after_backward(model, ctx)
+                opt.step()
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,20 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         strategy.on_epoch_start(trainer, 0)  # type: ignore[arg-type]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         runners[name] = (strategy, model, opt, torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {n: [] for n in runners}
-    for r in range(args.rounds + 1):  # round 0 warms up
-        for name, (strategy, model, opt, gen) in runners.items():
-            model.train()
-            for i, (x, y) in enumerate(batches):
-                t0 = time.perf_counter()
-                ctx = StepContext(0, r * args.block + i, gen)
-                loss, _ = strategy.loss(model, x, y, ctx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                strategy.after_backward(model, ctx)
-                opt.step()
-                if r:
-                    times[name].append(time.perf_counter() - t0)
+    times = time_steps(runners, batches, args.rounds)
     base = statistics.median(times["jt"]) if "jt" in times else None
     rows, out = [], {}
     for name, ts in times.items():

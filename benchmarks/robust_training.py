@@ -181,11 +181,12 @@ def step_cost(args: argparse.Namespace) -> int:
     ``method x train_attack`` relative to JT's, on the same batches, interleaved rounds (round 0 warms
     up). ``free`` does one minibatch pass per step (and m passes per minibatch), so its per-epoch
     cost ratio equals its step ratio. Epoch hooks (the guard) and after-training work are not steps."""
+    from method_step_cost import time_steps  # the sibling benchmark's interleaved step timer
+
     from mmrobust.config import options_dataclass
     from mmrobust.data.base import iterate_batches
     from mmrobust.models.fusion import build_model
     from mmrobust.training import METHODS as REGISTRY
-    from mmrobust.training.base import StepContext
 
     data = args.data.split(",")[0]
     bundle = load_data(DataConfig(data, 0))
@@ -203,21 +204,10 @@ def step_cost(args: argparse.Namespace) -> int:
         torch.manual_seed(0)
         model = build_model(bundle.meta, cls.model_config(RunConfig().model, strategy.options))
         runners.append((f"{m} {a}", strategy, model, torch.optim.AdamW(model.parameters(), lr=1e-3)))
-    times: dict[str, list[float]] = {name: [] for name, *_ in runners}
-    gen = torch.Generator().manual_seed(0)
-    for r in range(args.rounds + 1):
-        for name, strategy, model, opt in runners:
-            model.train()
-            for i, (x, y) in enumerate(batches):
-                t0 = time.perf_counter()
-                ctx = StepContext(0, r * args.block + i, gen)
-                loss, _ = strategy.loss(model, x, y, ctx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                strategy.after_backward(model, ctx)
-                opt.step()
-                if r:
-                    times[name].append(time.perf_counter() - t0)
+    gen = torch.Generator().manual_seed(0)  # one stream shared by every runner
+    times = time_steps(
+        {name: (strategy, model, opt, gen) for name, strategy, model, opt in runners}, batches, args.rounds
+    )
     base = statistics.median(times["jt none"])
     out = {name: {"median_step_s": statistics.median(ts), "relative_to_jt": statistics.median(ts) / base}
            for name, ts in times.items()}  # fmt: skip
