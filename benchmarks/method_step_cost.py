@@ -18,7 +18,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from mmrobust.models.fusion import build_model
 from mmrobust.report.tables import print_table
 from mmrobust.training import METHODS
 from mmrobust.training.base import StepContext
+from mmrobust.training.context import TrainContext
 
 ORDER = ["jt", "mixup", "gb", "ogm-ge", "pmr", "msefm", "mmat", "varmat", "varmat-input",
          "ojt", "crmt-jt", "crmt-at", "crmt-mix"]  # fmt: skip
@@ -79,13 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         cls = METHODS.get(name)
         strategy = cls(options_dataclass(cls.Options, {}, name), bundle.meta)
         cfg = RunConfig()
-        cfg.model = strategy.model_config(cfg.model)
+        cfg.model = strategy.model_config(cfg.model, strategy.options)
         torch.manual_seed(0)
         model = build_model(bundle.meta, cfg.model)
-        # the epoch hooks only read these attributes of the trainer
-        trainer = SimpleNamespace(model=model, train_split=strategy.training_split(bundle.train, 0), device="cpu")
-        strategy.on_train_start(trainer)  # type: ignore[arg-type]
-        strategy.on_epoch_start(trainer, 0)  # type: ignore[arg-type]
+        trainer = TrainContext(
+            model=model, device=torch.device("cpu"), train=strategy.training_split(bundle.train, 0), val=bundle.val,
+            seed=0, batch_size=args.batch_size, memory_budget=cfg.train.memory_budget,
+            evaluate=lambda split: float("nan"), on_message=lambda text: None,
+        )  # fmt: skip
+        strategy.on_train_start(trainer)
+        strategy.on_epoch_start(trainer, 0)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         runners[name] = (strategy, model, opt, torch.Generator().manual_seed(0))
     times = time_steps(runners, batches, args.rounds)
