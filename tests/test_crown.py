@@ -70,6 +70,25 @@ def _tiny_relu_model(seed: int) -> tuple[LateFusionModel, DatasetMeta]:
     return LateFusionModel(encs, ConcatHead({"u": 5, "v": 5}, 3), 3).eval(), meta
 
 
+def grid_minima(logits, x0, y, r, modalities):
+    """Per sample ``i`` of two scalar modalities ``u``, ``v``: the smallest margin ``h_y - h_k`` (per class
+    ``k``) over a dense grid of the ball of radius ``r[i]``: a disc for the joint ball (``["u", "v"]``),
+    a segment for ``["u"]`` alone. ``logits``: the model in float64 (``ModelBounds.logits``)."""
+    t = torch.linspace(-1, 1, 301, dtype=torch.float64)
+    if modalities == ["u"]:
+        du, dv = t, torch.zeros_like(t)
+    else:
+        gu, gv = torch.meshgrid(t, t, indexing="ij")
+        inside = gu**2 + gv**2 <= 1
+        du, dv = gu[inside], gv[inside]
+    out = []
+    for i in range(len(y)):
+        pts = {"u": x0["u"][i].double() + r[i] * du[:, None], "v": x0["v"][i].double() + r[i] * dv[:, None]}
+        lg = logits(pts)
+        out.append((lg[:, y[i]].unsqueeze(1) - lg).min(0).values)
+    return torch.stack(out)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bounds_hold_on_a_dense_grid_of_the_joint_ball(seed):
     # two scalar modalities: the joint l2 ball is a disc; check every margin bound against a dense grid
@@ -79,28 +98,16 @@ def test_bounds_hold_on_a_dense_grid_of_the_joint_ball(seed):
     y = model(x0).argmax(1)
     r = torch.tensor([0.3, 0.8, 1.5, 3.0], dtype=torch.float64)
     low = bounds.lower(x0, y, r, ["u", "v"])
-    t = torch.linspace(-1, 1, 301, dtype=torch.float64)
-    gu, gv = torch.meshgrid(t, t, indexing="ij")
-    inside = gu**2 + gv**2 <= 1
-    du, dv = gu[inside], gv[inside]
+    true_min = grid_minima(bounds.logits, x0, y, r, ["u", "v"])
+    seg_min = grid_minima(bounds.logits, x0, y, r, ["u"])  # per-modality ball: a segment
     for i in range(4):
-        pts = {"u": x0["u"][i].double() + r[i] * du[:, None], "v": x0["v"][i].double() + r[i] * dv[:, None]}
-        logits = bounds.logits(pts)
-        margins = logits[:, y[i]].unsqueeze(1) - logits
-        true_min = margins.min(0).values
         for k in range(3):
             if k != int(y[i]):
-                assert low[i, k] <= true_min[k] + 1e-9, (i, k)
-        # per-modality ball: a segment
+                assert low[i, k] <= true_min[i, k] + 1e-9, (i, k)
         low_u = bounds.lower({m: v[i : i + 1] for m, v in x0.items()}, y[i : i + 1], r[i : i + 1], ["u"])[0]
-        seg = {"u": x0["u"][i].double() + r[i] * t[:, None], "v": x0["v"][i].double().expand(len(t), 1)}
-        lg = bounds.logits(seg)
-        seg_min = (lg[:, y[i]].unsqueeze(1) - lg).min(0).values
-        assert all(low_u[k] <= seg_min[k] + 1e-9 for k in range(3) if k != int(y[i]))
+        assert all(low_u[k] <= seg_min[i, k] + 1e-9 for k in range(3) if k != int(y[i]))
     # the bound is informative, not just valid: at the smallest radius it is within 50% of the truth
-    pts = {"u": x0["u"][0].double() + r[0] * du[:, None], "v": x0["v"][0].double() + r[0] * dv[:, None]}
-    lg = bounds.logits(pts)
-    true0 = (lg[:, y[0]].unsqueeze(1) - lg).min(0).values
+    true0 = true_min[0]
     k = [k for k in range(3) if k != int(y[0])]
     assert all(low[0, j] >= true0[j] - 0.5 * (true0[j].abs() + 0.1) for j in k)
 
