@@ -41,6 +41,7 @@ from mmrobust.attacks.component import AutoAttackComponent, check_applicable
 from mmrobust.attacks.threat import NORMS, ThreatModel, parse_eps_value, parse_modality_eps
 from mmrobust.data.base import Batch, DatasetMeta
 from mmrobust.errors import ConfigError
+from mmrobust.models.fuse import Fusion, fuse_for_inference
 from mmrobust.torchutil import eval_mode
 
 VERSIONS = ("standard", "plus", "custom")
@@ -108,7 +109,10 @@ class AutoAttackOptions:
     eps dict, else to every modality of the model. ``steps`` are APGD/FAB iterations, ``queries``
     Square's budget, ``targets`` the target classes of APGD-T/FAB-T (None: 9; always at most
     ``K - 1``), ``attacks`` the components of ``version="custom"`` (ignored otherwise: an error if
-    given). ``batch_size`` bounds the samples attacked at once.
+    given). ``batch_size`` bounds the samples attacked at once. ``fuse``: the components attack a
+    fused copy of the model (BatchNorm folded, channels-last weights:
+    :func:`mmrobust.models.fuse.fuse_for_inference`, checked against the model's logits first);
+    whether a sample is broken is always decided by the model itself.
     """
 
     eps: float | Mapping[str, float]
@@ -121,6 +125,7 @@ class AutoAttackOptions:
     targets: int | None = None
     seed: int = 0
     batch_size: int = 256
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         if self.version not in VERSIONS:
@@ -157,6 +162,8 @@ class AutoAttackOptions:
                 )
         else:
             object.__setattr__(self, "eps", parse_eps_value(self.eps, "eps", "autoattack"))
+        if not isinstance(self.fuse, bool):
+            raise ConfigError(f"autoattack: fuse must be true or false, got {self.fuse!r}", param="fuse")
         for key in ("steps", "queries", "batch_size") + (("targets",) if self.targets is not None else ()):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -226,6 +233,8 @@ class AutoAttackResult:
     #: the components that did not apply, and why
     dropped: dict[str, str] = field(default_factory=dict)
     threat: ThreatModel | None = None
+    #: what the components attacked (:meth:`mmrobust.models.fuse.Fusion.describe`)
+    fusion: str = ""
 
     @property
     def components(self) -> list[str]:
@@ -270,7 +279,8 @@ class AutoAttack(Attack):
             to the batch's).
         version: ``standard``, ``plus`` or ``custom`` (then ``attacks`` lists the components).
         steps: APGD/FAB iterations; ``queries``: Square's budget; ``targets``: target classes of
-            APGD-T/FAB-T (None: 9; at most ``K - 1`` are used); ``batch_size``: samples attacked at once.
+            APGD-T/FAB-T (None: 9; at most ``K - 1`` are used); ``batch_size``: samples attacked at once;
+            ``fuse``: attack a fused copy of the model (see :class:`AutoAttackOptions`).
         seed: as for every :class:`~mmrobust.attacks.base.Attack`.
     """
 
@@ -289,6 +299,7 @@ class AutoAttack(Attack):
         targets: int | None = None,
         seed: int = 0,
         batch_size: int = 256,
+        fuse: bool = True,
         meta: DatasetMeta | None = None,
         eps: Any = None,
         norm: str | None = None,
@@ -302,7 +313,7 @@ class AutoAttack(Attack):
             threat = eps
         settings: dict[str, Any] = {
             "version": version, "attacks": None if attacks is None else tuple(attacks), "steps": steps,
-            "queries": queries, "targets": targets, "seed": seed, "batch_size": batch_size}  # fmt: skip
+            "queries": queries, "targets": targets, "seed": seed, "batch_size": batch_size, "fuse": fuse}  # fmt: skip
         if isinstance(threat, ThreatModel):
             ThreatModel.coerce(threat, norm=norm, modalities=modalities, valid_range=valid_range, budget=budget)
             self._setup(model, AutoAttackOptions.of(threat, **settings), meta, None, threat)
@@ -377,7 +388,7 @@ class AutoAttack(Attack):
         o, res = self.options, self.result
         d = {**super().describe(), "steps": o.steps, "version": o.version, "queries": o.queries,
              "components": self.components if res is None else res.components,
-             "targets": o.targets if res is None else res.targets}  # fmt: skip
+             "targets": o.targets if res is None else res.targets, "fuse": o.fuse}  # fmt: skip
         if res is not None and res.dropped:
             d["dropped"] = dict(res.dropped)
             d["num_classes"] = res.num_classes
@@ -418,6 +429,11 @@ class AutoAttack(Attack):
                 {m: threat.units[m] for m in mods}, {m: threat.ranges[m] for m in mods},
                 {m: a for m, a in threat.scale_axes.items() if m in mods})  # fmt: skip
         square_broke_alone = 0
+        fusion = (
+            fuse_for_inference(model, {k: v[: options.batch_size] for k, v in inputs.items()})
+            if options.fuse else Fusion(model, reason="fuse off")
+        )  # fmt: skip
+        result.fusion = fusion.describe()
 
         for name, restarts in options.components():
             reason = drop_reason(name, num_classes, targets)
@@ -430,10 +446,14 @@ class AutoAttack(Attack):
             broken_rows: list[torch.Tensor] = []
             kw = component_settings(name, steps=options.steps, queries=options.queries, restarts=restarts,
                                     targets=targets)  # fmt: skip
-            attack = ATTACKS.get(name)(model, component_threat, seed=options.seed, num_classes=num_classes, **kw)
+            attack = ATTACKS.get(name)(fusion.module, component_threat, seed=options.seed, num_classes=num_classes,
+                                       **kw)  # fmt: skip
             for chunk in idx.split(options.batch_size) if len(idx) else ():
                 sub = {k: v[chunk] for k, v in inputs.items()}
                 adv, logits = attack.perturb(sub, labels[chunk])
+                if fusion.fused:  # broken or not: the model's own verdict, not the copy's
+                    with eval_mode(model), torch.no_grad():
+                        logits = model(adv)
                 hit = logits.argmax(1) != labels[chunk]
                 rows = chunk[hit]
                 for m in mods:

@@ -24,15 +24,24 @@ UNDERFLOW_THRESHOLD = 0.05
 
 
 def attack_predictions(
-    attack: Attack, split: Split, batch_size: int = 256, device: str | torch.device | None = None
+    attack: Attack,
+    split: Split,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    judge: nn.Module | None = None,
 ) -> torch.Tensor:
     """Predicted labels on the adversarial version of every sample of ``split`` (batches on ``device``;
-    None: the attacked model's)."""
+    None: the attacked model's). ``judge``: the model whose predictions on the adversarial inputs
+    are returned (in eval mode), where the attack ran on another copy of it (e.g. a fused one);
+    None: the attacked model's own logits."""
     device = model_device(attack.model) if device is None else device
     preds = []
     for inputs, labels in iterate_batches(split, batch_size):
         inputs = to_device(inputs, device)
-        _, logits = attack.perturb(inputs, labels.to(device))
+        adv, logits = attack.perturb(inputs, labels.to(device))
+        if judge is not None:
+            with eval_mode(judge), torch.no_grad():
+                logits = judge(adv)
         preds.append(logits.argmax(1).cpu())
     return torch.cat(preds)
 

@@ -82,8 +82,8 @@ class AdversarialOptions(MethodOptions):
     replays: int = 4
     noise: float = 2.0
     guard: bool | None = None
-    guard_samples: int = 256
-    guard_steps: int = 10
+    guard_samples: int = 128
+    guard_steps: int = 5
     guard_drop: float = 0.10
 
     def check(self) -> None:

@@ -28,6 +28,8 @@ from mmrobust.attacks.threat import ThreatModel
 from mmrobust.data.base import Split
 from mmrobust.eval.metrics import accuracy
 from mmrobust.eval.robust import attack_predictions, worst_predictions
+from mmrobust.models.fuse import fuse_for_inference
+from mmrobust.torchutil import to_device
 
 #: history columns written by the guard
 ROBUST = "guard_robust_accuracy"
@@ -40,7 +42,7 @@ COLLAPSE = "guard_collapse"
 class CollapseGuard:
     """Per-epoch multi-step vs single-step robustness on a fixed validation subset (module docstring)."""
 
-    def __init__(self, threat: ThreatModel, *, samples: int = 256, steps: int = 10, drop: float = 0.10,
+    def __init__(self, threat: ThreatModel, *, samples: int = 128, steps: int = 5, drop: float = 0.10,
                  seed: int = 0) -> None:  # fmt: skip
         self.threat, self.samples, self.steps, self.drop, self.seed = threat, samples, steps, drop, seed
         self.best: tuple[float, float, int] | None = None  # (robust, single-step, epoch) of the best epoch
@@ -58,13 +60,16 @@ class CollapseGuard:
         """The guard's accuracies of ``model`` on the subset of ``val`` (history columns)."""
         split = self.subset(val)
         labels = split.labels
+        # the attacks run on a fused copy (same function, cheaper passes); the model judges
+        example = to_device(split.take(slice(0, min(len(split), 64)))[0], device)
+        net = fuse_for_inference(model, example).module
         preds = {
             loss: attack_predictions(
-                PGD(model, self.threat, steps=self.steps, loss=loss, seed=self.seed), split, device=device
+                PGD(net, self.threat, steps=self.steps, loss=loss, seed=self.seed), split, device=device, judge=model
             )  # fmt: skip
             for loss in ("ce", "cw")
         }
-        single = attack_predictions(FGM(model, self.threat, loss="ce"), split, device=device)
+        single = attack_predictions(FGM(net, self.threat, loss="ce"), split, device=device, judge=model)
         worst = worst_predictions([preds["ce"], preds["cw"]], labels)
         return {
             ROBUST: accuracy(worst, labels),
