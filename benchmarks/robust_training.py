@@ -86,12 +86,13 @@ def run_one(data: str, seed: int, method: str, attack: str | None, args: argpars
         if args.guard is not None:
             opts["guard"] = args.guard
         cfg.train.method_options = opts
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = train(cfg, bundle=bundle)
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     m = result.metrics
     row: dict[str, Any] = {
         "data": data, "seed": seed, "method": method, "train_attack": attack or "none", "train_s": train_s,
+        "train_cpu_s": train_cpu_s,
         "epochs": args.epochs, "epochs_run": m["epochs"], "best_epoch": m["best_epoch"], "test_accuracy": m["test_accuracy"],
     }  # fmt: skip
     adv = m.get("adversarial_training")
@@ -116,6 +117,7 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> tuple[list[dict], l
     for (data, method, attack), rs in groups.items():
         s: dict[str, Any] = {"data": data, "method": method, "train_attack": attack, "seeds": len(rs)}
         s["train_s"], s["train_s_sd"] = mean_sd([r["train_s"] for r in rs])
+        s["train_cpu_s"], _ = mean_sd([r.get("train_cpu_s", r["train_s"]) for r in rs])
         s["clean"], _ = mean_sd([r["robust"]["clean"] for r in rs])
         for key in [k for k in rs[0]["robust"] if k not in ("samples", "clean")]:
             s[key], s[key + " sd"] = mean_sd([r["robust"][key]["worst"] for r in rs])
@@ -124,6 +126,7 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> tuple[list[dict], l
     for s in summary:
         jt = by.get((s["data"], "jt", "none"))
         s["time_vs_jt"] = s["train_s"] / jt["train_s"] if jt else None
+        s["cpu_vs_jt"] = s["train_cpu_s"] / jt["train_cpu_s"] if jt else None
     checks = []
     for s in summary:
         if s["method"] not in TARGET_METHODS or s["train_attack"] in ("pgd", "none"):
@@ -294,9 +297,10 @@ def report(rows: list[dict], args: argparse.Namespace) -> int:
     print_table(
         f"robust accuracy (l2 PGD {args.eval_steps} steps, worst of CE/CW; up to {seeds} seed(s), {epochs} epochs, "
         f"train_eps {args.train_eps:g} joint l2)",
-        ["data", "method", "train_attack", "train s", "x JT", "clean", *keys],
+        ["data", "method", "train_attack", "train s", "x JT", "CPU x JT", "clean", *keys],
         [[s["data"], s["method"], s["train_attack"], f"{s['train_s']:.1f}±{s['train_s_sd']:.1f}",
-          f"{s['time_vs_jt']:.2f}" if s["time_vs_jt"] else "-", f"{s['clean']:.3f}",
+          f"{s['time_vs_jt']:.2f}" if s["time_vs_jt"] else "-", f"{s['cpu_vs_jt']:.2f}" if s["cpu_vs_jt"] else "-",
+          f"{s['clean']:.3f}",
           *[f"{s[k]:.3f}±{s[k + ' sd']:.3f}" for k in keys]] for s in summary],
     )  # fmt: skip
     print_table(

@@ -78,8 +78,9 @@ def _fold(layer: nn.Module, bn: _BatchNorm) -> None:
         scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
     weight = layer.weight  # type: ignore[union-attr]
     bias = layer.bias if layer.bias is not None else torch.zeros_like(scale)  # type: ignore[union-attr]
-    layer.weight = nn.Parameter(weight * scale.reshape(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
-    layer.bias = nn.Parameter((bias * scale + shift).to(weight.dtype))
+    grad = weight.requires_grad
+    layer.weight = nn.Parameter(weight * scale.reshape(-1, *([1] * (weight.dim() - 1))).to(weight.dtype), grad)
+    layer.bias = nn.Parameter((bias * scale + shift).to(weight.dtype), grad)
 
 
 def fold_batchnorm(model: nn.Module) -> int:
