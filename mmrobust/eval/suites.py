@@ -25,7 +25,7 @@ from mmrobust.attacks.autoattack import (
     drop_reason,
     effective_targets,
 )
-from mmrobust.attacks.base import build_attack
+from mmrobust.attacks.base import Attack, build_attack
 from mmrobust.attacks.losses import LOSSES
 from mmrobust.attacks.missing import FILLS
 from mmrobust.attacks.threat import ThreatModel, parse_eps_list
@@ -42,6 +42,7 @@ from mmrobust.eval.robust import (
     result_row,
     worst_predictions,
 )
+from mmrobust.models.fuse import fuse_for_inference
 from mmrobust.progress import ProgressFn
 from mmrobust.registry import Registry
 from mmrobust.torchutil import to_device
@@ -107,18 +108,23 @@ class _Evaluator:
         self.labels = split.labels
         self.k = meta.num_classes
         self.clean_preds = predict(self.model, split, batch_size)
+        #: what the gradient attacks run on: a fused copy of the model (same function, cheaper
+        #: passes; :func:`mmrobust.models.fuse.fuse_for_inference`); the model judges every prediction
+        example = to_device(split.take(slice(0, min(len(split), 64)))[0], model_device(model)) if len(split) else None
+        self.fusion = fuse_for_inference(model, example)
+
+    def predictions(self, attack: Attack) -> torch.Tensor:
+        """The model's predictions on ``attack``'s adversarial version of the split."""
+        judge = self.model if self.fusion.fused else None
+        return attack_predictions(attack, self.split, self.batch_size, judge=judge)
 
     def attack(self, name: str, losses: Sequence[str], threat: ThreatModel, **kw: Any) -> list[EvalRow]:
         """One row per loss plus a ``worst`` row (when there is more than one loss)."""
         rows: list[EvalRow] = []
         preds = []
         for loss in losses:
-            attack = build_attack(name, self.model, self.meta, threat, loss=loss, seed=self.seed, **kw)
-            p = (
-                attack_predictions(attack, self.split, self.batch_size)
-                if _eps_positive(attack.eps)
-                else self.clean_preds
-            )
+            attack = build_attack(name, self.fusion.module, self.meta, threat, loss=loss, seed=self.seed, **kw)
+            p = self.predictions(attack) if _eps_positive(attack.eps) else self.clean_preds
             preds.append(p)
             rows.append(result_row(attack.describe(), p, self.labels, self.k))
         if len(preds) > 1:
@@ -370,8 +376,8 @@ def autoattack_suite(
         preds = []
         for n in runnable:
             kw = component_settings(n, steps=steps, queries=queries, restarts=restarts, targets=used_targets)
-            attack = build_attack(n, ev.model, ev.meta, threat, seed=seed, **kw)
-            p = attack_predictions(attack, ev.split, batch_size) if _eps_positive(threat.eps_map) else ev.clean_preds
+            attack = build_attack(n, ev.fusion.module, ev.meta, threat, seed=seed, **kw)
+            p = ev.predictions(attack) if _eps_positive(threat.eps_map) else ev.clean_preds
             preds.append(p)
             desc = attack.describe()
             if n == "fab-t":
