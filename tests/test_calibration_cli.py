@@ -110,3 +110,14 @@ def test_example_without_the_extra_names_what_is_missing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pip install 'mmrobust[calibration]'" in err and missing_extra()[0] in err
     assert not (tmp_path / "o").exists()
+
+
+def test_report_states_only_the_counts_of_the_components_that_ran():
+    from mmrobust.report.calibration import _protocol_counts
+
+    proto = {"steps": 20, "queries": 5000, "targets": 9}
+    assert _protocol_counts({**proto, "attacks": ["apgd-ce"]}) == "20 steps"
+    assert _protocol_counts({**proto, "attacks": ["square"]}) == "5000 Square queries"
+    assert _protocol_counts({**proto, "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"]}) == (
+        "20 steps, 5000 Square queries, 9 target classes"
+    )

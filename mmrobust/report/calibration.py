@@ -88,6 +88,19 @@ def retrieval_rows(study: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
+def _protocol_counts(proto: dict[str, Any]) -> str:
+    """``20 steps, 5000 Square queries, 9 target classes``: only the counts of the components that ran."""
+    attacks = set(proto["attacks"])
+    parts = []
+    if attacks - {"square"}:
+        parts.append(f"{proto['steps']} steps")
+    if "square" in attacks:
+        parts.append(f"{proto['queries']} Square queries")
+    if attacks & {"apgd-t", "fab-t"}:
+        parts.append(f"{proto['targets']} target classes")
+    return ", ".join(parts)
+
+
 def _evaluations(study: dict[str, Any]) -> list[dict[str, Any]]:
     return [study["frozen"], *[v["evaluation"] for v in study["variants"].values()]]
 
@@ -100,11 +113,10 @@ def study_markdown(study: dict[str, Any], plot: str | None = None) -> str:
         f"Setup: `{setup.get('example', 'user encoders')}`; {study['frozen']['samples']} test samples; "
         f"wall time {study['wall_time_s']:.0f} s.", "",
         f"Attacks (l-inf, on each modality's valid range): {', '.join(proto['attacks'])} at eps "
-        f"{', '.join(fmt_eps(e) for e in proto['eps'])}; {proto['steps']} steps, {proto['queries']} Square queries, "
-        f"{proto['targets']} target classes. Robust accuracy is AutoAttack's per-sample worst case over the "
-        "components (cross-entropy, targeted DLR, FAB and the margin loss of Square), each run on the samples the "
-        "earlier ones and the smaller budgets left correct; the second table is cumulative: the accuracy after "
-        "each component.", "",
+        f"{', '.join(fmt_eps(e) for e in proto['eps'])}; {_protocol_counts(proto)}. Robust accuracy is "
+        "AutoAttack's per-sample worst case over the components that ran, each run on the samples the earlier "
+        "ones and the smaller budgets left correct; the second table is cumulative: the accuracy after each "
+        "component.", "",
     ]  # fmt: skip
     for m in study["frozen"]["modalities"]:
         skipped = study["frozen"]["modalities"][m]["skipped"]
@@ -115,10 +127,13 @@ def study_markdown(study: dict[str, Any], plot: str | None = None) -> str:
         if warned:
             lines += [f"AutoAttack warnings: {'; '.join(warned)}", ""]
         lines += [md_table(*attack_rows(study, m)), ""]
-    lines += ["## Cross-modal retrieval", "",
-              "Class-level recall@k through the shared space: a query counts as a hit if one of its k nearest "
-              "items (cosine) of the other modality has its class; adversarial queries are the APGD-CE examples at "
-              "the largest eps.", "", md_table(*retrieval_rows(study)), ""]  # fmt: skip
+    if study["frozen"]["retrieval"]:
+        lines += ["## Cross-modal retrieval", "",
+                  "Class-level recall@k through the shared space: a query counts as a hit if one of its k nearest "
+                  "items (cosine) of the other modality has its class; adversarial queries are the APGD-CE examples "
+                  "at the largest eps.", "", md_table(*retrieval_rows(study)), ""]  # fmt: skip
+    else:
+        lines += ["## Cross-modal retrieval", "", "None: retrieval needs two modalities in the shared space.", ""]
     lines += ["## Training", ""]
     rows = [[n, m, h["best_epoch"], len(h["history"]) - 1, h["trainable_parameters"], h["head_parameters"],
              h["encoder_parameters"], v["calibration"]["wall_time_s"]]
