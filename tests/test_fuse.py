@@ -95,7 +95,7 @@ class _Views(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
         self.fc = nn.Linear(4 * 28 * 28, 10)
 
     def forward(self, batch):
@@ -124,8 +124,16 @@ def test_copies_that_do_not_reproduce_the_model_fall_back_to_it():
     changes = _Changes(nn.Linear(3, 2), nn.BatchNorm1d(2)).eval()
     fusion = fuse_for_inference(changes, {"x": torch.randn(4, 3)})
     assert fusion.module is changes and fusion.reason == "the copy's logits differ from the model's"
-    plain = nn.Sequential(nn.Linear(3, 2))
+    plain = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(3), nn.Conv2d(1, 2, 3))  # BatchNorm after no layer
     assert fuse_for_inference(plain).reason == "nothing to fuse"
+
+
+def test_models_too_large_to_copy_are_attacked_as_they_are(model, batch, monkeypatch):
+    import mmrobust.models.fuse as fuse
+
+    monkeypatch.setattr(fuse, "MAX_COPY_BYTES", 1000)
+    fusion = fuse.fuse_for_inference(model, batch[0])
+    assert fusion.module is model and fusion.reason is not None and fusion.reason.startswith("too large to copy")
 
 
 class _Liar(nn.Module):

@@ -11,10 +11,11 @@ to the inputs only. :func:`fuse_for_inference` returns a copy made for that:
   convolution and max-pooling are fastest in (NCHW inputs are accepted as they are);
 * the copy's parameters do not require gradients and the copy stays in eval mode.
 
-The original model is never changed. Where the copy cannot be made (a model that does not deep-copy)
-or, given an ``example`` batch, does not reproduce the model's logits on it (within ``rtol``, e.g. a
-forward that calls ``.view`` on a channels-last tensor, or a layer reading the BatchNorm it follows),
-the model itself is used and :attr:`Fusion.reason` says why. On the AV-digits CNN encoders a
+The original model is never changed. Where there is nothing to fuse (no such pair and fewer than two
+4-d weights), the model is larger than :data:`MAX_COPY_BYTES` (a copy would double its memory), the
+copy cannot be made (a model that does not deep-copy) or, given an ``example`` batch, the copy does
+not reproduce the model's logits on it (within ``rtol``; e.g. a forward that calls ``.view`` on a
+channels-last tensor), the model itself is used and :attr:`Fusion.reason` says why. On the AV-digits CNN encoders a
 forward/backward pass of the copy costs about 0.6x the original's on one CPU thread.
 """
 
@@ -32,6 +33,8 @@ from torch.nn.utils import parametrize
 from mmrobust.torchutil import eval_mode
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: models with more parameter bytes than this are attacked as they are (a copy would double their memory)
+MAX_COPY_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -83,21 +86,29 @@ def _fold(layer: nn.Module, bn: _BatchNorm) -> None:
     layer.bias = nn.Parameter((bias * scale + shift).to(weight.dtype), grad)
 
 
-def fold_batchnorm(model: nn.Module) -> int:
-    """Fold, in place, every BatchNorm that directly follows a conv/linear layer inside an
-    ``nn.Sequential`` of ``model`` (see the module docstring); the number folded. Only valid for
-    the model in eval mode."""
-    folded = 0
+def _pairs(model: nn.Module) -> list[tuple[nn.Sequential, str, str]]:
+    """The (sequential, layer name, BatchNorm name) pairs :func:`fold_batchnorm` folds."""
+    out = []
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for a, b in zip(names, names[1:], strict=False):
             layer, bn = seq._modules[a], seq._modules[b]
             if layer is not None and bn is not None and _foldable(layer, bn):
-                assert isinstance(bn, _BatchNorm)
-                _fold(layer, bn)
-                seq._modules[b] = nn.Identity()
-                folded += 1
-    return folded
+                out.append((seq, a, b))
+    return out
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold, in place, every BatchNorm that directly follows a conv/linear layer inside an
+    ``nn.Sequential`` of ``model`` (see the module docstring); the number folded. Only valid for
+    the model in eval mode."""
+    pairs = _pairs(model)
+    for seq, a, b in pairs:
+        bn = seq._modules[b]
+        assert isinstance(bn, _BatchNorm)
+        _fold(seq._modules[a], bn)  # type: ignore[arg-type]
+        seq._modules[b] = nn.Identity()
+    return len(pairs)
 
 
 def _same_logits(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
@@ -112,17 +123,21 @@ def fuse_for_inference(
 ) -> Fusion:
     """The fused copy of ``model`` for attacking it (module docstring), checked on ``example``
     (a ``{modality: tensor}`` batch, or None for no check) against the model's own logits."""
+    convs = sum(p.dim() == 4 for p in model.parameters())
+    if not _pairs(model) and convs < 2:  # e.g. a transformer: one patch-embedding conv at most
+        return Fusion(model, reason="nothing to fuse")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if size > MAX_COPY_BYTES:
+        return Fusion(model, reason=f"too large to copy ({size / 2**30:.1f} GiB of parameters)")
     try:
         fused = copy.deepcopy(model)
     except Exception as exc:  # a model that does not deep-copy is attacked as it is
         return Fusion(model, reason=f"no copy: {type(exc).__name__}")
     fused.eval().requires_grad_(False)
     folded = fold_batchnorm(fused)
-    channels_last = any(p.dim() == 4 for p in fused.parameters())
+    channels_last = convs >= 2
     if channels_last:
         fused = fused.to(memory_format=torch.channels_last)
-    if folded == 0 and not channels_last:
-        return Fusion(model, reason="nothing to fuse")
     if example is not None:
         try:
             with eval_mode(model), torch.no_grad():
