@@ -72,15 +72,15 @@ def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _fold(layer: nn.Module, bn: _BatchNorm) -> None:
+def _fold(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear, bn: _BatchNorm) -> None:
     """Fold ``bn`` (eval mode) into ``layer``'s weight and bias, in place."""
     assert bn.running_mean is not None and bn.running_var is not None
     scale = torch.rsqrt(bn.running_var + bn.eps)
     shift = -bn.running_mean * scale
     if bn.affine:
         scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-    weight = layer.weight  # type: ignore[union-attr]
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(scale)  # type: ignore[union-attr]
+    weight = layer.weight
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(scale)
     grad = weight.requires_grad
     layer.weight = nn.Parameter(weight * scale.reshape(-1, *([1] * (weight.dim() - 1))).to(weight.dtype), grad)
     layer.bias = nn.Parameter((bias * scale + shift).to(weight.dtype), grad)
@@ -104,9 +104,9 @@ def fold_batchnorm(model: nn.Module) -> int:
     the model in eval mode."""
     pairs = _pairs(model)
     for seq, a, b in pairs:
-        bn = seq._modules[b]
-        assert isinstance(bn, _BatchNorm)
-        _fold(seq._modules[a], bn)  # type: ignore[arg-type]
+        layer, bn = seq._modules[a], seq._modules[b]
+        assert isinstance(layer, _FOLDABLE) and isinstance(bn, _BatchNorm)
+        _fold(layer, bn)
         seq._modules[b] = nn.Identity()
     return len(pairs)
 
@@ -137,7 +137,7 @@ def fuse_for_inference(
     folded = fold_batchnorm(fused)
     channels_last = convs >= 2
     if channels_last:
-        fused = fused.to(memory_format=torch.channels_last)
+        fused = fused.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if example is not None:
         try:
             with eval_mode(model), torch.no_grad():
