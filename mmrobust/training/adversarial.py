@@ -83,7 +83,7 @@ class AdversarialOptions(MethodOptions):
     noise: float = 2.0
     guard: bool | None = None
     guard_samples: int = 128
-    guard_steps: int = 5
+    guard_steps: int = 10
     guard_drop: float = 0.10
 
     def check(self) -> None:

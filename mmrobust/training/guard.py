@@ -42,7 +42,7 @@ COLLAPSE = "guard_collapse"
 class CollapseGuard:
     """Per-epoch multi-step vs single-step robustness on a fixed validation subset (module docstring)."""
 
-    def __init__(self, threat: ThreatModel, *, samples: int = 128, steps: int = 5, drop: float = 0.10,
+    def __init__(self, threat: ThreatModel, *, samples: int = 128, steps: int = 10, drop: float = 0.10,
                  seed: int = 0) -> None:  # fmt: skip
         self.threat, self.samples, self.steps, self.drop, self.seed = threat, samples, steps, drop, seed
         self.best: tuple[float, float, int] | None = None  # (robust, single-step, epoch) of the best epoch
