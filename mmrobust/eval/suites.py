@@ -42,7 +42,7 @@ from mmrobust.eval.robust import (
     result_row,
     worst_predictions,
 )
-from mmrobust.models.fuse import fuse_for_inference
+from mmrobust.models.fuse import fuse_for_split
 from mmrobust.progress import ProgressFn
 from mmrobust.registry import Registry
 from mmrobust.torchutil import to_device
@@ -110,8 +110,7 @@ class _Evaluator:
         self.clean_preds = predict(self.model, split, batch_size)
         #: what the gradient attacks run on: a fused copy of the model (same function, cheaper
         #: passes; :func:`mmrobust.models.fuse.fuse_for_inference`); the model judges every prediction
-        example = to_device(split.take(slice(0, min(len(split), 64)))[0], model_device(model)) if len(split) else None
-        self.fusion = fuse_for_inference(model, example)
+        self.fusion = fuse_for_split(model, split, model_device(model))
 
     def predictions(self, attack: Attack) -> torch.Tensor:
         """The model's predictions on ``attack``'s adversarial version of the split."""

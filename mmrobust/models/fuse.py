@@ -30,7 +30,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from mmrobust.torchutil import eval_mode
+from mmrobust.data.base import Split
+from mmrobust.torchutil import eval_mode, to_device
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 #: models with more parameter bytes than this are attacked as they are (a copy would double their memory)
@@ -147,3 +148,14 @@ def fuse_for_inference(
         if not _same_logits(want, got, rtol):
             return Fusion(model, reason="the copy's logits differ from the model's")
     return Fusion(fused, folded, channels_last)
+
+
+#: samples of a split the copy of :func:`fuse_for_split` is checked on
+CHECK_ROWS = 64
+
+
+def fuse_for_split(model: nn.Module, split: Split, device: str | torch.device) -> Fusion:
+    """:func:`fuse_for_inference` checked on the first :data:`CHECK_ROWS` samples of ``split`` (on
+    ``device``); without a check where the split is empty."""
+    example = to_device(split.take(slice(0, min(len(split), CHECK_ROWS)))[0], device) if len(split) else None
+    return fuse_for_inference(model, example)

@@ -29,6 +29,7 @@ from mmrobust.certify.bounds import orthogonal_bound
 from mmrobust.certify.lipschitz import empirical_lipschitz
 from mmrobust.config import OPTIMIZERS
 from mmrobust.data.base import Batch, Split, iterate_batches
+from mmrobust.models.fuse import fuse_for_split
 from mmrobust.models.fusion import LateFusionModel, ModelConfig
 from mmrobust.models.heads import ModalityWeightedHead
 from mmrobust.torchutil import eval_mode, to_device
@@ -304,8 +305,10 @@ class CRMTBase(Strategy[OptionsT]):
         n_tau = min(o.fit_samples or len(train), len(train))
         # a seeded random subset, not the first samples: a user's folder dataset may be sorted by class
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.seed))
+        # the gradients on the fused copy (same function, cheaper passes; mmrobust.models.fuse)
+        net = fuse_for_split(model, train, ctx.device).module
         tau = empirical_lipschitz(
-            model, train.subset(pick[:n_tau]), {m: head.basis(m).detach() for m in model.modalities},
+            net, train.subset(pick[:n_tau]), {m: head.basis(m).detach() for m in model.modalities},
             batch_size=None, device=ctx.device, memory_budget=ctx.memory_budget,
         )  # fmt: skip
         tau = {m: t.to(ctx.device) for m, t in tau.items()}
@@ -408,13 +411,17 @@ class CRMTBase(Strategy[OptionsT]):
             with torch.no_grad():
                 for m, p in head.a.items():
                     p.copy_(a[m])
-            attack = PGDL2(model, ThreatModel.parse(self.meta, eps=eps, norm="l2", budget="joint"),
+            # the attack runs on the fused copy of this state; the model judges
+            net = fuse_for_split(model, val, ctx.device).module
+            attack = PGDL2(net, ThreatModel.parse(self.meta, eps=eps, norm="l2", budget="joint"),
                            steps=o.step2_check_steps, loss="cw", seed=0)  # fmt: skip
             correct = 0
             for inputs, y in iterate_batches(val, batch_size):
                 inputs, y = to_device(inputs, ctx.device), y.to(ctx.device)
-                # perturb returns the logits of exactly the examples it returns: no second forward
-                _, logits = attack.perturb(inputs, y)
+                adv, logits = attack.perturb(inputs, y)
+                if net is not model:
+                    with torch.no_grad():
+                        logits = model(adv)
                 correct += int((logits.argmax(1) == y).sum())
             accs[name] = correct / len(val)
         return {"eps": eps, **accs}

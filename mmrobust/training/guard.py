@@ -28,8 +28,7 @@ from mmrobust.attacks.threat import ThreatModel
 from mmrobust.data.base import Split
 from mmrobust.eval.metrics import accuracy
 from mmrobust.eval.robust import attack_predictions, worst_predictions
-from mmrobust.models.fuse import fuse_for_inference
-from mmrobust.torchutil import to_device
+from mmrobust.models.fuse import fuse_for_split
 
 #: history columns written by the guard
 ROBUST = "guard_robust_accuracy"
@@ -61,8 +60,7 @@ class CollapseGuard:
         split = self.subset(val)
         labels = split.labels
         # the attacks run on a fused copy (same function, cheaper passes); the model judges
-        example = to_device(split.take(slice(0, min(len(split), 64)))[0], device)
-        net = fuse_for_inference(model, example).module
+        net = fuse_for_split(model, split, device).module
         preds = {
             loss: attack_predictions(
                 PGD(net, self.threat, steps=self.steps, loss=loss, seed=self.seed), split, device=device, judge=model
