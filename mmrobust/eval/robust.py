@@ -33,13 +33,13 @@ def attack_predictions(
     """Predicted labels on the adversarial version of every sample of ``split`` (batches on ``device``;
     None: the attacked model's). ``judge``: the model whose predictions on the adversarial inputs
     are returned (in eval mode), where the attack ran on another copy of it (e.g. a fused one);
-    None: the attacked model's own logits."""
+    None (or the attacked model itself): the attack's own logits."""
     device = model_device(attack.model) if device is None else device
     preds = []
     for inputs, labels in iterate_batches(split, batch_size):
         inputs = to_device(inputs, device)
         adv, logits = attack.perturb(inputs, labels.to(device))
-        if judge is not None:
+        if judge is not None and judge is not attack.model:
             with eval_mode(judge), torch.no_grad():
                 logits = judge(adv)
         preds.append(logits.argmax(1).cpu())

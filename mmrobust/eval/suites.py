@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ from mmrobust.eval.robust import (
     result_row,
     worst_predictions,
 )
-from mmrobust.models.fuse import fuse_for_split
+from mmrobust.models.fuse import Fusion, fuse_for_split
 from mmrobust.progress import ProgressFn
 from mmrobust.registry import Registry
 from mmrobust.torchutil import to_device
@@ -108,14 +109,16 @@ class _Evaluator:
         self.labels = split.labels
         self.k = meta.num_classes
         self.clean_preds = predict(self.model, split, batch_size)
-        #: what the gradient attacks run on: a fused copy of the model (same function, cheaper
-        #: passes; :func:`mmrobust.models.fuse.fuse_for_inference`); the model judges every prediction
-        self.fusion = fuse_for_split(model, split, model_device(model))
+
+    @cached_property
+    def fusion(self) -> Fusion:
+        """What the gradient attacks run on: a fused copy of the model (same function, cheaper
+        passes; :func:`mmrobust.models.fuse.fuse_for_inference`), made on first use."""
+        return fuse_for_split(self.model, self.split, model_device(self.model))
 
     def predictions(self, attack: Attack) -> torch.Tensor:
         """The model's predictions on ``attack``'s adversarial version of the split."""
-        judge = self.model if self.fusion.fused else None
-        return attack_predictions(attack, self.split, self.batch_size, judge=judge)
+        return attack_predictions(attack, self.split, self.batch_size, judge=self.model)
 
     def attack(self, name: str, losses: Sequence[str], threat: ThreatModel, **kw: Any) -> list[EvalRow]:
         """One row per loss plus a ``worst`` row (when there is more than one loss)."""
